@@ -1,0 +1,20 @@
+"""Options shared by several commands, defined once."""
+
+from __future__ import annotations
+
+import click
+
+backend_option = click.option(
+    "--backend",
+    type=click.Choice(["openslide", "wsidicom", "tifffile", "pil"]),
+    default=None,
+    help="Force a reader instead of choosing one from the file's content.",
+)
+slide_mpp_option = click.option(
+    "--slide-mpp",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    metavar="UM_PER_PX",
+    help="The slide's own level-0 resolution in µm/px, for files that lack it or state it wrongly "
+    "(distinct from --mpp, the resolution tiles are analysed at).",
+)

@@ -1,0 +1,252 @@
+"""The model bundle: one safetensors file (`*.pathapp`) that is enough to run inference.
+
+Layout: tensors `backbone.<timm key>` and `head.<key>`; the safetensors header's `__metadata__`
+holds `format` ("pathapp.bundle"), `format_version`, and `pathapp`, a JSON document with the backbone
+spec, the head kind/config, class names and colours, preprocessing (µm/px, tile size, mean/std,
+embedding recipe) and provenance. No pickle, one file, memory-mappable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from pathapp.errors import PathappError
+from pathapp.models.heads import SLIDE_HEAD_KINDS, Head, build_head, head_state
+from pathapp.models.registry import BackboneSpec, create_backbone, embed
+
+FORMAT = "pathapp.bundle"
+FORMAT_VERSION = 1
+BUNDLE_SUFFIX = ".pathapp"
+
+# Distinct, readable on H&E; the first ones match QuPath's usual tumour/stroma/immune colours.
+PALETTE: list[tuple[int, int, int]] = [
+    (200, 0, 0), (150, 200, 150), (160, 90, 160), (50, 50, 50), (0, 128, 255),
+    (255, 200, 0), (0, 200, 200), (255, 128, 0), (128, 64, 0), (255, 0, 255),
+]
+
+
+class BundleError(PathappError):
+    """A file that is not a readable pathapp bundle."""
+
+
+def default_colors(n: int) -> list[tuple[int, int, int]]:
+    return [PALETTE[i % len(PALETTE)] for i in range(n)]
+
+
+@dataclass
+class Bundle:
+    """A backbone spec + weights, an optional head, classes and preprocessing."""
+
+    spec: BackboneSpec
+    backbone_state: dict[str, Tensor]
+    head_kind: str | None = None
+    head_config: dict[str, Any] = field(default_factory=dict)
+    head_tensors: dict[str, Tensor] = field(default_factory=dict)
+    class_names: list[str] = field(default_factory=list)
+    class_colors: list[tuple[int, int, int]] = field(default_factory=list)
+    mpp: float = 0.5
+    tile_size: int = 224
+    mean: tuple[float, float, float] | None = None  # None: the spec's
+    std: tuple[float, float, float] | None = None
+    recipe: str | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.mean = tuple(self.mean or self.spec.mean)  # type: ignore[assignment]
+        self.std = tuple(self.std or self.spec.std)  # type: ignore[assignment]
+        self.recipe = self.recipe or self.spec.recipe
+        self.class_colors = [tuple(int(v) for v in c) for c in self.class_colors]  # type: ignore[misc]
+        if self.class_names and not self.class_colors:
+            self.class_colors = default_colors(len(self.class_names))
+        if len(self.class_colors) != len(self.class_names):
+            raise BundleError(f"{len(self.class_names)} class names but {len(self.class_colors)} colours")
+        if self.head_kind:
+            n = int(self.head_config.get("num_classes", len(self.class_names)))
+            if self.class_names and n != len(self.class_names):
+                raise BundleError(f"the head predicts {n} classes but {len(self.class_names)} names were given")
+
+    @classmethod
+    def from_model(
+        cls,
+        backbone: nn.Module,
+        spec: BackboneSpec,
+        head: Head | None = None,
+        class_names: list[str] | None = None,
+        **kwargs: Any,
+    ) -> Bundle:
+        """A bundle of a live backbone (+ head); kwargs are the remaining Bundle fields."""
+        state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
+        kind, config, tensors = head_state(head) if head is not None else (None, {}, {})
+        if head is not None and not class_names:
+            class_names = [f"Class {i + 1}" for i in range(head.num_classes)]
+        return cls(spec=spec, backbone_state=state, head_kind=kind, head_config=config, head_tensors=tensors,
+                   class_names=list(class_names or []), **kwargs)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def has_head(self) -> bool:
+        return self.head_kind is not None
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.spec.embed_dim * (2 if self.recipe == "cls+mean" else 1)
+
+    def metadata(self) -> dict[str, Any]:
+        """The JSON document stored in the file header (also what `pathapp model info` prints)."""
+        return {
+            "backbone": self.spec.to_dict(),
+            "head": {"kind": self.head_kind, "config": self.head_config} if self.head_kind else None,
+            "classes": [{"name": n, "color": list(c)} for n, c in zip(self.class_names, self.class_colors)],
+            "preprocessing": {"mpp": self.mpp, "tile_size": self.tile_size, "mean": list(self.mean),
+                              "std": list(self.std), "recipe": self.recipe, "input": "RGB float 0..1 or uint8"},
+            "embedding_dim": self.embedding_dim,
+            "provenance": self.provenance,
+        }
+
+    def build_head(self) -> Head | None:
+        return build_head(self.head_kind, self.head_config, self.head_tensors) if self.head_kind else None
+
+    def build_backbone(self) -> nn.Module:
+        model = create_backbone(self.spec)
+        try:
+            model.load_state_dict(self.backbone_state, strict=True)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()
+            raise BundleError(f"bundle weights do not fit its backbone spec {self.spec.name!r}: "
+                              f"{' '.join(first[:3])[:300]}") from None
+        return model.eval()
+
+    def build(self, device: str | torch.device = "cpu") -> PathModel:
+        """The runnable model (eval mode) on `device`."""
+        return PathModel(self.build_backbone(), self.build_head(), self.mean, self.std, self.recipe).to(device).eval()
+
+
+class PathModel(nn.Module):
+    """Backbone + normalisation + optional head.
+
+    forward(x) takes RGB images (B, 3, H, W), float in 0..1 or uint8 0..255 (normalised inside with
+    the bundle's mean/std) and returns (embeddings (B, D), probabilities (B, C) or None). A slide
+    head (abmil) is not applied per tile: run `slide_head(embeddings)` on the slide's bag.
+    """
+
+    def __init__(self, backbone: nn.Module, head: Head | None, mean: Any, std: Any, recipe: str) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.recipe = recipe
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    @property
+    def tile_head(self) -> Head | None:
+        return self.head if self.head is not None and self.head.kind not in SLIDE_HEAD_KINDS else None
+
+    @property
+    def slide_head(self) -> Head | None:
+        return self.head if self.head is not None and self.head.kind in SLIDE_HEAD_KINDS else None
+
+    def embed(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255)
+        x = (x.to(self.mean.dtype) - self.mean) / self.std
+        return embed(self.backbone, x, self.recipe)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        e = self.embed(x)
+        head = self.tile_head
+        return e, (head(e.float()) if head is not None else None)
+
+
+def _to_tensors(bundle: Bundle) -> dict[str, Tensor]:
+    tensors = {f"backbone.{k}": v for k, v in bundle.backbone_state.items()}
+    tensors.update({f"head.{k}": v for k, v in bundle.head_tensors.items()})
+    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+
+
+def save_bundle(bundle: Bundle, path: str | Path) -> Path:
+    """Write the bundle atomically (temp name, then rename). Returns the path."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if "created" not in bundle.provenance:
+        bundle.provenance["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    from pathapp import __version__
+
+    bundle.provenance.setdefault("pathapp_version", __version__)
+    meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "pathapp": json.dumps(bundle.metadata())}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(_to_tensors(bundle), str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The bundle's JSON document without reading tensors; BundleError if not a bundle."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise BundleError(f"{path}: no such model file; create one with `pathapp model create`")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for non-safetensors input
+        raise BundleError(f"{path}: not a pathapp bundle (not a safetensors file: {e}); "
+                          f"create one with `pathapp model create`") from None
+    if header.get("format") != FORMAT:
+        raise BundleError(f"{path}: a safetensors file but not a pathapp bundle (no format={FORMAT!r} "
+                          f"in its metadata); load it with --weights instead, or create a bundle with "
+                          f"`pathapp model create`")
+    if int(header.get("format_version", 0)) > FORMAT_VERSION:
+        raise BundleError(f"{path}: bundle format {header['format_version']} is newer than this pathapp "
+                          f"reads ({FORMAT_VERSION}); upgrade pathapp")
+    return json.loads(header["pathapp"])
+
+
+def is_bundle(path: str | Path) -> bool:
+    try:
+        read_metadata(path)
+    except BundleError:
+        return False
+    return True
+
+
+def load_bundle(path: str | Path) -> Bundle:
+    """Read a `*.pathapp` file; BundleError naming the file if it is not one."""
+    from safetensors.torch import load_file
+
+    meta = read_metadata(path)
+    tensors = load_file(str(path))
+    backbone = {k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")}
+    head_tensors = {k.removeprefix("head."): v for k, v in tensors.items() if k.startswith("head.")}
+    pre, head = meta["preprocessing"], meta.get("head") or {}
+    return Bundle(
+        spec=BackboneSpec.from_dict(meta["backbone"]),
+        backbone_state=backbone,
+        head_kind=head.get("kind"),
+        head_config=head.get("config", {}),
+        head_tensors=head_tensors,
+        class_names=[c["name"] for c in meta.get("classes", [])],
+        class_colors=[tuple(c["color"]) for c in meta.get("classes", [])],
+        mpp=float(pre["mpp"]),
+        tile_size=int(pre["tile_size"]),
+        mean=tuple(pre["mean"]),
+        std=tuple(pre["std"]),
+        recipe=pre["recipe"],
+        provenance=meta.get("provenance", {}),
+    )

@@ -1,0 +1,212 @@
+"""Heads a bundle can hold: small modules from embeddings to class probabilities.
+
+Each head is an nn.Module rebuilt from `(kind, config, tensors)`, the form a bundle stores (JSON
+config + named tensors), so training code can fit a head any way it likes (scikit-learn, torch) and
+hand over plain arrays. With empty `tensors` a head starts from random init, ready to train.
+
+Tile heads map embeddings (B, D) -> probabilities (B, C) and expose `logits`. The "abmil" head is a
+slide head: a bag (N, D) -> (probabilities (C,), attention (N,)).
+
+Optional input preparation shared by all heads (config keys): `"l2_normalize": true` divides each
+embedding by its norm; `"standardize": true` subtracts tensor `input_mean` and divides by `input_std`
+(as a StandardScaler would), applied after the L2 step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pathapp.errors import PathappError
+
+HEAD_KINDS: tuple[str, ...] = ("linear", "mlp", "prototype", "knn", "abmil")
+SLIDE_HEAD_KINDS: tuple[str, ...] = ("abmil",)
+
+
+class HeadError(PathappError):
+    """A head config or tensor set that does not fit the head kind."""
+
+
+class Head(nn.Module):
+    """Common input preparation and (kind, config) bookkeeping."""
+
+    kind: str = ""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__()
+        self.config = dict(config)
+        self.in_dim = int(_require(config, "in_dim", self.kind))
+        self.num_classes = int(_require(config, "num_classes", self.kind))
+        if config.get("standardize"):
+            self.register_buffer("input_mean", torch.zeros(self.in_dim))
+            self.register_buffer("input_std", torch.ones(self.in_dim))
+
+    def prepare(self, x: Tensor) -> Tensor:
+        if self.config.get("l2_normalize"):
+            x = F.normalize(x, dim=-1)
+        if self.config.get("standardize"):
+            x = (x - self.input_mean) / self.input_std
+        return x
+
+    def logits(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.logits(x).softmax(dim=-1)
+
+
+def _require(config: dict[str, Any], key: str, kind: str) -> Any:
+    if key not in config:
+        raise HeadError(f"head {kind!r} config lacks {key!r} (got keys {sorted(config)})")
+    return config[key]
+
+
+class LinearHead(Head):
+    """Softmax regression. Tensors: `weight` (C, D), `bias` (C,).
+
+    A binary scikit-learn LogisticRegression stores one row (1, D); it is accepted and expanded to
+    two rows [-w/2, w/2] so that softmax gives exactly its sigmoid for class 1.
+    """
+
+    kind = "linear"
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        self.fc = nn.Linear(self.in_dim, self.num_classes)
+
+    def logits(self, x: Tensor) -> Tensor:
+        return self.fc(self.prepare(x))
+
+    @staticmethod
+    def convert(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        tensors = dict(tensors)
+        if "weight" in tensors:
+            w, b = tensors.pop("weight"), tensors.pop("bias")
+            if w.shape[0] == 1:
+                w, b = torch.cat([-w / 2, w / 2]), torch.cat([-b / 2, b / 2])
+            tensors["fc.weight"], tensors["fc.bias"] = w, b
+        return tensors
+
+
+class MLPHead(Head):
+    """Small MLP. Config `hidden` (list of widths), `activation` ("gelu"|"relu"), `dropout`.
+    Tensors `layers.<i>.weight|bias` as nn.Sequential names them."""
+
+    kind = "mlp"
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        act = {"gelu": nn.GELU, "relu": nn.ReLU}[config.get("activation", "gelu")]
+        widths = [self.in_dim, *[int(h) for h in config.get("hidden", [256])]]
+        layers: list[nn.Module] = []
+        for a, b in zip(widths, widths[1:]):
+            layers += [nn.Linear(a, b), act(), nn.Dropout(float(config.get("dropout", 0.0)))]
+        layers.append(nn.Linear(widths[-1], self.num_classes))
+        self.layers = nn.Sequential(*layers)
+
+    def logits(self, x: Tensor) -> Tensor:
+        return self.layers(self.prepare(x))
+
+
+class PrototypeHead(Head):
+    """Nearest class mean by cosine. Tensor `prototypes` (C, D); config `temperature` (0.1).
+    probs = softmax(cos / T), i.e. softmax of -cosine distance / T."""
+
+    kind = "prototype"
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        self.temperature = float(config.get("temperature", 0.1))
+        self.register_buffer("prototypes", torch.zeros(self.num_classes, self.in_dim))
+
+    def logits(self, x: Tensor) -> Tensor:
+        return F.normalize(self.prepare(x), dim=-1) @ F.normalize(self.prototypes, dim=-1).T / self.temperature
+
+
+class KNNHead(Head):
+    """k nearest stored training embeddings by cosine; probs = vote fractions.
+    Tensors `embeddings` (N, D) and `labels` (N,) int64; config `k`, `num_train`."""
+
+    kind = "knn"
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        self.k = int(config.get("k", 20))
+        n = int(_require(config, "num_train", self.kind))
+        self.register_buffer("embeddings", torch.zeros(n, self.in_dim))
+        self.register_buffer("labels", torch.zeros(n, dtype=torch.long))
+
+    def forward(self, x: Tensor) -> Tensor:
+        sims = F.normalize(self.prepare(x), dim=-1) @ F.normalize(self.embeddings, dim=-1).T
+        idx = sims.topk(min(self.k, sims.shape[1]), dim=1).indices
+        votes = F.one_hot(self.labels[idx], self.num_classes).to(x.dtype)
+        return votes.mean(dim=1)
+
+    def logits(self, x: Tensor) -> Tensor:
+        """Log vote fractions (-inf where a class got no vote), for API symmetry."""
+        return self.forward(x).log()
+
+
+class ABMILHead(Head):
+    """Gated attention MIL (Ilse et al. 2018) over a bag of tile embeddings.
+
+    Config `hidden_dim` (256), `attn_dim` (128), `dropout`. forward(bag (N, D)) ->
+    (probs (C,), attention (N,) summing to 1)."""
+
+    kind = "abmil"
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        hidden, attn = int(config.get("hidden_dim", 256)), int(config.get("attn_dim", 128))
+        drop = float(config.get("dropout", 0.0))
+        self.fc = nn.Sequential(nn.Linear(self.in_dim, hidden), nn.ReLU(), nn.Dropout(drop))
+        self.attn_v = nn.Linear(hidden, attn)
+        self.attn_u = nn.Linear(hidden, attn)
+        self.attn_w = nn.Linear(attn, 1)
+        self.classifier = nn.Linear(hidden, self.num_classes)
+
+    def attend(self, bag: Tensor) -> tuple[Tensor, Tensor]:
+        """(slide logits (C,), attention (N,))."""
+        h = self.fc(self.prepare(bag))
+        scores = self.attn_w(torch.tanh(self.attn_v(h)) * torch.sigmoid(self.attn_u(h))).squeeze(-1)
+        attention = scores.softmax(dim=0)
+        return self.classifier(attention @ h), attention
+
+    def logits(self, bag: Tensor) -> Tensor:
+        return self.attend(bag)[0]
+
+    def forward(self, bag: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        logits, attention = self.attend(bag)
+        return logits.softmax(dim=-1), attention
+
+
+_KINDS: dict[str, type[Head]] = {c.kind: c for c in (LinearHead, MLPHead, PrototypeHead, KNNHead, ABMILHead)}
+
+
+def build_head(kind: str, config: dict[str, Any], tensors: dict[str, Tensor] | None = None) -> Head:
+    """The head of `kind` from its JSON config; `tensors` (if any) must match its state exactly."""
+    if kind not in _KINDS:
+        raise HeadError(f"unknown head kind {kind!r}; use one of {', '.join(HEAD_KINDS)}")
+    head = _KINDS[kind](config)
+    if tensors:
+        if kind == "linear":
+            tensors = LinearHead.convert(tensors)
+        state = head.state_dict()
+        missing = sorted(set(state) - set(tensors))
+        unexpected = sorted(set(tensors) - set(state))
+        wrong = [f"{k} {tuple(tensors[k].shape)} != {tuple(v.shape)}" for k, v in state.items()
+                 if k in tensors and tensors[k].shape != v.shape]
+        if missing or unexpected or wrong:
+            raise HeadError(f"{kind} head tensors do not fit its config: missing {missing[:5]}, "
+                            f"unexpected {unexpected[:5]}, shape {wrong[:3]}")
+        head.load_state_dict({k: v.to(state[k].dtype) for k, v in tensors.items()})
+    return head.eval()
+
+
+def head_state(head: Head) -> tuple[str, dict[str, Any], dict[str, Tensor]]:
+    """(kind, config, tensors) such that build_head(*head_state(h)) rebuilds `h`."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    return head.kind, dict(head.config), tensors

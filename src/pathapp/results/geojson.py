@@ -1,0 +1,129 @@
+"""QuPath GeoJSON from a SlideResult: one object per tile (tiles.geojson) and one region per class
+(annotations.geojson). The QuPath dialect itself (uuid, colours, rounding, validity) is
+`pathapp.qupath.geojson.write_objects`; this module only decides what the objects are."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import shapely
+
+from pathapp.qupath.geojson import QuPathObject, write_objects
+from pathapp.qupath.geojson import tile_objects as qp_tile_objects
+from pathapp.results.result import SlideResult
+
+# QuPath measurement name of a class probability; the Groovy launcher maps this name.
+PROB_PREFIX = "prob: "
+
+
+def tile_bounds(result: SlideResult, grow: float = 0.0) -> np.ndarray:
+    """(N, 4) level-0 x0, y0, x1, y1 of every tile square, optionally grown by `grow` px."""
+    xy = result.coords.astype(np.float64).reshape(-1, 2)
+    return np.concatenate([xy - grow, xy + float(result.footprint) + grow], axis=1)
+
+
+def entropy(probs: np.ndarray) -> np.ndarray:
+    """Shannon entropy in nats of each row (0 log 0 = 0)."""
+    p = np.clip(probs.astype(np.float64), 0.0, 1.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(p > 0, -p * np.log(p), 0.0)
+    return terms.sum(axis=1)
+
+
+def tile_measurements(result: SlideResult) -> dict[str, np.ndarray]:
+    """Per-tile measurement columns: per-class probabilities, max prob and entropy (classified
+    bundles only), then every extra per-tile array (e.g. attention)."""
+    cols: dict[str, np.ndarray] = {}
+    if result.probs is not None:
+        probs = np.asarray(result.probs, dtype=np.float64)
+        cols.update({PROB_PREFIX + c: probs[:, k] for k, c in enumerate(result.class_names)})
+        cols["max prob"] = probs.max(axis=1)
+        cols["entropy"] = entropy(probs)
+    for key, values in result.extra.items():
+        cols[key] = np.asarray(values, dtype=np.float64).reshape(len(result))
+    return cols
+
+
+def tile_objects(result: SlideResult, object_type: str = "tile") -> list[QuPathObject]:
+    """One QuPath tile (or detection) per tile: class = argmax with its colour, measurements.
+    Non-finite values are left out by the writer; a headless bundle gives unclassified tiles."""
+    if object_type not in {"tile", "detection"}:
+        raise ValueError(f"object_type must be 'tile' or 'detection', not {object_type!r}")
+    names = None
+    if result.probs is not None:
+        names = [result.class_names[k] for k in np.argmax(result.probs, axis=1)]
+    return qp_tile_objects(
+        tile_bounds(result),
+        object_type=object_type,
+        measurements=tile_measurements(result),
+        class_names=names,
+        colors=dict(zip(result.class_names, map(tuple, result.class_colors))),
+    )
+
+
+def class_regions(result: SlideResult, smooth: float | None = None) -> dict[str, shapely.Geometry]:
+    """Per class, the union of its tiles in level-0 px (holes kept).
+
+    Tile corners are integers but the footprint is fractional, so neighbouring squares can be
+    a fraction of a pixel apart. Each square is grown by `smooth` px (default: 1 % of the
+    footprint, at least 1 px) before the union and the union shrunk back by as much with mitred
+    joins: seams close, corners stay square, real gaps wider than 2 × smooth stay open.
+    """
+    if result.probs is None or len(result) == 0:
+        return {}
+    e = max(1.0, 0.01 * result.footprint) if smooth is None else smooth
+    labels = np.argmax(result.probs, axis=1)
+    bounds = tile_bounds(result, grow=e)
+    boxes = shapely.box(bounds[:, 0], bounds[:, 1], bounds[:, 2], bounds[:, 3])
+    regions = {}
+    for k, name in enumerate(result.class_names):
+        members = boxes[labels == k]
+        if len(members) == 0:
+            continue
+        union = shapely.union_all(members)
+        if e > 0:
+            union = union.buffer(-e, join_style="mitre")
+        union = shapely.make_valid(shapely.set_precision(union, 0.01))
+        polys = [g for g in shapely.get_parts(union) if isinstance(g, shapely.Polygon) and not g.is_empty]
+        if polys:
+            regions[name] = shapely.MultiPolygon(polys) if len(polys) > 1 else polys[0]
+    return regions
+
+
+def region_objects(result: SlideResult) -> list[QuPathObject]:
+    """One annotation per class with its area (µm²) and the mean probability of its tiles."""
+    if result.probs is None:
+        return []
+    labels = np.argmax(result.probs, axis=1)
+    objects = []
+    for name, geom in class_regions(result).items():
+        k = result.class_names.index(name)
+        meas = {
+            "Area µm^2": float(geom.area * result.slide_mpp**2),
+            "Mean prob": float(np.mean(result.probs[labels == k, k])),
+            "Tiles": float(np.count_nonzero(labels == k)),
+        }
+        objects.append(
+            QuPathObject(
+                geometry=geom,
+                object_type="annotation",
+                class_name=name,
+                color=tuple(result.class_colors[k]),
+                measurements=meas,
+                name=name,
+            )
+        )
+    return objects
+
+
+def write_tiles_geojson(result: SlideResult, path: Path, object_type: str = "tile") -> Path:
+    """tiles.geojson: a FeatureCollection of one object per tile."""
+    write_objects(path, tile_objects(result, object_type))
+    return Path(path)
+
+
+def write_annotations_geojson(result: SlideResult, path: Path) -> Path:
+    """annotations.geojson: a FeatureCollection of one annotation per predicted class."""
+    write_objects(path, region_objects(result))
+    return Path(path)

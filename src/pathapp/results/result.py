@@ -1,0 +1,33 @@
+"""SlideResult: everything inference knows about one slide; every writer takes one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class SlideResult:
+    """Per-tile results for one slide. Writers only format these numbers; none recomputes them."""
+
+    slide_path: str
+    slide_name: str
+    coords: np.ndarray  # (N, 2) level-0 top-left x, y of each tile
+    footprint: float  # level-0 px per tile side
+    tile_size: int  # model input px
+    mpp: float  # target µm/px the tiles were read at
+    slide_mpp: float  # slide's level-0 µm/px
+    slide_size: tuple[int, int]  # level-0 (width, height)
+    class_names: list[str] = field(default_factory=list)
+    class_colors: list[tuple[int, int, int]] = field(default_factory=list)
+    probs: np.ndarray | None = None  # (N, C) float32, rows sum to 1; None for a headless bundle
+    embeddings: np.ndarray | None = None  # (N, D) float32
+    extra: dict[str, np.ndarray] = field(default_factory=dict)  # more per-tile measurements (N,)
+    thumbnail: np.ndarray | None = None  # RGB uint8, for heatmap overlays
+    model_name: str = ""
+    params: dict = field(default_factory=dict)  # run parameters for run.json
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+
+    def __len__(self) -> int:
+        return int(len(self.coords))

@@ -1,0 +1,151 @@
+"""Where pixels come from: `open_slide(path)` picks a backend by the file's content."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import logging
+import warnings
+
+from pathapp.errors import SlideOpenError
+from pathapp.slide.base import Level, Slide
+
+__all__ = ["BACKENDS", "Level", "Slide", "find_slides", "is_slide_file", "open_slide", "detect_backend"]
+
+# Library chatter (tifffile's damaged-file log lines, pydicom's over-long UID warnings) would bury the
+# one-line message the user needs; failures still surface as SlideOpenError.
+logging.getLogger("tifffile").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", module="pydicom")
+
+BACKENDS = ("openslide", "wsidicom", "tifffile", "pil")
+
+# Extensions considered when scanning a folder for slides; a file's backend is still chosen by content.
+SLIDE_EXTENSIONS = {
+    ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif",
+    ".qptiff", ".dcm", ".dicom", ".png", ".jpg", ".jpeg",
+}
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def _head(path: Path, n: int = 132) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(n)
+
+
+def detect_backend(path: Path) -> str:
+    """Choose a backend from the file's bytes, not its name."""
+    from pathapp.slide.dicom_backend import is_dicom_file
+
+    if path.is_dir():
+        if any(p.is_file() and is_dicom_file(p) for p in path.iterdir()):
+            return "wsidicom"
+        raise SlideOpenError(
+            f"{path}: a folder that holds no DICOM files; give a slide file, or a DICOM-WSI series folder"
+        )
+    head = _head(path)
+    if head[128:132] == b"DICM":
+        return "wsidicom"
+    if head[:4] in _TIFF_MAGIC:
+        import tifffile
+
+        with tifffile.TiffFile(str(path)) as tf:
+            if tf.is_ome or tf.is_qpi:
+                return "tifffile"
+    import openslide
+
+    if openslide.OpenSlide.detect_format(str(path)):
+        return "openslide"
+    if head[:4] in _TIFF_MAGIC:
+        return "tifffile"
+    if head[:8] == b"\x89PNG\r\n\x1a\n" or head[:3] == b"\xff\xd8\xff":
+        return "pil"
+    raise SlideOpenError(
+        f"{path}: not a slide format pathapp reads (DICOM-WSI, SVS/NDPI/MRXS/SCN/BIF and other "
+        f"OpenSlide formats, OME-TIFF/QPTIFF/TIFF, PNG/JPEG)"
+    )
+
+
+def _backend_class(name: str) -> type[Slide]:
+    if name == "openslide":
+        from pathapp.slide.openslide_backend import OpenSlideSlide as cls
+    elif name == "wsidicom":
+        from pathapp.slide.dicom_backend import DicomSlide as cls
+    elif name == "tifffile":
+        from pathapp.slide.tiff_backend import TiffSlide as cls
+    elif name == "pil":
+        from pathapp.slide.pil_backend import PilSlide as cls
+    else:
+        raise SlideOpenError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return cls
+
+
+def open_slide(path: str | Path, backend: str | None = None, mpp: float | None = None) -> Slide:
+    """Open a slide. `backend` forces one of BACKENDS; `mpp` overrides the file's µm/px.
+
+    Every failure becomes a SlideOpenError whose one-line message names the file."""
+    p = Path(path)
+    if not p.exists():
+        raise SlideOpenError(f"{p}: no such file or folder")
+    if mpp is not None and not mpp > 0:
+        raise SlideOpenError(f"{p}: --slide-mpp must be a positive number of µm per pixel, got {mpp}")
+    name = backend or detect_backend(p)
+    cls = _backend_class(name)
+    try:
+        slide = cls(p, mpp)
+        if not slide.levels or slide.size[0] <= 0 or slide.size[1] <= 0:
+            raise ValueError("no image levels found")
+    except SlideOpenError:
+        raise
+    except Exception as e:  # noqa: BLE001 - each library raises its own types; the user needs one line
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SlideOpenError(
+            f"{p}: cannot be read by the {name} backend ({reason[:200]}); check that the file is "
+            f"complete and a slide, or force another reader with --backend"
+        ) from e
+    return slide
+
+
+def is_slide_file(path: Path) -> bool:
+    """A file (or DICOM series folder) that looks like a slide by name; contents are checked on open."""
+    from pathapp.slide.dicom_backend import is_dicom_file
+
+    if path.is_dir():
+        return any(p.is_file() and is_dicom_file(p) for p in path.iterdir())
+    return path.suffix.lower() in SLIDE_EXTENSIONS
+
+
+def find_slides(folder: str | Path) -> list[Path]:
+    """Slides under `folder`, sorted. The files of one DICOM series count as one slide: the folder
+    when it holds just that series, else the series' first file (open_slide gathers the rest)."""
+    import pydicom
+
+    from pathapp.slide.dicom_backend import is_dicom_file
+
+    found: list[Path] = []
+    for d, _, names in os.walk(folder):
+        here = Path(d)
+        files = sorted(here / n for n in names)
+        dicom = [f for f in files if f.suffix.lower() in {".dcm", ".dicom", ""} and is_dicom_file(f)]
+        series: dict[str, list[Path]] = {}
+        for f in dicom:
+            uid = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+            series.setdefault(str(uid.get("SeriesInstanceUID", f)), []).append(f)
+        if len(series) == 1 and len(dicom) > 1:
+            found.append(here)
+        else:
+            found.extend(group[0] for group in series.values())
+        found.extend(f for f in files if f not in dicom and f.suffix.lower() in SLIDE_EXTENSIONS - {".dcm", ".dicom"})
+    return sorted(found)
+
+
+def describe_slide(path: str | Path, backend: str | None = None, mpp: float | None = None) -> dict:
+    """`Slide.info()` after proving the pixels decode: a small read at the coarsest level, so a
+    truncated file is reported here rather than halfway through a run."""
+    with open_slide(path, backend, mpp) as slide:
+        lv = len(slide.levels) - 1
+        try:
+            slide.read(0, 0, min(64, slide.levels[lv].width), min(64, slide.levels[lv].height), lv)
+        except Exception as e:  # noqa: BLE001 - decoder errors vary by codec library
+            raise SlideOpenError(f"{path}: the header opened but the pixels cannot be decoded ({e})") from e
+        return slide.info()

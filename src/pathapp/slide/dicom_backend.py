@@ -1,0 +1,128 @@
+"""DICOM-WSI backend (wsidicom): a series folder, a single file, or one file of a multi-file series."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+
+from pathapp.slide.base import Level, Slide
+
+JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
+
+
+def is_dicom_file(path: Path) -> bool:
+    """DICOM Part 10 files carry 'DICM' after a 128-byte preamble."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def series_files(path: Path) -> list[Path]:
+    """The files of the series `path` belongs to: for a folder, its DICOM files; for a file, the files
+    in its folder that share its SeriesInstanceUID (a folder may hold several series)."""
+    import pydicom
+
+    if path.is_dir():
+        return sorted(p for p in path.iterdir() if p.is_file() and is_dicom_file(p))
+    uid = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]).get(
+        "SeriesInstanceUID"
+    )
+    same = []
+    for p in sorted(path.parent.iterdir()):
+        if p == path or not (p.is_file() and is_dicom_file(p)):
+            continue
+        other = pydicom.dcmread(p, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+        if uid is not None and other.get("SeriesInstanceUID") == uid:
+            same.append(p)
+    return sorted([path, *same])
+
+
+def _jfif_mislabelled_as_rgb(encoded_tile: bytes, photometric: str, transfer_syntax: str) -> bool:
+    """True for JPEG frames that are YCbCr (a JFIF header, no RGB signal) while the DICOM header
+    says RGB. wsidicom trusts the header and returns Y, Cb, Cr as R, G, B; we convert instead."""
+    from PIL import Image
+
+    if photometric != "RGB" or transfer_syntax != JPEG_BASELINE:
+        return False
+    img = Image.open(io.BytesIO(encoded_tile))
+    signals_rgb = img.info.get("adobe_transform") == 0 or tuple(
+        layer[0] for layer in getattr(img, "layer", [])
+    ) == (0x52, 0x47, 0x42)
+    return "jfif" in img.info and not signals_rgb
+
+
+class DicomSlide(Slide):
+    backend = "wsidicom"
+
+    def __init__(self, path: str | Path, mpp_override: float | None = None) -> None:
+        import pydicom
+        from wsidicom import WsiDicom
+        from wsidicom.errors import WsiDicomNoResolutionError
+
+        super().__init__(path, mpp_override)
+        files = series_files(self.path)
+        self._wsi = WsiDicom.open(files)
+        self._files = files
+        base = self._wsi.levels[0]
+        self._levels = [
+            Level(lv.size.width, lv.size.height, base.size.width / lv.size.width)
+            for lv in self._wsi.levels
+        ]
+        self._level_ids = [lv.level for lv in self._wsi.levels]
+        try:
+            mpp = self._wsi.mpp.width * 1.0
+            self._mpp = mpp if mpp > 0 else None
+        except (WsiDicomNoResolutionError, AttributeError, TypeError):
+            self._mpp = None
+        header = pydicom.dcmread(files[0], stop_before_pixels=True)
+        self._vendor = str(header.get("Manufacturer", "")) or None
+        tile = self._wsi.read_encoded_tile(self._level_ids[0], (0, 0))
+        self._ycbcr_fix = _jfif_mislabelled_as_rgb(
+            tile, str(header.get("PhotometricInterpretation", "")), str(header.file_meta.TransferSyntaxUID)
+        )
+
+    @property
+    def levels(self) -> list[Level]:
+        return self._levels
+
+    @property
+    def file_mpp(self) -> float | None:
+        return self._mpp
+
+    @property
+    def vendor(self) -> str | None:
+        return self._vendor
+
+    @property
+    def associated_images(self) -> list[str]:
+        names = []
+        if self._wsi.labels:
+            names.append("label")
+        if self._wsi.overviews:
+            names.append("overview")
+        return names
+
+    def read(self, x: int, y: int, w: int, h: int, level: int = 0) -> np.ndarray:
+        from PIL import Image
+
+        ds = self._levels[level].downsample
+        lx, ly = int(round(x / ds)), int(round(y / ds))
+        out = np.full((h, w, 3), 255, np.uint8)
+        lw, lh = self._levels[level].width, self._levels[level].height
+        # wsidicom refuses regions outside the image; read the overlap and pad with white.
+        x0, y0, x1, y1 = max(lx, 0), max(ly, 0), min(lx + w, lw), min(ly + h, lh)
+        if x1 <= x0 or y1 <= y0:
+            return out
+        region = self._wsi.read_region((x0, y0), self._level_ids[level], (x1 - x0, y1 - y0))
+        if self._ycbcr_fix:
+            region = Image.frombytes("YCbCr", region.size, region.convert("RGB").tobytes()).convert("RGB")
+        out[y0 - ly : y1 - ly, x0 - lx : x1 - lx] = np.asarray(region.convert("RGB"))
+        return out
+
+    def close(self) -> None:
+        self._wsi.close()

@@ -1,0 +1,158 @@
+"""Every pretraining hyper-parameter in one dataclass, saved as YAML into the run folder so a run can
+be read back, resumed and reproduced. Defaults follow the official DINOv2 recipe with the pathology
+changes of Midnight (HED jitter on, solarize off, online tiles with >60% tissue)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pathapp.errors import PathappError
+
+
+@dataclass
+class SSLConfig:
+    """DINOv2 + iBOT + KoLeo/KDE pretraining settings. Durations are in steps or in "epochs" of
+    `epoch_length` steps (online patching has no natural epoch; DINOv2 uses 1250)."""
+
+    # --- backbone -----------------------------------------------------------------------------
+    backbone: str = "dinov2_vits14"
+    init: str = "none"  # "none" (random), "dinov2" (registry hub weights) or a checkpoint file
+    backbone_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. depth, embed_dim (tests)
+    layerscale_init: float | None = None  # refill LayerScale gammas after a random init
+    drop_path: float = 0.3
+    # --- data -------------------------------------------------------------------------------------
+    mpp: list[float] = field(default_factory=lambda: [0.5])  # µm/px of sampled tiles (one picked per tile)
+    tile_size: int = 256  # px of the tile read from a slide, before multi-crop
+    min_tissue: float = 0.6  # HSV tissue fraction a sampled tile must exceed
+    slide_mpp: float | None = None  # µm/px for slides whose file does not say
+    num_workers: int = 2
+    # --- multi-crop and augmentation ----------------------------------------------------------
+    global_crop_size: int = 224
+    local_crop_size: int = 98
+    n_local_crops: int = 8
+    global_crop_scale: tuple[float, float] = (0.32, 1.0)
+    local_crop_scale: tuple[float, float] = (0.05, 0.32)
+    rot90: bool = True
+    vflip: bool = True
+    color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
+    color_jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    solarize: bool = False  # DINOv2 solarizes the 2nd global crop; pathology recipes drop it
+    hed_sigma: float = 0.05
+    hed_p: float = 0.5
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    # --- head and objective -----------------------------------------------------------------
+    n_prototypes: int = 65536
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    head_n_layers: int = 3
+    ibot_separate_head: bool = False
+    dino_weight: float = 1.0
+    ibot_weight: float = 1.0
+    regularizer: str = "koleo"  # "koleo" (DINOv2) or "kde" (Midnight, von Mises-Fisher kernel)
+    koleo_weight: float = 0.1
+    kde_weight: float = 0.05
+    kde_kappa: float = 5.0
+    centering: str = "ema"  # "ema" or "sinkhorn"
+    center_momentum: float = 0.9
+    sinkhorn_iterations: int = 3
+    student_temp: float = 0.1
+    teacher_temp: float = 0.07
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: float = 30
+    mask_sample_probability: float = 0.5
+    mask_ratio: tuple[float, float] = (0.1, 0.5)
+    # --- optimisation -----------------------------------------------------------------------
+    batch_size: int = 64  # per process and per micro-batch
+    grad_accum: int = 1
+    base_lr: float = 0.004  # at a total batch of 1024; scaled by sqrt(total_batch / 1024)
+    min_lr: float = 1e-6
+    warmup_epochs: float = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    momentum_teacher: float = 0.992
+    final_momentum_teacher: float = 1.0
+    clip_grad: float = 3.0
+    layer_decay: float = 0.9
+    patch_embed_lr_mult: float = 0.2
+    freeze_last_layer_epochs: float = 1
+    adamw_betas: tuple[float, float] = (0.9, 0.999)
+    # --- run length and engineering -------------------------------------------------------
+    epoch_length: int = 1250
+    steps: int | None = None  # total optimiser steps; None = epochs * epoch_length
+    epochs: float = 100
+    max_minutes: float | None = None
+    checkpoint_every: int = 500
+    log_every: int = 1
+    seed: int = 0
+    precision: str = "auto"  # "auto" (bf16 autocast on GPU, fp32 on CPU), "bf16" or "fp32"
+    distributed: str = "ddp"  # "ddp" or "fsdp" (shards each block; for ViT-L/g)
+    record_checksum: bool = False  # log a hash of the weights every step (distributed tests)
+
+    @property
+    def total_steps(self) -> int:
+        return int(self.steps) if self.steps is not None else max(1, round(self.epochs * self.epoch_length))
+
+    def epochs_to_steps(self, epochs: float) -> int:
+        return int(round(epochs * self.epoch_length))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    def save(self, path: str | Path) -> None:
+        """Write as YAML (temp name, then rename)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        tmp.replace(path)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> "SSLConfig":
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise PathappError(f"{source}: unknown setting(s) {', '.join(unknown)}; see `pathapp pretrain --help` "
+                               f"or a run's config.yaml for the valid names")
+        kwargs = {}
+        for k, v in d.items():
+            default = getattr(cls(), k)
+            kwargs[k] = tuple(v) if isinstance(default, tuple) and v is not None else v
+        cfg = cls(**kwargs)
+        cfg.validate(source)
+        return cfg
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SSLConfig":
+        path = Path(path)
+        try:
+            d = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise PathappError(f"{path}: cannot read the YAML config ({e}); fix the file or drop --config") from e
+        if not isinstance(d, dict):
+            raise PathappError(f"{path}: the config must be a YAML mapping of setting: value")
+        return cls.from_dict(d, str(path))
+
+    def validate(self, source: str = "config") -> None:
+        """Reject settings that would fail deep inside training, with the setting's name."""
+        checks = [
+            (self.regularizer in {"koleo", "kde"}, "regularizer must be 'koleo' or 'kde'"),
+            (self.centering in {"ema", "sinkhorn"}, "centering must be 'ema' or 'sinkhorn'"),
+            (self.precision in {"auto", "bf16", "fp32"}, "precision must be auto, bf16 or fp32"),
+            (self.distributed in {"ddp", "fsdp"}, "distributed must be ddp or fsdp"),
+            (self.batch_size >= 2, "batch_size must be at least 2 (KoLeo needs neighbours)"),
+            (self.grad_accum >= 1, "grad_accum must be at least 1"),
+            (len(self.mpp) >= 1 and all(m > 0 for m in self.mpp), "mpp must list positive µm/px values"),
+            (0 <= self.min_tissue < 1, "min_tissue must be in [0, 1)"),
+            (self.n_local_crops >= 0, "n_local_crops must be >= 0"),
+            (0 <= self.mask_ratio[0] <= self.mask_ratio[1] < 1, "mask_ratio must be (low, high) in [0, 1)"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise PathappError(f"{source}: {msg}")

@@ -1,0 +1,70 @@
+"""A picture to check tiling by eye: the slide's thumbnail, the tissue outline, the tile grid."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from shapely.geometry.base import BaseGeometry
+
+from pathapp.tiles.grid import TileGrid
+from pathapp.tiles.tissue import TissueMask
+
+OUTLINE = (0, 170, 0)  # tissue outline
+TILE = (20, 60, 230)  # tile squares
+
+
+def _rings(geom: BaseGeometry) -> list[np.ndarray]:
+    """Every exterior and interior ring of a (Multi)Polygon as (n, 2) level-0 coordinates."""
+    rings = []
+    for poly in getattr(geom, "geoms", [geom]):
+        if poly.is_empty or not hasattr(poly, "exterior"):
+            continue
+        rings.append(np.asarray(poly.exterior.coords))
+        rings.extend(np.asarray(r.coords) for r in poly.interiors)
+    return rings
+
+
+def render_overview(
+    path: str | os.PathLike,
+    tissue: TissueMask,
+    grid: TileGrid | None = None,
+    *,
+    rois: BaseGeometry | None = None,
+    max_px: int = 1200,
+) -> float:
+    """Write a PNG of the working-resolution image with the tissue outline (green), optional ROIs
+    (orange) and tile squares (blue). Returns its scale in level-0 px per PNG px, which is also
+    stored in the PNG's text chunk "pathapp:scale" so the picture can be mapped back to the slide."""
+    from PIL import Image, ImageDraw
+    from PIL.PngImagePlugin import PngInfo
+
+    if tissue.rgb is None:
+        raise ValueError("render_overview needs a TissueMask computed by detect_tissue (it carries the image)")
+    img = Image.fromarray(tissue.rgb)
+    factor = max_px / max(img.size)  # small masks are enlarged too, so that tile squares stay visible
+    if factor != 1.0:
+        img = img.resize((max(1, round(img.width * factor)), max(1, round(img.height * factor))), Image.BILINEAR)
+    scale = tissue.scale * tissue.rgb.shape[1] / img.width
+    draw = ImageDraw.Draw(img)
+    if grid is not None and len(grid):
+        side = grid.footprint / scale
+        for x, y in np.asarray(grid.coords, dtype=np.float64) / scale:
+            draw.rectangle([x, y, x + side, y + side], outline=TILE)
+    for geom, colour in ((tissue.geometry, OUTLINE), (rois, (255, 140, 0))):
+        if geom is None:
+            continue
+        for ring in _rings(geom):
+            draw.line([tuple(p) for p in ring / scale], fill=colour, width=2)
+    info = PngInfo()
+    info.add_text("pathapp:scale", f"{scale:.6f}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        img.save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return scale

@@ -1,0 +1,205 @@
+"""Where the tissue is: a low-resolution mask of stained tissue and its outline as shapely polygons.
+
+The slide is read at a working resolution of a few µm/px (never level 0 whole): blocks of the pyramid
+level just finer than that are read one at a time and averaged down, so peak memory depends on the
+mask size, not on the level-0 area. A pixel is tissue when it is stained (HSV saturation: works for
+H&E, IHC with DAB + haematoxylin, and faint stains, while white glass and grey/black dirt are
+unsaturated) and not the colour of a marker pen (red, green, blue ink)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import shapely
+from shapely.geometry import MultiPolygon, Polygon
+from shapely.geometry.base import BaseGeometry
+
+from pathapp.slide import Slide
+
+DEFAULT_MIN_TISSUE = 0.1  # tissue fraction a tile needs to count as tissue
+TILE_SATURATION = 0.1  # per-tile pixel threshold (full-resolution pixels are noisier than a mask's)
+MASK_SATURATION = 0.07  # working-resolution pixel threshold (block means: less noise, paler)
+FOCUS_THRESHOLD = 0.002  # mean |LoG| of grey in [0, 1] below which a region is out of focus (ink, blur)
+_BLOCK = 2048  # level pixels per side read at once: bounds peak memory whatever the slide size
+
+
+@dataclass
+class TissueMask:
+    """A boolean tissue mask where one mask pixel covers `scale` × `scale` level-0 pixels, and its
+    outline in level-0 pixels. `rgb` is the working-resolution image the mask was computed from."""
+
+    mask: np.ndarray
+    scale: float  # level-0 px per mask px
+    geometry: BaseGeometry
+    rgb: np.ndarray | None = None
+
+
+# ------------------------------------------------------------------------------------------ pixels
+
+
+def to_rgb(image: np.ndarray) -> np.ndarray:
+    """uint8 RGB from RGB, RGBA (composited on white: transparent means no tissue) or grey."""
+    a = np.asarray(image)
+    if a.ndim == 2:
+        return np.repeat(a[..., None], 3, axis=2).astype(np.uint8)
+    if a.shape[2] == 4:
+        alpha = a[..., 3:4].astype(np.float32) / 255.0
+        return (a[..., :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha) + 0.5).astype(np.uint8)
+    return a[..., :3].astype(np.uint8)
+
+
+def _hue_saturation(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """HSV hue (degrees) and saturation in float32 (skimage's rgb2hsv is float64: 2× the memory)."""
+    f = rgb.astype(np.float32)
+    r, g, b = f[..., 0], f[..., 1], f[..., 2]
+    mx = f.max(axis=2)
+    mn = f.min(axis=2)
+    delta = mx - mn
+    sat = np.where(mx > 0, delta / np.maximum(mx, 1.0), 0.0).astype(np.float32)
+    d = np.maximum(delta, 1e-6)
+    hue = np.where(mx == r, ((g - b) / d) % 6.0, np.where(mx == g, (b - r) / d + 2.0, (r - g) / d + 4.0))
+    return (hue * 60.0).astype(np.float32), sat
+
+
+def pen_mask(hue: np.ndarray, sat: np.ndarray) -> np.ndarray:
+    """Marker-ink colours that no H&E or DAB/haematoxylin stain has: saturated scarlet red (eosin
+    is pinker, hue < 343°), green/cyan, and strongly saturated blue (haematoxylin is paler)."""
+    red = ((hue >= 343.0) | (hue < 10.0)) & (sat > 0.3)
+    green = (hue >= 90.0) & (hue < 190.0) & (sat > 0.15)
+    blue = (hue >= 190.0) & (hue < 250.0) & (sat > 0.55)
+    return red | green | blue
+
+
+def tissue_pixels(rgb: np.ndarray, saturation: float) -> np.ndarray:
+    """Stained, non-ink pixels of an RGB uint8 image."""
+    hue, sat = _hue_saturation(rgb)
+    return (sat > saturation) & ~pen_mask(hue, sat)
+
+
+def in_focus(rgb: np.ndarray, threshold: float = FOCUS_THRESHOLD, window: int = 15) -> np.ndarray:
+    """Pixels with local detail: blurred ink smears and out-of-focus areas have almost none."""
+    from scipy import ndimage as ndi
+
+    grey = rgb.astype(np.float32).mean(axis=2) / 255.0
+    detail = np.abs(ndi.gaussian_laplace(grey, 1.0))
+    return ndi.uniform_filter(detail, window) > threshold
+
+
+def tissue_fraction_rgb(rgb: np.ndarray, *, saturation: float = TILE_SATURATION, focus: bool = True) -> float:
+    """Fraction of a tile's pixels that are in-focus stained tissue (not glass, ink or blur).
+
+    RGBA tiles are composited on white. A tile is usually kept when this is ≥ DEFAULT_MIN_TISSUE."""
+    img = to_rgb(rgb)
+    if img.size == 0:
+        return 0.0
+    keep = tissue_pixels(img, saturation)
+    if focus:
+        keep &= in_focus(img)
+    return float(keep.mean())
+
+
+# ------------------------------------------------------------------------------------ low-res read
+
+
+def working_downsample(slide: Slide, target_mpp: float, max_px: int) -> float:
+    """Level-0 px per mask px: the target µm/px when the slide's is known, and never a mask whose
+    longer side exceeds max_px (so a slide without µm/px still works)."""
+    ds = max(slide.size) / max_px
+    if slide.mpp:
+        ds = max(ds, target_mpp / slide.mpp)
+    return max(ds, 1.0)
+
+
+def read_low_res(slide: Slide, downsample: float) -> tuple[np.ndarray, float]:
+    """The whole slide at about `downsample` level-0 px per pixel, as uint8 RGB, and its exact scale.
+
+    Reads the level just finer than `downsample` in blocks of at most _BLOCK² level pixels and
+    averages k × k level pixels per output pixel (k integer, so the scale is exact), so peak memory
+    is one block plus the output, whatever the level-0 area."""
+    level = slide.best_level_for_downsample(downsample)
+    lv = slide.levels[level]
+    k = max(1, int(round(downsample / lv.downsample)))
+    out_w, out_h = math.ceil(lv.width / k), math.ceil(lv.height / k)
+    out = np.empty((out_h, out_w, 3), np.uint8)
+    step = max(k, (_BLOCK // k) * k)
+    for y in range(0, lv.height, step):
+        for x in range(0, lv.width, step):
+            w, h = min(step, lv.width - x), min(step, lv.height - y)
+            block = slide.read(round(x * lv.downsample), round(y * lv.downsample), w, h, level)
+            bw, bh = math.ceil(w / k), math.ceil(h / k)
+            if (bw * k, bh * k) != (w, h):  # pad the last partial block with white (= background)
+                padded = np.full((bh * k, bw * k, 3), 255, np.uint8)
+                padded[:h, :w] = block
+                block = padded
+            means = block.reshape(bh, k, bw, k, 3).mean(axis=(1, 3), dtype=np.float32)
+            out[y // k : y // k + bh, x // k : x // k + bw] = (means + 0.5).astype(np.uint8)
+    return out, lv.downsample * k
+
+
+# ---------------------------------------------------------------------------------------- outline
+
+
+def mask_to_geometry(mask: np.ndarray, scale: float, size: tuple[int, int] | None = None) -> BaseGeometry:
+    """Polygons (with holes) tracing a boolean mask, in level-0 px (`scale` level-0 px per mask px).
+
+    Each 8-connected component is traced with marching squares; its longest ring is the outline
+    and the others are its holes. Clipped to the slide when `size` (level-0 w, h) is given."""
+    from skimage.measure import find_contours, label, regionprops
+
+    polys: list[Polygon] = []
+    for region in regionprops(label(mask, connectivity=2)):
+        r0, c0, r1, c1 = region.bbox
+        comp = np.pad(region.image, 1)
+        rings = [c for c in find_contours(comp.astype(np.uint8), 0.5, fully_connected="high") if len(c) >= 4]
+        if not rings:
+            continue
+        # (row, col) in the padded crop -> level-0 x, y; a mask pixel's centre is at (i + 0.5) * scale
+        xy = [np.column_stack(((c[:, 1] - 1 + c0 + 0.5) * scale, (c[:, 0] - 1 + r0 + 0.5) * scale)) for c in rings]
+        areas = [abs(shapely.area(Polygon(r))) for r in xy]
+        outer = int(np.argmax(areas))
+        poly = Polygon(xy[outer], [r for i, r in enumerate(xy) if i != outer]).simplify(scale * 0.25)
+        polys.append(poly if poly.is_valid else shapely.make_valid(poly))
+    geom = shapely.union_all(polys) if polys else MultiPolygon()
+    if size is not None and not geom.is_empty:
+        geom = geom.intersection(shapely.box(0, 0, size[0], size[1]))
+    parts = [g for g in getattr(geom, "geoms", [geom]) if isinstance(g, Polygon) and not g.is_empty]
+    return parts[0] if len(parts) == 1 else MultiPolygon(parts)
+
+
+# ---------------------------------------------------------------------------------------- detect
+
+
+def detect_tissue(
+    slide: Slide,
+    *,
+    target_mpp: float = 8.0,
+    max_px: int = 2048,
+    saturation: float = MASK_SATURATION,
+    min_object_um2: float = 10_000.0,
+    min_hole_um2: float = 10_000.0,
+    min_object_px: float = 40_000.0,
+    min_hole_px: float = 40_000.0,
+) -> TissueMask:
+    """Tissue mask of a slide, computed at about `target_mpp` µm/px (at most `max_px` on a side).
+
+    Stained non-ink pixels are closed by one pixel, then objects smaller than `min_object_um2` are
+    dropped and holes smaller than `min_hole_um2` filled. Without µm/px (tissue detection never
+    needs it) the minimum areas are `min_object_px` / `min_hole_px` in level-0 px²."""
+    from scipy import ndimage as ndi
+    from skimage.morphology import remove_small_holes, remove_small_objects
+
+    rgb, scale = read_low_res(slide, working_downsample(slide, target_mpp, max_px))
+    mask = tissue_pixels(rgb, saturation)
+    mask = ndi.binary_closing(mask, structure=np.ones((3, 3), bool), border_value=0) | mask
+    if slide.mpp:
+        px_area = (scale * slide.mpp) ** 2  # µm² per mask px
+        min_obj, min_hole = min_object_um2 / px_area, min_hole_um2 / px_area
+    else:
+        min_obj, min_hole = min_object_px / scale**2, min_hole_px / scale**2
+    if min_obj >= 1:
+        mask = remove_small_objects(mask, max_size=math.ceil(min_obj) - 1, connectivity=2)
+    if min_hole >= 1:
+        mask = remove_small_holes(mask, max_size=math.ceil(min_hole) - 1)
+    return TissueMask(mask=mask, scale=scale, geometry=mask_to_geometry(mask, scale, slide.size), rgb=rgb)

@@ -1,0 +1,295 @@
+"""Honest evaluation: splits grouped by slide/patient, metrics with bootstrap CIs, plots, report.json.
+
+Tiles of one slide (or one patient) are correlated, so every split keeps a group on one side and the
+bootstrap resamples whole groups: a tile-level split or bootstrap would overstate accuracy and
+understate the interval.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pathapp.errors import PathappError
+
+FEWSHOT_SHOTS: tuple[int | None, ...] = (1, 5, 10, 25, 100, None)  # None = all labelled tiles
+
+# fit(X_train, y_train, groups_train) -> predict_proba(X) -> (N, C) probabilities over all classes
+FitFn = Callable[[np.ndarray, np.ndarray, np.ndarray], Callable[[np.ndarray], np.ndarray]]
+
+
+class SplitError(PathappError):
+    """The data cannot be split as asked (too few groups or classes)."""
+
+
+def grouped_folds(
+    labels: np.ndarray, groups: np.ndarray, n_folds: int, seed: int = 0
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified k-fold over groups: no group appears in both the train and test side of a fold."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    n_groups = len(np.unique(groups))
+    if n_folds < 2:
+        raise SplitError(f"--folds must be at least 2 (got {n_folds})")
+    if n_groups < n_folds:
+        raise SplitError(
+            f"only {n_groups} groups (slides/patients) for {n_folds} folds; use --folds {max(2, n_groups)} or fewer"
+        )
+    skf = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    folds = [(tr, te) for tr, te in skf.split(np.zeros(len(labels)), labels, groups)]
+    for tr, te in folds:
+        assert not set(groups[tr]) & set(groups[te])
+    return folds
+
+
+def holdout_split(
+    labels: np.ndarray, groups: np.ndarray, test_fraction: float = 0.2, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """One grouped train/test split with about `test_fraction` of the groups held out."""
+    k = max(2, round(1 / test_fraction))
+    return grouped_folds(labels, groups, min(k, len(np.unique(groups))), seed)[0]
+
+
+def _full_probs(probs: np.ndarray, n_classes: int) -> np.ndarray:
+    if probs.ndim != 2 or probs.shape[1] != n_classes:
+        raise ValueError(f"probabilities must be (N, {n_classes}), got {probs.shape}")
+    return probs
+
+
+def point_metrics(y: np.ndarray, probs: np.ndarray, n_classes: int) -> dict[str, float | list[float]]:
+    """Accuracy, balanced accuracy, macro-F1, per-class sensitivity/specificity, macro AUROC (OvR)."""
+    from sklearn.metrics import confusion_matrix, f1_score, roc_auc_score
+
+    probs = _full_probs(probs, n_classes)
+    pred = probs.argmax(1)
+    labels = np.arange(n_classes)
+    cm = confusion_matrix(y, pred, labels=labels)
+    tp = np.diag(cm).astype(float)
+    pos = cm.sum(1).astype(float)
+    fp = cm.sum(0) - tp
+    tn = cm.sum() - pos - fp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sens = tp / pos
+        spec = tn / (tn + fp)
+    present = pos > 0
+    out: dict[str, float | list[float]] = {
+        "n": int(len(y)),
+        "accuracy": float(tp.sum() / max(1, cm.sum())),
+        "balanced_accuracy": float(np.mean(sens[present])),
+        "macro_f1": float(f1_score(y, pred, labels=labels[present], average="macro", zero_division=0)),
+        "sensitivity": [float(v) for v in sens],
+        "specificity": [float(v) for v in spec],
+    }
+    out["auroc_ovr"] = float("nan")
+    if present.sum() >= 2:
+        p = probs[:, present]
+        p = p / np.clip(p.sum(1, keepdims=True), 1e-12, None)
+        yy = np.searchsorted(labels[present], y)
+        if present.sum() == 2:
+            out["auroc_ovr"] = float(roc_auc_score(yy, p[:, 1]))
+        else:
+            out["auroc_ovr"] = float(roc_auc_score(yy, p, multi_class="ovr", average="macro"))
+    return out
+
+
+def bootstrap_ci(
+    y: np.ndarray,
+    probs: np.ndarray,
+    n_classes: int,
+    groups: np.ndarray | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> dict[str, list[float]]:
+    """Percentile (1-alpha) CIs of the scalar metrics, resampling whole groups when groups are given."""
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        groups = np.arange(len(y))
+    uniq, inv = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inv == g) for g in range(len(uniq))]
+    keys = ("accuracy", "balanced_accuracy", "macro_f1", "auroc_ovr")
+    samples: dict[str, list[float]] = {k: [] for k in keys}
+    for _ in range(n_boot):
+        pick = rng.integers(0, len(uniq), len(uniq))
+        idx = np.concatenate([members[g] for g in pick])
+        m = point_metrics(y[idx], probs[idx], n_classes)
+        for k in keys:
+            samples[k].append(float(m[k]))  # type: ignore[arg-type]
+    ci = {}
+    for k, v in samples.items():
+        arr = np.asarray(v)
+        arr = arr[np.isfinite(arr)]
+        ci[k] = (
+            [float(np.quantile(arr, alpha / 2)), float(np.quantile(arr, 1 - alpha / 2))]
+            if len(arr)
+            else [float("nan"), float("nan")]
+        )
+    return ci
+
+
+@dataclass
+class EvalResult:
+    """Out-of-fold predictions for every sample plus the metrics computed from them."""
+
+    y: np.ndarray
+    probs: np.ndarray
+    groups: np.ndarray
+    fold: np.ndarray  # fold index of each sample (its test fold)
+    metrics: dict
+    per_fold: list[dict]
+
+
+def cross_validate(
+    X: np.ndarray,
+    y: np.ndarray,
+    groups: np.ndarray,
+    n_classes: int,
+    fit: FitFn,
+    n_folds: int = 5,
+    seed: int = 0,
+    n_boot: int = 1000,
+) -> EvalResult:
+    """Grouped k-fold: fit on k-1 folds, predict the held-out fold; metrics on pooled predictions."""
+    folds = grouped_folds(y, groups, n_folds, seed)
+    probs = np.zeros((len(y), n_classes), np.float64)
+    fold_of = np.full(len(y), -1)
+    per_fold = []
+    for f, (tr, te) in enumerate(folds):
+        predict = fit(X[tr], y[tr], groups[tr])
+        probs[te] = predict(X[te])
+        fold_of[te] = f
+        per_fold.append(point_metrics(y[te], probs[te], n_classes))
+    metrics = point_metrics(y, probs, n_classes)
+    metrics["ci95"] = bootstrap_ci(y, probs, n_classes, groups, n_boot=n_boot, seed=seed)
+    return EvalResult(y, probs, groups, fold_of, metrics, per_fold)
+
+
+def subsample_per_class(y: np.ndarray, n: int | None, rng: np.random.Generator) -> np.ndarray:
+    """Indices of at most `n` samples of each class (all when n is None)."""
+    keep = []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        keep.append(idx if n is None or n >= len(idx) else rng.choice(idx, n, replace=False))
+    return np.sort(np.concatenate(keep))
+
+
+def fewshot_curve(
+    X: np.ndarray,
+    y: np.ndarray,
+    groups: np.ndarray,
+    n_classes: int,
+    fit: FitFn,
+    shots: Sequence[int | None] = FEWSHOT_SHOTS,
+    n_folds: int = 5,
+    repeats: int = 3,
+    seed: int = 0,
+) -> list[dict]:
+    """Balanced accuracy vs labelled tiles per class, on grouped folds (test folds always complete)."""
+    folds = grouped_folds(y, groups, n_folds, seed)
+    rng = np.random.default_rng(seed)
+    curve = []
+    for n in shots:
+        scores = []
+        for tr, te in folds:
+            for _ in range(1 if n is None else repeats):
+                sub = tr[subsample_per_class(y[tr], n, rng)]
+                predict = fit(X[sub], y[sub], groups[sub])
+                scores.append(point_metrics(y[te], predict(X[te]), n_classes)["balanced_accuracy"])
+        curve.append(
+            {
+                "shots": "all" if n is None else int(n),
+                "balanced_accuracy": float(np.mean(scores)),
+                "std": float(np.std(scores)),
+                "runs": len(scores),
+            }
+        )
+    return curve
+
+
+def save_plots(y: np.ndarray, probs: np.ndarray, class_names: Sequence[str], out_dir: Path) -> list[Path]:
+    """confusion.png (row-normalised counts) and roc.png (one-vs-rest curve per class)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import confusion_matrix, roc_curve
+
+    n = len(class_names)
+    cm = confusion_matrix(y, probs.argmax(1), labels=np.arange(n))
+    fig, ax = plt.subplots(figsize=(1.2 * n + 3, 1.2 * n + 2))
+    norm = cm / np.clip(cm.sum(1, keepdims=True), 1, None)
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xticks(range(n), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(n), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.tight_layout()
+    paths = [out_dir / "confusion.png", out_dir / "roc.png"]
+    _save_fig(fig, paths[0])
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for c, name in enumerate(class_names):
+        if 0 < (y == c).sum() < len(y):
+            fpr, tpr, _ = roc_curve(y == c, probs[:, c])
+            ax.plot(fpr, tpr, label=name)
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set_xlabel("1 - specificity")
+    ax.set_ylabel("sensitivity")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save_fig(fig, paths[1])
+    return paths
+
+
+def _save_fig(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_json(obj: dict, path: Path) -> Path:
+    """Write JSON atomically (NaN written as null so strict readers accept it)."""
+
+    def clean(v):
+        if isinstance(v, float) and not np.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        if isinstance(v, np.generic):
+            return clean(v.item())
+        return v
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(clean(obj), indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+def write_report(result: EvalResult, class_names: Sequence[str], out_dir: Path, extra: dict | None = None) -> Path:
+    """report.json + confusion.png + roc.png into out_dir; returns the report path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_plots(result.y, result.probs, class_names, out_dir)
+    report = {
+        "class_names": list(class_names),
+        "n_samples": int(len(result.y)),
+        "n_groups": int(len(np.unique(result.groups))),
+        "n_folds": int(result.fold.max() + 1),
+        "support": [int((result.y == c).sum()) for c in range(len(class_names))],
+        "metrics": result.metrics,
+        "per_fold": result.per_fold,
+        **(extra or {}),
+    }
+    return write_json(report, out_dir / "report.json")
