@@ -191,3 +191,16 @@ def test_many_tiles_write_fast_enough(tmp_path):
     write_results(res, tmp_path)
     assert time.perf_counter() - t < 60  # generous for a loaded 2-core machine; typical ~3 s
     assert len(json.loads((tmp_path / "tiles.geojson").read_text())["features"]) == 10_000
+
+
+def test_slide_without_tiles_still_completes(tmp_path):
+    """A tiny or blank slide gives zero tiles: valid empty files, a (0, D) h5, and `.done`."""
+    res = grid_result()
+    keep = np.zeros(len(res), bool)
+    res.coords, res.probs, res.embeddings = res.coords[keep], res.probs[keep], res.embeddings[keep]
+    res.extra = {k: v[keep] for k, v in res.extra.items()}
+    write_results(res, tmp_path)
+    assert is_done(tmp_path)
+    assert assert_qupath_conformant(tmp_path / "tiles.geojson") == []
+    with h5py.File(tmp_path / "embeddings.h5") as f:
+        assert f["features"].shape == (0, 16) and f["coords"].shape == (0, 2)

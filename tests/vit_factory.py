@@ -6,6 +6,7 @@ same embedding; these helpers set the gammas to 1 so outputs depend on the input
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ def set_layerscale_one(model: nn.Module) -> nn.Module:
 
 def tiny_vit(name: str | BackboneSpec = "dinov2_vits14", seed: int = 0, **overrides: Any) -> nn.Module:
     """A tiny random ViT (eval mode, LayerScale 1) built exactly as `create_backbone` builds it."""
-    spec = name if isinstance(name, BackboneSpec) else tiny_spec(name, **overrides)
+    spec = name.replace(**overrides) if isinstance(name, BackboneSpec) else tiny_spec(name, **overrides)
     torch.manual_seed(seed)
     return set_layerscale_one(create_backbone(spec))
 
@@ -77,11 +78,9 @@ def _random_head(kind: str, cfg: dict[str, Any], g: torch.Generator, seed: int) 
     if kind == "knn":
         n = cfg.setdefault("num_train", 4 * num_classes)
         cfg.setdefault("k", 3)
-        tensors = {"embeddings": torch.randn(n, in_dim, generator=g),
-                   "labels": torch.arange(n) % num_classes}
         head = build_head(kind, cfg)
-        head.embeddings.copy_(tensors["embeddings"])
-        head.labels.copy_(tensors["labels"])
+        head.embeddings.copy_(torch.randn(n, in_dim, generator=g))
+        head.labels.copy_(torch.arange(n) % num_classes)
         return head
     if kind == "prototype":
         head = build_head(kind, cfg)
@@ -123,3 +122,56 @@ def tiny_bundle(
                                mpp=mpp, tile_size=tile_size or spec.img_size,
                                provenance={"source_weights": "random (tests/vit_factory.py)"})
     return save_bundle(bundle, Path(tmp_path) / filename)
+
+
+# Checkpoint layouts other tools write, for loading tests (names as in facebookresearch/dinov2's
+# vision_transformer.py and transformers' modeling_dinov2.py).
+
+
+def official_dinov2_state(model: torch.nn.Module, swiglu: bool = False) -> dict[str, torch.Tensor]:
+    """The model's weights as facebookresearch/dinov2 names them (vision_transformer.py):
+    pos_embed covers CLS, register_tokens are separate, SwiGLU FFN is mlp.w12 / mlp.w3."""
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    dim = sd["cls_token"].shape[-1]
+    out = {"mask_token": torch.zeros(1, dim)}
+    if "reg_token" in sd:  # timm folds the CLS position into cls_token; undo with any split
+        cls_pos = torch.randn(1, 1, dim) * 0.02
+        out["register_tokens"] = sd.pop("reg_token")
+        out["cls_token"] = sd.pop("cls_token") - cls_pos
+        out["pos_embed"] = torch.cat([cls_pos, sd.pop("pos_embed")], dim=1)
+    for k, v in sd.items():
+        if swiglu:
+            k = k.replace("mlp.fc1.", "mlp.w12.").replace("mlp.fc2.", "mlp.w3.")
+        out[k] = v
+    return out
+
+
+def chunked_blocks(state: dict[str, torch.Tensor], depth: int, chunks: int) -> dict[str, torch.Tensor]:
+    """DINOv2 block_chunks naming: blocks.<chunk>.<global block index>."""
+    size = depth // chunks
+    return {re.sub(r"^blocks\.(\d+)\.", lambda m: f"blocks.{int(m[1]) // size}.{m[1]}.", k): v
+            for k, v in state.items()}
+
+
+def transformers_dinov2_state(model: torch.nn.Module, swiglu: bool = False) -> dict[str, torch.Tensor]:
+    """The model's weights as transformers' Dinov2Model names them (q, k, v separate)."""
+    official = official_dinov2_state(model, swiglu)
+    out = {}
+    for k, v in official.items():
+        m = re.match(r"^blocks\.(\d+)\.(.*)$", k)
+        if not m:
+            name = {"cls_token": "embeddings.cls_token", "mask_token": "embeddings.mask_token",
+                    "pos_embed": "embeddings.position_embeddings"}.get(k, k)
+            name = name.replace("patch_embed.proj.", "embeddings.patch_embeddings.projection.")
+            out[name.replace("norm.", "layernorm.") if name.startswith("norm.") else name] = v
+            continue
+        i, rest = m[1], m[2]
+        if rest.startswith("attn.qkv."):
+            for part, t in zip(("query", "key", "value"), v.chunk(3)):
+                out[f"encoder.layer.{i}.attention.attention.{part}.{rest.split('.')[-1]}"] = t
+            continue
+        rest = (rest.replace("attn.proj.", "attention.output.dense.").replace("ls1.gamma", "layer_scale1.lambda1")
+                .replace("ls2.gamma", "layer_scale2.lambda1").replace("mlp.w12.", "mlp.weights_in.")
+                .replace("mlp.w3.", "mlp.weights_out."))
+        out[f"encoder.layer.{i}.{rest}"] = v
+    return out

@@ -51,14 +51,25 @@ def keep_confident(result: SlideResult, min_prob: float) -> SlideResult:
     return dataclasses.replace(result, **subset)
 
 
-def analyse_slide(slide: Any, bundle: Any, out_dir: Path, *, mpp: float | None = None,
+def load_runtime(model: str, folder: Path, device: str = "auto") -> Any:
+    """The named bundle, built once on `device` (an `infer.Runtime`) for every image of a run."""
+    from pathapp.infer import prepare_model
+    from pathapp.models.bundle import load_bundle
+
+    path = resolve_model(model, folder)
+    return prepare_model(load_bundle(path), device, name=path.stem)
+
+
+def analyse_slide(slide: Any, runtime: Any, out_dir: Path, *, mpp: float | None = None,
                   tile_size: int | None = None, rois: Any = None, batch_size: int = 32,
-                  min_prob: float = 0.0, device: str = "auto") -> tuple[SlideResult, list[Path]]:
-    """Infer one opened slide with a loaded bundle and write its result files into `out_dir`."""
-    from pathapp.infer import infer_slide
+                  min_prob: float = 0.0) -> tuple[SlideResult, list[Path]]:
+    """Infer one opened slide with a built model and write its result files into `out_dir`."""
+    from pathapp.infer import check_tile_size, infer_slide
     from pathapp.results import write_results
 
-    result = infer_slide(slide, bundle, mpp=mpp, tile_size=tile_size, rois=rois, batch_size=batch_size,
-                         device=device)
+    if tile_size:
+        check_tile_size(runtime, tile_size)
+    result = infer_slide(slide, runtime.bundle, mpp=mpp, tile_size=tile_size, rois=rois, batch_size=batch_size,
+                         runtime=runtime)
     result = keep_confident(result, min_prob)
     return result, write_results(result, out_dir)

@@ -16,7 +16,7 @@ from typing import Any
 
 import shapely
 
-from pathapp.cytomine.analyse import analyse_slide, resolve_model
+from pathapp.cytomine.analyse import analyse_slide, load_runtime
 from pathapp.cytomine.client import CytomineClient, CytomineError
 from pathapp.cytomine.wkt import from_cytomine_wkt, to_cytomine_wkt
 from pathapp.errors import PathappError
@@ -93,13 +93,19 @@ def parse_term_mapping(text: str | None) -> dict[str, int]:
     return out
 
 
+def one_line(e: BaseException) -> str:
+    """The first line of an error's message (its type when it has none), for a status comment."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 class JobStatus:
     """The job object on the server; every change is PUT back at once so the UI follows along."""
 
     def __init__(self, client: CytomineClient, job: dict[str, Any]) -> None:
         self.client, self.job = client, job
 
-    def update(self, status: int | None = None, progress: int | None = None, comment: str | None = None) -> None:
+    def update(self, status: int | None = None, progress: float | None = None, comment: str | None = None) -> None:
         if status is not None:
             self.job["status"] = status
         if progress is not None:
@@ -129,8 +135,10 @@ def run_job(params: JobParams, client: CytomineClient | None = None) -> JobOutco
     try:
         outcome = _run(params, client, status)
     except BaseException as e:  # noqa: BLE001 - the server must learn the job died, whatever killed it
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        status.update(FAILED, comment=f"Failed: {reason}")
+        try:
+            status.update(FAILED, comment=f"Failed: {one_line(e)}")
+        except CytomineError as report_error:  # keep the original error; say why the job shows no reason
+            log.error("could not mark the job FAILED: %s", report_error)
         raise
     n = len(params.image_ids)
     if outcome.failed:
@@ -142,13 +150,11 @@ def run_job(params: JobParams, client: CytomineClient | None = None) -> JobOutco
 
 
 def _run(params: JobParams, client: CytomineClient, status: JobStatus) -> JobOutcome:
-    from pathapp.models.bundle import load_bundle
-
     if params.upload not in UPLOAD_CHOICES:
         raise PathappError(f"--upload {params.upload!r}: choose one of {', '.join(UPLOAD_CHOICES)}")
     if not params.image_ids:
         raise PathappError("--cytomine_id_images is empty: select at least one image")
-    bundle = load_bundle(resolve_model(params.model, params.models_dir))
+    runtime = load_runtime(params.model, params.models_dir, params.device)
     project = client.project(params.project_id)
     terms = TermResolver(client, project.get("ontology"), params.term_mapping)
     outcome = JobOutcome()
@@ -156,15 +162,14 @@ def _run(params: JobParams, client: CytomineClient, status: JobStatus) -> JobOut
     for k, image_id in enumerate(params.image_ids):
         status.update(progress=100 * k / n, comment=f"Image {k + 1}/{n} (id {image_id})")
         try:
-            outcome.annotations[image_id] = _one_image(params, client, status, bundle, terms, image_id)
+            outcome.annotations[image_id] = _one_image(params, client, status, runtime, terms, image_id)
         except Exception as e:  # noqa: BLE001 - one bad image must not stop the others
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            log.error("image %s failed: %s", image_id, msg)
-            outcome.failed[image_id] = msg
+            log.error("image %s failed: %s", image_id, one_line(e))
+            outcome.failed[image_id] = one_line(e)
     return outcome
 
 
-def _one_image(params: JobParams, client: CytomineClient, status: JobStatus, bundle: Any,
+def _one_image(params: JobParams, client: CytomineClient, status: JobStatus, runtime: Any,
                terms: TermResolver, image_id: int) -> int:
     """Download, analyse and upload one image; returns the number of annotations created."""
     from pathapp.qupath.geojson import read_objects
@@ -182,9 +187,8 @@ def _one_image(params: JobParams, client: CytomineClient, status: JobStatus, bun
         slide = open_slide(path, mpp=float(server_mpp))
     try:
         rois = _rois(client, image_id, params.roi_term, height) if params.roi_term else None
-        result, files = analyse_slide(slide, bundle, folder / "out", mpp=params.mpp, tile_size=params.tile_size,
-                                      rois=rois, batch_size=params.batch_size, min_prob=params.min_prob,
-                                      device=params.device)
+        result, _ = analyse_slide(slide, runtime, folder / "out", mpp=params.mpp, tile_size=params.tile_size,
+                                  rois=rois, batch_size=params.batch_size, min_prob=params.min_prob)
     finally:
         slide.close()
     out = folder / "out"

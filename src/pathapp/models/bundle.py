@@ -8,6 +8,7 @@ embedding recipe) and provenance. No pickle, one file, memory-mappable.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -85,6 +86,7 @@ class Bundle:
         """A bundle of a live backbone (+ head); kwargs are the remaining Bundle fields."""
         state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
         kind, config, tensors = head_state(head) if head is not None else (None, {}, {})
+        kwargs.setdefault("tile_size", spec.img_size)
         if head is not None and not class_names:
             class_names = [f"Class {i + 1}" for i in range(head.num_classes)]
         return cls(spec=spec, backbone_state=state, head_kind=kind, head_config=config, head_tensors=tensors,
@@ -250,3 +252,67 @@ def load_bundle(path: str | Path) -> Bundle:
         recipe=pre["recipe"],
         provenance=meta.get("provenance", {}),
     )
+
+
+def check_bundle_backbone(bundle: Bundle, name: str | BackboneSpec | None, path: str | Path) -> None:
+    """A bundle given as weights carries its own backbone; a different --backbone is a mistake."""
+    from pathapp.models.registry import resolve_spec
+
+    if name is not None and resolve_spec(name).name != bundle.spec.name:
+        raise BundleError(f"{path}: a {bundle.spec.name} bundle, not {resolve_spec(name).name}; "
+                          f"fix --backbone or drop it")
+
+
+def create_bundle(
+    out: str | Path,
+    *,
+    backbone: str | None = None,
+    weights: str | Path | None = None,
+    head: str | Path | None = None,
+    class_names: list[str] | None = None,
+    class_colors: list[tuple[int, int, int]] | None = None,
+    mpp: float | None = None,
+    tile_size: int | None = None,
+) -> Path:
+    """What `pathapp model create` does: backbone (+ weights, hub when None) + optional head file.
+
+    `weights` may itself be a bundle (e.g. a pretraining teacher): its backbone, preprocessing and,
+    unless `head` replaces it, its head are kept. `head` is a head file (heads.read_head_file) or a
+    bundle whose head is taken.
+    """
+    from pathapp.models.heads import read_head_file
+    from pathapp.models.weights import load_backbone
+
+    if weights is not None and is_bundle(weights):
+        base = load_bundle(weights)
+        check_bundle_backbone(base, backbone, weights)
+        base.provenance = {"source_weights": str(weights), "source_provenance": base.provenance}
+    else:
+        if backbone is None:
+            raise BundleError("name the backbone with --backbone (see `pathapp model list`)")
+        model, spec = load_backbone(backbone, weights)
+        base = Bundle.from_model(model, spec, provenance={
+            "source_weights": str(weights) if weights else f"hub:{spec.hub_repo}"})
+    if head is not None:
+        if is_bundle(head):
+            donor = load_bundle(head)
+            kind, config, tensors, names = donor.head_kind, donor.head_config, donor.head_tensors, donor.class_names
+            if kind is None:
+                raise BundleError(f"{head}: this bundle has no head to take")
+        else:
+            kind, config, tensors, names = read_head_file(head)
+        if int(config["in_dim"]) != base.embedding_dim:
+            raise BundleError(f"{head}: the head takes {config['in_dim']}-d embeddings but {base.spec.name} "
+                              f"with recipe {base.recipe} gives {base.embedding_dim}-d; use the backbone it "
+                              f"was trained on")
+        base.head_kind, base.head_config, base.head_tensors = kind, dict(config), dict(tensors)
+        base.class_names = list(names or [f"Class {i + 1}" for i in range(int(config["num_classes"]))])
+        base.class_colors = []
+        base.provenance["head"] = str(head)
+    if class_names is not None:
+        base.class_names, base.class_colors = list(class_names), []
+    if class_colors is not None:
+        base.class_colors = list(class_colors)
+    bundle = dataclasses.replace(  # re-runs the consistency checks of __post_init__
+        base, mpp=mpp if mpp is not None else base.mpp, tile_size=tile_size if tile_size is not None else base.tile_size)
+    return save_bundle(bundle, out)

@@ -14,6 +14,7 @@ embedding by its norm; `"standardize": true` subtracts tensor `input_mean` and d
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -128,22 +129,27 @@ class PrototypeHead(Head):
 
 class KNNHead(Head):
     """k nearest stored training embeddings by cosine; probs = vote fractions.
-    Tensors `embeddings` (N, D) and `labels` (N,) int64; config `k`, `num_train`."""
+    Tensors `embeddings` (N, D) and `labels` (N,) int64; config `k`, `num_train`, and optionally
+    `temperature` T: votes weighted by exp(cos / T) as in DINO's kNN evaluation (else one vote each)."""
 
     kind = "knn"
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__(config)
         self.k = int(config.get("k", 20))
+        self.temperature = config.get("temperature")
         n = int(_require(config, "num_train", self.kind))
         self.register_buffer("embeddings", torch.zeros(n, self.in_dim))
         self.register_buffer("labels", torch.zeros(n, dtype=torch.long))
 
     def forward(self, x: Tensor) -> Tensor:
         sims = F.normalize(self.prepare(x), dim=-1) @ F.normalize(self.embeddings, dim=-1).T
-        idx = sims.topk(min(self.k, sims.shape[1]), dim=1).indices
-        votes = F.one_hot(self.labels[idx], self.num_classes).to(x.dtype)
-        return votes.mean(dim=1)
+        top = sims.topk(min(self.k, sims.shape[1]), dim=1)
+        votes = F.one_hot(self.labels[top.indices], self.num_classes).to(x.dtype)
+        if self.temperature is None:
+            return votes.mean(dim=1)
+        weights = (top.values / float(self.temperature)).softmax(dim=1)
+        return (votes * weights.unsqueeze(-1)).sum(dim=1)
 
     def logits(self, x: Tensor) -> Tensor:
         """Log vote fractions (-inf where a class got no vote), for API symmetry."""
@@ -210,3 +216,62 @@ def head_state(head: Head) -> tuple[str, dict[str, Any], dict[str, Tensor]]:
     """(kind, config, tensors) such that build_head(*head_state(h)) rebuilds `h`."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
     return head.kind, dict(head.config), tensors
+
+
+HEAD_FORMAT = "pathapp.head"
+
+
+def save_head_file(path: str | Path, kind: str, config: dict[str, Any], tensors: dict[str, Tensor],
+                   class_names: list[str] | None = None) -> Path:
+    """A head on its own as safetensors (config + class names in the header), written atomically;
+    `pathapp model create --head FILE` puts it into a bundle."""
+    import json
+    import os
+
+    from safetensors.torch import save_file
+
+    build_head(kind, config, tensors)  # refuse to write a head that would not load
+    path = Path(path)
+    meta = {"format": HEAD_FORMAT, "pathapp": json.dumps({"kind": kind, "config": config,
+                                                           "class_names": class_names})}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file({k: torch.as_tensor(v).contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_head_file(path: str | Path) -> tuple[str, dict[str, Any], dict[str, Tensor], list[str] | None]:
+    """(kind, config, tensors, class names or None) from a head file:
+    .safetensors (as `save_head_file` writes), .json or .pt/.pth holding
+    {"kind", "config", "tensors": {name: array}, "class_names"?}."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise HeadError(f"{path}: no such head file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                header = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            if header.get("format") != HEAD_FORMAT:
+                raise HeadError(f"{path}: a safetensors file without pathapp head metadata "
+                                f"(format={HEAD_FORMAT!r}); write it with pathapp.models.heads.save_head_file")
+            doc = json.loads(header["pathapp"])
+        else:
+            doc = json.loads(path.read_text()) if path.suffix == ".json" else \
+                torch.load(path, map_location="cpu", weights_only=True)
+            tensors = {k: torch.as_tensor(v) for k, v in (doc.get("tensors") or {}).items()}
+        kind, config = doc["kind"], doc["config"]
+    except HeadError:
+        raise
+    except Exception as e:  # json, torch and safetensors each raise their own errors
+        raise HeadError(f"{path}: not a head file ({type(e).__name__}: {str(e).splitlines()[0][:150]}); expected "
+                        f'{{"kind", "config", "tensors"}} in .json/.pt or a .safetensors head') from None
+    build_head(kind, config, tensors)
+    return kind, config, tensors, doc.get("class_names")

@@ -82,6 +82,7 @@ class BackboneSpec:
 
 
 def _dinov2(size: str, arch: str, dim: int, reg: bool) -> BackboneSpec:
+    label = "g" if size == "g" else size.upper()  # DINOv2's own spelling: ViT-S, -B, -L, -g
     tag = "reg4_dinov2" if reg else "dinov2"
     timm_name = f"vit_{arch}_patch14_{tag}"
     return BackboneSpec(
@@ -91,7 +92,7 @@ def _dinov2(size: str, arch: str, dim: int, reg: bool) -> BackboneSpec:
         embed_dim=dim,
         num_register_tokens=4 if reg else 0,
         hub_repo=f"timm/{timm_name}.lvd142m",
-        description=f"DINOv2 ViT-{size.upper()}/14" + (" with 4 registers" if reg else "") + " (Meta, LVD-142M)",
+        description=f"DINOv2 ViT-{label}/14" + (" with 4 registers" if reg else "") + " (Meta, LVD-142M)",
     )
 
 

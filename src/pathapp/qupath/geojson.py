@@ -70,10 +70,16 @@ def read_rois(path: str | os.PathLike, classes: Iterable[str] | None = None) -> 
 
     Points and lines are ignored (they have no area). Raises if nothing is left, so that a typo
     in a class name never silently means "the whole slide"."""
-    objects = read_objects(path)
+    return rois_from_objects(read_objects(path), classes, str(path))
+
+
+def rois_from_objects(
+    objects: Sequence[QuPathObject], classes: Iterable[str] | None = None, label: str = "<objects>"
+) -> BaseGeometry:
+    """The union of the annotation areas among `objects` (see read_rois); `label` names the source."""
     wanted = set(classes) if classes is not None else None
     areas = [
-        _polygonal(o.geometry)
+        _polygonal(shapely.make_valid(o.geometry))
         for o in objects
         if o.object_type == "annotation" and (wanted is None or o.class_name in wanted)
     ]
@@ -82,9 +88,8 @@ def read_rois(path: str | os.PathLike, classes: Iterable[str] | None = None) -> 
         present = sorted({str(o.class_name) for o in objects if o.object_type == "annotation"})
         which = f" of class {', '.join(sorted(wanted))}" if wanted is not None else ""
         raise GeoJSONError(
-            f"{path}: no annotation polygons{which} (annotation classes present: "
-            f"{', '.join(present) or 'none'}); export area annotations from QuPath "
-            "(File › Export objects as GeoJSON) or fix --roi-class"
+            f"{label}: no annotation polygons{which} (annotation classes present: "
+            f"{', '.join(present) or 'none'}); draw or export area annotations in QuPath, or fix --roi-class"
         )
     return shapely.union_all(areas)
 
@@ -231,8 +236,8 @@ def write_objects(path: str | os.PathLike, objects: Sequence[QuPathObject]) -> P
 
     Polygons are made valid, snapped to QuPath's 0.01 grid and re-checked after snapping; objects
     whose area vanishes are dropped. Every object gets a fresh uuid4. Returns the path written."""
-    geoms = _geometries_json(_conform_geometries([o.geometry for o in objects]))
-    nuclei = _geometries_json(_conform_geometries([o.nucleus_geometry for o in objects]))
+    geoms = _geometries_json(conform_geometries([o.geometry for o in objects]))
+    nuclei = _geometries_json(conform_geometries([o.nucleus_geometry for o in objects]))
     features = []
     for obj, geom, nucleus in zip(objects, geoms, nuclei):
         if geom is None:
@@ -259,7 +264,10 @@ def tile_objects(
     tens of thousands of tiles cost milliseconds; `write_objects` then needs no per-tile repair."""
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     polys = shapely.box(boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3])
-    columns = {k: np.asarray(v, dtype=np.float64).tolist() for k, v in (measurements or {}).items()}
+    columns = {k: np.asarray(v, dtype=np.float64).reshape(-1).tolist() for k, v in (measurements or {}).items()}
+    for k, col in columns.items():
+        if len(col) != len(polys):
+            raise ValueError(f"measurement {k!r} has {len(col)} values for {len(polys)} tiles")
     colors = colors or {}
     out = []
     for i, poly in enumerate(polys):
@@ -309,13 +317,13 @@ def _properties(obj: QuPathObject) -> dict[str, Any]:
         props["color"] = [int(c) & 255 for c in obj.color]
     if obj.locked or obj.object_type == "tile":
         props["isLocked"] = True
-    measurements = _clean_measurements(obj.measurements)
+    measurements = clean_measurements(obj.measurements)
     if measurements:
         props["measurements"] = measurements
     return props
 
 
-def _clean_measurements(values: Mapping[str, Any]) -> dict[str, float]:
+def clean_measurements(values: Mapping[str, Any]) -> dict[str, float]:
     """Finite numbers only, as the shortest decimal that gives the same float32 QuPath stores."""
     out: dict[str, float] = {}
     for k, v in values.items():
@@ -329,7 +337,7 @@ def _clean_measurements(values: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-def _conform_geometries(geoms: Sequence[BaseGeometry | None]) -> list[BaseGeometry | None]:
+def conform_geometries(geoms: Sequence[BaseGeometry | None]) -> list[BaseGeometry | None]:
     """Vectorised: areas made valid (polygonal parts kept), snapped to the 0.01 grid, and checked
     again after snapping; None where nothing is left. Valid squares cost no per-object work."""
     if not geoms:

@@ -16,7 +16,7 @@ def write_embeddings(result: SlideResult, path: Path) -> Path | None:
     """Write features, coords and their attributes atomically; None when there are no embeddings."""
     if result.embeddings is None:
         return None
-    features = np.asarray(result.embeddings, dtype=np.float32).reshape(len(result), -1)
+    features = np.asarray(result.embeddings, dtype=np.float32)  # (N, D), also when N = 0
     coords = np.asarray(result.coords, dtype=np.int64).reshape(-1, 2)
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("features", data=features)

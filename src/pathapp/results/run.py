@@ -13,7 +13,14 @@ import numpy as np
 from pathapp.results.atomic import atomic_path
 from pathapp.results.embeddings import write_embeddings
 from pathapp.results.geojson import write_annotations_geojson, write_tiles_geojson
-from pathapp.results.heatmap import heatmap_scale, heatmap_shape, write_class_heatmaps, write_overlay, write_pca
+from pathapp.results.heatmap import (
+    heatmap_scale,
+    heatmap_shape,
+    pca_rgb,
+    write_class_heatmaps,
+    write_overlay,
+    write_pca,
+)
 from pathapp.results.result import SlideResult
 
 DONE = ".done"
@@ -83,9 +90,11 @@ def write_results(result: SlideResult, out_dir: str | Path, object_type: str = "
         write_annotations_geojson(result, out / "annotations.geojson"),
         *write_class_heatmaps(result, out),
     ]
-    files += [p for p in (write_overlay(result, out), write_embeddings(result, out / "embeddings.h5")) if p]
-    if result.probs is None:
-        files += [p for p in [write_pca(result, out)] if p]
+    headless = result.probs is None and result.embeddings is not None and len(result) > 0
+    pca = pca_rgb(result.embeddings) if headless else None
+    files += [p for p in (write_overlay(result, out, pca), write_embeddings(result, out / "embeddings.h5")) if p]
+    if headless:
+        files += [p for p in [write_pca(result, out, pca)] if p]
     result.timings["write"] = time.perf_counter() - t0
     with atomic_path(out / "run.json") as tmp:
         tmp.write_text(json.dumps(run_record(result, files + [out / "run.json"]), indent=2, allow_nan=False, default=str))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,6 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from pathapp.errors import MissingMppError
+
+READ_BLOCK = 1024  # level pixels per side read at once: bounds peak memory whatever the slide size
 
 
 @dataclass(frozen=True)
@@ -88,18 +91,40 @@ class Slide(ABC):
                 best = i
         return best
 
+    def read_low_res(self, downsample: float) -> tuple[np.ndarray, float]:
+        """The whole slide at about `downsample` level-0 px per pixel, as uint8 RGB, and its exact scale.
+
+        Reads the level just finer than `downsample` in blocks of at most READ_BLOCK² level pixels and
+        averages k × k level pixels per output pixel (k integer, so the scale is exact), so peak memory
+        is one block plus the output, whatever the level-0 area."""
+        level = self.best_level_for_downsample(max(downsample, 1.0))
+        lv = self.levels[level]
+        k = max(1, int(round(downsample / lv.downsample)))
+        out_w, out_h = math.ceil(lv.width / k), math.ceil(lv.height / k)
+        out = np.empty((out_h, out_w, 3), np.uint8)
+        step = max(k, (READ_BLOCK // k) * k)
+        for y in range(0, lv.height, step):
+            for x in range(0, lv.width, step):
+                w, h = min(step, lv.width - x), min(step, lv.height - y)
+                block = self.read(round(x * lv.downsample), round(y * lv.downsample), w, h, level)
+                bw, bh = math.ceil(w / k), math.ceil(h / k)
+                if (bw * k, bh * k) != (w, h):  # pad the last partial block with white (= background)
+                    padded = np.full((bh * k, bw * k, 3), 255, np.uint8)
+                    padded[:h, :w] = block
+                    block = padded
+                means = block.reshape(bh, k, bw, k, 3).mean(axis=(1, 3), dtype=np.float32)
+                out[y // k : y // k + bh, x // k : x // k + bw] = (means + 0.5).astype(np.uint8)
+        return out, lv.downsample * k
+
     def thumbnail(self, max_px: int = 1024) -> np.ndarray:
-        """RGB uint8 image of the whole slide whose longer side is at most `max_px`."""
+        """RGB uint8 image of the whole slide whose longer side is at most `max_px` (read blockwise)."""
         from PIL import Image
 
         w0, h0 = self.size
-        scale = max(w0, h0) / max_px
-        level = self.best_level_for_downsample(max(scale, 1.0))
-        lv = self.levels[level]
-        region = self.read(0, 0, lv.width, lv.height, level)
-        tw = max(1, round(w0 / max(scale, 1.0)))
-        th = max(1, round(h0 / max(scale, 1.0)))
-        if (tw, th) == (lv.width, lv.height):
+        scale = max(max(w0, h0) / max_px, 1.0)
+        region, _ = self.read_low_res(scale)
+        tw, th = max(1, min(round(w0 / scale), max_px)), max(1, min(round(h0 / scale), max_px))
+        if (tw, th) == (region.shape[1], region.shape[0]):
             return region
         return np.asarray(Image.fromarray(region).resize((tw, th), Image.BILINEAR))
 

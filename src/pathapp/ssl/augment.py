@@ -21,7 +21,7 @@ _RGB_FROM_HED = torch.tensor(rgb_from_hed, dtype=torch.float32)
 
 def to_float_tensor(img: np.ndarray) -> torch.Tensor:
     """uint8 (H, W, 3) → float (3, H, W) in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255.0)
+    return torch.from_numpy(np.require(img, np.uint8, ['C', 'W'])).permute(2, 0, 1).float().div_(255.0)
 
 
 def rgb_to_hed(x: torch.Tensor) -> torch.Tensor:
@@ -134,7 +134,10 @@ class MultiCrop:
     flips/90° rotations and HED stain jitter."""
 
     def __init__(self, cfg) -> None:
+        from pathapp.models.registry import IMAGENET_MEAN, IMAGENET_STD
+
         self.cfg = cfg
+        self.mean, self.std = list(cfg.mean or IMAGENET_MEAN), list(cfg.std or IMAGENET_STD)
         self.hed = HEDJitter(cfg.hed_sigma)
         b, c, s, h = cfg.color_jitter
         self.jitter = ColorJitter(b, c, s, h, cfg.color_jitter_p)
@@ -151,7 +154,7 @@ class MultiCrop:
         v = gaussian_blur(v, blur_p, rng)
         if cfg.solarize:
             v = solarize(v, solarize_p, rng)
-        return TF.normalize(v, list(cfg.mean), list(cfg.std))
+        return TF.normalize(v, self.mean, self.std)
 
     def __call__(self, img: np.ndarray, rng: np.random.Generator) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """uint8 (H, W, 3) tile → ([2 global (3, G, G)], [n_local (3, L, L)]) normalised views."""

@@ -14,6 +14,9 @@ import yaml
 from pathapp.errors import PathappError
 
 
+_LIST_FIELDS = {"mpp"}  # list-valued settings; every other YAML list is a tuple
+
+
 @dataclass
 class SSLConfig:
     """DINOv2 + iBOT + KoLeo/KDE pretraining settings. Durations are in steps or in "epochs" of
@@ -26,10 +29,12 @@ class SSLConfig:
     layerscale_init: float | None = None  # refill LayerScale gammas after a random init
     drop_path: float = 0.3
     # --- data -------------------------------------------------------------------------------------
+    slides: str | None = None  # folder of slides, one slide, or a QuPath project.qpproj
+    tiles: str | None = None  # or a folder of image tiles
     mpp: list[float] = field(default_factory=lambda: [0.5])  # µm/px of sampled tiles (one picked per tile)
     tile_size: int = 256  # px of the tile read from a slide, before multi-crop
     min_tissue: float = 0.6  # HSV tissue fraction a sampled tile must exceed
-    slide_mpp: float | None = None  # µm/px for slides whose file does not say
+    slide_mpp: float | None = None  # µm/px applied to every slide (for files that do not say)
     num_workers: int = 2
     # --- multi-crop and augmentation ----------------------------------------------------------
     global_crop_size: int = 224
@@ -45,8 +50,8 @@ class SSLConfig:
     solarize: bool = False  # DINOv2 solarizes the 2nd global crop; pathology recipes drop it
     hed_sigma: float = 0.05
     hed_p: float = 0.5
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: tuple[float, float, float] | None = None  # None: the backbone's own (ImageNet for DINOv2)
+    std: tuple[float, float, float] | None = None
     # --- head and objective -----------------------------------------------------------------
     n_prototypes: int = 65536
     head_hidden_dim: int = 2048
@@ -122,8 +127,7 @@ class SSLConfig:
                                f"or a run's config.yaml for the valid names")
         kwargs = {}
         for k, v in d.items():
-            default = getattr(cls(), k)
-            kwargs[k] = tuple(v) if isinstance(default, tuple) and v is not None else v
+            kwargs[k] = tuple(v) if isinstance(v, list) and k not in _LIST_FIELDS else v
         cfg = cls(**kwargs)
         cfg.validate(source)
         return cfg

@@ -22,7 +22,6 @@ DEFAULT_MIN_TISSUE = 0.1  # tissue fraction a tile needs to count as tissue
 TILE_SATURATION = 0.1  # per-tile pixel threshold (full-resolution pixels are noisier than a mask's)
 MASK_SATURATION = 0.07  # working-resolution pixel threshold (block means: less noise, paler)
 FOCUS_THRESHOLD = 0.002  # mean |LoG| of grey in [0, 1] below which a region is out of focus (ink, blur)
-_BLOCK = 2048  # level pixels per side read at once: bounds peak memory whatever the slide size
 
 
 @dataclass
@@ -112,32 +111,6 @@ def working_downsample(slide: Slide, target_mpp: float, max_px: int) -> float:
     return max(ds, 1.0)
 
 
-def read_low_res(slide: Slide, downsample: float) -> tuple[np.ndarray, float]:
-    """The whole slide at about `downsample` level-0 px per pixel, as uint8 RGB, and its exact scale.
-
-    Reads the level just finer than `downsample` in blocks of at most _BLOCK² level pixels and
-    averages k × k level pixels per output pixel (k integer, so the scale is exact), so peak memory
-    is one block plus the output, whatever the level-0 area."""
-    level = slide.best_level_for_downsample(downsample)
-    lv = slide.levels[level]
-    k = max(1, int(round(downsample / lv.downsample)))
-    out_w, out_h = math.ceil(lv.width / k), math.ceil(lv.height / k)
-    out = np.empty((out_h, out_w, 3), np.uint8)
-    step = max(k, (_BLOCK // k) * k)
-    for y in range(0, lv.height, step):
-        for x in range(0, lv.width, step):
-            w, h = min(step, lv.width - x), min(step, lv.height - y)
-            block = slide.read(round(x * lv.downsample), round(y * lv.downsample), w, h, level)
-            bw, bh = math.ceil(w / k), math.ceil(h / k)
-            if (bw * k, bh * k) != (w, h):  # pad the last partial block with white (= background)
-                padded = np.full((bh * k, bw * k, 3), 255, np.uint8)
-                padded[:h, :w] = block
-                block = padded
-            means = block.reshape(bh, k, bw, k, 3).mean(axis=(1, 3), dtype=np.float32)
-            out[y // k : y // k + bh, x // k : x // k + bw] = (means + 0.5).astype(np.uint8)
-    return out, lv.downsample * k
-
-
 # ---------------------------------------------------------------------------------------- outline
 
 
@@ -160,12 +133,21 @@ def mask_to_geometry(mask: np.ndarray, scale: float, size: tuple[int, int] | Non
         areas = [abs(shapely.area(Polygon(r))) for r in xy]
         outer = int(np.argmax(areas))
         poly = Polygon(xy[outer], [r for i, r in enumerate(xy) if i != outer]).simplify(scale * 0.25)
-        polys.append(poly if poly.is_valid else shapely.make_valid(poly))
-    geom = shapely.union_all(polys) if polys else MultiPolygon()
+        polys.extend(_polygons(poly if poly.is_valid else shapely.make_valid(poly)))
+    geom: BaseGeometry = MultiPolygon(polys)  # 8-connected components never touch...
+    if not geom.is_valid:  # ...unless simplifying moved two outlines together
+        geom = shapely.union_all(polys)
     if size is not None and not geom.is_empty:
         geom = geom.intersection(shapely.box(0, 0, size[0], size[1]))
-    parts = [g for g in getattr(geom, "geoms", [geom]) if isinstance(g, Polygon) and not g.is_empty]
+    parts = _polygons(geom)
     return parts[0] if len(parts) == 1 else MultiPolygon(parts)
+
+
+def _polygons(geom: BaseGeometry) -> list[Polygon]:
+    """The non-empty polygons in any geometry (make_valid and intersection can return collections)."""
+    if isinstance(geom, Polygon):
+        return [] if geom.is_empty else [geom]
+    return [p for g in getattr(geom, "geoms", []) for p in _polygons(g)]
 
 
 # ---------------------------------------------------------------------------------------- detect
@@ -190,7 +172,7 @@ def detect_tissue(
     from scipy import ndimage as ndi
     from skimage.morphology import remove_small_holes, remove_small_objects
 
-    rgb, scale = read_low_res(slide, working_downsample(slide, target_mpp, max_px))
+    rgb, scale = slide.read_low_res(working_downsample(slide, target_mpp, max_px))
     mask = tissue_pixels(rgb, saturation)
     mask = ndi.binary_closing(mask, structure=np.ones((3, 3), bool), border_value=0) | mask
     if slide.mpp:

@@ -85,8 +85,10 @@ def _select(
     """The grid value with the best mean inner-CV balanced accuracy (default when CV is impossible)."""
     from pathapp.train.evaluate import point_metrics
 
+    if len(grid) == 1:
+        return grid[0], {}
     folds = _inner_folds(y, groups)
-    if not folds or len(grid) == 1:
+    if not folds:
         return default, {}
     scores = {}
     for value in grid:
@@ -111,10 +113,12 @@ def _standardizer(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _fit_linear_once(X: np.ndarray, y: np.ndarray, n_classes: int, C: float) -> FittedHead:
     from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_limits
 
     mean, std = _standardizer(X)
-    clf = LogisticRegression(C=C, class_weight="balanced", max_iter=2000)
-    clf.fit((X - mean) / std, y)
+    clf = LogisticRegression(C=C, class_weight="balanced", max_iter=1000)
+    with threadpool_limits(1):  # BLAS threads only oversubscribe the CPU on problems this small
+        clf.fit((X - mean) / std, y)
     coef, bias = clf.coef_, clf.intercept_
     if len(clf.classes_) == 2:  # sklearn's binary form: one row for classes_[1]
         coef = np.concatenate([-coef / 2, coef / 2])
@@ -176,7 +180,7 @@ def fit_mlp(
         opt.step()
     head.eval()
     kind, config, tensors = head_state(head)
-    return FittedHead(kind, config, {k: v.numpy() for k, v in tensors.items()}, {"epochs": epochs, "loss": float(loss)})
+    return FittedHead(kind, config, {k: v.numpy() for k, v in tensors.items()}, {"epochs": epochs, "loss": float(loss.detach())})
 
 
 def fit_head(

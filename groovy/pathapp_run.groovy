@@ -1,0 +1,195 @@
+/*
+ * pathapp_run.groovy: run pathapp on the image open in QuPath, then show its results.
+ *
+ * Written against QuPath 0.4.4, 0.5.1 and 0.6.0 (kept to Groovy syntax that every QuPath since 0.4 parses).
+ * What it does, in order:
+ *   1. exports the selected annotations (or all annotations, or nothing = the whole image) as GeoJSON;
+ *   2. runs `pathapp infer` out of process (a local install, or the pathapp container through
+ *      docker), streaming pathapp's log into the QuPath log; a non-zero exit stops the script with
+ *      an error that quotes pathapp's last lines;
+ *   3. replaces the objects an earlier pathapp run added (named "pathapp...") with the new tiles
+ *      and class regions, resolves the hierarchy so your annotations count their tiles, and turns on
+ *      a measurement map (heatmap) of one class's probability.
+ * Results are kept in <project>/pathapp/<entry ID>/<image name>/ (or the system temp folder when no
+ * project is open). Use pathapp_import.groovy to import results computed earlier, image by image.
+ * Edit the settings below, then Run (Automate > Script editor).
+ */
+import qupath.lib.color.ColorMaps
+import qupath.lib.common.GeneralTools
+import qupath.lib.gui.tools.MeasurementMapper
+import qupath.lib.io.PathIO
+
+// ------------------------------------------------------------------------------- settings
+// "local": an installed pathapp; "container": the pathapp image through docker (or podman)
+def MODE = "local"
+// Full path of the pathapp executable. QuPath started from a desktop menu may not see your shell's
+// PATH: use e.g. "/home/me/miniforge3/envs/pathapp/bin/pathapp" or "C:\\Users\\me\\pathapp\\Scripts\\pathapp.exe"
+def PATHAPP = "pathapp"
+// Container mode: the docker (or podman) executable, the image, and "all" to give it the GPUs
+def DOCKER = "docker"
+def CONTAINER_IMAGE = "pathapp:latest"
+def DOCKER_GPUS = ""
+// Model bundle (.pathapp file). In container mode a path that does not exist here is taken to be
+// inside the image (baked in at build time).
+def MODEL = "/path/to/model.pathapp"
+// Resolution (µm/px) and tile size (px) to analyse at; null = the bundle's own
+def MPP = null
+def TILE_SIZE = null
+// "tile" or "detection": the QuPath object type of the per-tile results
+def OBJECT_TYPE = "tile"
+// Where to analyse: "auto" (selected annotations, else all annotations, else the whole image),
+// "selected", "all" or "image"
+def ROI_MODE = "auto"
+// Class whose probability ("prob: <class>") colours the tiles; "" = the class of the first tile
+def HEATMAP_CLASS = ""
+def HEATMAP_COLORMAP = "Viridis"
+// Anything else for `pathapp infer`, e.g. ["--device", "cuda", "--batch-size", "64"]
+def EXTRA_ARGS = []
+// -------------------------------------------------------------------------- end of settings
+
+def TAG = "pathapp"
+def isPathapp = { obj -> obj.getName() != null && (obj.getName() == TAG || obj.getName().startsWith(TAG + ":")) }
+// The output folder name pathapp gives a slide (pathapp.slide.Slide.name)
+def slideStem = { File f ->
+    def name = f.getName()
+    def lower = name.toLowerCase()
+    if (lower.endsWith(".ome.tiff")) return name.substring(0, name.length() - 9)
+    if (lower.endsWith(".ome.tif")) return name.substring(0, name.length() - 8)
+    if (f.isDirectory()) return name
+    def dot = name.lastIndexOf(".")
+    return dot > 0 ? name.substring(0, dot) : name
+}
+// Container paths: the same path on Linux and macOS; C:\x\y becomes /c/x/y (Docker Desktop)
+def containerPath = { File f ->
+    def p = f.getAbsolutePath()
+    if (p ==~ /(?s)[A-Za-z]:.*/)
+        return "/" + p.substring(0, 1).toLowerCase() + p.substring(2).replace("\\", "/")
+    return p
+}
+def hostOrContainer = { File f -> MODE == "container" ? containerPath(f) : f.getAbsolutePath() }
+
+// ---- the image and where its results go
+def imageData = getCurrentImageData()
+if (imageData == null)
+    throw new RuntimeException("pathapp: open an image first")
+def uris = getCurrentServer().getURIs()
+def imagePath = uris.isEmpty() ? null : GeneralTools.toPath(uris.iterator().next())
+if (imagePath == null)
+    throw new RuntimeException("pathapp: this image is not a local file (" + uris + "); pathapp needs the file")
+def imageFile = imagePath.toFile()
+def lowerName = imageFile.getName().toLowerCase()
+if (lowerName.endsWith(".dcm") || lowerName.endsWith(".dicom"))
+    imageFile = imageFile.getParentFile()  // DICOM-WSI: pathapp opens the series folder
+def outRoot
+if (getProject() != null && getProjectEntry() != null)
+    outRoot = new File(buildFilePath(PROJECT_BASE_DIR, "pathapp", getProjectEntry().getID()))
+else
+    outRoot = new File(System.getProperty("java.io.tmpdir"), "pathapp-out")
+mkdirs(outRoot.getAbsolutePath())
+
+// ---- the regions to analyse
+def rois = []
+if (ROI_MODE == "selected" || ROI_MODE == "auto")
+    rois = getSelectedObjects().findAll { it.isAnnotation() && !isPathapp(it) }
+if (rois.isEmpty() && (ROI_MODE == "all" || ROI_MODE == "auto"))
+    rois = getAnnotationObjects().findAll { !isPathapp(it) }
+if (rois.isEmpty() && ROI_MODE in ["selected", "all"])
+    throw new RuntimeException("pathapp: no annotations to analyse (ROI_MODE = " + ROI_MODE + "); draw or select some, or set ROI_MODE = \"image\"")
+def roiFile = null
+if (!rois.isEmpty()) {
+    roiFile = new File(outRoot, "rois.geojson")
+    exportObjectsToGeoJson(rois, roiFile.getAbsolutePath(), "FEATURE_COLLECTION")
+    println "pathapp: analysing inside " + rois.size() + " annotation(s)"
+} else {
+    println "pathapp: no annotations: analysing the whole image (tissue only)"
+}
+
+// ---- the command
+def modelFile = new File(MODEL)
+def args = ["infer", hostOrContainer(imageFile),
+            "--model", (MODE == "container" && !modelFile.exists()) ? MODEL : hostOrContainer(modelFile),
+            "--out", hostOrContainer(outRoot), "--object-type", OBJECT_TYPE, "--overwrite"]
+if (MPP != null) args += ["--mpp", MPP.toString()]
+if (TILE_SIZE != null) args += ["--tile-size", TILE_SIZE.toString()]
+if (roiFile != null) args += ["--roi", hostOrContainer(roiFile)]
+args += EXTRA_ARGS.collect { it.toString() }
+
+def command
+if (MODE == "local") {
+    command = [PATHAPP] + args
+} else if (MODE == "container") {
+    // every folder pathapp reads or writes is mounted at the same path inside the container
+    def mounts = [(imageFile.isDirectory() ? imageFile : imageFile.getParentFile()): "ro", (outRoot): "rw"]
+    if (modelFile.exists()) mounts[modelFile.getAbsoluteFile().getParentFile()] = "ro"
+    command = [DOCKER, "run", "--rm", "-e", "TQDM_MININTERVAL=5"]
+    if (DOCKER_GPUS) command += ["--gpus", DOCKER_GPUS]
+    if (!System.getProperty("os.name").toLowerCase().contains("windows")) {
+        // write the results as you, not as the container's user
+        def uid = ["id", "-u"].execute().text.trim()
+        def gid = ["id", "-g"].execute().text.trim()
+        command += ["--user", uid + ":" + gid, "-e", "HOME=/tmp"]  // that user has no home in the image
+    }
+    mounts.each { dir, access -> command += ["-v", dir.getAbsolutePath() + ":" + containerPath(dir) + ":" + access] }
+    command += [CONTAINER_IMAGE] + args
+} else {
+    throw new RuntimeException("pathapp: MODE must be \"local\" or \"container\", not \"" + MODE + "\"")
+}
+
+// ---- run it, streaming its log
+println "pathapp: " + command.join(" ")
+def builder = new ProcessBuilder(command.collect { it.toString() }).redirectErrorStream(true)
+builder.environment().put("TQDM_MININTERVAL", "5")  // a progress line (tiles/s) every 5 s
+def process
+try {
+    process = builder.start()
+} catch (IOException e) {
+    def exe = MODE == "local" ? "PATHAPP" : "DOCKER"
+    throw new RuntimeException("pathapp: could not start " + command[0] + " (" + e.getMessage() + "); set " + exe + " at the top of this script to its full path")
+}
+def lastLines = new LinkedList<String>()
+process.getInputStream().withReader("UTF-8") { reader ->
+    String line
+    while ((line = reader.readLine()) != null) {
+        println "pathapp | " + line
+        lastLines.add(line)
+        if (lastLines.size() > 5) lastLines.removeFirst()
+    }
+}
+def exitCode = process.waitFor()
+if (exitCode != 0)
+    throw new RuntimeException("pathapp failed (exit code " + exitCode + "): " + lastLines.join(" / "))
+
+// ---- import: replace what an earlier run added, keep everything else
+def resultDir = new File(outRoot, slideStem(imageFile))
+def files = ["annotations.geojson", "tiles.geojson"].collect { new File(resultDir, it) }.findAll { it.isFile() }
+if (files.isEmpty())
+    throw new RuntimeException("pathapp: finished but found no tiles.geojson or annotations.geojson in " + resultDir)
+def previous = (getAnnotationObjects() + getDetectionObjects()).findAll { isPathapp(it) }
+removeObjects(previous, true)
+def imported = []
+files.each { f ->
+    def objects = PathIO.readObjects(f)
+    objects.each { it.setName(it.getPathClass() == null ? TAG : TAG + ": " + it.getPathClass().toString()) }
+    imported.addAll(objects)
+    println "pathapp: " + objects.size() + " objects from " + f
+}
+addObjects(imported)
+resolveHierarchy()
+fireHierarchyUpdate()
+
+// ---- heatmap: colour the tiles by one class's probability
+def tiles = getDetectionObjects().findAll { isPathapp(it) }
+def heatClass = HEATMAP_CLASS
+if (!heatClass) {
+    def first = tiles.find { it.getPathClass() != null }
+    heatClass = first == null ? "" : first.getPathClass().toString()
+}
+def viewer = getCurrentViewer()
+if (viewer != null && heatClass && !tiles.isEmpty()) {
+    def mapper = new MeasurementMapper(ColorMaps.getColorMaps().get(HEATMAP_COLORMAP), "prob: " + heatClass, tiles)
+    mapper.setDisplayMinValue(0.0d)
+    mapper.setDisplayMaxValue(1.0d)
+    viewer.getOverlayOptions().setMeasurementMapper(mapper)
+    println "pathapp: measurement map \"prob: " + heatClass + "\" on " + tiles.size() + " tiles"
+}
+println "pathapp: done; removed " + previous.size() + " earlier pathapp objects, added " + imported.size()

@@ -1,0 +1,70 @@
+"""`pathapp infer`: run a model over slides, folders of slides, or a QuPath project."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from pathapp.cli.options import slide_mpp_option
+
+
+@click.command(context_settings={"max_content_width": 100})
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True), metavar="INPUT...")
+@click.option("--model", "model", required=True, metavar="BUNDLE|NAME",
+              help="A .pathapp bundle (classes, head, preprocessing), or a backbone name such as "
+              "dinov2_vits14 for embeddings only (weights from --weights or the hub).")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Weights file for a backbone NAME: official DINOv2 .pth, timm .pth/.safetensors.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Output folder; results go to OUT/<slide>/ (default ./pathapp-out). For a QuPath "
+              "project the default is <project dir>/pathapp/<entryID>/.")
+@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None, metavar="UM_PER_PX",
+              help="Resolution tiles are analysed at, µm/px (default: the bundle's, usually 0.5).")
+@click.option("--tile-size", type=click.IntRange(min=1), default=None, metavar="PX",
+              help="Tile side in pixels (default: the bundle's).")
+@click.option("--roi", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="QuPath GeoJSON export of annotations; only tiles whose centre lies inside are run.")
+@click.option("--roi-class", multiple=True, metavar="NAME",
+              help="Use only --roi annotations of this class (repeatable).")
+@slide_mpp_option
+@click.option("--min-tissue", type=click.FloatRange(0, 1), default=None,
+              help="Tissue fraction a tile needs to be analysed (default 0.1).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Tile-reading processes (default: chosen from the CPU count; 0 = read in the main process).")
+@click.option("--device", default="auto", show_default=True,
+              help="auto (this rank's GPU if any, else CPU), cpu, cuda, cuda:1, ...")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "int8"]), default="fp32", show_default=True,
+              help="bf16: autocast on GPU. int8: dynamic int8 Linear layers on CPU (faster, cosine ≥ 0.99 to fp32).")
+@click.option("--object-type", type=click.Choice(["tile", "detection"]), default="tile", show_default=True,
+              help="QuPath object type of the per-tile objects in tiles.geojson.")
+@click.option("--overwrite", is_flag=True, help="Recompute slides whose results are already complete.")
+@click.option("--write-project", is_flag=True,
+              help="For a .qpproj input, also add the objects to the QuPath project (needs paquo and "
+              "QuPath; otherwise prints how to import the GeoJSON).")
+def infer(inputs: tuple[str, ...], model: str, **options: object) -> None:
+    """Run MODEL over every slide in INPUT... and write QuPath-ready results.
+
+    INPUT is a slide file, a folder of slides (a DICOM-WSI series folder counts as one slide), or a
+    QuPath project.qpproj. Each slide gets a folder with tiles.geojson and annotations.geojson
+    (drag them onto the image in QuPath), heatmap-<class>.png, overlay.png, embeddings.h5 (CLAM/TRIDENT
+    layout) and run.json. A rerun skips slides that are complete; a slide that fails is reported and
+    the others still run (exit code 1 if any failed).
+
+    \b
+    Examples:
+      pathapp infer slide.svs --model tumor.pathapp
+      pathapp infer slides/ --model dinov2_vits14 --weights dinov2_vits14_pretrain.pth --mpp 0.5
+      pathapp infer project.qpproj --model tumor.pathapp --roi rois.geojson --roi-class Tumor
+      torchrun --nproc-per-node 4 -m pathapp infer slides/ --model tumor.pathapp   (one GPU per rank)
+    """
+    from pathapp.infer import run_inference
+
+    summary = run_inference(list(inputs), model, **options)  # type: ignore[arg-type]
+    parts = [f"{len(summary.done)} written", f"{len(summary.skipped)} already complete"]
+    if summary.failed:
+        parts.append(f"{len(summary.failed)} failed")
+    click.echo("infer: " + ", ".join(parts), err=True)
+    if not summary.ok:
+        sys.exit(1)

@@ -1,0 +1,102 @@
+"""`pathapp pretrain`: DINOv2 self-supervised pretraining on your own slides or tiles."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from pathapp.cli.options import slide_mpp_option
+
+
+@click.command()
+@click.option("--slides", type=click.Path(exists=True, path_type=str), default=None,
+              help="A folder of slides, one slide, or a QuPath project.qpproj: tiles are sampled from the "
+                   "tissue on the fly (nothing is written to disk).")
+@click.option("--tiles", type=click.Path(exists=True, file_okay=False, path_type=str), default=None,
+              help="Or a folder of image tiles (PNG/JPEG/TIFF, searched recursively; labels are not used).")
+@click.option("--backbone", default=None, metavar="NAME",
+              help="Registry backbone to pretrain (see `pathapp model list`).  [default: dinov2_vits14]")
+@click.option("--init", "init", default=None, metavar="none|dinov2|FILE",
+              help="Start from random weights (none), the DINOv2 hub weights (dinov2; needs the Hugging Face "
+                   "cache or internet), or a checkpoint FILE (.pth/.safetensors/.pathapp) — continued "
+                   "pretraining, the usual pathology route.  [default: none]")
+@click.option("--mpp", "mpps", multiple=True, type=click.FloatRange(min=0, min_open=True), metavar="UM_PER_PX",
+              help="Resolution tiles are sampled at, in µm/px; repeat for several (one is drawn per tile). "
+                   "[default: 0.5]")
+@slide_mpp_option
+@click.option("--out", type=click.Path(file_okay=False, path_type=str), required=True,
+              help="Run folder: config.yaml, metrics.jsonl, checkpoint.pt, teacher.pathapp.")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=str), default=None,
+              help="YAML of hyper-parameters (any field of a run's config.yaml); options given here win.")
+@click.option("--batch-size", type=click.IntRange(min=2), default=None, help="Images per process per step.  [default: 64]")
+@click.option("--grad-accum", type=click.IntRange(min=1), default=None, help="Micro-batches per optimiser step.")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Total optimiser steps.")
+@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Or total length in epochs of `epoch_length` steps (1250 by default).  [default: 100]")
+@click.option("--max-minutes", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Stop (with a checkpoint and a bundle) after this many minutes; --resume continues.")
+@click.option("--workers", type=click.IntRange(min=0), default=None, help="Data-loading processes per GPU/process.")
+@click.option("--fsdp", is_flag=True, default=False, help="Shard the model with FSDP under torchrun (ViT-L/g).")
+@click.option("--resume", is_flag=True, default=False,
+              help="Continue the run in --out from its checkpoint, with its saved config.yaml.")
+@click.option("--quiet", is_flag=True, default=False, help="No progress bar.")
+def pretrain(slides: str | None, tiles: str | None, backbone: str | None, init: str | None, mpps: tuple[float, ...],
+             slide_mpp: float | None, out: str, config_path: str | None, batch_size: int | None,
+             grad_accum: int | None, steps: int | None, epochs: float | None, max_minutes: float | None,
+             workers: int | None, fsdp: bool, resume: bool, quiet: bool) -> None:
+    """Pretrain a DINOv2 ViT on unlabelled tissue (DINO + iBOT + KoLeo, EMA teacher) and export the
+    teacher backbone as OUT/teacher.pathapp for `pathapp infer` and `pathapp train`.
+
+    Every hyper-parameter (crops, HED stain jitter, losses, schedules, ...) is in OUT/config.yaml;
+    copy and edit it, then pass it with --config. Metrics (loss parts, lr, momentum, tiles/s) go to
+    OUT/metrics.jsonl; a checkpoint is written every `checkpoint_every` steps and at the end.
+
+    \b
+    Examples:
+      pathapp pretrain --slides slides/ --backbone dinov2_vits14 --init dinov2 --mpp 0.5 --out run/
+      pathapp pretrain --slides project.qpproj --mpp 0.5 --mpp 1.0 --max-minutes 60 --out run/
+      pathapp pretrain --tiles tiles/ --config cfg.yaml --out run/
+      pathapp pretrain --out run/ --resume
+      torchrun --nproc-per-node 4 -m pathapp pretrain --slides slides/ --out run/   (one process per GPU)
+    """
+    from pathapp.errors import PathappError
+    from pathapp.ssl.config import SSLConfig
+    from pathapp.ssl.train import CONFIG, pretrain as run_pretrain
+
+    run = Path(out)
+    slides = str(Path(slides).resolve()) if slides else None  # the saved config must work from any folder
+    tiles = str(Path(tiles).resolve()) if tiles else None
+    if resume:
+        if not (run / CONFIG).exists():
+            raise PathappError(f"{run / CONFIG}: no run to resume here; drop --resume to start one")
+        cfg = SSLConfig.load(run / CONFIG)
+        changes = {"max_minutes": max_minutes, "num_workers": workers}
+    else:
+        cfg = SSLConfig.load(config_path) if config_path else SSLConfig()
+        changes = {"slides": slides, "tiles": tiles, "backbone": backbone, "init": init,
+                   "mpp": list(mpps) if mpps else None, "slide_mpp": slide_mpp, "batch_size": batch_size,
+                   "grad_accum": grad_accum, "steps": steps, "max_minutes": max_minutes, "num_workers": workers,
+                   "distributed": "fsdp" if fsdp else None}
+        if epochs is not None:
+            changes.update(epochs=epochs)
+        if slides and tiles:
+            raise click.UsageError("give only one of --slides and --tiles")
+        if not (slides or tiles or cfg.slides or cfg.tiles):
+            raise click.UsageError("give --slides (folder, slide or project.qpproj) or --tiles (folder)")
+    d = cfg.to_dict()
+    d.update({k: v for k, v in changes.items() if v is not None})
+    if not resume and (slides or tiles):  # the command line's data source replaces the config's
+        d["slides"], d["tiles"] = slides, tiles
+    if not resume and epochs is not None:
+        d["steps"] = steps
+    cfg = SSLConfig.from_dict(d, str(config_path or run / CONFIG))
+    import torch.distributed as dist
+
+    try:
+        bundle = run_pretrain(cfg, run, resume=resume, progress=not quiet)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            click.echo(f"teacher backbone: {bundle}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,219 @@
+"""Read a QuPath project (`project.qpproj`, QuPath 0.2–0.7) without Java: its image entries, where
+their images are now (relocated the way QuPath does it), their µm/px, and the project's classes."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path, PurePath, PurePosixPath, PureWindowsPath
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+from pathapp.errors import PathappError
+from pathapp.qupath.geojson import argb_to_rgb
+
+PROJECT_FILE = "project.qpproj"
+DICOM_SUFFIXES = (".dcm", ".dicom")
+# Top-level folders of a project that hold QuPath's (and pathapp's) own files, never images.
+_SKIP_DIRS = {"data", "classifiers", "scripts", "pathapp", ".git"}
+
+
+class ProjectError(PathappError):
+    """The project file itself is missing or unreadable."""
+
+
+@dataclass
+class ProjectEntry:
+    """One image of a project. `error` says why it cannot be analysed (then image_path is None)."""
+
+    entry_id: int | str
+    name: str
+    uri: str | None
+    image_path: Path | None
+    mpp: float | None
+    width: int | None
+    height: int | None
+    error: str | None = None
+    provider: str | None = None
+    args: list[str] = field(default_factory=list)
+
+
+@dataclass
+class QuPathProject:
+    """A parsed project; `uri` is where the .qpproj was when QuPath last saved it."""
+
+    path: Path
+    version: str | None
+    entries: list[ProjectEntry]
+    classes: dict[str, tuple[int, int, int]]
+    uri: str | None = None
+
+    @property
+    def dir(self) -> Path:
+        return self.path.parent
+
+
+def is_project(path: str | os.PathLike) -> bool:
+    """True for a project.qpproj file, or a folder that holds one."""
+    p = Path(path)
+    return (p.is_file() and p.suffix == ".qpproj") or (p.is_dir() and (p / PROJECT_FILE).is_file())
+
+
+def read_project(path: str | os.PathLike) -> QuPathProject:
+    """Parse a project; missing images become per-entry errors, not an exception."""
+    qpproj = Path(path)
+    if qpproj.is_dir():
+        qpproj = qpproj / PROJECT_FILE
+    if not qpproj.is_file():
+        raise ProjectError(f"{qpproj}: no QuPath project here; give the project.qpproj file or its folder")
+    try:
+        data = json.loads(qpproj.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+        raise ProjectError(f"{qpproj}: not a readable QuPath project ({e}); open it in QuPath to repair it") from e
+    if not isinstance(data, dict) or not isinstance(data.get("images", []), list):
+        raise ProjectError(f"{qpproj}: not a QuPath project (no 'images' list)")
+    qpproj = qpproj.resolve()
+    old_uri = data.get("uri")
+    finder = _FileFinder(qpproj.parent)
+    entries = [_entry(e, i, qpproj, old_uri, finder) for i, e in enumerate(data.get("images", []))]
+    return QuPathProject(qpproj, data.get("version"), entries, read_classes(qpproj.parent), old_uri)
+
+
+def read_classes(project_dir: Path) -> dict[str, tuple[int, int, int]]:
+    """Class name -> (r, g, b) from classifiers/classes.json (packed ARGB ints); {} if absent."""
+    path = project_dir / "classifiers" / "classes.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ProjectError(f"{path}: unreadable class list ({e}); re-save the project in QuPath") from e
+    out: dict[str, tuple[int, int, int]] = {}
+    for c in data.get("pathClasses", []):
+        if isinstance(c, dict) and c.get("name"):
+            out[str(c["name"])] = argb_to_rgb(int(c.get("color", 0)))
+    return out
+
+
+def results_dir(project: QuPathProject, entry: ProjectEntry) -> Path:
+    """Where pathapp's results for an entry go: <project dir>/pathapp/<entryID>/."""
+    return project.dir / "pathapp" / str(entry.entry_id)
+
+
+def _entry(raw: dict, index: int, qpproj: Path, old_uri: str | None, finder: _FileFinder) -> ProjectEntry:
+    entry_id = raw.get("entryID", index + 1)
+    name = raw.get("imageName") or f"entry {entry_id}"
+    chain = _builder_chain(raw.get("serverBuilder") or {})
+    base = chain[-1] if chain else {}
+    meta = next((b["metadata"] for b in chain if isinstance(b.get("metadata"), dict)), {})
+    entry = ProjectEntry(
+        entry_id=entry_id,
+        name=name,
+        uri=base.get("uri"),
+        image_path=None,
+        mpp=_mpp(meta),
+        width=meta.get("width"),
+        height=meta.get("height"),
+        provider=base.get("providerClassName"),
+        args=[str(a) for a in base.get("args", [])],
+    )
+    where = f"{qpproj}: entry {entry_id} ({name})"
+    if not entry.uri:
+        kinds = " > ".join(str(b.get("builderType")) for b in chain) or "none"
+        entry.error = f"{where}: its image server ({kinds}) has no single image file; pathapp cannot open it"
+        return entry
+    stored = _uri_to_path(entry.uri)
+    if stored is None:
+        entry.error = f"{where}: image {entry.uri} is not a local file; copy it locally and relink it in QuPath"
+        return entry
+    candidates = [stored]
+    rebased = _rebase(stored, old_uri, qpproj.parent)
+    if rebased is not None:
+        candidates.append(rebased)
+    found = next((Path(c) for c in candidates if Path(c).is_file()), None) or finder.find(stored.name)
+    if found is None:
+        tried = " or ".join(str(c) for c in candidates)
+        entry.error = (
+            f"{where}: image not found at {tried}, nor under {qpproj.parent}; move the image there "
+            "or relink it in QuPath (File › Project › Check project URIs)"
+        )
+        return entry
+    is_dicom = found.suffix.lower() in DICOM_SUFFIXES or "dicom" in (entry.provider or "").lower()
+    entry.image_path = found.parent if is_dicom else found
+    return entry
+
+
+def _builder_chain(builder: dict) -> list[dict]:
+    """Outermost to innermost server builder; wrappers (rotated, cropped, ...) nest it under `builder`."""
+    chain = []
+    node: Any = builder
+    while isinstance(node, dict) and node:
+        chain.append(node)
+        node = node.get("builder")
+    return chain
+
+
+def _mpp(meta: dict) -> float | None:
+    cal = meta.get("pixelCalibration") or {}
+    width = cal.get("pixelWidth") or {}
+    value, unit = width.get("value"), str(width.get("unit", "µm"))
+    if not isinstance(value, (int, float)) or value <= 0 or unit not in ("µm", "um", "μm", "micron", "microns"):
+        return None
+    return float(value)
+
+
+def _uri_to_path(uri: str) -> PurePath | None:
+    """A file: URI as a path, Windows ones (file:/C:/...) as PureWindowsPath; None if not a file."""
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("file", ""):
+        return None
+    path = unquote(parsed.path)
+    if parsed.netloc and parsed.netloc != "localhost":  # UNC share: file://server/share/x
+        return PureWindowsPath(f"//{parsed.netloc}{path}")
+    if len(path) >= 3 and path[0] == "/" and path[2] == ":":
+        return PureWindowsPath(path[1:])
+    return PurePosixPath(path)
+
+
+def _rebase(image: PurePath, old_project_uri: str | None, new_dir: Path) -> Path | None:
+    """The image's path relative to the project's old folder, applied to its new folder (as QuPath)."""
+    old = _uri_to_path(old_project_uri) if old_project_uri else None
+    if old is None or type(old) is not type(image):
+        return None
+    old_parts, img_parts = old.parent.parts, image.parts
+    common = 0
+    while common < min(len(old_parts), len(img_parts)) and _same(old_parts[common], img_parts[common], image):
+        common += 1
+    if common < 2:  # only the root or drive in common: nothing to re-base on
+        return None
+    relative = [".."] * (len(old_parts) - common) + list(img_parts[common:])
+    return Path(os.path.normpath(new_dir.joinpath(*relative)))
+
+
+def _same(a: str, b: str, kind: PurePath) -> bool:
+    return a.lower() == b.lower() if isinstance(kind, PureWindowsPath) else a == b
+
+
+class _FileFinder:
+    """Finds an image by file name under the project folder (QuPath's last resort), indexing once."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._index: dict[str, Path] | None = None
+
+    def find(self, name: str) -> Path | None:
+        if self._index is None:
+            self._index = {}
+            seen: set[str] = set()  # linked folders are followed, once each (no cycles)
+            for folder, dirs, files in os.walk(self.root, followlinks=True):
+                real = os.path.realpath(folder)
+                if real in seen:
+                    dirs[:] = []
+                    continue
+                seen.add(real)
+                top = Path(folder) == self.root
+                dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not (top and d in _SKIP_DIRS))
+                for f in files:
+                    self._index.setdefault(f, Path(folder) / f)
+        return self._index.get(name)

@@ -1,0 +1,265 @@
+"""Where pretraining pixels come from: tiles sampled online from slides (no tile dump on disk) or
+images from a tile folder, turned into multi-crop views and iBOT masks.
+
+Sample i is a pure function of (seed, i): its slide, µm/px, position, augmentations and masks all come
+from `np.random.default_rng([seed, i])`. That makes resume exact, keeps DataLoader workers
+independent, and shards across ranks by index (rank r of R takes micro-batches r, r+R, ...)."""
+
+from __future__ import annotations
+
+import math
+import pickle
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+
+from pathapp.errors import PathappError
+from pathapp.ssl.augment import MultiCrop
+from pathapp.ssl.masking import BlockMasking
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
+
+
+def _warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr)
+
+
+@dataclass
+class _SlideEntry:
+    slide: object  # pathapp.slide.Slide (pickles as path + backend + mpp, reopens in workers)
+    centres: list[np.ndarray]  # per µm/px: (M, 2) level-0 x, y of candidate tile centres
+    cell: float  # level-0 px per tissue-mask pixel (positions are jittered within a cell)
+
+
+def _candidate_centres(mask: np.ndarray, cell: float, footprint: float, min_tissue: float) -> np.ndarray:
+    """Centres (level-0 x, y) of mask pixels around which a tile of `footprint` level-0 px is mostly
+    tissue in the low-res mask (all tissue pixels when none is), so few sampled tiles are rejected."""
+    from scipy import ndimage as ndi
+
+    size = max(1, int(round(footprint / cell)))
+    frac = ndi.uniform_filter(mask.astype(np.float32), size=size, mode="constant")
+    good = mask & (frac > min_tissue)
+    ys, xs = np.nonzero(good if good.any() else mask)
+    return np.column_stack(((xs + 0.5) * cell, (ys + 0.5) * cell)).astype(np.float64)
+
+
+class SlideTileSource:
+    """Tissue tiles read on the fly: a slide chosen uniformly (balanced over slides, whatever their
+    size), a µm/px from `mpps`, a random point of the slide's tissue mask; the tile is kept when its
+    HSV tissue fraction exceeds `min_tissue`, else another point is tried (the best of `max_tries`
+    is used, so sampling never stalls)."""
+
+    def __init__(self, slides: list, mpps: list[float], tile_size: int, min_tissue: float = 0.6,
+                 max_tries: int = 10) -> None:
+        from pathapp.tiles import tissue as tissue_mod
+
+        self.mpps = [float(m) for m in mpps]
+        self.tile_size = tile_size
+        self.min_tissue = min_tissue
+        self.max_tries = max_tries
+        self.entries: list[_SlideEntry] = []
+        for slide in slides:
+            footprint = tile_size * max(self.mpps) / slide.require_mpp()
+            if footprint > min(slide.size):
+                _warn(f"{slide.path}: smaller than one {tile_size}px tile at {max(self.mpps)} µm/px; skipped")
+                continue
+            tm = tissue_mod.detect_tissue(slide)
+            if not tm.mask.any():
+                _warn(f"{slide.path}: no tissue detected; skipped")
+                continue
+            centres = [_candidate_centres(tm.mask, tm.scale, tile_size * m / slide.mpp, min_tissue) for m in self.mpps]
+            self.entries.append(_SlideEntry(slide, centres, float(tm.scale)))
+        if not self.entries:
+            raise PathappError("no usable slide: each was too small for a tile or had no tissue; "
+                               "check the slides or lower --mpp / tile_size")
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def reopen(self) -> None:
+        """Fresh file handles (call in each DataLoader worker: handles must not be shared after fork)."""
+        for e in self.entries:
+            e.slide = pickle.loads(pickle.dumps(e.slide))
+
+    def read(self, entry: _SlideEntry, cx: float, cy: float, mpp: float) -> np.ndarray:
+        """The tile_size² tile at `mpp` centred on level-0 (cx, cy)."""
+        slide = entry.slide
+        footprint = self.tile_size * mpp / slide.mpp
+        level = slide.best_level_for_downsample(footprint / self.tile_size)
+        ds = slide.levels[level].downsample
+        read_px = max(1, int(math.ceil(footprint / ds)))
+        x0 = int(round(cx - footprint / 2))
+        y0 = int(round(cy - footprint / 2))
+        rgb = slide.read(x0, y0, read_px, read_px, level)
+        if read_px != self.tile_size:
+            rgb = np.asarray(Image.fromarray(rgb).resize((self.tile_size, self.tile_size), Image.BILINEAR))
+        return rgb
+
+    def sample(self, rng: np.random.Generator) -> np.ndarray:
+        from pathapp.tiles.tissue import tissue_fraction_rgb
+
+        entry = self.entries[int(rng.integers(len(self.entries)))]
+        k = int(rng.integers(len(self.mpps)))
+        centres = entry.centres[k]
+        best, best_frac = None, -1.0
+        for _ in range(self.max_tries):
+            cx, cy = centres[int(rng.integers(len(centres)))] + rng.uniform(-0.5, 0.5, 2) * entry.cell
+            rgb = self.read(entry, cx, cy, self.mpps[k])
+            frac = tissue_fraction_rgb(rgb, focus=False)  # the HSV check of DINOv2 pathology recipes
+            if frac > self.min_tissue:
+                return rgb
+            if frac > best_frac:
+                best, best_frac = rgb, frac
+        return best
+
+
+class TileFolderSource:
+    """Images under a folder (recursively), each chosen uniformly; larger ones are randomly cropped
+    to `tile_size`. For pre-extracted tiles; no labels are read."""
+
+    def __init__(self, folder: str | Path, tile_size: int) -> None:
+        folder = Path(folder)
+        self.files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not self.files:
+            raise PathappError(f"{folder}: no image tiles found ({', '.join(sorted(IMAGE_SUFFIXES))}); "
+                               f"give a folder of tiles or use --slides")
+        self.tile_size = tile_size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def reopen(self) -> None:
+        """Nothing to reopen: files are opened per sample."""
+
+    def sample(self, rng: np.random.Generator) -> np.ndarray:
+        from pathapp.tiles.tissue import to_rgb
+
+        path = self.files[int(rng.integers(len(self.files)))]
+        try:
+            with Image.open(path) as im:
+                rgb = to_rgb(np.asarray(im.convert("RGBA") if im.mode in ("RGBA", "LA", "P") else im.convert("RGB")))
+        except OSError as e:
+            raise PathappError(f"{path}: unreadable image ({e}); remove it from the tile folder") from e
+        h, w = rgb.shape[:2]
+        t = self.tile_size
+        if h > t and w > t:
+            y, x = int(rng.integers(0, h - t + 1)), int(rng.integers(0, w - t + 1))
+            rgb = rgb[y:y + t, x:x + t]
+        return np.ascontiguousarray(rgb)
+
+
+class SSLDataset(Dataset):
+    """Item i → (global views, local views, one flat iBOT mask per global view)."""
+
+    def __init__(self, source: SlideTileSource | TileFolderSource, cfg, patch_size: int) -> None:
+        self.source = source
+        self.cfg = cfg
+        self.multicrop = MultiCrop(cfg)
+        g = cfg.global_crop_size // patch_size
+        self.masking = BlockMasking((g, g), max_num_patches=int(0.5 * g * g))
+
+    def __len__(self) -> int:
+        return 2**62  # online sampling: indices never run out; the sampler decides the order
+
+    def __getitem__(self, i: int) -> tuple[list[torch.Tensor], list[torch.Tensor], list[np.ndarray]]:
+        rng = np.random.default_rng([self.cfg.seed, int(i)])
+        img = self.source.sample(rng)
+        glob, loc = self.multicrop(img, rng)
+        masks = [self.masking.sample(self.cfg.mask_sample_probability, self.cfg.mask_ratio, rng).ravel()
+                 for _ in glob]
+        return glob, loc, masks
+
+
+def collate(batch: list) -> dict[str, torch.Tensor]:
+    """View-major batches: global (2B, 3, G, G), local (n_local·B, 3, L, L), masks (2B, N) bool."""
+    n_glob, n_loc = len(batch[0][0]), len(batch[0][1])
+    out = {
+        "global": torch.stack([b[0][v] for v in range(n_glob) for b in batch]),
+        "masks": torch.from_numpy(np.stack([b[2][v] for v in range(n_glob) for b in batch])),
+    }
+    out["local"] = torch.stack([b[1][v] for v in range(n_loc) for b in batch]) if n_loc else torch.empty(0)
+    return out
+
+
+class MicroBatchSampler(Sampler[int]):
+    """Endless sample indices for one rank, from global micro-batch `start`: micro-batch k of this
+    rank holds indices ((k·world + rank)·B + j) for j < B."""
+
+    def __init__(self, start: int, batch_size: int, rank: int = 0, world_size: int = 1) -> None:
+        self.start, self.batch_size, self.rank, self.world_size = start, batch_size, rank, world_size
+
+    def __iter__(self):
+        k = self.start
+        while True:
+            base = (k * self.world_size + self.rank) * self.batch_size
+            yield from range(base, base + self.batch_size)
+            k += 1
+
+    def __len__(self) -> int:
+        return 2**62
+
+
+def _worker_init(worker_id: int) -> None:
+    info = torch.utils.data.get_worker_info()
+    info.dataset.source.reopen()
+
+
+def make_loader(dataset: SSLDataset, start_microbatch: int, batch_size: int, rank: int, world_size: int,
+                num_workers: int) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size,
+        sampler=MicroBatchSampler(start_microbatch, batch_size, rank, world_size),
+        num_workers=num_workers, collate_fn=collate, worker_init_fn=_worker_init if num_workers else None,
+        persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
+        # its own generator: creating the loader must not draw from the global RNG (exact resume)
+        generator=torch.Generator().manual_seed(rank),
+    )
+
+
+def open_sources(slides: str | Path | None = None, tiles: str | Path | None = None, *, mpps: list[float],
+                 tile_size: int, min_tissue: float, slide_mpp: float | None = None) -> SlideTileSource | TileFolderSource:
+    """A tile source from `--slides` (a folder, one slide, or a QuPath .qpproj) or `--tiles` (a folder).
+    Slides without µm/px (and no --slide-mpp) or that fail to open are skipped with a warning."""
+    if (slides is None) == (tiles is None):
+        raise PathappError("give exactly one of --slides (folder, slide or project.qpproj) or --tiles (folder)")
+    if tiles is not None:
+        if not Path(tiles).is_dir():
+            raise PathappError(f"{tiles}: not a folder; --tiles needs a folder of image tiles")
+        return TileFolderSource(tiles, tile_size)
+    from pathapp.errors import MissingMppError, SlideOpenError
+    from pathapp.slide import find_slides, open_slide
+
+    src = Path(slides)
+    if not src.exists():
+        raise PathappError(f"{src}: no such file or folder; --slides takes a folder of slides, a slide, or a .qpproj")
+    if src.suffix == ".qpproj":
+        from pathapp.qupath.project import read_project
+
+        paths = []
+        for e in read_project(src).entries:
+            if e.image_path is None or not Path(e.image_path).exists():
+                _warn(f"{src}: image {e.name!r} not found ({e.error or e.uri}); skipped")
+            else:
+                paths.append(Path(e.image_path))
+    elif src.is_dir():
+        paths = find_slides(src)
+    else:
+        paths = [src]
+    opened = []
+    for p in paths:
+        try:
+            s = open_slide(p, mpp=slide_mpp)
+            s.require_mpp()
+            opened.append(s)
+        except MissingMppError:
+            _warn(f"{p}: no µm/px in the file; skipped (pass --slide-mpp to use it)")
+        except SlideOpenError as e:
+            _warn(f"{e}; skipped")
+    if not opened:
+        raise PathappError(f"{src}: no slide with a known µm/px could be opened; pass --slide-mpp or another folder")
+    return SlideTileSource(opened, mpps, tile_size, min_tissue)

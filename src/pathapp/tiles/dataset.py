@@ -1,0 +1,63 @@
+"""Stream the tiles of a grid from a slide, as a torch map-style dataset for DataLoader workers.
+
+torch is imported only when an item is made (the `tiles` package is used by commands that must
+start without torch)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from typing import Any, Callable
+
+import numpy as np
+
+from pathapp.slide import Slide
+from pathapp.tiles.grid import TileGrid
+
+
+def read_tile(slide: Slide, grid: TileGrid, i: int) -> np.ndarray:
+    """Tile i as uint8 (tile_size, tile_size, 3): `read_size` px read at `grid.level`, resized once
+    (bilinear with antialiasing, as Pillow does when shrinking) when the sizes differ."""
+    x, y = (int(v) for v in grid.coords[i])
+    region = slide.read(x, y, grid.read_size, grid.read_size, grid.level)
+    if grid.read_size == grid.tile_size:
+        return np.ascontiguousarray(region)
+    from PIL import Image
+
+    img = Image.fromarray(region).resize((grid.tile_size, grid.tile_size), Image.BILINEAR)
+    return np.asarray(img)
+
+
+class TileDataset:
+    """Item i → (tile, i). Without a transform the tile is a uint8 tensor (3, tile_size, tile_size);
+    with one, it is `transform(PIL.Image)` (torchvision-style transforms take PIL images).
+
+    Holds only the slide (which pickles as path + backend + µm/px override) and the grid's arrays,
+    and reopens the slide in a forked worker, so it is safe with num_workers > 0 (fork or spawn).
+    It is a map-style dataset by protocol (__len__, __getitem__), which DataLoader, Subset and
+    ConcatDataset accept, rather than a torch Dataset subclass: importing it does not import torch."""
+
+    def __init__(self, slide: Slide, grid: TileGrid, transform: Callable | None = None) -> None:
+        self.slide = slide
+        self.grid = grid
+        self.transform = transform
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return len(self.grid)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        import torch
+
+        if not 0 <= i < len(self.grid):
+            raise IndexError(i)
+        if self._pid != os.getpid():  # a forked worker: its inherited file handle is shared state
+            self.slide, self._pid = pickle.loads(pickle.dumps(self.slide)), os.getpid()
+        tile = read_tile(self.slide, self.grid, i)
+        if self.transform is not None:
+            from PIL import Image
+
+            return self.transform(Image.fromarray(tile)), i
+        if not tile.flags.writeable:  # backends may hand out read-only buffers; torch wants to own one
+            tile = tile.copy()
+        return torch.from_numpy(tile).permute(2, 0, 1).contiguous(), i

@@ -1,0 +1,346 @@
+"""What `pathapp train` and `pathapp evaluate` do, as Python functions.
+
+Data: an image-level labels.csv or ImageFolder tree; QuPath GeoJSON class annotations paired with
+their slides; or a slide,label[,patient] CSV for attention-MIL. Every path embeds tiles through the
+bundle's own PathModel (cached), so training, evaluation and `pathapp infer` see the same numbers.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pathapp.errors import PathappError
+from pathapp.train.cache import DEFAULT_CACHE, ImageTiles, SlideTiles, embed_images, embed_slide_grid
+from pathapp.train.labels import MAX_OTHER, MIN_INSIDE, LabelError
+
+TRAIN_METHODS = ("linear", "knn", "prototype", "mlp", "lora", "abmil")
+
+
+class TrainError(PathappError):
+    """Options that do not fit together."""
+
+
+@dataclass
+class LabelledTiles:
+    """Labelled tiles from any source, ready to embed (`tiles[i]` -> uint8 HxWx3) or already embedded."""
+
+    class_names: list[str]
+    labels: np.ndarray
+    groups: np.ndarray
+    tiles: Any
+    source: str  # "images" | "annotations"
+    parts: list[tuple[Any, Any]] = field(default_factory=list)  # (slide, grid) per slide, for annotations
+    paths: list[Path] = field(default_factory=list)  # image files, for images
+
+
+class ConcatTiles:
+    """Several tile sources read as one (item i of the concatenation)."""
+
+    def __init__(self, sources: Sequence[Any]) -> None:
+        self.sources = list(sources)
+        self.offsets = np.cumsum([0] + [len(s) for s in self.sources])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        k = int(np.searchsorted(self.offsets, i, side="right") - 1)
+        return self.sources[k][i - int(self.offsets[k])]
+
+
+def base_bundle(
+    backbone: str | None = None,
+    weights: Path | None = None,
+    model: Path | None = None,
+    mpp: float | None = None,
+    tile_size: int | None = None,
+):
+    """The bundle whose backbone is trained on: an existing bundle (`model`, its head dropped) or a
+    registry backbone with optional weights file."""
+    from pathapp.models.bundle import Bundle, load_bundle
+
+    if (backbone is None) == (model is None):
+        raise TrainError("give exactly one of --backbone NAME (with optional --weights FILE) or --model BUNDLE")
+    if model is not None:
+        b = load_bundle(model)
+        return Bundle(spec=b.spec, backbone_state=b.backbone_state, mpp=mpp or b.mpp, tile_size=tile_size or b.tile_size,
+                      mean=b.mean, std=b.std, recipe=b.recipe, provenance={"base_model": str(model)})
+    from pathapp.models.weights import load_backbone
+
+    net, spec = load_backbone(backbone, weights)
+    return Bundle.from_model(net, spec, mpp=mpp or 0.5, tile_size=tile_size or spec.img_size,
+                             provenance={"weights": str(weights) if weights else "hub"})
+
+
+def is_slide_csv(path: Path) -> bool:
+    """A CSV whose header has a `slide` column (slide-level labels for MIL)."""
+    if not (path.is_file() and path.suffix.lower() == ".csv"):
+        return False
+    with open(path, newline="") as f:
+        return "slide" in (next(csv.reader(f), []) or [])
+
+
+def load_labelled(
+    data: Sequence[Path],
+    bundle,
+    slides: Sequence[Path] = (),
+    group_by: str | None = None,
+    slide_mpp: float | None = None,
+    min_inside: float = MIN_INSIDE,
+    max_other: float = MAX_OTHER,
+    class_names: Sequence[str] | None = None,
+) -> LabelledTiles:
+    """Labelled tiles from image data (one path) or GeoJSON annotations (one per slide, in order)."""
+    from pathapp.train.labels import read_image_data
+
+    data = [Path(d) for d in data]
+    if not data:
+        raise TrainError("--data is required")
+    if all(d.suffix.lower() in (".geojson", ".json") for d in data):
+        return _annotated_tiles(data, [Path(s) for s in slides], bundle, slide_mpp, min_inside, max_other, class_names)
+    if len(data) != 1 or slides:
+        raise TrainError("give one --data image folder or labels.csv, or one GeoJSON per --slides slide")
+    s = read_image_data(data[0], group_by)
+    names = _align_classes(s.class_names, class_names, data[0])
+    labels = np.asarray([names.index(s.class_names[c]) for c in s.labels])
+    return LabelledTiles(names, labels, s.groups, ImageTiles(s.paths, bundle.tile_size), "images", paths=s.paths)
+
+
+def _align_classes(found: Sequence[str], expected: Sequence[str] | None, where: Path) -> list[str]:
+    """The class order to use: the model's (when evaluating) or the data's own."""
+    if expected is None:
+        return list(found)
+    extra = sorted(set(found) - set(expected))
+    if extra:
+        raise LabelError(f"{where}: classes {extra} are not among the model's classes {list(expected)}")
+    return list(expected)
+
+
+def _annotated_tiles(geojsons, slides, bundle, slide_mpp, min_inside, max_other, class_names) -> LabelledTiles:
+    import shapely
+
+    from pathapp.qupath.geojson import read_objects
+    from pathapp.slide import open_slide
+    from pathapp.tiles import TileGrid, make_grid, tile_polygons
+    from pathapp.train.labels import assign_tile_labels, class_regions
+
+    if len(slides) != len(geojsons):
+        raise TrainError(f"{len(geojsons)} annotation files but {len(slides)} --slides; pair each GeoJSON with its slide")
+    regions = [class_regions(read_objects(g)) for g in geojsons]
+    found = sorted({name for r in regions for name in r})
+    if class_names is None and len(found) < 2:
+        raise LabelError(f"{geojsons[0]}: need classified annotations of at least two classes (found {found})")
+    names = _align_classes(found, class_names, geojsons[0])
+    labels, groups, parts = [], [], []
+    for path, reg in zip(slides, regions):
+        slide = open_slide(path, mpp=slide_mpp)
+        rois = shapely.union_all(list(reg.values())) if reg else None
+        if rois is None:
+            continue
+        grid = make_grid(slide, bundle.mpp, bundle.tile_size, rois=rois)
+        lab = assign_tile_labels(tile_polygons(grid), reg, names, min_inside, max_other)
+        keep = lab >= 0
+        sub = TileGrid(grid.coords[keep], grid.footprint, grid.level, grid.read_size, grid.tile_size, grid.mpp,
+                       grid.slide_mpp, grid.slide_size, grid.tissue_fraction[keep])
+        parts.append((slide, sub))
+        labels.append(lab[keep])
+        groups += [slide.name] * int(keep.sum())
+    y = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+    if len(np.unique(y)) < 2:
+        raise LabelError(f"{geojsons[0]}: fewer than two classes have tiles inside their regions at "
+                         f"{bundle.mpp} µm/px, {bundle.tile_size} px; draw larger regions or lower --tile-size")
+    tiles = ConcatTiles([SlideTiles(s, g) for s, g in parts])
+    return LabelledTiles(names, y, np.asarray(groups), tiles, "annotations", parts=parts)
+
+
+def embed_labelled(lt: LabelledTiles, bundle, cache: Path | None = DEFAULT_CACHE, device: str = "auto",
+                   batch_size: int = 32, progress: bool = True) -> np.ndarray:
+    """(N, D) embeddings of the labelled tiles, through the embedding cache."""
+    if lt.source == "images":
+        return embed_images(bundle, lt.paths, cache, batch_size, device, progress=progress)
+    from pathapp.train.cache import resolve_device
+
+    model = bundle.build(resolve_device(device))
+    return np.concatenate([embed_slide_grid(bundle, s, g, cache, batch_size, device, model, progress) for s, g in lt.parts])
+
+
+def slide_bags(csv_path: Path, bundle, group_by: str | None = None, slide_mpp: float | None = None,
+               cache: Path | None = DEFAULT_CACHE, device: str = "auto", batch_size: int = 32, progress: bool = True):
+    """(SlideLabels, bags): every tissue tile of each listed slide, embedded (cached)."""
+    from pathapp.slide import open_slide
+    from pathapp.tiles import make_grid
+    from pathapp.train.cache import resolve_device
+    from pathapp.train.labels import read_slide_csv
+
+    sl = read_slide_csv(csv_path, group_by)
+    model = bundle.build(resolve_device(device))
+    bags = []
+    for p in sl.slides:
+        slide = open_slide(p, mpp=slide_mpp)
+        grid = make_grid(slide, bundle.mpp, bundle.tile_size)
+        if not len(grid):
+            raise LabelError(f"{p}: no tissue tiles at {bundle.mpp} µm/px; check the slide or its --slide-mpp")
+        bags.append(embed_slide_grid(bundle, slide, grid, cache, batch_size, device, model, progress))
+    return sl, bags
+
+
+def _with_head(bundle, head, class_names: Sequence[str], training: dict):
+    """The base bundle plus a trained head and its classes."""
+    import dataclasses
+
+    import torch
+
+    return dataclasses.replace(
+        bundle,
+        head_kind=head.kind,
+        head_config=dict(head.config),
+        head_tensors={k: torch.as_tensor(v) for k, v in head.build().state_dict().items()},
+        class_names=list(class_names),
+        class_colors=[],
+        provenance={**bundle.provenance, "training": training},
+    )
+
+
+def train_model(
+    data: Sequence[Path],
+    out: Path,
+    method: str,
+    *,
+    backbone: str | None = None,
+    weights: Path | None = None,
+    model: Path | None = None,
+    slides: Sequence[Path] = (),
+    group_by: str | None = None,
+    mpp: float | None = None,
+    tile_size: int | None = None,
+    slide_mpp: float | None = None,
+    cache: Path | None = DEFAULT_CACHE,
+    device: str = "auto",
+    batch_size: int = 32,
+    lora=None,
+    checkpoint_dir: Path | None = None,
+    resume: bool = False,
+    options: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> tuple[Path, dict]:
+    """Train a head (or LoRA + head, or ABMIL) and write the bundle to `out`. Returns (path, info)."""
+    from pathapp.models.bundle import save_bundle
+    from pathapp.train.fit import fit_head
+
+    if method not in TRAIN_METHODS:
+        raise TrainError(f"--method must be one of {', '.join(TRAIN_METHODS)}, not {method!r}")
+    base = base_bundle(backbone, weights, model, mpp, tile_size)
+    options = options or {}
+    if method == "abmil":
+        if len(data) != 1 or not is_slide_csv(Path(data[0])):
+            raise TrainError("--method abmil needs --data slides.csv with columns slide,label[,patient]")
+        from pathapp.train.mil import fit_abmil
+
+        sl, bags = slide_bags(Path(data[0]), base, group_by, slide_mpp, cache, device, batch_size, progress)
+        head = fit_abmil(bags, sl.labels, len(sl.class_names), sl.groups, **options)
+        bundle = _with_head(base, head, sl.class_names, {k: v for k, v in head.info.items() if k != "history"})
+        info = {"n_slides": len(bags), "classes": sl.class_names, **head.info}
+    else:
+        lt = load_labelled(data, base, slides, group_by, slide_mpp)
+        info = {"n_tiles": int(len(lt.labels)), "n_groups": int(len(np.unique(lt.groups))), "classes": lt.class_names,
+                "support": np.bincount(lt.labels, minlength=len(lt.class_names)).tolist()}
+        if method == "lora":
+            from pathapp.train.finetune import finetune_lora
+
+            bundle, hist = finetune_lora(base, lt.tiles, lt.labels, lt.groups, lt.class_names, lora,
+                                         checkpoint_dir, resume, device, progress)
+            info.update(hist)
+        else:
+            X = embed_labelled(lt, base, cache, device, batch_size, progress)
+            head = fit_head(method, X, lt.labels, lt.groups, len(lt.class_names), **options)
+            bundle = _with_head(base, head, lt.class_names, head.info)
+            info.update(head.info)
+    return save_bundle(bundle, out), info
+
+
+def evaluate_model(
+    data: Sequence[Path],
+    model: Path,
+    out_dir: Path,
+    *,
+    folds: int | None = None,
+    method: str | None = None,
+    fewshot: bool = False,
+    slides: Sequence[Path] = (),
+    group_by: str | None = None,
+    slide_mpp: float | None = None,
+    cache: Path | None = DEFAULT_CACHE,
+    device: str = "auto",
+    batch_size: int = 32,
+    n_boot: int = 1000,
+    seed: int = 0,
+    progress: bool = True,
+) -> Path:
+    """Evaluate a bundle on labelled data and write report.json + confusion.png + roc.png to out_dir.
+
+    Without `folds`: the bundle's own head predicts every item (use data it was not trained on).
+    With `folds`: grouped k-fold cross-validation re-fits the head (`method`, default the bundle's
+    head kind) on the bundle's embeddings; `fewshot` adds the label-efficiency curve."""
+    from pathapp.models.bundle import load_bundle
+    from pathapp.train.evaluate import EvalResult, bootstrap_ci, cross_validate, fewshot_curve, point_metrics, write_report
+    from pathapp.train.fit import METHODS, head_fitter
+
+    bundle = load_bundle(model)
+    is_mil = len(data) == 1 and is_slide_csv(Path(data[0]))
+    if not folds and bundle.has_head and (bundle.head_kind == "abmil") != is_mil:
+        raise TrainError(f"{model}: a {bundle.head_kind} head needs "
+                         + ("a slide,label CSV as --data" if bundle.head_kind == "abmil" else "tile-level --data"))
+    expected = bundle.class_names if bundle.has_head and not folds else None
+    if is_mil:
+        sl, bags = slide_bags(Path(data[0]), bundle, group_by, slide_mpp, cache, device, batch_size, progress)
+        names = _align_classes(sl.class_names, expected, Path(data[0]))
+        y = np.asarray([names.index(sl.class_names[c]) for c in sl.labels])
+        X = np.empty(len(bags), dtype=object)
+        X[:] = bags
+        groups = sl.groups
+    else:
+        lt = load_labelled(data, bundle, slides, group_by, slide_mpp, class_names=expected)
+        names, y, groups = lt.class_names, lt.labels, lt.groups
+        X = embed_labelled(lt, bundle, cache, device, batch_size, progress)
+    extra: dict[str, Any] = {"model": str(model), "data": [str(d) for d in data], "group_by": group_by}
+    n = len(names)
+    if folds:
+        method = method or bundle.head_kind or "linear"
+        if is_mil or method == "abmil":
+            from pathapp.train.mil import abmil_fitter
+
+            fit = abmil_fitter(n)
+        elif method in METHODS:
+            fit = head_fitter(method, n)
+        else:
+            raise TrainError(f"--method for cross-validation must be one of {', '.join(METHODS + ('abmil',))}")
+        result = cross_validate(X, y, groups, n, fit, folds, seed, n_boot)
+        extra.update({"mode": f"{folds}-fold cross-validation grouped by {group_by or 'group'}", "method": method})
+        if fewshot and not is_mil:
+            extra["fewshot"] = fewshot_curve(X, y, groups, n, fit, n_folds=folds, seed=seed)
+    else:
+        if not bundle.has_head:
+            raise TrainError(f"{model}: the bundle has no head; pass --folds K to cross-validate a --method on its embeddings")
+        probs = _bundle_probs(bundle, X, is_mil)
+        metrics = point_metrics(y, probs, n)
+        metrics["ci95"] = bootstrap_ci(y, probs, n, groups, n_boot=n_boot, seed=seed)
+        result = EvalResult(y, probs, groups, np.zeros(len(y), int), metrics, [])
+        extra["mode"] = "held-out evaluation of the bundle's head"
+    return write_report(result, names, Path(out_dir), extra)
+
+
+def _bundle_probs(bundle, X: np.ndarray, is_mil: bool) -> np.ndarray:
+    """The bundle's head applied as inference applies it (tile head per row, slide head per bag)."""
+    import torch
+
+    head = bundle.build_head()
+    with torch.no_grad():
+        if is_mil:
+            return np.stack([head(torch.as_tensor(b, dtype=torch.float32))[0].double().numpy() for b in X])
+        return head(torch.as_tensor(X, dtype=torch.float32)).double().numpy()

@@ -1,0 +1,239 @@
+"""Embedding cache: each tile set is embedded once per model and reused by every head and fold.
+
+One HDF5 file per model fingerprint (a hash of the backbone weights and the preprocessing), one
+dataset per item key (an image file's path, size and mtime; a slide's path, µm/px, tile size and
+tile coordinates), so changing the model, the pixels or the tiling never returns stale vectors.
+Inference's embeddings.h5 is reused when it was written for the same model and tiling.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from pathapp.errors import PathappError
+
+if TYPE_CHECKING:
+    from pathapp.models.bundle import Bundle, PathModel
+
+DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pathapp" / "embeddings"
+
+
+class CacheError(PathappError):
+    """An embedding file that does not fit the model or tiling asked for."""
+
+
+def model_fingerprint(bundle: Bundle) -> str:
+    """sha256 over the backbone tensors and everything that changes what an embedding means."""
+    import torch
+
+    h = hashlib.sha256()
+    for k in sorted(bundle.backbone_state):
+        t = bundle.backbone_state[k].detach().cpu().contiguous()
+        h.update(k.encode())
+        h.update(t.view(-1).view(dtype=torch.uint8).numpy().tobytes())
+    h.update(repr((bundle.recipe, tuple(bundle.mean), tuple(bundle.std), bundle.tile_size)).encode())
+    return h.hexdigest()
+
+
+def _file_key(path: Path) -> str:
+    st = Path(path).stat()
+    return hashlib.sha1(f"{Path(path).resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+
+
+class EmbeddingCache:
+    """Embeddings of one model keyed by item; `root=None` keeps nothing on disk."""
+
+    def __init__(self, root: Path | None, fingerprint: str) -> None:
+        self.path = None if root is None else Path(root) / f"{fingerprint[:24]}.h5"
+        self.fingerprint = fingerprint
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
+        import h5py
+
+        if self.path is None or not self.path.exists():
+            return {}
+        with h5py.File(self.path, "r") as f:
+            return {k: f[k][()] for k in keys if k in f}
+
+    def put_many(self, items: dict[str, np.ndarray]) -> None:
+        import h5py
+
+        if self.path is None or not items:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with h5py.File(self.path, "a") as f:
+            f.attrs["model_fingerprint"] = self.fingerprint
+            for k, v in items.items():
+                if k in f:
+                    del f[k]
+                f.create_dataset(k, data=np.asarray(v, np.float32))
+
+
+def resolve_device(device: str = "auto") -> str:
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+def load_tile_image(path: Path, size: int) -> np.ndarray:
+    """An image file as one model-input tile: centre square crop, resized to size x size, RGB uint8.
+
+    Training, evaluation and prediction on image folders all read tiles through this function."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            s = min(w, h)
+            im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+            if s != size:
+                im = im.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
+            return np.asarray(im, dtype=np.uint8)
+    except OSError as e:
+        raise PathappError(f"{path}: cannot read this image ({e}); remove it or convert it to PNG") from None
+
+
+class ImageTiles:
+    """Image files as model-input tiles (item i -> uint8 (size, size, 3)); one cache key per file."""
+
+    def __init__(self, paths: Sequence[Path], size: int) -> None:
+        self.paths = list(paths)
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return load_tile_image(self.paths[i], self.size)
+
+
+class SlideTiles:
+    """The tiles of a grid on a slide (item i -> uint8 (tile_size, tile_size, 3))."""
+
+    def __init__(self, slide, grid) -> None:
+        self.slide = slide
+        self.grid = grid
+
+    def __len__(self) -> int:
+        return len(self.grid)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        from pathapp.tiles import read_tile
+
+        return read_tile(self.slide, self.grid, i)
+
+
+def embed_arrays(model: PathModel, tiles: np.ndarray, device: str = "cpu") -> np.ndarray:
+    """Embeddings of uint8 tiles (B, H, W, 3) through the bundle model."""
+    import torch
+
+    with torch.inference_mode():
+        x = torch.from_numpy(np.ascontiguousarray(tiles)).permute(0, 3, 1, 2).to(device)
+        return model.embed(x).float().cpu().numpy()
+
+
+def embed_tiles(
+    model: PathModel, tiles, indices: Sequence[int], batch_size: int = 32, device: str = "cpu", progress: bool = True
+):
+    """Yield (indices, embeddings) batch by batch over `tiles[i] for i in indices`, with a tiles/s bar."""
+    from tqdm import tqdm
+
+    with tqdm(total=len(indices), unit="tile", desc="embedding", disable=not progress, leave=False) as bar:
+        for s in range(0, len(indices), batch_size):
+            idx = list(indices[s : s + batch_size])
+            yield idx, embed_arrays(model, np.stack([tiles[i] for i in idx]), device)
+            bar.update(len(idx))
+
+
+def embed_images(
+    bundle: Bundle,
+    paths: Sequence[Path],
+    cache_root: Path | None = DEFAULT_CACHE,
+    batch_size: int = 32,
+    device: str = "auto",
+    model: PathModel | None = None,
+    progress: bool = True,
+) -> np.ndarray:
+    """(N, D) embeddings of image tiles, computing only those not yet in the cache."""
+    device = resolve_device(device)
+    cache = EmbeddingCache(cache_root, model_fingerprint(bundle))
+    keys = [_file_key(p) for p in paths]
+    have = cache.get_many(keys)
+    todo = [i for i, k in enumerate(keys) if k not in have]
+    if todo:
+        model = model or bundle.build(device)
+        for idx, feats in embed_tiles(model, ImageTiles(paths, bundle.tile_size), todo, batch_size, device, progress):
+            new = {keys[i]: f for i, f in zip(idx, feats)}
+            cache.put_many(new)
+            have.update(new)
+    return np.stack([have[k] for k in keys]).astype(np.float32)
+
+
+def embed_slide_grid(
+    bundle: Bundle,
+    slide,
+    grid,
+    cache_root: Path | None = DEFAULT_CACHE,
+    batch_size: int = 32,
+    device: str = "auto",
+    model: PathModel | None = None,
+    progress: bool = True,
+) -> np.ndarray:
+    """(N, D) embeddings of a slide's grid tiles, cached per (slide file, µm/px, tile size, coords)."""
+    device = resolve_device(device)
+    cache = EmbeddingCache(cache_root, model_fingerprint(bundle))
+    key = slide_key(Path(slide.path), grid.mpp, grid.tile_size, grid.coords)
+    hit = cache.get_many([key])
+    if key in hit:
+        return hit[key]
+    model = model or bundle.build(device)
+    feats = np.zeros((len(grid), bundle.embedding_dim), np.float32)
+    for idx, f in embed_tiles(model, SlideTiles(slide, grid), range(len(grid)), batch_size, device, progress):
+        feats[idx] = f
+    cache.put_many({key: feats})
+    return feats
+
+
+def slide_key(slide_path: Path, mpp: float, tile_size: int, coords: np.ndarray) -> str:
+    """Cache key of one slide's tiling: the file, the µm/px, tile size and the exact tile coordinates."""
+    h = hashlib.sha1(f"{_file_key(Path(slide_path))}|{mpp:.6g}|{tile_size}".encode())
+    h.update(np.ascontiguousarray(coords, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+def reuse_inference_embeddings(h5_path: Path, bundle: Bundle, coords: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """features, coords from an inference embeddings.h5 written with this bundle's model and tiling.
+
+    The file must carry the same µm/px, tile size and width; when it records a model fingerprint it
+    must equal this bundle's; when `coords` are given the tiles are matched by coordinate."""
+    from pathapp.results.embeddings import read_embeddings
+
+    feats, file_coords, attrs = read_embeddings(h5_path)
+    problems = []
+    if "mpp" in attrs and abs(float(attrs["mpp"]) - bundle.mpp) > 1e-6:
+        problems.append(f"µm/px {attrs['mpp']} != {bundle.mpp}")
+    if "tile_size" in attrs and int(attrs["tile_size"]) != bundle.tile_size:
+        problems.append(f"tile size {attrs['tile_size']} != {bundle.tile_size}")
+    if feats.shape[1] != bundle.embedding_dim:
+        problems.append(f"width {feats.shape[1]} != {bundle.embedding_dim}")
+    if "model_fingerprint" in attrs and attrs["model_fingerprint"] != model_fingerprint(bundle):
+        problems.append("another model's embeddings")
+    if problems:
+        raise CacheError(f"{h5_path}: cannot reuse these embeddings ({'; '.join(problems)}); rerun inference "
+                         f"with this model or drop --embeddings")
+    if coords is None:
+        return feats.astype(np.float32), file_coords
+    index = {tuple(c): i for i, c in enumerate(np.asarray(file_coords, np.int64).tolist())}
+    missing = [tuple(c) for c in np.asarray(coords, np.int64).tolist() if tuple(c) not in index]
+    if missing:
+        raise CacheError(f"{h5_path}: {len(missing)} labelled tiles (e.g. at {missing[0]}) are not in this file; "
+                         f"rerun inference over the annotated regions")
+    rows = [index[tuple(c)] for c in np.asarray(coords, np.int64).tolist()]
+    return feats[rows].astype(np.float32), np.asarray(coords)

@@ -1,0 +1,107 @@
+// Runs one of groovy/pathapp_*.groovy outside QuPath, with a small stand-in for the QuPath scripting
+// functions it calls (QuPath cannot be installed here). The script's own code runs unchanged: it
+// exports ROIs, starts the real pathapp (or the docker command), reads its GeoJSON and edits the
+// stand-in hierarchy, whose final state is written out for the Python test to check.
+//
+// Usage: groovy run_in_stand_in.groovy SCRIPT CONFIG.json
+// CONFIG: settings {NAME: value} replacing the script's `def NAME = ...` lines; image (path);
+// project_dir (or null); entry_id; hierarchy (GeoJSON features, properties.selected marks selection);
+// state_out (where to write the final hierarchy and the calls made).
+import groovy.json.JsonOutput
+import groovy.json.JsonSlurper
+
+def (scriptPath, configPath) = args
+def config = new JsonSlurper().parse(new File(configPath))
+def text = new File(scriptPath).getText("UTF-8")
+config.settings.each { name, value ->
+    def line = java.util.regex.Pattern.compile("(?m)^def " + name + " = .*\$")
+    assert line.matcher(text).find(): "setting " + name + " not found in " + scriptPath
+    text = line.matcher(text).replaceFirst(java.util.regex.Matcher.quoteReplacement("def " + name + " = " + toGroovy(value)))
+}
+text = text.readLines().findAll { !it.startsWith("import qupath.") }.join("\n")
+
+static String toGroovy(value) {
+    if (value == null) return "null"
+    if (value instanceof String) return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    if (value instanceof List) return "[" + value.collect { toGroovy(it) }.join(", ") + "]"
+    return value.toString()
+}
+
+// --- the stand-in: only what the scripts call
+def stubs = '''
+class StandInObject {
+    String objectType; String className; String name; boolean selected; Map geometry
+    boolean isAnnotation() { objectType == "annotation" }
+    String getName() { name }
+    void setName(String n) { name = n }
+    def getPathClass() { className }
+}
+class GeneralTools { static java.nio.file.Path toPath(URI uri) { java.nio.file.Paths.get(uri) } }
+class PathIO {
+    static List readObjects(File f) {
+        new groovy.json.JsonSlurper().parse(f).features.collect { feat ->
+            new StandInObject(objectType: feat.properties.objectType, className: feat.properties.classification?.name,
+                              name: feat.properties.name, geometry: feat.geometry)
+        }
+    }
+}
+class ColorMaps { static Map getColorMaps() { [Viridis: "Viridis colour map"] } }
+class MeasurementMapper {
+    static List made = []
+    def colorMap; String measurement; Collection objects; double min; double max
+    MeasurementMapper(colorMap, String measurement, Collection objects) {
+        this.colorMap = colorMap; this.measurement = measurement; this.objects = objects; made << this
+    }
+    void setDisplayMinValue(double v) { min = v }
+    void setDisplayMaxValue(double v) { max = v }
+}
+'''
+
+def standInClass = new GroovyShell().evaluate(stubs + "\nreturn StandInObject")
+def hierarchy = config.hierarchy.collect { f ->
+    standInClass.newInstance(
+        objectType: f.properties.objectType ?: "annotation", className: f.properties.classification?.name,
+        name: f.properties.name, selected: f.properties.selected ?: false, geometry: f.geometry)
+}
+def calls = []
+def projectDir = config.project_dir
+def imageUri = new File(config.image).toURI()
+def overlay = [mapper: null]
+def binding = new Binding([
+    getCurrentImageData : { -> [imageData: true] },
+    getCurrentServer    : { -> [getURIs: { -> [imageUri] }] },
+    getProject          : { -> projectDir == null ? null : [getPath: { -> new File(projectDir, "project.qpproj").toPath() }] },
+    getProjectEntry     : { -> projectDir == null ? null : [getID: { -> config.entry_id.toString() }] },
+    PROJECT_BASE_DIR    : "{%PROJECT}",
+    buildFilePath       : { String... parts -> parts.collect { it == "{%PROJECT}" ? projectDir : it }.join(File.separator) },
+    mkdirs              : { String p -> new File(p).mkdirs() },
+    getSelectedObjects  : { -> hierarchy.findAll { it.selected } },
+    getAnnotationObjects: { -> hierarchy.findAll { it.objectType == "annotation" } },
+    getDetectionObjects : { -> hierarchy.findAll { it.objectType != "annotation" } },
+    exportObjectsToGeoJson: { objs, String path, String... options ->
+        calls << "exportObjectsToGeoJson " + options.join(",")
+        def feats = objs.collect { o -> [type: "Feature", id: UUID.randomUUID().toString(), geometry: o.geometry,
+            properties: [objectType: o.objectType] + (o.className ? [classification: [name: o.className, color: [1, 2, 3]]] : [:])] }
+        new File(path).text = JsonOutput.toJson([type: "FeatureCollection", features: feats])
+    },
+    removeObjects       : { objs, boolean keepChildren -> calls << "removeObjects " + objs.size(); hierarchy.removeAll(objs) },
+    addObjects          : { objs -> calls << "addObjects " + objs.size(); hierarchy.addAll(objs) },
+    resolveHierarchy    : { -> calls << "resolveHierarchy" },
+    fireHierarchyUpdate : { -> calls << "fireHierarchyUpdate" },
+    getCurrentViewer    : { -> [getOverlayOptions: { -> [setMeasurementMapper: { m -> overlay.mapper = m }] }] },
+])
+def shell = new GroovyShell(binding)
+def error = null
+try {
+    shell.evaluate(stubs + "\n" + text, new File(scriptPath).getName())
+} catch (RuntimeException e) {
+    error = e.getMessage()
+}
+def mapper = overlay.mapper
+new File(config.state_out).text = JsonOutput.prettyPrint(JsonOutput.toJson([
+    error    : error,
+    calls    : calls,
+    objects  : hierarchy.collect { [objectType: it.objectType, className: it.className, name: it.name] },
+    heatmap  : mapper == null ? null : [measurement: mapper.measurement, n: mapper.objects.size(), min: mapper.min, max: mapper.max,
+                                        colorMap: mapper.colorMap],
+]))

@@ -1,0 +1,255 @@
+"""The inference pipeline and `pathapp infer`, end to end on real slides with tiny random-weight
+DINOv2 ViTs (LayerScale 1, so tiles really get different embeddings) at coarse µm/px."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import shapely
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import data_file
+from qupath_rules import assert_qupath_conformant
+from vit_factory import set_layerscale_one, tiny_bundle
+
+from pathapp.cli import cli
+from pathapp.infer import infer_slide
+from pathapp.models.bundle import load_bundle
+from pathapp.models.registry import create_backbone
+from pathapp.qupath.geojson import QuPathObject, write_objects
+from pathapp.slide import open_slide
+from pathapp.tiles import detect_tissue, make_grid
+
+SVS = "wsi/aperio/CMU-1-Small-Region.svs"
+LUNA = "wsi/aperio/luna-1065626.svs"
+NO_MPP = "wsi/aperio/tcga-cr-7395-01a-01-ts1.svs"
+DICOM = "dicom/cmu-1-small-region-wsi2dcm"
+OUTPUTS = {"tiles.geojson", "annotations.geojson", "overlay.png", "embeddings.h5", "run.json", ".done"}
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def bundle_path(tmp_path_factory) -> Path:
+    return tiny_bundle(tmp_path_factory.mktemp("bundle"), num_classes=3)
+
+
+def run_cli(*args: str) -> tuple[int, str]:
+    """`pathapp ...` in-process (saves a torch import per call); exit code and stderr+stdout."""
+    res = CliRunner().invoke(cli, list(args), standalone_mode=True)
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        raise res.exception
+    return res.exit_code, res.output
+
+
+def check_outputs(folder: Path, classes: list[str]) -> dict:
+    """Every output exists and conforms; returns run.json."""
+    names = {p.name for p in folder.iterdir()}
+    assert OUTPUTS <= names, f"missing {OUTPUTS - names}"
+    assert {f"heatmap-{c.replace(' ', '_')}.png" for c in classes} <= names
+    assert not [n for n in names if ".tmp" in n], names
+    run = json.loads((folder / "run.json").read_text())
+    n = run["counts"]["tiles"]
+    assert n > 0
+    tiles = assert_qupath_conformant(folder / "tiles.geojson")
+    assert len(tiles) == n
+    assert {f["properties"]["classification"]["name"] for f in tiles} <= set(classes)
+    regions = assert_qupath_conformant(folder / "annotations.geojson")
+    assert sum(f["properties"]["measurements"]["Tiles"] for f in regions) == n
+    with h5py.File(folder / "embeddings.h5") as f:
+        assert f["features"].shape[0] == n and f["coords"].shape == (n, 2)
+        assert np.isfinite(f["features"][()]).all()
+    w, h = Image.open(folder / "overlay.png").size
+    sw, sh = run["slide_size"]
+    assert 512 <= max(w, h) <= 2048 and abs(w / h - sw / sh) < 0.02  # the whole slide, viewable
+    return run
+
+
+def test_pipeline_embeddings_equal_direct_forward(shared_data, bundle_path):
+    """Through DataLoader workers and batching, each tile's embedding equals a direct forward of
+    the same pixels, read and preprocessed independently of the pipeline."""
+    bundle = load_bundle(bundle_path)
+    slide = open_slide(data_file(SVS))
+    res = infer_slide(slide, bundle, mpp=2.0, batch_size=5, workers=1, progress=False)
+    grid = make_grid(slide, 2.0, bundle.tile_size, tissue=detect_tissue(slide))
+    np.testing.assert_array_equal(res.coords, grid.coords)
+    assert len(res) >= 20
+
+    backbone = create_backbone(bundle.spec)
+    backbone.load_state_dict(bundle.backbone_state)
+    mean = torch.tensor(bundle.mean).view(1, 3, 1, 1)
+    std = torch.tensor(bundle.std).view(1, 3, 1, 1)
+    tiles = []
+    for x, y in res.coords:
+        region = slide.read(int(x), int(y), grid.read_size, grid.read_size, grid.level)
+        img = Image.fromarray(region).resize((bundle.tile_size,) * 2, Image.BILINEAR)
+        tiles.append(torch.from_numpy(np.array(img)).permute(2, 0, 1))
+    x = (torch.stack(tiles).float() / 255 - mean) / std
+    with torch.no_grad():
+        direct = backbone.forward_features(x)[:, 0].numpy()
+    np.testing.assert_allclose(res.embeddings, direct, rtol=1e-4, atol=1e-4)
+    # Non-degenerate: tiles differ from each other far more than the tolerance above.
+    spread = np.linalg.norm(direct - direct.mean(0), axis=1)
+    assert spread.min() > 0.05 * np.linalg.norm(direct, axis=1).mean()
+    # probabilities are the head applied to those embeddings
+    with torch.no_grad():
+        head_probs = bundle.build_head()(torch.from_numpy(direct)).numpy()
+    np.testing.assert_allclose(res.probs, head_probs, atol=1e-4)
+    assert np.allclose(res.probs.sum(1), 1, atol=1e-5)
+    assert {"tissue", "grid", "model", "data_wait", "compute"} <= set(res.timings)
+
+
+@pytest.mark.parametrize("rel, mpp", [(SVS, "2.0"), (LUNA, "4.0"), (DICOM, "2.0")])
+def test_end_to_end_real_slides(shared_data, bundle_path, tmp_path, rel, mpp):
+    src = data_file(rel)
+    code, out = run_cli("infer", str(src), "--model", str(bundle_path), "--mpp", mpp, "--out",
+                        str(tmp_path), "--workers", "0", "--object-type", "detection")
+    assert code == 0, out
+    (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    run = check_outputs(folder, load_bundle(bundle_path).class_names)
+    assert run["mpp"] == float(mpp) and run["slide_path"] == str(src)
+    with open_slide(src) as s:
+        assert run["slide_size"] == list(s.size) and folder.name == s.name
+    tiles = json.loads((folder / "tiles.geojson").read_text())["features"]
+    assert {f["properties"]["objectType"] for f in tiles} == {"detection"}
+    # rerun: complete slides are skipped, nothing rewritten
+    stamp = (folder / "run.json").stat().st_mtime_ns
+    code, out = run_cli("infer", str(src), "--model", str(bundle_path), "--mpp", mpp, "--out", str(tmp_path),
+                        "--workers", "0")
+    assert code == 0 and "already complete" in out and (folder / "run.json").stat().st_mtime_ns == stamp
+
+
+def test_roi_class_restricts_tiles(shared_data, bundle_path, tmp_path):
+    src = data_file(SVS)
+    roi = tmp_path / "rois.geojson"
+    write_objects(roi, [
+        QuPathObject(shapely.box(0, 0, 1110, 2967), class_name="Tumor", color=(200, 0, 0)),
+        QuPathObject(shapely.box(1110, 0, 2220, 2967), class_name="Other", color=(0, 0, 200)),
+    ])
+    code, out = run_cli("infer", str(src), "--model", str(bundle_path), "--mpp", "2.0", "--out", str(tmp_path / "o"),
+                        "--workers", "0", "--roi", str(roi), "--roi-class", "Tumor")
+    assert code == 0, out
+    with h5py.File(tmp_path / "o" / "CMU-1-Small-Region" / "embeddings.h5") as f:
+        coords, fp = f["coords"][()], f.attrs["footprint"]
+    assert len(coords) > 3 and (coords[:, 0] + fp / 2 < 1110).all()
+
+
+def test_headless_backbone_name_with_weights_file(shared_data, tmp_path):
+    """`--model dinov2_vits14 --weights FILE` (a real-size ViT-S/14, timm safetensors layout)."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = set_layerscale_one(create_backbone("dinov2_vits14"))
+    weights = tmp_path / "vits14.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    code, out = run_cli("infer", str(data_file(SVS)), "--model", "dinov2_vits14", "--weights", str(weights),
+                        "--mpp", "2.0", "--out", str(tmp_path / "o"), "--workers", "0")
+    assert code == 0, out
+    folder = tmp_path / "o" / "CMU-1-Small-Region"
+    names = {p.name for p in folder.iterdir()}
+    assert "pca.png" in names and not any(n.startswith("heatmap-") for n in names)
+    tiles = assert_qupath_conformant(folder / "tiles.geojson")
+    assert tiles and all("classification" not in f["properties"] for f in tiles)
+    assert json.loads((folder / "annotations.geojson").read_text())["features"] == []
+    with h5py.File(folder / "embeddings.h5") as f:
+        assert f["features"].shape == (len(tiles), 384) and f.attrs["model"] == "dinov2_vits14"
+
+
+def write_project(folder: Path, images: list[Path]) -> Path:
+    """A minimal QuPath 0.5 project whose entries point at `images` by absolute file URI."""
+    folder.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for i, img in enumerate(images):
+        builder = {"builderType": "uri", "uri": img.resolve().as_uri() if img.exists() else f"file:{img}",
+                   "providerClassName": "qupath.lib.images.servers.openslide.OpenslideServerBuilder",
+                   "args": [], "metadata": {"width": 2220, "height": 2967,
+                                            "pixelCalibration": {"pixelWidth": {"value": 0.499, "unit": "µm"}}}}
+        entries.append({"serverBuilder": builder, "entryID": i + 1, "randomizedName": f"r{i}",
+                        "imageName": img.name, "metadata": {}})
+    path = folder / "project.qpproj"
+    path.write_text(json.dumps({"version": "0.5.1", "uri": path.as_uri(), "lastID": len(entries), "images": entries}))
+    return path
+
+
+def test_qupath_project_entries_and_missing_image(shared_data, bundle_path, tmp_path):
+    """Entries run into <project>/pathapp/<entryID>/; a missing image fails alone; without QuPath
+    --write-project leaves the GeoJSON there and says how to import it."""
+    qpproj = write_project(tmp_path / "proj", [data_file(SVS), Path("/nowhere/gone.svs")])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("PAQUO_QUPATH_DIR", raising=False)
+        code, out = run_cli("infer", str(qpproj), "--model", str(bundle_path), "--mpp", "4.0", "--workers", "0",
+                            "--write-project")
+    assert code == 1, out  # the missing image fails, clearly, and the other entry still runs
+    assert "gone.svs" in out and "Traceback" not in out
+    folder = tmp_path / "proj" / "pathapp" / "1"
+    check_outputs(folder, load_bundle(bundle_path).class_names)
+    assert not (tmp_path / "proj" / "pathapp" / "2").exists()
+    assert "wrote QuPath GeoJSON" in out and str(folder / "tiles.geojson") in out
+
+
+def test_int8_embeddings_close_to_fp32(shared_data, bundle_path):
+    bundle = load_bundle(bundle_path)
+    slide = open_slide(data_file(SVS))
+    fp32 = infer_slide(slide, bundle, mpp=2.0, workers=0, progress=False)
+    int8 = infer_slide(slide, bundle, mpp=2.0, workers=0, progress=False, precision="int8")
+    a, b = fp32.embeddings, int8.embeddings
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() > 0.99 and not np.array_equal(a, b)  # quantised for real, and still faithful
+    assert int8.params["precision"] == "int8"
+
+
+def test_cli_console_script_failures_are_one_line(shared_data, bundle_path, tmp_path):
+    """The real console script: a slide without µm/px fails with one line naming the file and
+    --slide-mpp, the good slide is still written, exit code 1; --slide-mpp then fixes it."""
+    pathapp = Path(sys.executable).with_name("pathapp")
+    bad, good = data_file(NO_MPP), data_file(SVS)
+    args = [str(pathapp), "infer", str(bad), str(good), "--model", str(bundle_path), "--mpp", "4.0",
+            "--out", str(tmp_path), "--workers", "0"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    fail = [line for line in proc.stderr.splitlines() if line.startswith("failed:")]
+    assert len(fail) == 1 and str(bad) in fail[0] and "--slide-mpp" in fail[0]
+    assert (tmp_path / "CMU-1-Small-Region" / ".done").exists()
+    proc = subprocess.run(args + ["--slide-mpp", "0.5"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / bad.stem / ".done").exists()
+
+
+def test_help_and_info_do_not_import_torch(shared_data):
+    code = (
+        "import sys\n"
+        "from pathapp.cli import main\n"
+        "sys.argv = ['pathapp'] + sys.argv[1:]\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')\n"
+    )
+    for args in (["--help"], ["infer", "--help"], ["info", str(data_file(SVS))]):
+        proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        assert proc.stdout.strip().splitlines()[-1] == "NO-TORCH", (args, proc.stdout, proc.stderr)
+    assert "--write-project" in subprocess.run([sys.executable, "-m", "pathapp", "infer", "--help"],
+                                               capture_output=True, text=True, timeout=120).stdout
+
+
+def test_attention_mil_bundle_gives_slide_prediction_and_attention(shared_data, tmp_path):
+    """A slide-level (ABMIL) head: tiles carry their attention, run.json the slide's prediction."""
+    bundle = tiny_bundle(tmp_path, num_classes=2, head="abmil")
+    code, out = run_cli("infer", str(data_file(SVS)), "--model", str(bundle), "--mpp", "2.0", "--out",
+                        str(tmp_path / "o"), "--workers", "0")
+    assert code == 0, out
+    folder = tmp_path / "o" / "CMU-1-Small-Region"
+    tiles = assert_qupath_conformant(folder / "tiles.geojson")
+    attention = np.array([f["properties"]["measurements"]["attention"] for f in tiles])
+    assert attention.sum() == pytest.approx(1, abs=1e-4) and attention.std() > 0
+    prediction = json.loads((folder / "run.json").read_text())["parameters"]["slide_prediction"]
+    assert set(prediction) == {"Tumor", "Stroma"} and sum(prediction.values()) == pytest.approx(1, abs=1e-5)

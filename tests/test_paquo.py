@@ -1,0 +1,126 @@
+"""The paquo bridge: the guard everywhere, the real round trip where a QuPath installation exists."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from shapely.geometry import box
+
+from conftest import IN_CI, data_file
+from pathapp.qupath.geojson import QuPathObject, tile_objects, write_objects
+
+HAVE_QUPATH = bool(os.environ.get("PAQUO_QUPATH_DIR"))
+needs_qupath = pytest.mark.skipif(
+    not HAVE_QUPATH, reason="needs a QuPath installation: set PAQUO_QUPATH_DIR (python -m paquo get_qupath)"
+)
+
+
+def _run(code: str, **env: str) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if k != "PAQUO_QUPATH_DIR"} | env
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=120)
+
+
+def _require_paquo() -> None:
+    """paquo itself is pip-installable (the `qupath` extra): CI must have it, elsewhere skip."""
+    try:
+        import paquo  # noqa: F401
+    except ImportError:
+        if IN_CI:
+            pytest.fail("CI must install the qupath extra: pip install -e '.[dev,qupath]'")
+        pytest.skip("paquo not installed: pip install -e '.[qupath]'")
+
+
+GUARDED_CALL = """
+import sys
+from pathapp.errors import PathappError
+import pathapp.qupath.paquo_bridge as bridge
+assert "paquo.projects" not in sys.modules, "imported eagerly"
+try:
+    bridge.read_entry_objects("/nowhere/project.qpproj", 1)
+except PathappError as e:
+    print("ERR", e)
+"""
+
+
+@pytest.mark.parametrize("qupath_dir", ["/nonexistent/QuPath-0.6.0", ""])
+def test_guard_without_qupath(qupath_dir: str) -> None:
+    """A missing or wrong QuPath is one PathappError that says what to install, not a JVM traceback."""
+    _require_paquo()
+    env = {"PAQUO_QUPATH_DIR": qupath_dir} if qupath_dir else {}
+    out = _run(GUARDED_CALL, **env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("ERR no usable QuPath installation"), out.stdout
+    assert "PAQUO_QUPATH_DIR" in out.stdout and "get_qupath" in out.stdout
+    if qupath_dir:
+        assert qupath_dir in out.stdout
+
+
+def test_guard_without_paquo() -> None:
+    out = _run("import sys; sys.modules['paquo'] = None\n" + GUARDED_CALL)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("ERR paquo is not installed") and "pathapp[qupath]" in out.stdout
+
+
+def test_import_instructions_name_the_files() -> None:
+    from pathapp.qupath.paquo_bridge import import_instructions
+
+    text = import_instructions(["/p/pathapp/3/tiles.geojson"])
+    assert "/p/pathapp/3/tiles.geojson" in text and "pathapp_import.groovy" in text
+
+
+@needs_qupath
+def test_write_and_read_back_through_qupath(tmp_path: Path) -> None:
+    from paquo.images import QuPathImageType
+    from paquo.projects import QuPathProject
+
+    from pathapp.qupath import paquo_bridge as bridge
+    from pathapp.qupath.project import read_project
+
+    svs = data_file("wsi/aperio/CMU-1-Small-Region.svs")
+    with QuPathProject(tmp_path / "proj", mode="x") as qp:
+        entry = qp.add_image(svs, image_type=QuPathImageType.BRIGHTFIELD_H_E)
+        entry.hierarchy.add_annotation(box(0, 0, 1000, 1000))  # the user's ROI
+        entry_id = entry.entry_id
+
+    ours = read_project(tmp_path / "proj")  # our Java-free reader agrees with QuPath's project
+    assert str(ours.entries[0].entry_id) == entry_id and ours.entries[0].image_path == svs.resolve()
+
+    tiles = tile_objects(np.array([[0, 0, 224, 224], [224, 0, 448, 224]]),
+                         measurements={"prob: Tumor": np.float32([0.9, np.nan])}, class_names=["Tumor", "Stroma"],
+                         colors={"Tumor": (200, 0, 0)})
+    region = QuPathObject(box(0, 0, 448, 224), "annotation", "Tumor", (200, 0, 0), {"area px": 448.0 * 224})
+    geojson_file = write_objects(tmp_path / "tiles.geojson", [*tiles, region])
+    for _ in range(2):  # the rerun replaces pathapp's objects and keeps the user's annotation
+        message = bridge.write_geojson_to_project(tmp_path / "proj", entry_id, [geojson_file, tmp_path / "run.json"])
+        assert message.startswith("added 3 objects")
+    objs = bridge.read_entry_objects(tmp_path / "proj", entry_id, include_pathapp=True)
+    kinds = sorted((o.object_type, o.class_name) for o in objs)
+    assert kinds == [("annotation", None), ("annotation", "Tumor"), ("tile", "Stroma"), ("tile", "Tumor")]
+    tumor_tile = next(o for o in objs if o.object_type == "tile" and o.class_name == "Tumor")
+    assert tumor_tile.measurements["prob: Tumor"] == pytest.approx(0.9, rel=1e-6)
+    stroma_tile = next(o for o in objs if o.class_name == "Stroma")
+    assert "prob: Tumor" not in stroma_tile.measurements  # NaN left out
+    assert [o.name for o in bridge.read_entry_objects(tmp_path / "proj", entry_id)] == [None]  # only the user's
+    assert bridge.read_entry_rois(tmp_path / "proj", entry_id).area == pytest.approx(1e6)
+    assert read_project(tmp_path / "proj").classes.keys() >= {"Tumor", "Stroma"}
+    assert bridge.read_labelled_regions(tmp_path / "proj", entry_id) == []  # pathapp's regions are not labels
+
+
+def test_write_project_without_qupath_explains_the_import(tmp_path: Path) -> None:
+    """`infer project.qpproj --write-project` without QuPath: a message naming the GeoJSON to import."""
+    _require_paquo()
+    code = (
+        "from pathapp.qupath.paquo_bridge import write_geojson_to_project\n"
+        f"print(write_geojson_to_project({str(tmp_path)!r}, 1, [{str(tmp_path / 'tiles.geojson')!r}, "
+        f"{str(tmp_path / 'run.json')!r}]))"
+    )
+    out = _run(code, PAQUO_QUPATH_DIR="/nonexistent")
+    assert out.returncode == 0, out.stderr
+    assert "no usable QuPath installation" in out.stdout
+    assert str(tmp_path / "tiles.geojson") in out.stdout and "run.json" not in out.stdout
+    assert "pathapp_import.groovy" in out.stdout

@@ -1,0 +1,224 @@
+"""Pretraining engine: teacher/EMA, schedules, config, exact resume, online patching from real slides,
+the `pathapp pretrain` command and its bundle."""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import DATA, data_file
+from pathapp.cli import cli
+from pathapp.errors import PathappError
+from pathapp.ssl.config import SSLConfig
+from pathapp.ssl.data import SSLDataset, SlideTileSource, collate, make_loader, open_sources
+from pathapp.ssl.meta_arch import Student, Teacher
+from pathapp.ssl.schedules import CosineSchedule, build_schedules, param_groups, scaled_lr
+from pathapp.ssl.train import build_backbone, pretrain
+from ssl_tiny import TINY_SSL, tiny_config
+
+torch.set_num_threads(1)
+EBHI_NORMAL = "labeled/ebhi-seg/EBHI-SEG/Normal/image"
+CMU = "wsi/aperio/CMU-1-Small-Region.svs"
+
+
+def _tiny_pair(cfg: SSLConfig) -> tuple[Student, Teacher]:
+    torch.manual_seed(0)
+    backbone, _ = build_backbone(cfg)
+    student = Student(backbone, cfg)
+    return student, Teacher(student)
+
+
+def test_teacher_gets_no_gradients_and_follows_ema():
+    cfg = tiny_config()
+    student, teacher = _tiny_pair(cfg)
+    g = torch.randn(4, 3, 42, 42)
+    masks = torch.zeros(4, 9, dtype=torch.bool)
+    masks[0, :3] = True
+    out = student(g, torch.randn(4, 3, 28, 28), masks)
+    t_out = teacher(g, masks)
+    loss = out["global_logits"].sum() + out["local_logits"].sum() + out["masked_logits"].sum() + t_out["global_logits"].sum()
+    loss.backward()
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    assert all(p.grad is not None for n, p in student.named_parameters() if "ibot" not in n)
+    assert not teacher.training and not teacher.train().training  # drop-path is never active in the teacher
+    with torch.no_grad():  # make the two differ, then check θ_t ← m θ_t + (1 − m) θ_s exactly
+        for p in student.parameters():
+            p.add_(torch.randn_like(p))
+    before = {n: p.clone() for n, p in teacher.named_parameters()}
+    s = dict(student.named_parameters())
+    teacher.ema_update(student, 0.9)
+    for n, p in teacher.named_parameters():
+        assert torch.allclose(p, 0.9 * before[n] + 0.1 * s[n], atol=1e-6, rtol=0), n
+
+
+def test_schedules():
+    c = CosineSchedule(1.0, 0.0, total=10, warmup=2, start_warmup=0.2, freeze=1)
+    assert [round(c[i], 6) for i in range(3)] == [0.0, 0.2, 0.6]
+    assert c[3] == pytest.approx(1.0) and c[9] < 0.1 and c[100] == 0.0
+    assert scaled_lr(0.004, 256) == pytest.approx(0.002)
+    cfg = tiny_config(steps=20, epoch_length=4, warmup_epochs=1, warmup_teacher_temp_epochs=2, freeze_last_layer_epochs=1)
+    s = build_schedules(cfg, world_size=2)
+    peak = scaled_lr(cfg.base_lr, 4 * 2)
+    assert s.lr[4] == pytest.approx(peak) and s.lr[0] == 0.0
+    assert all(s.last_layer_lr[i] == 0 for i in range(4)) and s.last_layer_lr[5] > 0
+    assert s.teacher_temp[0] == pytest.approx(0.04) and s.teacher_temp[8] == pytest.approx(0.07)
+    assert s.momentum[0] == pytest.approx(0.992) and s.momentum[19] == pytest.approx(1.0, abs=1e-4)
+    assert s.wd[0] == pytest.approx(0.04) and s.wd[19] == pytest.approx(0.4, abs=1e-2)
+
+
+def test_param_groups_layer_decay_patch_embed_and_no_weight_decay():
+    cfg = tiny_config()
+    student, _ = _tiny_pair(cfg)
+    groups = param_groups(student, layer_decay=0.5, patch_embed_lr_mult=0.2)
+    where = {id(p): g for g in groups for p in g["params"]}
+    named = dict(student.named_parameters())
+    assert sum(len(g["params"]) for g in groups) == len(named)
+    lr = lambda n: where[id(named[n])]["lr_multiplier"]  # noqa: E731
+    wd = lambda n: where[id(named[n])]["wd_multiplier"]  # noqa: E731
+    # depth 2: embeddings 0.5³, block 0 0.5², block 1 0.5, final norm and heads 1; patch embed ×0.2
+    assert lr("backbone.cls_token") == pytest.approx(0.125)
+    assert lr("backbone.patch_embed.proj.weight") == pytest.approx(0.025)
+    assert lr("backbone.blocks.0.attn.qkv.weight") == pytest.approx(0.25)
+    assert lr("backbone.blocks.1.mlp.fc1.weight") == pytest.approx(0.5)
+    assert lr("backbone.norm.weight") == 1.0 and lr("dino_head.mlp.0.weight") == 1.0
+    assert wd("backbone.blocks.0.attn.qkv.bias") == 0 and wd("backbone.blocks.0.norm1.weight") == 0
+    assert wd("backbone.blocks.0.ls1.gamma") == 0 and wd("backbone.blocks.0.attn.qkv.weight") == 1
+    last = [g for g in groups if g["is_last_layer"]]
+    assert last and all("last_layer" in n for n, p in named.items() if any(p is q for g in last for q in g["params"]))
+
+
+def test_config_yaml_round_trip(tmp_path):
+    cfg = tiny_config(mpp=[0.5, 1.0], regularizer="kde", centering="sinkhorn")
+    cfg.save(tmp_path / "c.yaml")
+    back = SSLConfig.load(tmp_path / "c.yaml")
+    assert back == cfg and isinstance(back.global_crop_scale, tuple) and back.mpp == [0.5, 1.0]
+    (tmp_path / "bad.yaml").write_text("batch_sise: 3\n")
+    with pytest.raises(PathappError, match="batch_sise"):
+        SSLConfig.load(tmp_path / "bad.yaml")
+    with pytest.raises(PathappError, match="centering"):
+        SSLConfig.from_dict({"centering": "mean"})
+
+
+def _losses(run) -> list[float]:
+    return [json.loads(ln)["loss"] for ln in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path, shared_data):
+    cfg = tiny_config(tiles=str(data_file(EBHI_NORMAL)), steps=5, checkpoint_every=100, regularizer="kde",
+                      centering="sinkhorn")
+    pretrain(cfg, tmp_path / "a", progress=False)
+    pretrain(cfg, tmp_path / "b", progress=False, stop_at=2)
+    assert len(_losses(tmp_path / "b")) == 2
+    pretrain(cfg, tmp_path / "b", progress=False, resume=True)
+    a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    assert len(a) == len(b) == 5 and all(math.isfinite(x) for x in a)
+    assert np.allclose(a, b, rtol=0, atol=1e-6), (a, b)
+    ta = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)["teacher"]
+    tb = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["teacher"]
+    assert all(torch.allclose(ta[k], tb[k], atol=1e-6) for k in ta)
+
+
+def test_online_patching_from_real_slides():
+    slide_path = data_file(CMU)
+    src = open_sources(slide_path, mpps=[0.5, 1.0], tile_size=64, min_tissue=0.6)
+    from pathapp.tiles.tissue import tissue_fraction_rgb
+
+    tiles = [src.sample(np.random.default_rng([1, i])) for i in range(12)]
+    assert all(t.shape == (64, 64, 3) and t.dtype == np.uint8 for t in tiles)
+    fracs = [tissue_fraction_rgb(t, focus=False) for t in tiles]
+    assert np.mean([f > 0.6 for f in fracs]) >= 0.75  # the per-tile HSV check keeps tissue
+    assert len({t.tobytes() for t in tiles}) == 12  # different places
+    assert np.array_equal(src.sample(np.random.default_rng([1, 3])), tiles[3])  # a pure function of the seed
+    # 1.0 µm/px covers 4× the area of 0.5 µm/px at the same tile size
+    entry = src.entries[0]
+    assert len(entry.centres) == 2
+    # worker-safe: the slide handle pickles and reopens, and a worker produces the same batch
+    clone = pickle.loads(pickle.dumps(src))
+    clone.reopen()
+    assert np.array_equal(clone.sample(np.random.default_rng([1, 3])), tiles[3])
+    cfg = tiny_config()
+    ds = SSLDataset(src, cfg, patch_size=14)
+    b0 = next(iter(make_loader(ds, 3, 2, rank=0, world_size=1, num_workers=0)))
+    b1 = next(iter(make_loader(ds, 3, 2, rank=0, world_size=1, num_workers=1)))
+    assert torch.equal(b0["global"], b1["global"]) and torch.equal(b0["masks"], b1["masks"])
+    assert b0["global"].shape == (4, 3, 42, 42) and b0["local"].shape == (4, 3, 28, 28) and b0["masks"].shape == (4, 9)
+
+
+def test_slides_balanced_and_bad_inputs(tmp_path):
+    cmu, luna = data_file(CMU), data_file("wsi/aperio/luna-1065626.svs")
+    src = SlideTileSource([__import__("pathapp.slide", fromlist=["open_slide"]).open_slide(p) for p in (cmu, luna)],
+                          [0.5], 32, 0.6)
+    picks = np.array([int(np.random.default_rng([0, i]).integers(len(src))) for i in range(400)])
+    assert 0.4 < picks.mean() < 0.6  # each slide drawn equally often whatever its size
+    with pytest.raises(PathappError, match="no slide with a known µm/px"):
+        open_sources(data_file("wsi/aperio/tcga-cr-7395-01a-01-ts1.svs"), mpps=[0.5], tile_size=64, min_tissue=0.6)
+    with pytest.raises(PathappError, match="no image tiles"):
+        open_sources(tiles=tmp_path, mpps=[0.5], tile_size=64, min_tissue=0.6)
+    with pytest.raises(PathappError, match="exactly one"):
+        open_sources(mpps=[0.5], tile_size=64, min_tissue=0.6)
+
+
+def _write_tiny_yaml(tmp_path) -> str:
+    cfg = SSLConfig(**{k: v for k, v in TINY_SSL.items() if k != "backbone"})
+    cfg.save(tmp_path / "tiny.yaml")
+    return str(tmp_path / "tiny.yaml")
+
+
+def test_cli_pretrain_on_a_slide_exports_a_usable_bundle(tmp_path):
+    from pathapp.models.bundle import load_bundle
+
+    out = tmp_path / "run"
+    args = ["pretrain", "--slides", str(data_file(CMU)), "--backbone", "dinov2_vits14", "--mpp", "0.5", "--mpp", "1.0",
+            "--config", _write_tiny_yaml(tmp_path), "--steps", "2", "--out", str(out), "--quiet"]
+    res = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "teacher.pathapp" in res.output
+    saved = SSLConfig.load(out / "config.yaml")
+    assert saved.mpp == [0.5, 1.0] and saved.steps == 2 and saved.slides.endswith("CMU-1-Small-Region.svs")
+    assert saved.mean == (0.485, 0.456, 0.406)  # resolved from the backbone and recorded
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert {"loss", "dino", "ibot", "koleo", "lr", "wd", "momentum", "teacher_temp", "tiles_per_s"} <= rows[0].keys()
+    bundle = load_bundle(out / "teacher.pathapp")
+    assert bundle.spec.embed_dim == 48 and bundle.mpp == 0.5 and bundle.tile_size == 42
+    model = bundle.build()
+    emb, probs = model(torch.rand(3, 3, 42, 42))
+    assert emb.shape == (3, 48) and probs is None and not torch.allclose(emb[0], emb[1])
+    # a second start into the same folder must not overwrite the run
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code != 0 and "--resume" in str(again.exception or again.output)
+
+
+def test_cli_usage_errors(tmp_path):
+    r = CliRunner().invoke(cli, ["pretrain", "--out", str(tmp_path / "x")])
+    assert r.exit_code != 0 and "--slides" in r.output
+    r = CliRunner().invoke(cli, ["pretrain", "--out", str(tmp_path / "x"), "--resume"])
+    assert r.exit_code != 0 and "no run to resume" in str(r.exception)
+    help_text = CliRunner().invoke(cli, ["pretrain", "--help"]).output
+    assert "--init" in help_text and "torchrun" in help_text and "qpproj" in help_text
+
+
+def test_init_dinov2_offline_message_and_init_from_file(tmp_path, monkeypatch):
+    from pathapp.models.bundle import Bundle, load_bundle, save_bundle
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    tiles = str(data_file(EBHI_NORMAL))
+    with pytest.raises(PathappError, match="--init FILE"):
+        pretrain(tiny_config(tiles=tiles, init="dinov2", steps=1), tmp_path / "hub", progress=False)
+    # continued pretraining from a file: at step 1 the lr is 0, so the teacher still equals the file
+    backbone, spec = build_backbone(tiny_config(drop_path=0.0))
+    with torch.no_grad():
+        for p in backbone.parameters():
+            p.normal_(0, 0.05)
+    init = save_bundle(Bundle.from_model(backbone, spec), tmp_path / "init.pathapp")
+    bundle = pretrain(tiny_config(tiles=tiles, init=str(init), steps=1), tmp_path / "cont", progress=False)
+    got = load_bundle(bundle).backbone_state
+    want = backbone.state_dict()
+    assert all(torch.allclose(got[k], want[k], atol=1e-6) for k in want)
