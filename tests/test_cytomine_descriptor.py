@@ -110,6 +110,19 @@ def test_cli_accepts_every_descriptor_flag(descriptor: dict) -> None:
             assert ctx.params[inp["id"]] == inp["default-value"], inp["id"]
 
 
+def test_cli_drops_a_bare_flag_left_by_an_empty_optional_value(descriptor: dict) -> None:
+    """An empty optional value leaves `--flag` next to the following flag once the shell splits the
+    router's command line; the flag must not swallow its neighbour."""
+    values = {"cytomine_host": "h", "cytomine_public_key": "a", "cytomine_private_key": "b",
+              "cytomine_id_project": "1", "cytomine_id_software": "2", "cytomine_id_images": "3",
+              "cytomine_id_roi_term": "", "model": "tiny", "term_mapping": ""}
+    argv = " ".join(router_command(descriptor, values)).split()
+    assert "--cytomine_id_roi_term" in argv and argv[-1] == "--term_mapping"
+    ctx = job.make_context("job", argv[2:])
+    assert ctx.params["cytomine_id_roi_term"] == "" and ctx.params["model"] == "tiny"
+    assert ctx.params["term_mapping"] == "" and ctx.params["cytomine_id_images"] == "3"
+
+
 # ---------------------------------------------------------------- App Engine descriptor.yml
 
 TYPE_IDS = {"integer", "number", "boolean", "string", "enumeration", "datetime", "geometry", "file", "image", "array"}

@@ -250,12 +250,12 @@ class RunSummary:
 
 def expand_inputs(inputs: Sequence[str | Path], out: Path | None) -> list[Job]:
     """Slides, folders of slides (a DICOM series folder is one slide) and QuPath projects, in order."""
-    from pathapp.qupath.project import read_project, results_dir
+    from pathapp.qupath.project import is_project, read_project, results_dir
 
     jobs: list[Job] = []
     for raw in inputs:
         p = Path(raw)
-        if p.suffix.lower() == ".qpproj" and p.is_file():
+        if is_project(p):  # project.qpproj, or the folder holding it
             project = read_project(p)
             for e in project.entries:
                 where = out / str(e.entry_id) if out is not None else results_dir(project, e)

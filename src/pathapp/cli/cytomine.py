@@ -21,6 +21,18 @@ def cytomine() -> None:
     """
 
 
+class RouterCommand(click.Command):
+    """The Cytomine router replaces each value key by `--flag value` in a shell command line, so an
+    optional input left empty arrives as a bare `--flag` that would swallow the next flag as its
+    value. A bare value-taking flag is dropped here, and its default applies."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        takes_value = {o for p in self.params if isinstance(p, click.Option) and not p.is_flag for o in p.opts}
+        kept = [a for i, a in enumerate(args)
+                if not (a in takes_value and (i + 1 == len(args) or args[i + 1] in takes_value))]
+        return super().parse_args(ctx, kept)
+
+
 models_dir_option = click.option(
     "--models-dir", type=click.Path(file_okay=False, path_type=Path), default=None, envvar=MODELS_ENV,
     help=f"Folder of model bundles that a model name refers to [default: ${MODELS_ENV} or {DEFAULT_MODELS_DIR}].",
@@ -28,7 +40,7 @@ models_dir_option = click.option(
 device_option = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 
 
-@cytomine.command("job")
+@cytomine.command("job", cls=RouterCommand)
 @click.option("--cytomine_host", required=True, help="Server URL (set by the server).")
 @click.option("--cytomine_public_key", required=True, help="The job's public key (set by the server).")
 @click.option("--cytomine_private_key", required=True, help="The job's private key (set by the server).")

@@ -47,7 +47,7 @@ def infer(inputs: tuple[str, ...], model: str, **options: object) -> None:
     """Run MODEL over every slide in INPUT... and write QuPath-ready results.
 
     INPUT is a slide file, a folder of slides (a DICOM-WSI series folder counts as one slide), or a
-    QuPath project.qpproj. Each slide gets a folder with tiles.geojson and annotations.geojson
+    QuPath project (project.qpproj or its folder). Each slide gets a folder with tiles.geojson and annotations.geojson
     (drag them onto the image in QuPath), heatmap-<class>.png, overlay.png, embeddings.h5 (CLAM/TRIDENT
     layout) and run.json. A rerun skips slides that are complete; a slide that fails is reported and
     the others still run (exit code 1 if any failed).

@@ -88,7 +88,8 @@ def parse_term_mapping(text: str | None) -> dict[str, int]:
             continue
         name, sep, term = part.rpartition("=")
         if not sep or not name.strip() or not term.strip().isdigit():
-            raise PathappError(f"--term_mapping {text!r}: expected CLASS=TERM_ID pairs separated by commas, e.g. Tumor=12,Stroma=34")
+            raise PathappError(f"--term_mapping {text!r}: expected CLASS=TERM_ID pairs separated by commas, "
+                               "e.g. Tumor=12,Stroma=34")
         out[name.strip()] = int(term)
     return out
 
@@ -172,7 +173,6 @@ def _run(params: JobParams, client: CytomineClient, status: JobStatus) -> JobOut
 def _one_image(params: JobParams, client: CytomineClient, status: JobStatus, runtime: Any,
                terms: TermResolver, image_id: int) -> int:
     """Download, analyse and upload one image; returns the number of annotations created."""
-    from pathapp.qupath.geojson import read_objects
     from pathapp.slide import open_slide
 
     info = client.image_instance(image_id)
@@ -192,23 +192,7 @@ def _one_image(params: JobParams, client: CytomineClient, status: JobStatus, run
     finally:
         slide.close()
     out = folder / "out"
-    created = 0
-    if params.upload in ("regions", "both"):
-        for obj in read_objects(out / "annotations.geojson"):
-            ann = client.add_annotation(to_cytomine_wkt(obj.geometry, height), image_id, terms.ids(obj.class_name, obj.color))
-            _add_properties(client, ann.get("class", ALGO_ANNOTATION), ann["id"], obj.measurements)
-            created += 1
-    if params.upload in ("tiles", "both"):
-        tiles = read_objects(out / "tiles.geojson")
-        for start in range(0, len(tiles), TILE_CHUNK):
-            chunk = tiles[start : start + TILE_CHUNK]
-            ids = client.add_annotations([
-                {"location": to_cytomine_wkt(t.geometry, height), "image": image_id, "term": terms.ids(t.class_name, t.color)}
-                for t in chunk
-            ])
-            for ann_id, t in zip(ids, chunk):
-                _add_properties(client, ALGO_ANNOTATION, ann_id, t.measurements)
-            created += len(ids)
+    created = _upload(client, terms, image_id, height, out, params.upload)
     job_class = status.job.get("class", "be.cytomine.processing.Job")
     for f in (out / "run.json", out / "overlay.png"):
         if f.is_file():
@@ -217,7 +201,31 @@ def _one_image(params: JobParams, client: CytomineClient, status: JobStatus, run
     return created
 
 
-def _add_properties(client: CytomineClient, domain_class: str, ann_id: int, measurements: dict[str, float]) -> None:
+def _upload(client: CytomineClient, terms: TermResolver, image_id: int, height: int, out: Path, upload: str) -> int:
+    """Post the written regions and/or tiles as annotations with their measurements as properties."""
+    from pathapp.qupath.geojson import read_objects
+
+    created = 0
+    if upload in ("regions", "both"):
+        for obj in read_objects(out / "annotations.geojson"):
+            wkt = to_cytomine_wkt(obj.geometry, height)
+            ann = client.add_annotation(wkt, image_id, terms.ids(obj.class_name, obj.color))
+            _add_properties(client, ann.get("class", ALGO_ANNOTATION), ann["id"], obj.measurements)
+            created += 1
+    if upload in ("tiles", "both"):
+        tiles = read_objects(out / "tiles.geojson")
+        for start in range(0, len(tiles), TILE_CHUNK):
+            chunk = tiles[start : start + TILE_CHUNK]
+            ids = client.add_annotations([{"location": to_cytomine_wkt(t.geometry, height), "image": image_id,
+                                           "term": terms.ids(t.class_name, t.color)} for t in chunk])
+            for ann_id, t in zip(ids, chunk):
+                _add_properties(client, ALGO_ANNOTATION, ann_id, t.measurements)
+            created += len(ids)
+    return created
+
+
+def _add_properties(client: CytomineClient, domain_class: str, ann_id: int,
+                    measurements: dict[str, float]) -> None:
     for key, value in measurements.items():
         client.add_property(domain_class, ann_id, key, f"{value:.6g}")
 
@@ -227,7 +235,8 @@ def _rois(client: CytomineClient, image_id: int, term_id: int, height: int) -> A
     anns = client.annotations(image_id, term_id)
     geoms = [from_cytomine_wkt(a["location"], height) for a in anns if a.get("location")]
     if not geoms:
-        raise PathappError(f"image {image_id} has no annotation with the ROI term {term_id}; draw one or leave the ROI term empty")
+        raise PathappError(f"image {image_id} has no annotation with the ROI term {term_id}; "
+                           "draw one or leave the ROI term empty")
     return shapely.union_all(geoms)
 
 
@@ -250,7 +259,9 @@ class TermResolver:
                 from pathapp.qupath.geojson import class_color
 
                 r, g, b = color or class_color(class_name)
-                self.by_name[class_name] = int(self.client.create_term(class_name, f"#{r:02x}{g:02x}{b:02x}", self.ontology_id)["id"])
+                term = self.client.create_term(class_name, f"#{r:02x}{g:02x}{b:02x}", self.ontology_id)
+                self.by_name[class_name] = int(term["id"])
             else:
-                raise CytomineError(f"project has no ontology to hold the class {class_name!r}: attach an ontology to the project or pass --term_mapping")
+                raise CytomineError(f"project has no ontology to hold the class {class_name!r}: attach an "
+                                    "ontology to the project or pass --term_mapping")
         return [self.by_name[class_name]]

@@ -41,7 +41,8 @@ def read_input(inputs: Path, name: str, cast: Callable[[str], T], default: T | N
     try:
         return cast(text)
     except ValueError:
-        raise PathappError(f"{path}: cannot read {text[:40]!r} as {getattr(cast, '__name__', cast)}; fix the input value") from None
+        kind = getattr(cast, "__name__", str(cast))
+        raise PathappError(f"{path}: cannot read {text[:40]!r} as {kind}; fix the input value") from None
 
 
 def write_array(folder: Path, items: Sequence[T], write_item: Callable[[Path, T], None]) -> None:
@@ -95,8 +96,10 @@ def run_task(inputs: Path, outputs: Path, models_dir: Path, device: str = "auto"
         names = list(result.class_names)
         per_class = [list(shapely.get_parts(regions[n])) if n in regions else [] for n in names]
         write_array(outputs / "class_names", names, write_text)
-        write_array(outputs / "class_regions", per_class,
-                    lambda folder, polys: write_array(folder, polys, lambda p, g: write_text(p, geometry_json(g, height))))
+        def write_polygons(folder: Path, polys: list) -> None:
+            write_array(folder, polys, lambda p, g: write_text(p, geometry_json(g, height)))
+
+        write_array(outputs / "class_regions", per_class, write_polygons)
         for out_name, file_name in OUTPUT_FILES.items():
             with atomic_path(outputs / out_name) as dst:
                 shutil.copyfile(Path(tmp) / file_name, dst)

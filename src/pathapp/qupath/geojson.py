@@ -312,15 +312,19 @@ def _properties(obj: QuPathObject) -> dict[str, Any]:
         props["name"] = str(obj.name)
     if obj.class_name:
         color = obj.color or class_color(obj.class_name)
-        props["classification"] = {"name": str(obj.class_name), "color": [int(c) & 255 for c in color]}
+        props["classification"] = {"name": str(obj.class_name), "color": _rgb_json(color)}
     elif obj.color is not None:
-        props["color"] = [int(c) & 255 for c in obj.color]
+        props["color"] = _rgb_json(obj.color)
     if obj.locked or obj.object_type == "tile":
         props["isLocked"] = True
     measurements = clean_measurements(obj.measurements)
     if measurements:
         props["measurements"] = measurements
     return props
+
+
+def _rgb_json(color: Sequence[Any]) -> list[int]:
+    return [min(255, max(0, int(round(float(c))))) for c in color[:3]]
 
 
 def clean_measurements(values: Mapping[str, Any]) -> dict[str, float]:

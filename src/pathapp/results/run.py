@@ -84,6 +84,8 @@ def write_results(result: SlideResult, out_dir: str | Path, object_type: str = "
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / DONE).unlink(missing_ok=True)
+    for stale in out.glob(".*.tmp*"):  # temporary files of a run that was killed while writing here
+        stale.unlink(missing_ok=True)
     t0 = time.perf_counter()
     files: list[Path] = [
         write_tiles_geojson(result, out / "tiles.geojson", object_type),

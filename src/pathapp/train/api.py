@@ -159,19 +159,32 @@ def _annotated_tiles(geojsons, slides, bundle, slide_mpp, min_inside, max_other,
     return LabelledTiles(names, y, np.asarray(groups), tiles, "annotations", parts=parts)
 
 
+def _slide_features(bundle, slide, grid, cache, batch_size, device, model, progress, embeddings: Path | None):
+    """A slide grid's embeddings: from inference's EMBEDDINGS/<slide>/embeddings.h5 when there is one,
+    else computed through the cache."""
+    from pathapp.train.cache import reuse_inference_embeddings
+
+    h5 = Path(embeddings) / slide.name / "embeddings.h5" if embeddings else None
+    if h5 is not None and h5.exists():
+        return reuse_inference_embeddings(h5, bundle, grid.coords)[0]
+    return embed_slide_grid(bundle, slide, grid, cache, batch_size, device, model, progress)
+
+
 def embed_labelled(lt: LabelledTiles, bundle, cache: Path | None = DEFAULT_CACHE, device: str = "auto",
-                   batch_size: int = 32, progress: bool = True) -> np.ndarray:
-    """(N, D) embeddings of the labelled tiles, through the embedding cache."""
+                   batch_size: int = 32, progress: bool = True, embeddings: Path | None = None) -> np.ndarray:
+    """(N, D) embeddings of the labelled tiles, through the embedding cache (or inference's files)."""
     if lt.source == "images":
         return embed_images(bundle, lt.paths, cache, batch_size, device, progress=progress)
     from pathapp.train.cache import resolve_device
 
     model = bundle.build(resolve_device(device))
-    return np.concatenate([embed_slide_grid(bundle, s, g, cache, batch_size, device, model, progress) for s, g in lt.parts])
+    return np.concatenate([_slide_features(bundle, s, g, cache, batch_size, device, model, progress, embeddings)
+                           for s, g in lt.parts])
 
 
 def slide_bags(csv_path: Path, bundle, group_by: str | None = None, slide_mpp: float | None = None,
-               cache: Path | None = DEFAULT_CACHE, device: str = "auto", batch_size: int = 32, progress: bool = True):
+               cache: Path | None = DEFAULT_CACHE, device: str = "auto", batch_size: int = 32, progress: bool = True,
+               embeddings: Path | None = None):
     """(SlideLabels, bags): every tissue tile of each listed slide, embedded (cached)."""
     from pathapp.slide import open_slide
     from pathapp.tiles import make_grid
@@ -186,7 +199,7 @@ def slide_bags(csv_path: Path, bundle, group_by: str | None = None, slide_mpp: f
         grid = make_grid(slide, bundle.mpp, bundle.tile_size)
         if not len(grid):
             raise LabelError(f"{p}: no tissue tiles at {bundle.mpp} µm/px; check the slide or its --slide-mpp")
-        bags.append(embed_slide_grid(bundle, slide, grid, cache, batch_size, device, model, progress))
+        bags.append(_slide_features(bundle, slide, grid, cache, batch_size, device, model, progress, embeddings))
     return sl, bags
 
 
@@ -228,6 +241,7 @@ def train_model(
     resume: bool = False,
     options: dict[str, Any] | None = None,
     progress: bool = True,
+    embeddings: Path | None = None,
 ) -> tuple[Path, dict]:
     """Train a head (or LoRA + head, or ABMIL) and write the bundle to `out`. Returns (path, info)."""
     from pathapp.models.bundle import save_bundle
@@ -242,7 +256,8 @@ def train_model(
             raise TrainError("--method abmil needs --data slides.csv with columns slide,label[,patient]")
         from pathapp.train.mil import fit_abmil
 
-        sl, bags = slide_bags(Path(data[0]), base, group_by, slide_mpp, cache, device, batch_size, progress)
+        sl, bags = slide_bags(Path(data[0]), base, group_by, slide_mpp, cache, device, batch_size, progress,
+                               embeddings)
         head = fit_abmil(bags, sl.labels, len(sl.class_names), sl.groups, **options)
         bundle = _with_head(base, head, sl.class_names, {k: v for k, v in head.info.items() if k != "history"})
         info = {"n_slides": len(bags), "classes": sl.class_names, **head.info}
@@ -257,7 +272,7 @@ def train_model(
                                          checkpoint_dir, resume, device, progress)
             info.update(hist)
         else:
-            X = embed_labelled(lt, base, cache, device, batch_size, progress)
+            X = embed_labelled(lt, base, cache, device, batch_size, progress, embeddings)
             head = fit_head(method, X, lt.labels, lt.groups, len(lt.class_names), **options)
             bundle = _with_head(base, head, lt.class_names, head.info)
             info.update(head.info)
@@ -281,6 +296,7 @@ def evaluate_model(
     n_boot: int = 1000,
     seed: int = 0,
     progress: bool = True,
+    embeddings: Path | None = None,
 ) -> Path:
     """Evaluate a bundle on labelled data and write report.json + confusion.png + roc.png to out_dir.
 
@@ -298,7 +314,8 @@ def evaluate_model(
                          + ("a slide,label CSV as --data" if bundle.head_kind == "abmil" else "tile-level --data"))
     expected = bundle.class_names if bundle.has_head and not folds else None
     if is_mil:
-        sl, bags = slide_bags(Path(data[0]), bundle, group_by, slide_mpp, cache, device, batch_size, progress)
+        sl, bags = slide_bags(Path(data[0]), bundle, group_by, slide_mpp, cache, device, batch_size, progress,
+                               embeddings)
         names = _align_classes(sl.class_names, expected, Path(data[0]))
         y = np.asarray([names.index(sl.class_names[c]) for c in sl.labels])
         X = np.empty(len(bags), dtype=object)
@@ -307,7 +324,7 @@ def evaluate_model(
     else:
         lt = load_labelled(data, bundle, slides, group_by, slide_mpp, class_names=expected)
         names, y, groups = lt.class_names, lt.labels, lt.groups
-        X = embed_labelled(lt, bundle, cache, device, batch_size, progress)
+        X = embed_labelled(lt, bundle, cache, device, batch_size, progress, embeddings)
     extra: dict[str, Any] = {"model": str(model), "data": [str(d) for d in data], "group_by": group_by}
     n = len(names)
     if folds:

@@ -101,7 +101,7 @@ def finetune_lora(
     from pathapp.ssl.schedules import CosineSchedule
     from pathapp.train.cache import resolve_device
     from pathapp.train.evaluate import SplitError, holdout_split, point_metrics
-    from pathapp.train.fit import _class_weights
+    from pathapp.train.fit import class_weights
 
     cfg = config or LoraConfig()
     y = np.asarray(y, np.int64)
@@ -131,7 +131,7 @@ def finetune_lora(
     steps_per_epoch = max(1, -(-len(train_idx) // cfg.batch_size))
     total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
     schedule = CosineSchedule(1.0, 0.01, total, warmup=min(cfg.warmup_steps, total // 2))
-    weights = torch.as_tensor(_class_weights(y[train_idx], n_classes), dtype=torch.float32, device=dev)
+    weights = torch.as_tensor(class_weights(y[train_idx], n_classes), dtype=torch.float32, device=dev)
 
     state = {"epoch": 0, "step": 0, "best_loss": float("inf"), "best_epoch": -1, "best": None, "history": []}
     ckpt = Path(checkpoint_dir) / "last.pt" if checkpoint_dir else None

@@ -52,7 +52,7 @@ class FittedHead:
             return head(torch.as_tensor(X, dtype=torch.float32)).double().numpy()
 
 
-def _class_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
+def class_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
     """n / (C_present * count) per class (scikit-learn's "balanced"), 0 for absent classes."""
     counts = np.bincount(y, minlength=n_classes).astype(float)
     present = counts > 0
@@ -170,7 +170,7 @@ def fit_mlp(
     head.input_mean.copy_(torch.from_numpy(mean))
     head.input_std.copy_(torch.from_numpy(std))
     xt, yt = torch.as_tensor(X, dtype=torch.float32), torch.as_tensor(y)
-    weights = torch.as_tensor(_class_weights(y, n_classes), dtype=torch.float32)
+    weights = torch.as_tensor(class_weights(y, n_classes), dtype=torch.float32)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     head.train()
     for _ in range(epochs):

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from pathapp.train.fit import FitError, FittedHead, _class_weights
+from pathapp.train.fit import FitError, FittedHead, class_weights
 
 
 def fit_abmil(
@@ -60,7 +60,7 @@ def fit_abmil(
         "dropout": dropout,
     }
     head = build_head("abmil", cfg)
-    weights = torch.as_tensor(_class_weights(y[train_idx], n_classes), dtype=torch.float32)
+    weights = torch.as_tensor(class_weights(y[train_idx], n_classes), dtype=torch.float32)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     tensors = [torch.from_numpy(b) for b in bags]
     rng = np.random.default_rng(seed)
