@@ -15,7 +15,6 @@ balanced accuracy.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 

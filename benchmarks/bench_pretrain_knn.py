@@ -16,7 +16,7 @@ The number of steps is set from a 3-step calibration so that the cosine schedule
 budget; one "epoch" is 1% of the steps (warm-up 10%, teacher-temperature warm-up 30%).
 
     .venv/bin/python benchmarks/bench_pretrain_knn.py --minutes 30 --out /tmp/bench-pretrain   # the evidence run
-    .venv/bin/python benchmarks/bench_pretrain_knn.py --minutes 1.5 --out /tmp/bench-smoke     # smoke (~3 min)
+    .venv/bin/python benchmarks/bench_pretrain_knn.py --minutes 1 --batch-size 16 --out /tmp/bench-smoke  # smoke
 """
 
 from __future__ import annotations
@@ -87,18 +87,19 @@ def calibrate(args, data_dir: Path, out: Path) -> float:
     return float(np.median(per_step))
 
 
-def embed_all(model, recipe: str, images: np.ndarray, batch: int = 64) -> np.ndarray:
+def embed_all(model, images: np.ndarray, batch: int = 64) -> dict[str, np.ndarray]:
+    """CLS and CLS+mean-of-patches embeddings of uint8 images, from one forward pass."""
     import torch
 
-    from pathapp.models.registry import embed
-
-    out = []
+    cls, both = [], []
     with torch.inference_mode():
         for s in range(0, len(images), batch):
             x = torch.from_numpy(images[s:s + batch]).permute(0, 3, 1, 2).float().div(255)
-            x = (x - model.mean) / model.std
-            out.append(embed(model.backbone, x, recipe).float().numpy())
-    return np.concatenate(out)
+            tokens = model.backbone.forward_features((x - model.mean) / model.std)
+            c, m = tokens[:, 0], tokens[:, model.backbone.num_prefix_tokens:].mean(dim=1)
+            cls.append(c.numpy())
+            both.append(torch.cat([c, m], dim=-1).numpy())
+    return {"cls": np.concatenate(cls), "cls+mean": np.concatenate(both)}
 
 
 def colour_histogram(images: np.ndarray) -> np.ndarray:
@@ -190,8 +191,8 @@ def main() -> None:
               "pretrained": load_bundle(run / "teacher.pathapp").build()}
     results: dict[str, dict] = {"colour_histogram_512": {k: summary(v) for k, v in score(colour_histogram(images), y, groups).items()}}
     for name, model in models.items():
-        for recipe in ("cls", "cls+mean"):
-            per_fold = score(embed_all(model, recipe, images), y, groups)
+        for recipe, X in embed_all(model, images).items():
+            per_fold = score(X, y, groups)
             results[f"{name}/{recipe}"] = {k: summary(v) | {"folds": v} for k, v in per_fold.items()}
 
     report = {

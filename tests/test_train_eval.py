@@ -71,6 +71,9 @@ def test_bootstrap_ci_brackets_point_and_matches_manual():
         idx = np.concatenate([np.flatnonzero(groups == g) for g in pick])
         accs.append(accuracy_score(y[idx], p[idx].argmax(1)))
     assert ci["accuracy"] == pytest.approx([np.quantile(accs, 0.025), np.quantile(accs, 0.975)])
+    for c in range(3):  # per-class intervals bracket the per-class point values
+        for key in ("sensitivity", "specificity"):
+            assert ci[key][c][0] <= m[key][c] <= ci[key][c][1]
     # group resampling is wider than tile resampling when tiles within a group agree
     yg = np.repeat(np.arange(30) % 3, 10)
     pg = np.repeat(np.eye(3)[(np.arange(30) + (np.arange(30) % 4 == 0)) % 3], 10, axis=0) * 0.8 + 0.1

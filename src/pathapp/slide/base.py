@@ -24,19 +24,18 @@ class Level:
 
 
 class Slide(ABC):
-    """A whole-slide image. Coordinates given to `read` are level-0 pixels for every backend."""
+    """A whole-slide image. Coordinates given to `read` are level-0 pixels for every backend.
+
+    A backend's constructor fills `levels`, `file_mpp` and `vendor`, and implements `_read_level`."""
 
     backend: str = ""
 
     def __init__(self, path: str | Path, mpp_override: float | None = None) -> None:
         self.path = Path(path)
         self._mpp_override = mpp_override
-
-    # --- metadata every backend provides -------------------------------------------------
-    @property
-    @abstractmethod
-    def levels(self) -> list[Level]:
-        """Pyramid levels, level 0 first, downsamples increasing."""
+        self.levels: list[Level] = []  # level 0 first, downsamples increasing
+        self.file_mpp: float | None = None  # µm/px stored in the file; None when the file does not say
+        self.vendor: str | None = None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -44,18 +43,9 @@ class Slide(ABC):
         return self.levels[0].width, self.levels[0].height
 
     @property
-    @abstractmethod
-    def file_mpp(self) -> float | None:
-        """µm/px stored in the file, or None when the file does not say."""
-
-    @property
     def mpp(self) -> float | None:
         """µm/px in effect: the user's --slide-mpp override wins over the file."""
         return self._mpp_override if self._mpp_override is not None else self.file_mpp
-
-    @property
-    def vendor(self) -> str | None:
-        return None
 
     @property
     def associated_images(self) -> list[str]:
@@ -78,10 +68,20 @@ class Slide(ABC):
         return self.mpp
 
     # --- pixels -----------------------------------------------------------------------------
-    @abstractmethod
     def read(self, x: int, y: int, w: int, h: int, level: int = 0) -> np.ndarray:
         """RGB uint8 array (h, w, 3) of the region whose top-left is (x, y) in level-0 pixels,
         w × h pixels at `level`. Areas outside the image come back white."""
+        lv = self.levels[level]
+        lx, ly = int(round(x / lv.downsample)), int(round(y / lv.downsample))
+        out = np.full((h, w, 3), 255, np.uint8)
+        x0, y0, x1, y1 = max(lx, 0), max(ly, 0), min(lx + w, lv.width), min(ly + h, lv.height)
+        if x1 > x0 and y1 > y0:
+            out[y0 - ly : y1 - ly, x0 - lx : x1 - lx] = self._read_level(x0, y0, x1 - x0, y1 - y0, level)
+        return out
+
+    @abstractmethod
+    def _read_level(self, x: int, y: int, w: int, h: int, level: int) -> np.ndarray:
+        """RGB uint8 (h, w, 3) at `level`, x, y in that level's pixels, the region inside the image."""
 
     def best_level_for_downsample(self, downsample: float) -> int:
         """The coarsest level whose downsample does not exceed `downsample` (never upsample)."""

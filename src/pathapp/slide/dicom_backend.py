@@ -69,34 +69,22 @@ class DicomSlide(Slide):
         self._wsi = WsiDicom.open(files)
         self._files = files
         base = self._wsi.levels[0]
-        self._levels = [
+        self.levels = [
             Level(lv.size.width, lv.size.height, base.size.width / lv.size.width)
             for lv in self._wsi.levels
         ]
         self._level_ids = [lv.level for lv in self._wsi.levels]
         try:
             mpp = self._wsi.mpp.width * 1.0
-            self._mpp = mpp if mpp > 0 else None
+            self.file_mpp = mpp if mpp > 0 else None
         except (WsiDicomNoResolutionError, AttributeError, TypeError):
-            self._mpp = None
+            self.file_mpp = None
         header = pydicom.dcmread(files[0], stop_before_pixels=True)
-        self._vendor = str(header.get("Manufacturer", "")) or None
+        self.vendor = str(header.get("Manufacturer", "")) or None
         tile = self._wsi.read_encoded_tile(self._level_ids[0], (0, 0))
         self._ycbcr_fix = _jfif_mislabelled_as_rgb(
             tile, str(header.get("PhotometricInterpretation", "")), str(header.file_meta.TransferSyntaxUID)
         )
-
-    @property
-    def levels(self) -> list[Level]:
-        return self._levels
-
-    @property
-    def file_mpp(self) -> float | None:
-        return self._mpp
-
-    @property
-    def vendor(self) -> str | None:
-        return self._vendor
 
     @property
     def associated_images(self) -> list[str]:
@@ -107,22 +95,13 @@ class DicomSlide(Slide):
             names.append("overview")
         return names
 
-    def read(self, x: int, y: int, w: int, h: int, level: int = 0) -> np.ndarray:
+    def _read_level(self, x: int, y: int, w: int, h: int, level: int) -> np.ndarray:
         from PIL import Image
 
-        ds = self._levels[level].downsample
-        lx, ly = int(round(x / ds)), int(round(y / ds))
-        out = np.full((h, w, 3), 255, np.uint8)
-        lw, lh = self._levels[level].width, self._levels[level].height
-        # wsidicom refuses regions outside the image; read the overlap and pad with white.
-        x0, y0, x1, y1 = max(lx, 0), max(ly, 0), min(lx + w, lw), min(ly + h, lh)
-        if x1 <= x0 or y1 <= y0:
-            return out
-        region = self._wsi.read_region((x0, y0), self._level_ids[level], (x1 - x0, y1 - y0))
+        region = self._wsi.read_region((x, y), self._level_ids[level], (w, h))
         if self._ycbcr_fix:
-            region = Image.frombytes("YCbCr", region.size, region.convert("RGB").tobytes()).convert("RGB")
-        out[y0 - ly : y1 - ly, x0 - lx : x1 - lx] = np.asarray(region.convert("RGB"))
-        return out
+            region = Image.frombytes("YCbCr", region.size, region.convert("RGB").tobytes())
+        return np.asarray(region.convert("RGB"))
 
     def close(self) -> None:
         self._wsi.close()

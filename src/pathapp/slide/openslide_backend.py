@@ -29,36 +29,29 @@ class OpenSlideSlide(Slide):
         super().__init__(path, mpp_override)
         self._osr = openslide.OpenSlide(str(path))
         props = self._osr.properties
-        self._levels = [
+        self.levels = [
             Level(int(w), int(h), float(ds))
             for (w, h), ds in zip(self._osr.level_dimensions, self._osr.level_downsamples)
         ]
         mpp = props.get("openslide.mpp-x")
         try:
-            self._mpp = float(mpp) if mpp not in (None, "") and float(mpp) > 0 else None
+            self.file_mpp = float(mpp) if mpp not in (None, "") and float(mpp) > 0 else None
         except ValueError:
-            self._mpp = None
-        self._vendor = props.get("openslide.vendor")
-
-    @property
-    def levels(self) -> list[Level]:
-        return self._levels
-
-    @property
-    def file_mpp(self) -> float | None:
-        return self._mpp
-
-    @property
-    def vendor(self) -> str | None:
-        return self._vendor
+            self.file_mpp = None
+        self.vendor = props.get("openslide.vendor")
 
     @property
     def associated_images(self) -> list[str]:
         return sorted(self._osr.associated_images.keys())
 
     def read(self, x: int, y: int, w: int, h: int, level: int = 0) -> np.ndarray:
+        # OpenSlide takes level-0 coordinates and pads outside the image itself (transparent → white)
         region = self._osr.read_region((int(x), int(y)), int(level), (int(w), int(h)))
         return rgba_on_white(np.asarray(region))
+
+    def _read_level(self, x: int, y: int, w: int, h: int, level: int) -> np.ndarray:
+        ds = self.levels[level].downsample
+        return self.read(round(x * ds), round(y * ds), w, h, level)
 
     def close(self) -> None:
         self._osr.close()

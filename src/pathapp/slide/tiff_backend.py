@@ -57,8 +57,9 @@ class TiffSlide(Slide):
         ) else [root]
         self._axes = [lv.axes for lv in self._series.levels]
         w0 = self._dims(0)[0]
-        self._levels = [Level(*self._dims(i), w0 / self._dims(i)[0]) for i in range(len(self._arrays))]
-        self._mpp = self._read_mpp()
+        self.levels = [Level(*self._dims(i), w0 / self._dims(i)[0]) for i in range(len(self._arrays))]
+        self.file_mpp = self._read_mpp()
+        self.vendor = self._read_vendor()
 
     def _dims(self, i: int) -> tuple[int, int]:
         axes, shape = self._axes[i], self._arrays[i].shape
@@ -75,16 +76,7 @@ class TiffSlide(Slide):
             return float(m.group(1)) if m else None
         return _tiff_tag_mpp(page)
 
-    @property
-    def levels(self) -> list[Level]:
-        return self._levels
-
-    @property
-    def file_mpp(self) -> float | None:
-        return self._mpp
-
-    @property
-    def vendor(self) -> str | None:
+    def _read_vendor(self) -> str:
         tf = self._tf
         for flag, name in (("is_svs", "aperio"), ("is_qpi", "perkinelmer-qpi"), ("is_ome", "ome"), ("is_ndpi", "hamamatsu")):
             if getattr(tf, flag, False):
@@ -95,25 +87,16 @@ class TiffSlide(Slide):
     def associated_images(self) -> list[str]:
         return [s.name.lower() for s in self._tf.series[1:] if s.name]
 
-    def read(self, x: int, y: int, w: int, h: int, level: int = 0) -> np.ndarray:
-        ds = self._levels[level].downsample
-        lx, ly = int(round(x / ds)), int(round(y / ds))
-        lw, lh = self._levels[level].width, self._levels[level].height
-        out = np.full((h, w, 3), 255, np.uint8)
-        x0, y0, x1, y1 = max(lx, 0), max(ly, 0), min(lx + w, lw), min(ly + h, lh)
-        if x1 <= x0 or y1 <= y0:
-            return out
+    def _read_level(self, x: int, y: int, w: int, h: int, level: int) -> np.ndarray:
         axes = self._axes[level]
         index = tuple(
-            slice(y0, y1) if a == "Y" else slice(x0, x1) if a == "X" else slice(None) if a in "SC" else 0
+            slice(y, y + h) if a == "Y" else slice(x, x + w) if a == "X" else slice(None) if a in "SC" else 0
             for a in axes
         )
         block = np.asarray(self._arrays[level][index])
         kept = [a for a in axes if a in "YXSC"]
         order = [kept.index("Y"), kept.index("X")] + [i for i, a in enumerate(kept) if a in "SC"]
-        block = block.transpose(order) if block.ndim == len(order) else block
-        out[y0 - ly : y1 - ly, x0 - lx : x1 - lx] = to_rgb8(block)
-        return out
+        return to_rgb8(block.transpose(order) if block.ndim == len(order) else block)
 
     def close(self) -> None:
         self._tf.close()

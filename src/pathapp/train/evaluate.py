@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,9 +51,11 @@ def grouped_folds(
 def holdout_split(
     labels: np.ndarray, groups: np.ndarray, test_fraction: float = 0.2, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One grouped train/test split with about `test_fraction` of the groups held out."""
-    k = max(2, round(1 / test_fraction))
-    return grouped_folds(labels, groups, min(k, len(np.unique(groups))), seed)[0]
+    """One grouped train/test split with about `test_fraction` of the groups held out (more when a
+    class is too rare to be stratified into that many folds)."""
+    rarest = int(np.bincount(np.unique(labels, return_inverse=True)[1]).min())
+    k = max(2, min(round(1 / test_fraction), len(np.unique(groups)), rarest))
+    return grouped_folds(labels, groups, k, seed)[0]
 
 
 def _full_probs(probs: np.ndarray, n_classes: int) -> np.ndarray:
@@ -105,30 +108,33 @@ def bootstrap_ci(
     n_boot: int = 1000,
     seed: int = 0,
     alpha: float = 0.05,
-) -> dict[str, list[float]]:
-    """Percentile (1-alpha) CIs of the scalar metrics, resampling whole groups when groups are given."""
+) -> dict[str, list]:
+    """Percentile (1-alpha) CIs of every metric (per class for sensitivity/specificity), resampling
+    whole groups when groups are given."""
     rng = np.random.default_rng(seed)
     if groups is None:
         groups = np.arange(len(y))
     uniq, inv = np.unique(groups, return_inverse=True)
     members = [np.flatnonzero(inv == g) for g in range(len(uniq))]
-    keys = ("accuracy", "balanced_accuracy", "macro_f1", "auroc_ovr")
-    samples: dict[str, list[float]] = {k: [] for k in keys}
+    keys = ("accuracy", "balanced_accuracy", "macro_f1", "auroc_ovr", "sensitivity", "specificity")
+    samples: dict[str, list] = {k: [] for k in keys}
     for _ in range(n_boot):
         pick = rng.integers(0, len(uniq), len(uniq))
         idx = np.concatenate([members[g] for g in pick])
         m = point_metrics(y[idx], probs[idx], n_classes)
         for k in keys:
-            samples[k].append(float(m[k]))  # type: ignore[arg-type]
-    ci = {}
+            samples[k].append(m[k])
+    lo, hi = alpha / 2, 1 - alpha / 2
+    ci: dict[str, list] = {}
     for k, v in samples.items():
-        arr = np.asarray(v)
-        arr = arr[np.isfinite(arr)]
-        ci[k] = (
-            [float(np.quantile(arr, alpha / 2)), float(np.quantile(arr, 1 - alpha / 2))]
-            if len(arr)
-            else [float("nan"), float("nan")]
-        )
+        arr = np.asarray(v, dtype=float)
+        if arr.ndim == 1:
+            arr = arr[np.isfinite(arr)]
+            ci[k] = [float(np.quantile(arr, lo)), float(np.quantile(arr, hi))] if len(arr) else [float("nan")] * 2
+        else:  # (n_boot, C): a class absent from a resample gives NaN there, ignored
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                ci[k] = [[float(a), float(b)] for a, b in zip(np.nanquantile(arr, lo, axis=0), np.nanquantile(arr, hi, axis=0))]
     return ci
 
 
