@@ -12,7 +12,7 @@
    t-interval over the folds. Floors measured earlier: random ViT-S/14 0.367 / 0.252, colour
    histogram 0.373 / 0.302 (logistic / 20-NN).
 
-The number of steps is set from a 3-step calibration so that the cosine schedules finish inside the
+The number of steps is set from a 6-step calibration so that the cosine schedules finish inside the
 budget; one "epoch" is 1% of the steps (warm-up 10%, teacher-temperature warm-up 30%).
 
     .venv/bin/python benchmarks/bench_pretrain_knn.py --minutes 30 --out /tmp/bench-pretrain   # the evidence run
@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 EBHI = DATA / "labeled" / "ebhi-seg"
@@ -58,39 +59,39 @@ def read_labels() -> tuple[list[Path], np.ndarray, np.ndarray, list[str]]:
 
 
 def make_config(args, data_dir: Path, steps: int):
+    """The recipe of --config with the data, the run length and the step-derived schedules filled in."""
     from pathapp.ssl.config import SSLConfig
 
+    d = yaml.safe_load(args.config.read_text())
     ebhi = args.data == "ebhi"
-    return SSLConfig(
-        backbone="dinov2_vits14",
-        backbone_overrides={"depth": args.depth, "embed_dim": args.dim, "num_heads": args.heads, "img_size": args.crop},
-        layerscale_init=1.0, drop_path=0.1, seed=args.seed,
-        slides=None if ebhi else str(data_dir), tiles=str(data_dir) if ebhi else None,
-        mpp=[0.5], tile_size=224 if ebhi else args.tile, min_tissue=0.6,
-        global_crop_size=args.crop, local_crop_size=args.local_crop, n_local_crops=args.n_local,
-        n_prototypes=args.prototypes, head_hidden_dim=1024, head_bottleneck_dim=256,
-        batch_size=args.batch_size, base_lr=args.base_lr, num_workers=args.workers,
-        steps=steps, epoch_length=max(1, steps // 100), checkpoint_every=max(steps // 4, 1), log_every=1,
-    )
+    d.update(slides=None if ebhi else str(data_dir), tiles=str(data_dir) if ebhi else None,
+             steps=steps, epoch_length=max(1, steps // 100), checkpoint_every=max(steps // 4, 1), log_every=1)
+    if ebhi:  # the images are whole 224 px patches at their own scale, not slide regions
+        d.update(tile_size=224)
+    if args.batch_size:
+        d["batch_size"] = args.batch_size
+    return SSLConfig.from_dict(d, str(args.config))
 
 
 def calibrate(args, data_dir: Path, out: Path) -> float:
-    """Seconds per optimiser step, from a short throw-away run (median of steps 2-4)."""
+    """Seconds per optimiser step, from a short throw-away run (median of steps 4-6, after start-up)."""
     from pathapp.ssl.train import pretrain
 
     cal = out / "calibration"
     shutil.rmtree(cal, ignore_errors=True)
-    pretrain(make_config(args, data_dir, 1000), cal, progress=False, stop_at=4)
+    pretrain(make_config(args, data_dir, 1000), cal, progress=False, stop_at=6)
     rows = [json.loads(ln) for ln in (cal / "metrics.jsonl").read_text().splitlines()]
-    per_step = [args.batch_size / r["tiles_per_s"] for r in rows[1:]]
+    per_step = [r["samples_seen"] / r["step"] / r["tiles_per_s"] for r in rows[3:]]
     shutil.rmtree(cal, ignore_errors=True)
     return float(np.median(per_step))
 
 
 def embed_all(model, images: np.ndarray, batch: int = 64) -> dict[str, np.ndarray]:
-    """CLS and CLS+mean-of-patches embeddings of uint8 images, from one forward pass."""
+    """CLS and CLS+mean-of-patches embeddings of uint8 images at their own size (the backbone's
+    position embeddings are resampled to it), from one forward pass."""
     import torch
 
+    model.backbone.set_input_size(img_size=images.shape[1:3])
     cls, both = [], []
     with torch.inference_mode():
         for s in range(0, len(images), batch):
@@ -128,6 +129,7 @@ def score(X: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int = 0) -> di
 
 
 def summary(v: list[float]) -> dict[str, float]:
+    """Mean and 95% t-interval over folds (for a paired difference, pass the per-fold differences)."""
     from scipy import stats
 
     a = np.asarray(v)
@@ -135,24 +137,21 @@ def summary(v: list[float]) -> dict[str, float]:
     return {"mean": float(a.mean()), "ci95": [float(a.mean() - half), float(a.mean() + half)]}
 
 
+def cell(r: dict) -> str:
+    return f"{r['mean']:+.3f} [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=30.0, help="pretraining budget (CPU wall clock)")
     ap.add_argument("--out", type=Path, default=Path("/tmp/bench-pretrain"))
     ap.add_argument("--data", choices=["slides", "ebhi"], default="slides")
-    ap.add_argument("--depth", type=int, default=6)
-    ap.add_argument("--dim", type=int, default=192)
-    ap.add_argument("--heads", type=int, default=3)
-    ap.add_argument("--tile", type=int, default=128, help="px of tiles read from slides at 0.5 µm/px")
-    ap.add_argument("--crop", type=int, default=98, help="global crop px (also the evaluation size)")
-    ap.add_argument("--local-crop", type=int, default=42)
-    ap.add_argument("--n-local", type=int, default=4)
-    ap.add_argument("--prototypes", type=int, default=4096)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--base-lr", type=float, default=0.004)
-    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--config", type=Path, default=Path(__file__).with_name("pretrain_cpu30.yaml"),
+                    help="pretraining recipe (SSLConfig YAML); data, steps and epoch_length are set here")
+    ap.add_argument("--batch-size", type=int, default=None, help="override the recipe's batch_size")
+    ap.add_argument("--eval-sizes", default="98,224",
+                    help="px the 224 px EBHI images are resized to for embedding (comma-separated)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
@@ -184,32 +183,48 @@ def main() -> None:
     train_minutes = (time.monotonic() - t1) / 60
     rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
 
-    images = np.stack([load_tile_image(p, args.crop) for p in paths])
     torch.manual_seed(cfg.seed)
     random_backbone, spec = build_backbone(cfg)  # exactly the pretraining start point
-    models = {"random_init": Bundle.from_model(random_backbone.eval(), spec, tile_size=args.crop).build(),
+    models = {"random_init": Bundle.from_model(random_backbone.eval(), spec, tile_size=cfg.global_crop_size).build(),
               "pretrained": load_bundle(run / "teacher.pathapp").build()}
-    results: dict[str, dict] = {"colour_histogram_512": {k: summary(v) for k, v in score(colour_histogram(images), y, groups).items()}}
-    for name, model in models.items():
-        for recipe, X in embed_all(model, images).items():
-            per_fold = score(X, y, groups)
-            results[f"{name}/{recipe}"] = {k: summary(v) | {"folds": v} for k, v in per_fold.items()}
+    results: dict[str, dict] = {}
+    diffs: dict[str, dict] = {}
+    for size in [int(v) for v in args.eval_sizes.split(",")]:
+        images = np.stack([load_tile_image(p, size) for p in paths])
+        folds = {"colour_histogram_512": score(colour_histogram(images), y, groups)}
+        for name, model in models.items():
+            for recipe, X in embed_all(model, images).items():
+                folds[f"{name}/{recipe}"] = score(X, y, groups)
+        for name, per_fold in folds.items():
+            results[f"{size}px {name}"] = {k: summary(v) | {"folds": v} for k, v in per_fold.items()}
+        for recipe in ("cls", "cls+mean"):  # paired over the same folds
+            mine = folds[f"pretrained/{recipe}"]
+            for other in (f"random_init/{recipe}", "colour_histogram_512"):
+                diffs[f"{size}px pretrained/{recipe} - {other}"] = {
+                    k: summary(list(np.subtract(mine[k], folds[other][k]))) for k in ("logreg", "knn20")}
 
     report = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "data": args.data, "slides": HE_SLIDES if args.data == "slides" else None,
-        "architecture": {"backbone": "dinov2_vits14", **cfg.backbone_overrides, "layerscale": 1.0},
+        "config": cfg.to_dict(),
         "steps": len(rows), "planned_steps": steps, "pretrain_minutes": round(train_minutes, 2),
         "total_minutes": round((time.monotonic() - t0) / 60, 2),
-        "loss_first_last": [rows[0]["loss"], rows[-1]["loss"]], "tiles_per_s_median": float(np.median([r["tiles_per_s"] for r in rows])),
-        "eval": "EBHI-Seg 694 images, 6 classes, 5-fold StratifiedGroupKFold by case_prefix, balanced accuracy, mean [95% t-CI over folds]",
-        "results": results,
+        "loss_first_last": [rows[0]["loss"], rows[-1]["loss"]],
+        "tiles_per_s_median": float(np.median([r["tiles_per_s"] for r in rows])),
+        "eval": "EBHI-Seg 694 images, 6 classes, 5-fold StratifiedGroupKFold by case_prefix, balanced accuracy, "
+                "mean [95% t-CI over folds]; differences are paired over the same folds",
+        "results": results, "differences": diffs,
     }
-    print(f"\n{'features':28s} {'logistic regression':>26s} {'20-NN cosine':>26s}")
+    print(f"\n{'features':34s} {'logistic regression':>24s} {'20-NN cosine':>24s}")
     for name, r in results.items():
         cells = [f"{r[k]['mean']:.3f} [{r[k]['ci95'][0]:.3f}, {r[k]['ci95'][1]:.3f}]" for k in ("logreg", "knn20")]
-        print(f"{name:28s} {cells[0]:>26s} {cells[1]:>26s}")
-    print(f"\n{len(rows)} steps in {train_minutes:.1f} min; loss {rows[0]['loss']:.3f} → {rows[-1]['loss']:.3f}")
+        print(f"{name:34s} {cells[0]:>24s} {cells[1]:>24s}")
+    print(f"\n{'paired difference':52s} {'logistic regression':>24s} {'20-NN cosine':>24s}")
+    for name, r in diffs.items():
+        print(f"{name:52s} {cell(r['logreg']):>24s} {cell(r['knn20']):>24s}")
+    first, last = np.mean([r["loss"] for r in rows[:20]]), np.mean([r["loss"] for r in rows[-20:]])
+    print(f"\n{len(rows)} steps in {train_minutes:.1f} min ({report['tiles_per_s_median']:.1f} tiles/s); "
+          f"loss, mean of first/last 20 steps: {first:.3f} → {last:.3f}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     (args.out / "report.json").write_text(json.dumps(report, indent=2))

@@ -12,11 +12,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import DATA, data_file
+from conftest import data_file
 from pathapp.cli import cli
 from pathapp.errors import PathappError
+from pathapp.slide import open_slide
 from pathapp.ssl.config import SSLConfig
-from pathapp.ssl.data import SSLDataset, SlideTileSource, collate, make_loader, open_sources
+from pathapp.ssl.data import SSLDataset, SlideTileSource, make_loader, open_sources
 from pathapp.ssl.meta_arch import Student, Teacher
 from pathapp.ssl.schedules import CosineSchedule, build_schedules, param_groups, scaled_lr
 from pathapp.ssl.train import build_backbone, pretrain
@@ -135,9 +136,15 @@ def test_online_patching_from_real_slides():
     assert np.mean([f > 0.6 for f in fracs]) >= 0.75  # the per-tile HSV check keeps tissue
     assert len({t.tobytes() for t in tiles}) == 12  # different places
     assert np.array_equal(src.sample(np.random.default_rng([1, 3])), tiles[3])  # a pure function of the seed
-    # 1.0 µm/px covers 4× the area of 0.5 µm/px at the same tile size
+    # tiles are read at the asked µm/px: the centre half of a 1.0 µm/px tile is the 0.5 µm/px tile, halved
     entry = src.entries[0]
-    assert len(entry.centres) == 2
+    cx, cy = entry.centres[0][len(entry.centres[0]) // 2]
+    fine, coarse = src.read(entry, cx, cy, 0.5), src.read(entry, cx, cy, 1.0)
+    from PIL import Image
+
+    halved = np.asarray(Image.fromarray(fine).resize((32, 32), Image.BILINEAR)).astype(float)
+    assert np.abs(coarse[16:48, 16:48].astype(float) - halved).mean() < 12
+    assert np.abs(coarse[16:48, 16:48].astype(float) - np.roll(halved, 8, axis=0)).mean() > 15
     # worker-safe: the slide handle pickles and reopens, and a worker produces the same batch
     clone = pickle.loads(pickle.dumps(src))
     clone.reopen()
@@ -152,7 +159,7 @@ def test_online_patching_from_real_slides():
 
 def test_slides_balanced_and_bad_inputs(tmp_path):
     cmu, luna = data_file(CMU), data_file("wsi/aperio/luna-1065626.svs")
-    src = SlideTileSource([__import__("pathapp.slide", fromlist=["open_slide"]).open_slide(p) for p in (cmu, luna)],
+    src = SlideTileSource([open_slide(p) for p in (cmu, luna)],
                           [0.5], 32, 0.6)
     picks = np.array([int(np.random.default_rng([0, i]).integers(len(src))) for i in range(400)])
     assert 0.4 < picks.mean() < 0.6  # each slide drawn equally often whatever its size
@@ -222,3 +229,54 @@ def test_init_dinov2_offline_message_and_init_from_file(tmp_path, monkeypatch):
     got = load_bundle(bundle).backbone_state
     want = backbone.state_dict()
     assert all(torch.allclose(got[k], want[k], atol=1e-6) for k in want)
+
+
+def test_qupath_project_source_uses_present_images(tmp_path, capsys):
+    cmu, tcga = data_file(CMU), data_file("wsi/aperio/tcga-cr-7395-01a-01-ts1.svs")
+
+    def server(path, mpp):
+        meta = {"width": 100, "height": 100}
+        if mpp:
+            meta["pixelCalibration"] = {"pixelWidth": {"value": mpp, "unit": "µm"}, "pixelHeight": {"value": mpp, "unit": "µm"}}
+        return {"builderType": "uri", "providerClassName": "qupath.lib.images.servers.openslide.OpenslideServerBuilder",
+                "uri": path.as_uri(), "args": [], "metadata": meta}
+
+    servers = [server(cmu, None), server(tmp_path / "gone.svs", 0.5), server(tcga, 0.25)]
+    images = [{"serverBuilder": s, "entryID": i + 1, "imageName": f"image {i + 1}", "metadata": {}} for i, s in enumerate(servers)]
+    qpproj = tmp_path / "proj" / "project.qpproj"
+    qpproj.parent.mkdir()
+    qpproj.write_text(json.dumps({"version": "0.6.0", "uri": qpproj.as_uri(), "lastID": 3, "images": images}))
+    src = open_sources(qpproj, mpps=[0.5], tile_size=64, min_tissue=0.6)
+    # the missing image is reported and skipped; the TCGA slide without µm/px in its file gets QuPath's 0.25
+    assert sorted(e.slide.path.name for e in src.entries) == sorted([cmu.name, tcga.name])
+    assert {e.slide.path.name: e.slide.mpp for e in src.entries}[tcga.name] == 0.25
+    assert "image 2" in capsys.readouterr().err
+
+
+def test_bf16_autocast_and_gradient_accumulation(tmp_path):
+    cfg = tiny_config(tiles=str(data_file(EBHI_NORMAL)), steps=2, precision="bf16", grad_accum=2, batch_size=2,
+                      n_local_crops=0, ibot_separate_head=True, centering="sinkhorn")
+    pretrain(cfg, tmp_path / "run", progress=False)
+    rows = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["samples_seen"] for r in rows] == [4, 8] and all(math.isfinite(r["loss"]) for r in rows)
+
+
+def test_register_tokens_backbone():
+    cfg = tiny_config(backbone="dinov2_vits14_reg4")
+    student, teacher = _tiny_pair(cfg)
+    assert student.num_prefix_tokens == 5
+    masks = torch.zeros(2, 9, dtype=torch.bool)
+    masks[:, 4] = True
+    out = student(torch.randn(2, 3, 42, 42), None, masks)
+    assert out["masked_logits"].shape == (2, 64) and "local_logits" not in out
+    assert teacher(torch.randn(2, 3, 42, 42), masks)["masked_logits"].shape == (2, 64)
+    with pytest.raises(PathappError, match="init"):
+        SSLConfig.from_dict({"init": "/no/such/weights.pth"})
+
+
+def test_max_minutes_stops_with_checkpoint_and_bundle(tmp_path):
+    cfg = tiny_config(tiles=str(data_file(EBHI_NORMAL)), steps=50, max_minutes=1e-6, checkpoint_every=100)
+    pretrain(cfg, tmp_path / "run", progress=False)
+    rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 1 and (tmp_path / "run" / "teacher.pathapp").exists()
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["step"] == 1

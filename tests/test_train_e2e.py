@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -99,7 +100,11 @@ def test_ebhi_train_infer_evaluate(ebhi):
          "--fewshot", "--group-by", "case_prefix", "--out", t / "cv", "--cache", ebhi["cache"], "--bootstrap", "50")
     cv = json.loads((t / "cv" / "report.json").read_text())
     assert cv["n_folds"] == 3 and [c["shots"] for c in cv["fewshot"]] == [1, 5, 10, 25, 100, "all"]
-    assert len(cv["metrics"]["sensitivity"]) == 6
+    assert len(cv["metrics"]["sensitivity"]) == 6 and (t / "cv" / "fewshot.png").exists()
+    _run("evaluate", "--data", ebhi["train"], "--model", ebhi["base"], "--holdout", "0.3", "--method", "knn",
+         "--out", t / "ho", "--cache", ebhi["cache"], "--bootstrap", "20")
+    ho = json.loads((t / "ho" / "report.json").read_text())
+    assert ho["method"] == "knn" and 0 < ho["n_samples"] < ho["metrics"]["n_train"] + ho["n_samples"]
 
 
 def test_ebhi_lora_smoke(ebhi):
@@ -174,6 +179,10 @@ def test_ucsb_abmil_slides(tmp_path, shared_data):
          "--out", tmp_path / "rep", "--cache", tmp_path / "cache", "--bootstrap", "20")
     rep = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert rep["n_samples"] == 18 and rep["n_groups"] == 9
+    _run("evaluate", "--data", tmp_path / "slides.csv", "--model", base, "--folds", "3", "--method", "abmil",
+         "--slide-mpp", "0.5", "--out", tmp_path / "cv", "--cache", tmp_path / "cache", "--bootstrap", "20")
+    cv = json.loads((tmp_path / "cv" / "report.json").read_text())
+    assert cv["n_folds"] == 3 and "patient" in cv["mode"]
     # inference exports the attention per tile
     one = root / rows[0]["image"]
     _run("infer", one, "--model", tmp_path / "mil.pathapp", "--slide-mpp", "0.5", "--out", tmp_path / "out",
@@ -181,3 +190,38 @@ def test_ucsb_abmil_slides(tmp_path, shared_data):
     feats = json.loads((tmp_path / "out" / one.stem / "tiles.geojson").read_text())["features"]
     att = [f["properties"]["measurements"]["attention"] for f in feats]
     assert len(att) > 1 and sum(att) == pytest.approx(1, abs=1e-3)
+
+
+def test_project_without_images_is_a_clear_error(tmp_path, shared_data):
+    """A real QuPath project whose image is not on this machine: one error naming the project."""
+    import shutil
+
+    from pathapp.train.labels import LabelError
+
+    proj = tmp_path / "p"
+    shutil.copytree(shared_data / "qupath" / "btc-lab-he-project", proj)
+    base = tiny_bundle(tmp_path, 0)
+    res = CliRunner().invoke(cli, ["train", "--data", str(proj / "project.qpproj"), "--model", str(base),
+                                   "--out", str(tmp_path / "m.pathapp")])
+    assert isinstance(res.exception, LabelError) and "project.qpproj" in str(res.exception)
+    assert "relink" in str(res.exception)
+
+
+@pytest.mark.paquo
+@pytest.mark.skipif(not os.environ.get("PAQUO_QUPATH_DIR"), reason="needs QuPath (PAQUO_QUPATH_DIR)")
+def test_qupath_project_annotations_train(tmp_path, shared_data):
+    """Classified annotations drawn in a QuPath project (through QuPath itself) train a head."""
+    from paquo.classes import QuPathPathClass
+    from paquo.images import QuPathImageType
+    from paquo.projects import QuPathProject
+    from shapely.geometry import box
+
+    svs = shared_data / "wsi" / "aperio" / "CMU-1-Small-Region.svs"
+    with QuPathProject(tmp_path / "proj", mode="x") as qp:
+        entry = qp.add_image(svs, image_type=QuPathImageType.BRIGHTFIELD_H_E)
+        entry.hierarchy.add_annotation(box(0, 0, 2220, 1300), path_class=QuPathPathClass("Upper"))
+        entry.hierarchy.add_annotation(box(0, 1700, 2220, 2967), path_class=QuPathPathClass("Lower"))
+    base = tiny_bundle(tmp_path, 0, mpp=2.0, filename="base.pathapp")
+    _run("train", "--data", tmp_path / "proj" / "project.qpproj", "--model", base, "--method", "prototype",
+         "--out", tmp_path / "m.pathapp", "--cache", tmp_path / "cache")
+    assert load_bundle(tmp_path / "m.pathapp").class_names == ["Lower", "Upper"]

@@ -123,5 +123,14 @@ def test_cross_validate_fewshot_and_report(tmp_path):
     path = write_report(res, ["a", "b", "c"], tmp_path, {"fewshot": curve})
     rep = json.loads(path.read_text())
     assert rep["n_groups"] == 30 and rep["metrics"]["ci95"]["accuracy"][0] <= rep["metrics"]["accuracy"]
-    assert (tmp_path / "confusion.png").stat().st_size > 1000 and (tmp_path / "roc.png").stat().st_size > 1000
+    assert all((tmp_path / f).stat().st_size > 1000 for f in ("confusion.png", "roc.png", "fewshot.png"))
     assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_auroc_when_predictions_sit_on_absent_classes():
+    # test split holds classes 0 and 1 only; one row put all its votes on class 2 (a kNN can)
+    y = np.array([0, 0, 1, 1, 1])
+    p = np.array([[0.9, 0.1, 0], [0, 0, 1.0], [0.2, 0.8, 0], [0.4, 0.6, 0], [0.3, 0.3, 0.4]])
+    m = point_metrics(y, p, 3)
+    q = np.array([0.1, 0.5, 0.8, 0.6, 0.5])  # P(class 1) among present classes, ties for the empty row
+    assert m["auroc_ovr"] == pytest.approx(roc_auc_score(y, q))

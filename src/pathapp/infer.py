@@ -183,8 +183,6 @@ def infer_slide(
             sp, attention = rt.model.slide_head(torch.from_numpy(embeddings).to(rt.device))
         slide_probs = sp.float().cpu().numpy()
         extra["attention"] = attention.float().cpu().numpy()
-    if len(extra["tissue fraction"]) != n:
-        del extra["tissue fraction"]
     return SlideResult(
         slide_path=str(slide.path),
         slide_name=slide.name,

@@ -67,6 +67,8 @@ def pretrain(slides: str | None, tiles: str | None, backbone: str | None, init: 
     run = Path(out)
     slides = str(Path(slides).resolve()) if slides else None  # the saved config must work from any folder
     tiles = str(Path(tiles).resolve()) if tiles else None
+    if init not in (None, "none", "dinov2") and Path(init).is_file():
+        init = str(Path(init).resolve())
     if resume:
         if not (run / CONFIG).exists():
             raise PathappError(f"{run / CONFIG}: no run to resume here; drop --resume to start one")
@@ -90,7 +92,8 @@ def pretrain(slides: str | None, tiles: str | None, backbone: str | None, init: 
         d["slides"], d["tiles"] = slides, tiles
     if not resume and epochs is not None:
         d["steps"] = steps
-    cfg = SSLConfig.from_dict(d, str(config_path or run / CONFIG))
+    where = str(run / CONFIG) if resume else (f"{config_path} with the command-line options" if config_path else "pretrain options")
+    cfg = SSLConfig.from_dict(d, where)
     import torch.distributed as dist
 
     try:

@@ -12,7 +12,8 @@ _data_option = click.option(
     "--data", "data", multiple=True, required=True, type=click.Path(exists=True, path_type=Path),
     help="Labelled data: a labels.csv (columns image,label[,case_prefix|patient|slide]), a folder holding "
     "one, an ImageFolder tree <class>/*.png; or a QuPath GeoJSON export of classified annotations "
-    "(repeat, one per --slides); or slides.csv (columns slide,label[,patient]) for --method abmil.")
+    "(repeat, one per --slides); or a QuPath project.qpproj (its entries' classified annotations, via "
+    "paquo + QuPath); or slides.csv (columns slide,label[,patient]) for --method abmil.")
 _slides_option = click.option(
     "--slides", multiple=True, type=click.Path(exists=True, path_type=Path),
     help="The slide each GeoJSON --data annotates (repeat, same order).")
@@ -116,10 +117,13 @@ def train(data, slides, backbone, weights, model, method, out, group_by, mpp, ti
 @click.option("--model", "model", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
               help="The .pathapp bundle to evaluate (its backbone gives the embeddings).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Report folder: report.json, confusion.png, roc.png.")
+              help="Report folder: report.json, confusion.png, roc.png (and fewshot.png with --fewshot).")
 @click.option("--folds", type=click.IntRange(min=2), default=None,
               help="Cross-validate: re-fit the head on K grouped folds of --data (no slide or patient on "
               "both sides). Without it the bundle's head is scored as is on --data (use held-out data).")
+@click.option("--holdout", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              metavar="FRACTION", help="Instead of --folds: re-fit the head on one grouped part and score "
+              "the held-out FRACTION of slides/patients (e.g. 0.2).")
 @click.option("--method", type=click.Choice(["linear", "knn", "prototype", "mlp", "abmil"]), default=None,
               help="Head to cross-validate (default: the bundle's head kind, else linear).")
 @click.option("--fewshot", is_flag=True,
@@ -133,7 +137,7 @@ def train(data, slides, backbone, weights, model, method, out, group_by, mpp, ti
 @_batch_option
 @click.option("--bootstrap", type=click.IntRange(min=10), default=1000, show_default=True,
               help="Bootstrap resamples (of whole groups) for the 95% confidence intervals.")
-def evaluate(data, slides, model, out, folds, method, fewshot, group_by, slide_mpp, cache, embeddings, device,
+def evaluate(data, slides, model, out, folds, holdout, method, fewshot, group_by, slide_mpp, cache, embeddings, device,
              batch_size, bootstrap) -> None:
     """Measure a model on labelled data: accuracy, balanced accuracy, macro-F1, per-class
     sensitivity/specificity and AUROC with 95% CIs, plus confusion-matrix and ROC pictures.
@@ -149,7 +153,7 @@ def evaluate(data, slides, model, out, folds, method, fewshot, group_by, slide_m
 
     if fewshot and not folds:
         raise click.UsageError("--fewshot needs --folds K")
-    path = evaluate_model(list(data), model, out, folds=folds, method=method, fewshot=fewshot, slides=list(slides),
+    path = evaluate_model(list(data), model, out, folds=folds, holdout=holdout, method=method, fewshot=fewshot, slides=list(slides),
                           group_by=group_by, slide_mpp=slide_mpp, cache=_cache(cache), device=device,
                           batch_size=batch_size, n_boot=bootstrap, embeddings=embeddings)
     m = json.loads(path.read_text())["metrics"]

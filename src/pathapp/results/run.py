@@ -99,7 +99,8 @@ def write_results(result: SlideResult, out_dir: str | Path, object_type: str = "
         files += [p for p in [write_pca(result, out, pca)] if p]
     result.timings["write"] = time.perf_counter() - t0
     with atomic_path(out / "run.json") as tmp:
-        tmp.write_text(json.dumps(run_record(result, files + [out / "run.json"]), indent=2, allow_nan=False, default=str))
+        record = run_record(result, files + [out / "run.json"])
+        tmp.write_text(json.dumps(record, indent=2, allow_nan=False, default=str))
     files.append(out / "run.json")
     with atomic_path(out / DONE) as tmp:
         tmp.write_text("")

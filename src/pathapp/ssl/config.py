@@ -120,8 +120,7 @@ class SSLConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> "SSLConfig":
-        names = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - set(names))
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise PathappError(f"{source}: unknown setting(s) {', '.join(unknown)}; see `pathapp pretrain --help` "
                                f"or a run's config.yaml for the valid names")
@@ -157,6 +156,8 @@ class SSLConfig:
             (self.n_local_crops >= 0, "n_local_crops must be >= 0"),
             (0 <= self.mask_ratio[0] <= self.mask_ratio[1] < 1, "mask_ratio must be (low, high) in [0, 1)"),
         ]
+        checks.append((self.init in {"none", "dinov2"} or Path(self.init).is_file(),
+                       f"init {self.init!r} is neither none, dinov2 nor an existing weights file"))
         for ok, msg in checks:
             if not ok:
                 raise PathappError(f"{source}: {msg}")

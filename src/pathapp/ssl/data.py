@@ -237,23 +237,21 @@ def open_sources(slides: str | Path | None = None, tiles: str | Path | None = No
     src = Path(slides)
     if not src.exists():
         raise PathappError(f"{src}: no such file or folder; --slides takes a folder of slides, a slide, or a .qpproj")
+    entries: list[tuple[Path, float | None]] = []  # (slide, µm/px override)
     if src.suffix == ".qpproj":
         from pathapp.qupath.project import read_project
 
-        paths = []
         for e in read_project(src).entries:
             if e.image_path is None or not Path(e.image_path).exists():
                 _warn(f"{src}: image {e.name!r} not found ({e.error or e.uri}); skipped")
-            else:
-                paths.append(Path(e.image_path))
-    elif src.is_dir():
-        paths = find_slides(src)
+            else:  # the pixel calibration QuPath shows (it may fix a file without µm/px)
+                entries.append((Path(e.image_path), slide_mpp or e.mpp))
     else:
-        paths = [src]
+        entries = [(p, slide_mpp) for p in (find_slides(src) if src.is_dir() else [src])]
     opened = []
-    for p in paths:
+    for p, mpp in entries:
         try:
-            s = open_slide(p, mpp=slide_mpp)
+            s = open_slide(p, mpp=mpp)
             s.require_mpp()
             opened.append(s)
         except MissingMppError:

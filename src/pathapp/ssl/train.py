@@ -145,9 +145,18 @@ def weights_checksum(*modules: nn.Module) -> str:
 
 @dataclasses.dataclass
 class Criterion:
+    """The weighted DINOv2 objective; owns the teacher-target centres of the CLS and patch heads."""
+
     cfg: SSLConfig
     dino_center: Centering
     ibot_center: Centering
+
+    @classmethod
+    def build(cls, cfg: SSLConfig, device: torch.device) -> "Criterion":
+        def centre() -> Centering:
+            return Centering(cfg.n_prototypes, cfg.centering, cfg.center_momentum, cfg.sinkhorn_iterations).to(device)
+
+        return cls(cfg, centre(), centre())
 
     def __call__(self, student: nn.Module, teacher: Teacher, batch: dict[str, torch.Tensor],
                  teacher_temp: float, autocast: contextlib.AbstractContextManager) -> tuple[torch.Tensor, dict[str, float]]:
@@ -220,6 +229,25 @@ def _grad_sync(wrapped: nn.Module, sync: bool) -> contextlib.AbstractContextMana
     return contextlib.nullcontext()
 
 
+def _build_models(cfg: SSLConfig, info: DistInfo):
+    """(cfg with mean/std resolved, spec, student, teacher, the module to call for the student's
+    forward (DDP-wrapped or the FSDP-sharded student), AdamW). Same initial weights on every rank."""
+    torch.manual_seed(cfg.seed)
+    backbone, spec = build_backbone(cfg)
+    cfg = dataclasses.replace(cfg, mean=tuple(cfg.mean or spec.mean), std=tuple(cfg.std or spec.std))
+    student = Student(backbone, cfg).to(info.device)
+    teacher = Teacher(student).to(info.device)
+    wrapped: nn.Module = student
+    if _distributed() and cfg.distributed == "fsdp":
+        _fsdp_shard(student, student.backbone)
+        _fsdp_shard(teacher, teacher.backbone)
+    elif _distributed():
+        wrapped = nn.parallel.DistributedDataParallel(
+            student, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    optimizer = torch.optim.AdamW(param_groups(student, cfg.layer_decay, cfg.patch_embed_lr_mult), betas=cfg.adamw_betas)
+    return cfg, spec, student, teacher, wrapped, optimizer
+
+
 def pretrain(cfg: SSLConfig, out: str | Path, *, resume: bool = False, progress: bool = True,
              stop_at: int | None = None) -> Path:
     """Run (or resume) DINOv2 pretraining into run folder `out`; returns the teacher bundle's path.
@@ -234,26 +262,11 @@ def pretrain(cfg: SSLConfig, out: str | Path, *, resume: bool = False, progress:
     if resume and not ckpt_path.exists():
         raise PathappError(f"{ckpt_path}: no checkpoint to resume from; drop --resume to start a new run")
     cfg.validate()
+    source = open_sources(cfg.slides, cfg.tiles, mpps=cfg.mpp, tile_size=cfg.tile_size,
+                          min_tissue=cfg.min_tissue, slide_mpp=cfg.slide_mpp)  # bad data fails before any write
 
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    backbone, spec = build_backbone(cfg)
-    cfg = dataclasses.replace(cfg, mean=tuple(cfg.mean or spec.mean), std=tuple(cfg.std or spec.std))
-    student = Student(backbone, cfg)
-    teacher = Teacher(student)
-    student.to(info.device)
-    teacher.to(info.device)
-    criterion = Criterion(cfg, Centering(cfg.n_prototypes, cfg.centering, cfg.center_momentum, cfg.sinkhorn_iterations),
-                        Centering(cfg.n_prototypes, cfg.centering, cfg.center_momentum, cfg.sinkhorn_iterations))
-    criterion.dino_center.to(info.device)
-    criterion.ibot_center.to(info.device)
-
-    wrapped: nn.Module = student
-    if _distributed() and cfg.distributed == "fsdp":
-        _fsdp_shard(student, student.backbone)
-        _fsdp_shard(teacher, teacher.backbone)
-    elif _distributed():
-        wrapped = nn.parallel.DistributedDataParallel(student, device_ids=[info.device.index] if info.device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(param_groups(student, cfg.layer_decay, cfg.patch_embed_lr_mult), betas=cfg.adamw_betas)
+    cfg, spec, student, teacher, wrapped, optimizer = _build_models(cfg, info)
+    criterion = Criterion.build(cfg, info.device)
     sched = build_schedules(cfg, info.world_size)
 
     start_step, samples_seen = 0, 0
@@ -267,8 +280,6 @@ def pretrain(cfg: SSLConfig, out: str | Path, *, resume: bool = False, progress:
     if info.is_main:
         _truncate_metrics(out / METRICS, start_step)
 
-    source = open_sources(cfg.slides, cfg.tiles, mpps=cfg.mpp, tile_size=cfg.tile_size,
-                          min_tissue=cfg.min_tissue, slide_mpp=cfg.slide_mpp)
     dataset = SSLDataset(source, cfg, spec.patch_size)
     per_micro = cfg.batch_size * info.world_size
     loader = make_loader(dataset, samples_seen // per_micro, cfg.batch_size, info.rank, info.world_size, cfg.num_workers)

@@ -1,7 +1,7 @@
 """What `pathapp train` and `pathapp evaluate` do, as Python functions.
 
 Data: an image-level labels.csv or ImageFolder tree; QuPath GeoJSON class annotations paired with
-their slides; or a slide,label[,patient] CSV for attention-MIL. Every path embeds tiles through the
+their slides, or a QuPath project; or a slide,label[,patient] CSV for attention-MIL. Every path embeds tiles through the
 bundle's own PathModel (cached), so training, evaluation and `pathapp infer` see the same numbers.
 """
 
@@ -28,7 +28,8 @@ class TrainError(PathappError):
 
 @dataclass
 class LabelledTiles:
-    """Labelled tiles from any source, ready to embed (`tiles[i]` -> uint8 HxWx3) or already embedded."""
+    """Labelled tiles from any source: `tiles[i]` -> uint8 HxWx3 (pixels, for LoRA); `paths` or
+    `parts` say where they come from (for the embedding cache)."""
 
     class_names: list[str]
     labels: np.ndarray
@@ -79,11 +80,13 @@ def base_bundle(
 
 
 def is_slide_csv(path: Path) -> bool:
-    """A CSV whose header has a `slide` column (slide-level labels for MIL)."""
+    """A CSV with a `slide` and no `image` column: slide-level labels for MIL (a tile CSV may name
+    the slide as its group column)."""
     if not (path.is_file() and path.suffix.lower() == ".csv"):
         return False
     with open(path, newline="") as f:
-        return "slide" in (next(csv.reader(f), []) or [])
+        header = next(csv.reader(f), [])
+    return "slide" in header and "image" not in header
 
 
 def load_labelled(
@@ -96,13 +99,14 @@ def load_labelled(
     max_other: float = MAX_OTHER,
     class_names: Sequence[str] | None = None,
 ) -> LabelledTiles:
-    """Labelled tiles from image data (one path) or GeoJSON annotations (one per slide, in order)."""
+    """Labelled tiles from image data (one path), GeoJSON annotations (one per slide, in order) or a
+    QuPath project.qpproj (classified annotations of every entry, read through paquo)."""
     from pathapp.train.labels import read_image_data
 
     data = [Path(d) for d in data]
     if not data:
         raise TrainError("--data is required")
-    if all(d.suffix.lower() in (".geojson", ".json") for d in data):
+    if all(d.suffix.lower() in (".geojson", ".json", ".qpproj") for d in data):
         return _annotated_tiles(data, [Path(s) for s in slides], bundle, slide_mpp, min_inside, max_other, class_names)
     if len(data) != 1 or slides:
         raise TrainError("give one --data image folder or labels.csv, or one GeoJSON per --slides slide")
@@ -122,28 +126,47 @@ def _align_classes(found: Sequence[str], expected: Sequence[str] | None, where: 
     return list(expected)
 
 
-def _annotated_tiles(geojsons, slides, bundle, slide_mpp, min_inside, max_other, class_names) -> LabelledTiles:
+def _annotation_sources(data: list[Path], slides: list[Path], slide_mpp: float | None) -> list[tuple[Path, list, float | None]]:
+    """(slide, QuPath objects, slide µm/px override) per annotated slide: GeoJSON exports paired with
+    --slides in order, or every entry of a QuPath project (objects read through paquo)."""
+    from pathapp.qupath.geojson import read_objects
+
+    if len(data) == 1 and data[0].suffix.lower() == ".qpproj":
+        from pathapp.qupath.paquo_bridge import read_entry_objects
+        from pathapp.qupath.project import read_project
+
+        project = read_project(data[0])
+        usable = [e for e in project.entries if e.image_path is not None and not e.error]
+        if not usable:
+            why = "; ".join(f"{e.name}: {e.error or 'image not found'}" for e in project.entries[:3]) or "no entries"
+            raise LabelError(f"{data[0]}: no project image can be opened ({why}); relink the images in QuPath")
+        return [(e.image_path, read_entry_objects(data[0], e.entry_id), slide_mpp or e.mpp) for e in usable]
+    if slides and len(slides) != len(data):
+        raise TrainError(f"{len(data)} annotation files but {len(slides)} --slides; pair each GeoJSON with its slide")
+    if not slides:
+        raise TrainError("GeoJSON --data needs the slide it annotates: add --slides SLIDE (one per GeoJSON, same order)")
+    return [(slide, read_objects(g), slide_mpp) for g, slide in zip(data, slides)]
+
+
+def _annotated_tiles(data, slides, bundle, slide_mpp, min_inside, max_other, class_names) -> LabelledTiles:
     import shapely
 
-    from pathapp.qupath.geojson import read_objects
     from pathapp.slide import open_slide
     from pathapp.tiles import TileGrid, make_grid, tile_polygons
     from pathapp.train.labels import assign_tile_labels, class_regions
 
-    if len(slides) != len(geojsons):
-        raise TrainError(f"{len(geojsons)} annotation files but {len(slides)} --slides; pair each GeoJSON with its slide")
-    regions = [class_regions(read_objects(g)) for g in geojsons]
+    sources = _annotation_sources(data, slides, slide_mpp)
+    regions = [class_regions(objects) for _, objects, _ in sources]
     found = sorted({name for r in regions for name in r})
     if class_names is None and len(found) < 2:
-        raise LabelError(f"{geojsons[0]}: need classified annotations of at least two classes (found {found})")
-    names = _align_classes(found, class_names, geojsons[0])
+        raise LabelError(f"{data[0]}: need classified annotations of at least two classes (found {found})")
+    names = _align_classes(found, class_names, data[0])
     labels, groups, parts = [], [], []
-    for path, reg in zip(slides, regions):
-        slide = open_slide(path, mpp=slide_mpp)
-        rois = shapely.union_all(list(reg.values())) if reg else None
-        if rois is None:
+    for (path, _, mpp), reg in zip(sources, regions):
+        if not reg:
             continue
-        grid = make_grid(slide, bundle.mpp, bundle.tile_size, rois=rois)
+        slide = open_slide(path, mpp=mpp)
+        grid = make_grid(slide, bundle.mpp, bundle.tile_size, rois=shapely.union_all(list(reg.values())))
         lab = assign_tile_labels(tile_polygons(grid), reg, names, min_inside, max_other)
         keep = lab >= 0
         sub = TileGrid(grid.coords[keep], grid.footprint, grid.level, grid.read_size, grid.tile_size, grid.mpp,
@@ -153,7 +176,7 @@ def _annotated_tiles(geojsons, slides, bundle, slide_mpp, min_inside, max_other,
         groups += [slide.name] * int(keep.sum())
     y = np.concatenate(labels) if labels else np.zeros(0, np.int64)
     if len(np.unique(y)) < 2:
-        raise LabelError(f"{geojsons[0]}: fewer than two classes have tiles inside their regions at "
+        raise LabelError(f"{data[0]}: fewer than two classes have tiles inside their regions at "
                          f"{bundle.mpp} µm/px, {bundle.tile_size} px; draw larger regions or lower --tile-size")
     tiles = ConcatTiles([SlideTiles(s, g) for s, g in parts])
     return LabelledTiles(names, y, np.asarray(groups), tiles, "annotations", parts=parts)
@@ -276,6 +299,8 @@ def train_model(
             head = fit_head(method, X, lt.labels, lt.groups, len(lt.class_names), **options)
             bundle = _with_head(base, head, lt.class_names, head.info)
             info.update(head.info)
+    bundle.provenance["training"].update({"data": [str(d) for d in data], "group_by": group_by,
+                                          "classes_support": info.get("support")})
     return save_bundle(bundle, out), info
 
 
@@ -285,6 +310,7 @@ def evaluate_model(
     out_dir: Path,
     *,
     folds: int | None = None,
+    holdout: float | None = None,
     method: str | None = None,
     fewshot: bool = False,
     slides: Sequence[Path] = (),
@@ -302,17 +328,29 @@ def evaluate_model(
 
     Without `folds`: the bundle's own head predicts every item (use data it was not trained on).
     With `folds`: grouped k-fold cross-validation re-fits the head (`method`, default the bundle's
-    head kind) on the bundle's embeddings; `fewshot` adds the label-efficiency curve."""
+    head kind) on the bundle's embeddings; `fewshot` adds the label-efficiency curve. With `holdout`:
+    the head is re-fitted on one grouped train part and scored on the held-out fraction of groups."""
     from pathapp.models.bundle import load_bundle
-    from pathapp.train.evaluate import EvalResult, bootstrap_ci, cross_validate, fewshot_curve, point_metrics, write_report
+    from pathapp.train.evaluate import (
+        EvalResult,
+        bootstrap_ci,
+        cross_validate,
+        fewshot_curve,
+        holdout_evaluate,
+        point_metrics,
+        write_report,
+    )
     from pathapp.train.fit import METHODS, head_fitter
 
     bundle = load_bundle(model)
     is_mil = len(data) == 1 and is_slide_csv(Path(data[0]))
-    if not folds and bundle.has_head and (bundle.head_kind == "abmil") != is_mil:
+    if not (folds or holdout) and bundle.has_head and (bundle.head_kind == "abmil") != is_mil:
         raise TrainError(f"{model}: a {bundle.head_kind} head needs "
                          + ("a slide,label CSV as --data" if bundle.head_kind == "abmil" else "tile-level --data"))
-    expected = bundle.class_names if bundle.has_head and not folds else None
+    if folds and holdout:
+        raise TrainError("give --folds K or --holdout FRACTION, not both")
+    refit = bool(folds or holdout)
+    expected = bundle.class_names if bundle.has_head and not refit else None
     if is_mil:
         sl, bags = slide_bags(Path(data[0]), bundle, group_by, slide_mpp, cache, device, batch_size, progress,
                                embeddings)
@@ -327,7 +365,7 @@ def evaluate_model(
         X = embed_labelled(lt, bundle, cache, device, batch_size, progress, embeddings)
     extra: dict[str, Any] = {"model": str(model), "data": [str(d) for d in data], "group_by": group_by}
     n = len(names)
-    if folds:
+    if refit:
         method = method or bundle.head_kind or "linear"
         if is_mil or method == "abmil":
             from pathapp.train.mil import abmil_fitter
@@ -337,10 +375,16 @@ def evaluate_model(
             fit = head_fitter(method, n)
         else:
             raise TrainError(f"--method for cross-validation must be one of {', '.join(METHODS + ('abmil',))}")
-        result = cross_validate(X, y, groups, n, fit, folds, seed, n_boot)
-        extra.update({"mode": f"{folds}-fold cross-validation grouped by {group_by or 'group'}", "method": method})
+        grouping = group_by or ("patient/slide" if is_mil else "slide" if len(np.unique(groups)) < len(y) else "item")
+        if folds:
+            result = cross_validate(X, y, groups, n, fit, folds, seed, n_boot)
+            extra["mode"] = f"{folds}-fold cross-validation grouped by {grouping}"
+        else:
+            result = holdout_evaluate(X, y, groups, n, fit, holdout, seed, n_boot)
+            extra["mode"] = f"held-out {holdout:.0%} of groups ({grouping})"
+        extra["method"] = method
         if fewshot and not is_mil:
-            extra["fewshot"] = fewshot_curve(X, y, groups, n, fit, n_folds=folds, seed=seed)
+            extra["fewshot"] = fewshot_curve(X, y, groups, n, fit, n_folds=folds or 5, seed=seed)
     else:
         if not bundle.has_head:
             raise TrainError(f"{model}: the bundle has no head; pass --folds K to cross-validate a --method on its embeddings")

@@ -91,7 +91,9 @@ def point_metrics(y: np.ndarray, probs: np.ndarray, n_classes: int) -> dict[str,
     out["auroc_ovr"] = float("nan")
     if present.sum() >= 2:
         p = probs[:, present]
-        p = p / np.clip(p.sum(1, keepdims=True), 1e-12, None)
+        mass = p.sum(1, keepdims=True)
+        # rescore among the classes present; a row that put all its mass on absent classes ties
+        p = np.where(mass > 1e-12, p / np.where(mass > 1e-12, mass, 1.0), 1.0 / p.shape[1])
         yy = np.searchsorted(labels[present], y)
         if present.sum() == 2:
             out["auroc_ovr"] = float(roc_auc_score(yy, p[:, 1]))
@@ -175,6 +177,25 @@ def cross_validate(
     return EvalResult(y, probs, groups, fold_of, metrics, per_fold)
 
 
+def holdout_evaluate(
+    X: np.ndarray,
+    y: np.ndarray,
+    groups: np.ndarray,
+    n_classes: int,
+    fit: FitFn,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    n_boot: int = 1000,
+) -> EvalResult:
+    """Fit on one grouped train part, score the held-out groups (no group on both sides)."""
+    tr, te = holdout_split(y, groups, test_fraction, seed)
+    probs = fit(X[tr], y[tr], groups[tr])(X[te])
+    metrics = point_metrics(y[te], probs, n_classes)
+    metrics["ci95"] = bootstrap_ci(y[te], probs, n_classes, groups[te], n_boot=n_boot, seed=seed)
+    metrics["n_train"] = int(len(tr))
+    return EvalResult(y[te], probs, groups[te], np.zeros(len(te), int), metrics, [])
+
+
 def subsample_per_class(y: np.ndarray, n: int | None, rng: np.random.Generator) -> np.ndarray:
     """Indices of at most `n` samples of each class (all when n is None)."""
     keep = []
@@ -254,6 +275,29 @@ def save_plots(y: np.ndarray, probs: np.ndarray, class_names: Sequence[str], out
     return paths
 
 
+def save_fewshot_plot(curve: Sequence[dict], path: Path) -> Path:
+    """Balanced accuracy (± std over folds and draws) vs labelled tiles per class, log x axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [str(c["shots"]) for c in curve]
+    mean = np.array([c["balanced_accuracy"] for c in curve])
+    std = np.array([c["std"] for c in curve])
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    x = np.arange(len(curve))
+    ax.errorbar(x, mean, yerr=std, marker="o", capsize=3)
+    ax.set_xticks(x, labels)
+    ax.set_xlabel("labelled tiles per class")
+    ax.set_ylabel("balanced accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save_fig(fig, path)
+    return path
+
+
 def _save_fig(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
@@ -285,9 +329,11 @@ def write_json(obj: dict, path: Path) -> Path:
 
 
 def write_report(result: EvalResult, class_names: Sequence[str], out_dir: Path, extra: dict | None = None) -> Path:
-    """report.json + confusion.png + roc.png into out_dir; returns the report path."""
+    """report.json + confusion.png + roc.png (+ fewshot.png when extra has a curve) into out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
     save_plots(result.y, result.probs, class_names, out_dir)
+    if extra and extra.get("fewshot"):
+        save_fewshot_plot(extra["fewshot"], out_dir / "fewshot.png")
     report = {
         "class_names": list(class_names),
         "n_samples": int(len(result.y)),
