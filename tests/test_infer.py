@@ -253,3 +253,15 @@ def test_attention_mil_bundle_gives_slide_prediction_and_attention(shared_data, 
     assert attention.sum() == pytest.approx(1, abs=1e-4) and attention.std() > 0
     prediction = json.loads((folder / "run.json").read_text())["parameters"]["slide_prediction"]
     assert set(prediction) == {"Tumor", "Stroma"} and sum(prediction.values()) == pytest.approx(1, abs=1e-5)
+
+
+def test_progress_lines_when_not_a_terminal(shared_data, bundle_path, monkeypatch):
+    """Logs (QuPath's log window, torchrun) get plain `progress:` lines instead of a tqdm bar."""
+    import pathapp.infer
+
+    monkeypatch.setattr(pathapp.infer, "PROGRESS_EVERY_S", 0.0)
+    logged: list[str] = []
+    res = infer_slide(open_slide(data_file(SVS)), load_bundle(bundle_path), mpp=4.0, batch_size=4, workers=0,
+                      log=logged.append)
+    n = len(res)
+    assert len(logged) == -(-n // 4) and logged[-1].startswith(f"progress: CMU-1-Small-Region: {n}/{n} tiles, ")

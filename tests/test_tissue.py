@@ -106,7 +106,7 @@ def test_ihc_slide_dab_and_haematoxylin_are_tissue() -> None:
     slide = open_slide(data_file("wsi/ome-tiff/OS-2-ndpi.ome.tif"))
     tm = detect_tissue(slide, target_mpp=2.0)
     rgb = tm.rgb.astype(np.int32)
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    r, b = rgb[..., 0], rgb[..., 2]
     dab = (r > b + 15) & (rgb.max(2) < 200)  # brown: red above blue, darker than background
     haem = (b > r + 15) & (rgb.max(2) < 235)  # blue counterstain
     assert dab.sum() > 20 and haem.sum() > 200

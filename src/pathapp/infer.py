@@ -19,7 +19,7 @@ import numpy as np
 
 from pathapp.errors import PathappError
 from pathapp.results import SlideResult, is_done, write_results
-from pathapp.slide import Slide, find_slides, open_slide
+from pathapp.slide import Slide, find_slides, open_slide, slide_name
 
 if TYPE_CHECKING:
     import torch
@@ -27,9 +27,11 @@ if TYPE_CHECKING:
     from pathapp.models.bundle import Bundle, PathModel
 
 PRECISIONS = ("fp32", "bf16", "int8")
-DEFAULT_OUT = Path("pathapp-out")
+DEFAULT_MODEL = "dinov2_vits14"
+RESULTS_FOLDER = "pathapp"  # results go to <slide folder>/pathapp/<slide name>/ unless --out is given
 THUMBNAIL_PX = 1024
 MIN_THUMBNAIL_PX = 512
+PROGRESS_EVERY_S = 30.0  # interval of `progress:` lines when stderr is not a terminal
 
 
 class InferenceError(PathappError):
@@ -108,9 +110,13 @@ def infer_slide(
     precision: str = "fp32",
     runtime: Runtime | None = None,
     progress: bool = True,
+    log: Callable[[str], None] | None = None,
 ) -> SlideResult:
     """Tile `slide` at `mpp` (default: the bundle's) inside tissue (and `rois`, level-0 shapely),
-    run the model on every tile, and return the per-tile results. `runtime` reuses a built model."""
+    run the model on every tile, and return the per-tile results. `runtime` reuses a built model.
+
+    Progress: a tqdm bar on a terminal; otherwise (a log file, QuPath's log window) a `progress:`
+    line through `log` every PROGRESS_EVERY_S seconds."""
     import torch
     from torch.utils.data import DataLoader
     from tqdm import tqdm
@@ -156,9 +162,11 @@ def infer_slide(
             prefetch_factor=4 if n_workers else None,
         )
         autocast = torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=rt.precision == "bf16")
-        # disable=None: no bar when stderr is not a terminal (logs, torchrun, QuPath's log window)
-        bar = tqdm(total=n, unit="tile", desc=slide.name, disable=None if progress else True, dynamic_ncols=True,
+        tty = sys.stderr.isatty()
+        bar = tqdm(total=n, unit="tile", desc=slide.name, disable=not (progress and tty), dynamic_ncols=True,
                    leave=False)
+        log_lines = progress and not tty and log is not None
+        last_log, seen = t_model, 0
         with torch.inference_mode(), bar:
             t = time.perf_counter()
             for x, idx in loader:
@@ -173,6 +181,10 @@ def infer_slide(
                 t = time.perf_counter()
                 compute += t - t1
                 bar.update(len(i))
+                seen += len(i)
+                if log_lines and t - last_log >= PROGRESS_EVERY_S:
+                    last_log = t
+                    log(f"progress: {slide.name}: {seen}/{n} tiles, {seen / (t - t_model):.1f} tiles/s")
     timings["model"] = time.perf_counter() - t_model
     timings["data_wait"], timings["compute"] = wait, compute
 
@@ -226,7 +238,7 @@ class Job:
 
     label: str  # what the user sees in messages
     source: Path | None  # slide file or DICOM folder; None when a project entry's image is missing
-    out_dir: Path | None  # None: <out>/<slide name>, known once the slide is open
+    out_dir: Path | None  # None only when the input cannot run (see error)
     entry_mpp: float | None = None  # µm/px recorded by QuPath, used when the file has none
     error: str | None = None  # why this input cannot run (reported, counted as failed)
     project: Path | None = None
@@ -265,10 +277,15 @@ def expand_inputs(inputs: Sequence[str | Path], out: Path | None) -> list[Job]:
             if not found:
                 jobs.append(Job(label=str(p), source=None, out_dir=None,
                                 error=f"{p}: no slides found in this folder"))
-            jobs += [Job(label=str(s), source=s, out_dir=None) for s in found]
+            jobs += [Job(label=str(s), source=s, out_dir=slide_out_dir(s, out)) for s in found]
         else:
-            jobs.append(Job(label=str(p), source=p, out_dir=None))
+            jobs.append(Job(label=str(p), source=p, out_dir=slide_out_dir(p, out)))
     return jobs
+
+
+def slide_out_dir(slide: Path, out: Path | None) -> Path:
+    """OUT/<slide name>/, or beside the slide in <slide folder>/pathapp/<slide name>/ without --out."""
+    return (out if out is not None else slide.parent / RESULTS_FOLDER) / slide_name(slide)
 
 
 def shard(jobs: list[Job]) -> list[Job]:
@@ -323,7 +340,7 @@ def _limit_threads() -> None:
 
 def run_inference(
     inputs: Sequence[str | Path],
-    model: str | Path,
+    model: str | Path = DEFAULT_MODEL,
     out: str | Path | None = None,
     *,
     weights: str | Path | None = None,
@@ -366,7 +383,7 @@ def run_inference(
     check_tile_size(rt, int(tile_size or bundle.tile_size))
     for job in jobs:
         try:
-            result_dir = _run_job(job, rt, out_root, rois=rois, mpp=mpp, tile_size=tile_size, slide_mpp=slide_mpp,
+            result_dir = _run_job(job, rt, rois=rois, mpp=mpp, tile_size=tile_size, slide_mpp=slide_mpp,
                                   min_tissue=min_tissue, batch_size=batch_size, workers=workers,
                                   object_type=object_type, overwrite=overwrite, write_project=write_project,
                                   progress=progress, echo=echo)
@@ -385,7 +402,7 @@ def run_inference(
     return summary
 
 
-def _run_job(job: Job, rt: Runtime, out_root: Path | None, *, rois: Any, mpp: float | None, tile_size: int | None,
+def _run_job(job: Job, rt: Runtime, *, rois: Any, mpp: float | None, tile_size: int | None,
              slide_mpp: float | None, min_tissue: float | None, batch_size: int, workers: int | None,
              object_type: str, overwrite: bool, write_project: bool, progress: bool,
              echo: Callable[[str], None]) -> tuple[bool, Path] | None:
@@ -400,14 +417,11 @@ def _run_job(job: Job, rt: Runtime, out_root: Path | None, *, rois: Any, mpp: fl
     if slide.mpp is None and job.entry_mpp:
         slide.close()
         slide = open_slide(job.source, mpp=job.entry_mpp)
+    out_dir = job.out_dir
     with slide:
-        out_dir = job.out_dir or (out_root or DEFAULT_OUT) / slide.name
-        if is_done(out_dir) and not overwrite:
-            echo(f"skip: {job.label}: complete in {out_dir} (use --overwrite to redo)")
-            return True, out_dir
         t_open = time.perf_counter() - t0
         result = infer_slide(slide, rt.bundle, mpp=mpp, tile_size=tile_size, rois=rois, min_tissue=min_tissue,
-                             batch_size=batch_size, workers=workers, runtime=rt, progress=progress)
+                             batch_size=batch_size, workers=workers, runtime=rt, progress=progress, log=echo)
     result.timings = {"open": t_open, **result.timings}
     files = write_results(result, out_dir, object_type=object_type)
     n, secs = len(result), result.timings["model"]

@@ -48,7 +48,7 @@ def cli() -> None:
     Typical use:
       pathapp info slide.svs                      what is in a slide (size, µm/px, levels)
       pathapp tile slide.svs --mpp 0.5 --out t/   tissue tiles as QuPath GeoJSON + picture
-      pathapp infer slide.svs --model m.pathapp   run a model; results in ./pathapp-out/<slide>/
+      pathapp infer slide.svs --model m.pathapp   run a model; results in pathapp/<slide>/ beside it
       pathapp infer project.qpproj --model m.pathapp   every image of a QuPath project
 
     Run `pathapp COMMAND --help` for each command's options.
@@ -58,7 +58,7 @@ def cli() -> None:
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2."""
     try:
-        cli.main(standalone_mode=False)
+        code = cli.main(standalone_mode=False)
     except PathappError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
@@ -70,3 +70,4 @@ def main() -> None:
         sys.exit(e.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)

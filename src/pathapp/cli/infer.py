@@ -11,14 +11,14 @@ from pathapp.cli.options import slide_mpp_option
 
 @click.command(context_settings={"max_content_width": 100})
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True), metavar="INPUT...")
-@click.option("--model", "model", required=True, metavar="BUNDLE|NAME",
-              help="A .pathapp bundle (classes, head, preprocessing), or a backbone name such as "
-              "dinov2_vits14 for embeddings only (weights from --weights or the hub).")
+@click.option("--model", "model", default="dinov2_vits14", show_default=True, metavar="BUNDLE|NAME",
+              help="A .pathapp bundle (classes, head, preprocessing), or a backbone name (see `pathapp "
+              "model list`) for embeddings only, with weights from --weights or the hub.")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Weights file for a backbone NAME: official DINOv2 .pth, timm .pth/.safetensors.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
-              help="Output folder; results go to OUT/<slide>/ (default ./pathapp-out). For a QuPath "
-              "project the default is <project dir>/pathapp/<entryID>/.")
+              help="Output folder; results go to OUT/<slide name>/. Default: beside each slide, in "
+              "<slide folder>/pathapp/<slide name>/; for a QuPath project <project dir>/pathapp/<entryID>/.")
 @click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None, metavar="UM_PER_PX",
               help="Resolution tiles are analysed at, µm/px (default: the bundle's, usually 0.5).")
 @click.option("--tile-size", type=click.IntRange(min=1), default=None, metavar="PX",
@@ -54,6 +54,7 @@ def infer(inputs: tuple[str, ...], model: str, **options: object) -> None:
 
     \b
     Examples:
+      pathapp infer slide.svs                                   (DINOv2 ViT-S/14 embeddings, PCA map)
       pathapp infer slide.svs --model tumor.pathapp
       pathapp infer slides/ --model dinov2_vits14 --weights dinov2_vits14_pretrain.pth --mpp 0.5
       pathapp infer project.qpproj --model tumor.pathapp --roi rois.geojson --roi-class Tumor

@@ -31,7 +31,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 from pathapp.errors import PathappError
-from pathapp.results.atomic import atomic_path
+from pathapp.atomic import atomic_path
 
 BASE_PATH = "/api/"
 JSON = dict[str, Any]

@@ -23,7 +23,7 @@ import yaml
 from pathapp.cytomine.analyse import analyse_slide, load_runtime
 from pathapp.cytomine.wkt import flip_y
 from pathapp.errors import PathappError
-from pathapp.results.atomic import atomic_path
+from pathapp.atomic import atomic_path
 
 T = TypeVar("T")
 OUTPUT_FILES = {"annotations": "annotations.geojson", "tiles": "tiles.geojson", "run": "run.json"}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from pathapp.atomic import atomic_path
 from pathapp.errors import PathappError
 from pathapp.models.heads import SLIDE_HEAD_KINDS, Head, build_head, head_state
 from pathapp.models.registry import BackboneSpec, create_backbone, embed
@@ -188,12 +188,8 @@ def save_bundle(bundle: Bundle, path: str | Path) -> Path:
 
     bundle.provenance.setdefault("pathapp_version", __version__)
     meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "pathapp": json.dumps(bundle.metadata())}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         save_file(_to_tensors(bundle), str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

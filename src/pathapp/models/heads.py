@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pathapp.atomic import atomic_path
 from pathapp.errors import PathappError
 
 HEAD_KINDS: tuple[str, ...] = ("linear", "mlp", "prototype", "knn", "abmil")
@@ -226,7 +227,6 @@ def save_head_file(path: str | Path, kind: str, config: dict[str, Any], tensors:
     """A head on its own as safetensors (config + class names in the header), written atomically;
     `pathapp model create --head FILE` puts it into a bundle."""
     import json
-    import os
 
     from safetensors.torch import save_file
 
@@ -234,12 +234,8 @@ def save_head_file(path: str | Path, kind: str, config: dict[str, Any], tensors:
     path = Path(path)
     meta = {"format": HEAD_FORMAT, "pathapp": json.dumps({"kind": kind, "config": config,
                                                            "class_names": class_names})}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         save_file({k: torch.as_tensor(v).contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -75,6 +75,22 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub's host resolves and accepts a connection: checked once up front, so an
+    air-gapped machine gets the --weights message at once instead of a minute of retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def hub_weights_file(spec: BackboneSpec) -> Path:
     """Local path of the spec's hub weights: from the cache, or downloaded when online."""
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
@@ -89,6 +105,8 @@ def hub_weights_file(spec: BackboneSpec) -> Path:
         if isinstance(cached, str):
             return Path(cached)
     problem = "offline (HF_HUB_OFFLINE=1) and not in the cache"
+    if not offline and not _hub_reachable():
+        offline, problem = True, "not in the cache, and the hub cannot be reached (no network)"
     if not offline:
         for filename in HUB_FILENAMES:
             try:

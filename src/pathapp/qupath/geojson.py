@@ -21,6 +21,7 @@ import shapely
 from shapely.geometry import mapping, shape
 from shapely.geometry.base import BaseGeometry
 
+from pathapp.atomic import atomic_write_text
 from pathapp.errors import PathappError
 
 OBJECT_TYPES = ("annotation", "detection", "tile", "cell")
@@ -283,19 +284,6 @@ def tile_objects(
             )
         )
     return out
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write text to a temporary sibling and rename it, so an interrupted run leaves no half file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def class_color(name: str) -> tuple[int, int, int]:

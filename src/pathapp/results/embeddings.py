@@ -8,7 +8,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pathapp.results.atomic import atomic_path
+from pathapp.atomic import atomic_path
 from pathapp.results.result import SlideResult
 
 

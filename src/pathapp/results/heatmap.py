@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pathapp.results.atomic import atomic_path
+from pathapp.atomic import atomic_path
 from pathapp.results.result import SlideResult
 
 OVERLAY_ALPHA = 0.45  # weight of the map over the thumbnail where a tile was scored
@@ -129,13 +129,13 @@ def write_overlay(result: SlideResult, out_dir: Path, pca_colours: np.ndarray | 
         weight = mask.astype(np.float64)
     else:
         return None
-    thumb = np.asarray(result.thumbnail, dtype=np.float64)[..., :3]
+    thumb = np.asarray(result.thumbnail, dtype=np.float32)[..., :3]
     th, tw = thumb.shape[:2]
     # Each thumbnail pixel looks up the heatmap pixel under its level-0 position (exact alignment).
     w0, h0 = result.slide_size
     s = heatmap_scale(result)
     cols = np.minimum(((np.arange(tw) + 0.5) * (w0 / tw) // s).astype(np.int64), rgb.shape[1] - 1)
     rows = np.minimum(((np.arange(th) + 0.5) * (h0 / th) // s).astype(np.int64), rgb.shape[0] - 1)
-    a = (OVERLAY_ALPHA * weight[np.ix_(rows, cols)])[..., None]
-    blended = thumb * (1 - a) + rgb[np.ix_(rows, cols)] * a
+    a = (OVERLAY_ALPHA * weight.astype(np.float32))[np.ix_(rows, cols)][..., None]
+    blended = thumb + (rgb.astype(np.float32)[np.ix_(rows, cols)] - thumb) * a
     return save_png(np.round(blended).astype(np.uint8), Path(out_dir) / "overlay.png")

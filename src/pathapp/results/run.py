@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pathapp.results.atomic import atomic_path
+from pathapp.atomic import atomic_path
 from pathapp.results.embeddings import write_embeddings
 from pathapp.results.geojson import write_annotations_geojson, write_tiles_geojson
 from pathapp.results.heatmap import (

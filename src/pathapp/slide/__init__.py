@@ -9,9 +9,9 @@ import logging
 import warnings
 
 from pathapp.errors import SlideOpenError
-from pathapp.slide.base import Level, Slide
+from pathapp.slide.base import Level, Slide, slide_name
 
-__all__ = ["BACKENDS", "Level", "Slide", "find_slides", "is_slide_file", "open_slide", "detect_backend"]
+__all__ = ["BACKENDS", "Level", "Slide", "find_slides", "is_slide_file", "open_slide", "detect_backend", "slide_name"]
 
 # Library chatter (tifffile's damaged-file log lines, pydicom's over-long UID warnings) would bury the
 # one-line message the user needs; failures still surface as SlideOpenError.

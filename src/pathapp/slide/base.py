@@ -14,6 +14,16 @@ from pathapp.errors import MissingMppError
 READ_BLOCK = 1024  # level pixels per side read at once: bounds peak memory whatever the slide size
 
 
+def slide_name(path: str | Path) -> str:
+    """A slide's name for output folders, known without opening it: the file stem (without
+    .ome.tif[f]), or the folder name of a DICOM series folder."""
+    p = Path(path)
+    for suffix in (".ome.tiff", ".ome.tif"):
+        if p.name.lower().endswith(suffix):
+            return p.name[: -len(suffix)]
+    return p.name if p.is_dir() else p.stem
+
+
 @dataclass(frozen=True)
 class Level:
     """One pyramid level: its pixel size and its downsample relative to level 0."""
@@ -54,12 +64,8 @@ class Slide(ABC):
 
     @property
     def name(self) -> str:
-        """A stem for output folders: file stem, or folder name for a DICOM series folder."""
-        n = self.path.name
-        for suffix in (".ome.tiff", ".ome.tif"):
-            if n.lower().endswith(suffix):
-                return n[: -len(suffix)]
-        return self.path.stem if self.path.is_file() else n
+        """A stem for output folders (see `slide_name`)."""
+        return slide_name(self.path)
 
     def require_mpp(self) -> float:
         """µm/px, or a clear error naming the file and the --slide-mpp option. Never guess."""

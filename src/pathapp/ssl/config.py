@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from pathapp.atomic import atomic_write_text
 from pathapp.errors import PathappError
 
 
@@ -113,10 +114,7 @@ class SSLConfig:
 
     def save(self, path: str | Path) -> None:
         """Write as YAML (temp name, then rename)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        tmp.replace(path)
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> "SSLConfig":

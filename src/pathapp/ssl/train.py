@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pathapp.atomic import atomic_torch_save, atomic_write_text
 from pathapp.errors import PathappError
 from pathapp.ssl.centering import Centering
 from pathapp.ssl.config import SSLConfig
@@ -194,12 +195,6 @@ def _set_rng_state(s: dict[str, Any]) -> None:
     random.setstate(s["python"])
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def export_bundle(teacher_state: dict[str, torch.Tensor], spec, cfg: SSLConfig, step: int, out: Path) -> Path:
     """The teacher backbone as `teacher.pathapp`, usable by `pathapp infer` / `pathapp train`."""
     from pathapp.models.bundle import Bundle, save_bundle
@@ -369,9 +364,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
     keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in keep))
-    tmp.replace(path)
+    atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
 
 def save_checkpoint(out: Path, cfg: SSLConfig, spec, step: int, samples_seen: int, student: Student, teacher: Teacher,
@@ -384,7 +377,7 @@ def save_checkpoint(out: Path, cfg: SSLConfig, spec, step: int, samples_seen: in
     o_state = get_optimizer_state_dict(student, optimizer, options=_state_options())
     rng = _gather(_rng_state())
     if info.is_main:
-        _atomic_save({
+        atomic_torch_save({
             "step": step, "samples_seen": samples_seen, "world_size": info.world_size, "config": cfg.to_dict(),
             "student": s_state, "teacher": t_state, "optimizer": o_state,
             "dino_center": crit.dino_center.center.cpu(), "ibot_center": crit.ibot_center.center.cpu(), "rng": rng,

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 from shapely.geometry.base import BaseGeometry
 
+from pathapp.atomic import atomic_path
 from pathapp.tiles.grid import TileGrid
 from pathapp.tiles.tissue import TissueMask
 
@@ -59,12 +59,6 @@ def render_overview(
             draw.line([tuple(p) for p in ring / scale], fill=colour, width=2)
     info = PngInfo()
     info.add_text("pathapp:scale", f"{scale:.6f}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         img.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return scale

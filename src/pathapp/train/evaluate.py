@@ -8,7 +8,6 @@ understate the interval.
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pathapp.atomic import atomic_path, atomic_write_text
 from pathapp.errors import PathappError
 
 FEWSHOT_SHOTS: tuple[int | None, ...] = (1, 5, 10, 25, 100, None)  # None = all labelled tiles
@@ -301,10 +301,9 @@ def save_fewshot_plot(curve: Sequence[dict], path: Path) -> Path:
 def _save_fig(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def write_json(obj: dict, path: Path) -> Path:
@@ -321,11 +320,7 @@ def write_json(obj: dict, path: Path) -> Path:
             return clean(v.item())
         return v
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(clean(obj), indent=2))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, json.dumps(clean(obj), indent=2))
 
 
 def write_report(result: EvalResult, class_names: Sequence[str], out_dir: Path, extra: dict | None = None) -> Path:

@@ -9,7 +9,6 @@ transforms as SSL pretraining), and a checkpoint after every epoch that `resume=
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from pathapp.atomic import atomic_torch_save
 from pathapp.errors import PathappError
 from pathapp.models.lora import DEFAULT_TARGETS
 
@@ -65,15 +65,6 @@ def _batches(tiles, indices: np.ndarray, batch_size: int):
         idx = indices[s : s + batch_size]
         arr = np.stack([tiles[int(i)] for i in idx])
         yield idx, torch.from_numpy(arr).permute(0, 3, 1, 2).float().div_(255.0)
-
-
-def _save_checkpoint(path: Path, state: dict) -> None:
-    import torch
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
 
 
 def finetune_lora(
@@ -182,9 +173,9 @@ def finetune_lora(
         state["history"].append(entry)
         state["epoch"] += 1
         if ckpt is not None:
-            _save_checkpoint(ckpt, {"model": {k: v for k, v in model.state_dict().items() if "lora_" in k or k.startswith("head.")},
-                                    "optimizer": opt.state_dict(), "state": state,
-                                    "config": asdict(cfg) | {"targets": list(cfg.targets)}})
+            trainable = {k: v for k, v in model.state_dict().items() if "lora_" in k or k.startswith("head.")}
+            atomic_torch_save({"model": trainable, "optimizer": opt.state_dict(), "state": state,
+                               "config": asdict(cfg) | {"targets": list(cfg.targets)}}, ckpt)
         if len(val_idx) and state["epoch"] - 1 - state["best_epoch"] >= cfg.patience:
             break
     bar.close()
