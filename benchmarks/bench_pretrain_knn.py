@@ -159,8 +159,11 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=None, help="override the recipe's batch_size")
     ap.add_argument("--eval-sizes", default="98,224",
                     help="px the 224 px EBHI images are resized to for embedding (comma-separated)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="fixed number of steps instead of calibrating to --minutes (which then only caps the run)")
     ap.add_argument("--eval-only", action="store_true", help="skip pretraining; score the run already in --out")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads; 1 leaves a core to the data worker and degrades gracefully on a busy machine")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
@@ -187,9 +190,12 @@ def main() -> None:
         cfg = SSLConfig.load(run / "config.yaml")
         steps, train_minutes = cfg.total_steps, float("nan")
     else:
-        sec_per_step = calibrate(args, data_dir, args.out)
-        steps = max(10, int(args.minutes * 60 * 0.95 / sec_per_step))
-        print(f"calibration: {sec_per_step:.2f} s/step → {steps} steps in {args.minutes} min", flush=True)
+        if args.steps:
+            steps = args.steps
+        else:
+            sec_per_step = calibrate(args, data_dir, args.out)
+            steps = max(10, int(args.minutes * 60 * 0.95 / sec_per_step))
+            print(f"calibration: {sec_per_step:.2f} s/step → {steps} steps in {args.minutes} min", flush=True)
         cfg = make_config(args, data_dir, steps)
         cfg.max_minutes = args.minutes * 1.1  # a safety net; the schedules are sized to finish before it
         shutil.rmtree(run, ignore_errors=True)
@@ -250,5 +256,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     main()
