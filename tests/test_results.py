@@ -92,7 +92,7 @@ def test_detection_objects_and_headless_bundle(tmp_path):
     assert len(feats) == len(res)
     assert all("classification" not in f["properties"] for f in feats)
     assert all(not any(k.startswith("prob") for k in f["properties"].get("measurements", {})) for f in feats)
-    assert "pca.png" in files and not any(n.startswith("heatmap-") for n in files)
+    assert "pca.png" in files and {n for n in files if n.startswith("heatmap-")} == {"heatmap-attention.png"}
     assert json.loads((tmp_path / "headless" / "annotations.geojson").read_text())["features"] == []
     pca = np.asarray(Image.open(tmp_path / "headless" / "pca.png"))
     rows, cols = tile_cells(res)

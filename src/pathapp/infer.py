@@ -50,6 +50,7 @@ class Runtime:
     device: torch.device
     precision: str
     name: str
+    fingerprint: str  # of the bundle, marked when the precision changes what embeddings are
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -76,7 +77,8 @@ def prepare_model(bundle: Bundle, device: str = "auto", precision: str = "fp32",
         model = quantize_int8(bundle.build("cpu"))
     else:
         model = bundle.build(dev)
-    return Runtime(bundle, model, dev, precision, name or bundle.spec.name)
+    fingerprint = bundle.fingerprint() + ("" if precision == "fp32" else f":{precision}")
+    return Runtime(bundle, model, dev, precision, name or bundle.spec.name, fingerprint)
 
 
 def default_workers(device: torch.device) -> int:
@@ -211,6 +213,7 @@ def infer_slide(
         extra=extra,
         thumbnail=thumbnail,
         model_name=rt.name,
+        model_fingerprint=rt.fingerprint,
         params={
             "batch_size": batch_size,
             "workers": n_workers,

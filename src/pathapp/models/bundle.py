@@ -129,6 +129,19 @@ class Bundle:
                               f"{' '.join(first[:3])[:300]}") from None
         return model.eval()
 
+    def fingerprint(self) -> str:
+        """sha256 over the backbone tensors and everything that changes what an embedding means, so
+        cached or written embeddings are reused only with the model that made them."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for k in sorted(self.backbone_state):
+            t = self.backbone_state[k].detach().cpu().contiguous()
+            h.update(k.encode())
+            h.update(t.view(-1).view(dtype=torch.uint8).numpy().tobytes())
+        h.update(repr((self.recipe, tuple(self.mean), tuple(self.std), self.tile_size)).encode())
+        return h.hexdigest()
+
     def build(self, device: str | torch.device = "cpu") -> PathModel:
         """The runnable model (eval mode) on `device`."""
         return PathModel(self.build_backbone(), self.build_head(), self.mean, self.std, self.recipe).to(device).eval()

@@ -37,6 +37,8 @@ def write_embeddings(result: SlideResult, path: Path) -> Path | None:
             "slide_height": int(result.slide_size[1]),
         }
         f.attrs.update(attrs)
+        if result.model_fingerprint:
+            f.attrs["model_fingerprint"] = result.model_fingerprint
         if result.probs is not None:
             f.create_dataset("probs", data=np.asarray(result.probs, dtype=np.float32))
             f.attrs["class_names"] = list(result.class_names)

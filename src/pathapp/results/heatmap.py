@@ -62,15 +62,27 @@ def save_png(img: np.ndarray, path: Path) -> Path:
     return Path(path)
 
 
+# per-tile model outputs besides class probabilities that get a map (tissue fraction and the like do not)
+HEATMAP_EXTRAS = {"attention"}
+
+
 def write_class_heatmaps(result: SlideResult, out_dir: Path) -> list[Path]:
-    """heatmap-<class>.png: grey value = round(255 × mean probability), alpha 0 where no tile."""
-    if result.probs is None or len(result) == 0:
+    """heatmap-<class>.png: grey value = round(255 × mean probability), alpha 0 where no tile; and
+    heatmap-<name>.png for each of HEATMAP_EXTRAS present (attention), min-max scaled."""
+    if len(result) == 0:
         return []
-    probs, mask = rasterise(result, result.probs)
-    alpha = np.where(mask, 255, 0).astype(np.uint8)
+    maps: dict[str, np.ndarray] = {}
+    if result.probs is not None:
+        maps.update({name: result.probs[:, k] for k, name in enumerate(result.class_names)})
+    for name in HEATMAP_EXTRAS.intersection(result.extra):
+        v = np.asarray(result.extra[name], dtype=np.float64)
+        span = float(v.max() - v.min()) if len(v) else 0.0
+        maps.setdefault(name, (v - v.min()) / span if span > 0 else np.zeros_like(v))
     paths = []
-    for k, name in enumerate(result.class_names):
-        grey = np.round(np.clip(probs[..., k], 0, 1) * 255).astype(np.uint8)
+    for name, values in maps.items():
+        grid, mask = rasterise(result, values)
+        grey = np.round(np.clip(grid, 0, 1) * 255).astype(np.uint8)
+        alpha = np.where(mask, 255, 0).astype(np.uint8)
         paths.append(save_png(np.dstack([grey, alpha]), Path(out_dir) / f"heatmap-{safe_name(name)}.png"))
     return paths
 

@@ -26,6 +26,7 @@ class SlideResult:
     extra: dict[str, np.ndarray] = field(default_factory=dict)  # more per-tile measurements (N,)
     thumbnail: np.ndarray | None = None  # RGB uint8, for heatmap overlays
     model_name: str = ""
+    model_fingerprint: str = ""  # Bundle.fingerprint(): lets training reuse these embeddings safely
     params: dict = field(default_factory=dict)  # run parameters for run.json
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
 

@@ -29,16 +29,8 @@ class CacheError(PathappError):
 
 
 def model_fingerprint(bundle: Bundle) -> str:
-    """sha256 over the backbone tensors and everything that changes what an embedding means."""
-    import torch
-
-    h = hashlib.sha256()
-    for k in sorted(bundle.backbone_state):
-        t = bundle.backbone_state[k].detach().cpu().contiguous()
-        h.update(k.encode())
-        h.update(t.view(-1).view(dtype=torch.uint8).numpy().tobytes())
-    h.update(repr((bundle.recipe, tuple(bundle.mean), tuple(bundle.std), bundle.tile_size)).encode())
-    return h.hexdigest()
+    """The bundle's fingerprint (see `Bundle.fingerprint`)."""
+    return bundle.fingerprint()
 
 
 def _file_key(path: Path) -> str:
