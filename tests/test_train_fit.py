@@ -54,3 +54,19 @@ def test_single_class_rejected():
     X, y, g = _blobs((10,))
     with pytest.raises(FitError, match="two classes"):
         fit_head("linear", X, y, g, 2)
+
+
+def test_knn_votes_are_class_balanced():
+    """A rare class is not outvoted by sheer numbers: votes are weighted by inverse class frequency
+    (n / (C × count)) and renormalised."""
+    from pathapp.train.fit import _fit_knn_once
+
+    angle = lambda deg, n: np.tile([np.cos(np.radians(deg)), np.sin(np.radians(deg))], (n, 1))  # noqa: E731
+    X = np.vstack([angle(0, 15), angle(90, 75), angle(1, 5), angle(170, 5)]).astype(np.float32)
+    y = np.array([0] * 90 + [1] * 10)
+    # the query's 20 nearest by cosine: the 15 common at 0° and the 5 rare at 1° → raw votes 0.75 / 0.25
+    probs = _fit_knn_once(X, y, 2, k=20).predict_proba(np.array([[1.0, 0.0]], np.float32))[0]
+    w = np.array([100 / (2 * 90), 100 / (2 * 10)])
+    expected = np.array([0.75, 0.25]) * w / (np.array([0.75, 0.25]) * w).sum()
+    np.testing.assert_allclose(probs, expected, rtol=1e-5)
+    assert probs[1] > probs[0]

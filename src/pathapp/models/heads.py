@@ -131,7 +131,8 @@ class PrototypeHead(Head):
 class KNNHead(Head):
     """k nearest stored training embeddings by cosine; probs = vote fractions.
     Tensors `embeddings` (N, D) and `labels` (N,) int64; config `k`, `num_train`, and optionally
-    `temperature` T: votes weighted by exp(cos / T) as in DINO's kNN evaluation (else one vote each)."""
+    `temperature` T: votes weighted by exp(cos / T) as in DINO's kNN evaluation (else one vote each),
+    and `class_weight` (C,): each class's votes scaled (e.g. inverse frequency), then renormalised."""
 
     kind = "knn"
 
@@ -139,6 +140,7 @@ class KNNHead(Head):
         super().__init__(config)
         self.k = int(config.get("k", 20))
         self.temperature = config.get("temperature")
+        self.class_weight = config.get("class_weight")
         n = int(_require(config, "num_train", self.kind))
         self.register_buffer("embeddings", torch.zeros(n, self.in_dim))
         self.register_buffer("labels", torch.zeros(n, dtype=torch.long))
@@ -148,9 +150,14 @@ class KNNHead(Head):
         top = sims.topk(min(self.k, sims.shape[1]), dim=1)
         votes = F.one_hot(self.labels[top.indices], self.num_classes).to(x.dtype)
         if self.temperature is None:
-            return votes.mean(dim=1)
-        weights = (top.values / float(self.temperature)).softmax(dim=1)
-        return (votes * weights.unsqueeze(-1)).sum(dim=1)
+            probs = votes.mean(dim=1)
+        else:
+            weights = (top.values / float(self.temperature)).softmax(dim=1)
+            probs = (votes * weights.unsqueeze(-1)).sum(dim=1)
+        if self.class_weight is None:
+            return probs
+        probs = probs * torch.tensor(self.class_weight, dtype=probs.dtype, device=probs.device)
+        return probs / probs.sum(dim=1, keepdim=True)
 
     def logits(self, x: Tensor) -> Tensor:
         """Log vote fractions (-inf where a class got no vote), for API symmetry."""

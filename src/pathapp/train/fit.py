@@ -5,7 +5,7 @@ takes, and predictions always go through that same torch head, so what evaluatio
 exactly what the bundle runs. Hyper-parameters (C for logistic regression, k for kNN) are chosen
 by an inner cross-validation grouped like the outer one, scored by balanced accuracy. Class
 imbalance: class-weighted losses (linear, MLP); prototypes are per-class means and so unaffected;
-kNN votes are unweighted (a vote-weight needs a KNNHead option, see the report).
+kNN votes are weighted by inverse class frequency.
 """
 
 from __future__ import annotations
@@ -133,7 +133,8 @@ def _fit_linear_once(X: np.ndarray, y: np.ndarray, n_classes: int, C: float) -> 
 
 
 def _fit_knn_once(X: np.ndarray, y: np.ndarray, n_classes: int, k: int) -> FittedHead:
-    cfg = _base_config(X, n_classes, l2_normalize=True, k=int(min(k, len(y))), num_train=int(len(y)))
+    cfg = _base_config(X, n_classes, l2_normalize=True, k=int(min(k, len(y))), num_train=int(len(y)),
+                       class_weight=[float(w) for w in class_weights(y, n_classes)])
     return FittedHead("knn", cfg, {"embeddings": X.astype(np.float32), "labels": y.astype(np.int64)}, {"k": cfg["k"]})
 
 
