@@ -72,10 +72,9 @@ def make_config(args, data_dir: Path, steps: int):
 
     d = yaml.safe_load(args.config.read_text())
     ebhi = args.data == "ebhi"
+    # EBHI images (≈1 µm/px, 224 px) are randomly cropped to tile_size, like slide tiles at the recipe's µm/px
     d.update(slides=None if ebhi else str(data_dir), tiles=str(data_dir) if ebhi else None,
              steps=steps, epoch_length=max(1, steps // 100), checkpoint_every=max(steps // 4, 1), log_every=1)
-    if ebhi:  # the images are whole 224 px patches at their own scale, not slide regions
-        d.update(tile_size=224)
     if args.batch_size:
         d["batch_size"] = args.batch_size
     return SSLConfig.from_dict(d, str(args.config))
