@@ -28,3 +28,14 @@ def shared_data() -> Path:
             pytest.fail(f"shared data folder missing in CI: {DATA}")
         pytest.skip(f"shared data folder missing: {DATA}")
     return DATA
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run a test on one torch thread (small models are slower on more), then restore the count."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

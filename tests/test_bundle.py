@@ -17,12 +17,7 @@ from pathapp.models.registry import embed
 from vit_factory import calibration_images, tiny_bundle, tiny_head, tiny_spec, tiny_vit
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("head", ["linear", "mlp", "prototype", "knn"])

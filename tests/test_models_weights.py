@@ -15,12 +15,7 @@ from pathapp.models.weights import WeightsError, load_backbone, read_state_dict
 from vit_factory import chunked_blocks, official_dinov2_state, tiny_spec, tiny_vit, transformers_dinov2_state
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _inputs(size: int = 56) -> torch.Tensor:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pathapp.models.bundle import load_bundle
-from pathapp.train.cache import CacheError, embed_images, model_fingerprint, reuse_inference_embeddings
+from pathapp.train.cache import CacheError, embed_images, reuse_inference_embeddings
 from vit_factory import tiny_bundle
 
 
@@ -29,7 +29,7 @@ def test_cache_reuses_and_invalidates(tmp_path, shared_data):
     files = list(cache.glob("*.h5"))
     assert len(files) == 1
     with h5py.File(files[0]) as f:
-        assert len(f.keys()) == 3 and f.attrs["model_fingerprint"] == model_fingerprint(bundle)
+        assert len(f.keys()) == 3 and f.attrs["model_fingerprint"] == bundle.fingerprint()
     # a cache hit must not need the model: pass one that would fail if called
     broken = bundle.build()
     broken.embed = None
@@ -40,7 +40,7 @@ def test_cache_reuses_and_invalidates(tmp_path, shared_data):
     assert np.allclose(again[1], first[0], atol=1e-5) and np.array_equal(again[2], first[2])
     # other weights -> another fingerprint, another file
     other = load_bundle(tiny_bundle(tmp_path, 0, filename="other.pathapp", depth=1))
-    assert model_fingerprint(other) != model_fingerprint(bundle)
+    assert other.fingerprint() != bundle.fingerprint()
     embed_images(other, paths, cache, progress=False)
     assert len(list(cache.glob("*.h5"))) == 2
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pathapp.errors import PathappError
+from pathapp.models.device import resolve_device
 from pathapp.results import SlideResult, is_done, write_results
 from pathapp.slide import Slide, find_slides, open_slide, slide_name
 
@@ -51,17 +52,6 @@ class Runtime:
     precision: str
     name: str
     fingerprint: str  # of the bundle, marked when the precision changes what embeddings are
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """'auto' = this rank's GPU (LOCAL_RANK under torchrun) when there is one, else the CPU."""
-    import torch
-
-    if device != "auto":
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-    return torch.device("cpu")
 
 
 def prepare_model(bundle: Bundle, device: str = "auto", precision: str = "fp32", name: str = "") -> Runtime:

@@ -25,7 +25,7 @@ def read_tile(slide: Slide, grid: TileGrid, i: int) -> np.ndarray:
     from PIL import Image
 
     img = Image.fromarray(region).resize((grid.tile_size, grid.tile_size), Image.BILINEAR)
-    return np.asarray(img)
+    return np.array(img)  # writable, so torch.from_numpy takes it without a warning
 
 
 class TileDataset:

@@ -198,7 +198,7 @@ def embed_labelled(lt: LabelledTiles, bundle, cache: Path | None = DEFAULT_CACHE
     """(N, D) embeddings of the labelled tiles, through the embedding cache (or inference's files)."""
     if lt.source == "images":
         return embed_images(bundle, lt.paths, cache, batch_size, device, progress=progress)
-    from pathapp.train.cache import resolve_device
+    from pathapp.models.device import resolve_device
 
     model = bundle.build(resolve_device(device))
     return np.concatenate([_slide_features(bundle, s, g, cache, batch_size, device, model, progress, embeddings)
@@ -211,7 +211,7 @@ def slide_bags(csv_path: Path, bundle, group_by: str | None = None, slide_mpp: f
     """(SlideLabels, bags): every tissue tile of each listed slide, embedded (cached)."""
     from pathapp.slide import open_slide
     from pathapp.tiles import make_grid
-    from pathapp.train.cache import resolve_device
+    from pathapp.models.device import resolve_device
     from pathapp.train.labels import read_slide_csv
 
     sl = read_slide_csv(csv_path, group_by)

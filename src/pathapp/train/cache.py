@@ -28,11 +28,6 @@ class CacheError(PathappError):
     """An embedding file that does not fit the model or tiling asked for."""
 
 
-def model_fingerprint(bundle: Bundle) -> str:
-    """The bundle's fingerprint (see `Bundle.fingerprint`)."""
-    return bundle.fingerprint()
-
-
 def _file_key(path: Path) -> str:
     st = Path(path).stat()
     return hashlib.sha1(f"{Path(path).resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
@@ -65,12 +60,6 @@ class EmbeddingCache:
                 if k in f:
                     del f[k]
                 f.create_dataset(k, data=np.asarray(v, np.float32))
-
-
-def resolve_device(device: str = "auto") -> str:
-    import torch
-
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
 def load_tile_image(path: Path, size: int) -> np.ndarray:
@@ -154,8 +143,10 @@ def embed_images(
     progress: bool = True,
 ) -> np.ndarray:
     """(N, D) embeddings of image tiles, computing only those not yet in the cache."""
+    from pathapp.models.device import resolve_device
+
     device = resolve_device(device)
-    cache = EmbeddingCache(cache_root, model_fingerprint(bundle))
+    cache = EmbeddingCache(cache_root, bundle.fingerprint())
     keys = [_file_key(p) for p in paths]
     have = cache.get_many(keys)
     todo = [i for i, k in enumerate(keys) if k not in have]
@@ -179,8 +170,10 @@ def embed_slide_grid(
     progress: bool = True,
 ) -> np.ndarray:
     """(N, D) embeddings of a slide's grid tiles, cached per (slide file, µm/px, tile size, coords)."""
+    from pathapp.models.device import resolve_device
+
     device = resolve_device(device)
-    cache = EmbeddingCache(cache_root, model_fingerprint(bundle))
+    cache = EmbeddingCache(cache_root, bundle.fingerprint())
     key = slide_key(Path(slide.path), grid.mpp, grid.tile_size, grid.coords)
     hit = cache.get_many([key])
     if key in hit:
@@ -215,7 +208,7 @@ def reuse_inference_embeddings(h5_path: Path, bundle: Bundle, coords: np.ndarray
         problems.append(f"tile size {attrs['tile_size']} != {bundle.tile_size}")
     if feats.shape[1] != bundle.embedding_dim:
         problems.append(f"width {feats.shape[1]} != {bundle.embedding_dim}")
-    if "model_fingerprint" in attrs and attrs["model_fingerprint"] != model_fingerprint(bundle):
+    if "model_fingerprint" in attrs and attrs["model_fingerprint"] != bundle.fingerprint():
         problems.append("another model's embeddings")
     if problems:
         raise CacheError(f"{h5_path}: cannot reuse these embeddings ({'; '.join(problems)}); rerun inference "

@@ -90,7 +90,7 @@ def finetune_lora(
     from pathapp.models.heads import build_head, head_state
     from pathapp.models.lora import apply_lora, lora_parameters, lora_state_dict, merge_lora
     from pathapp.ssl.schedules import CosineSchedule
-    from pathapp.train.cache import resolve_device
+    from pathapp.models.device import resolve_device
     from pathapp.train.evaluate import SplitError, holdout_split, point_metrics
     from pathapp.train.fit import class_weights
 
