@@ -65,7 +65,7 @@ class SSLConfig:
     koleo_weight: float = 0.1
     kde_weight: float = 0.05
     kde_kappa: float = 5.0
-    centering: str = "ema"  # "ema" or "sinkhorn"
+    centering: str = "sinkhorn"  # DINOv2's Sinkhorn-Knopp (paper §4), or "ema" (DINO / iBOT)
     center_momentum: float = 0.9
     sinkhorn_iterations: int = 3
     student_temp: float = 0.1
