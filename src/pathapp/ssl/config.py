@@ -153,9 +153,9 @@ class SSLConfig:
             (0 <= self.min_tissue < 1, "min_tissue must be in [0, 1)"),
             (self.n_local_crops >= 0, "n_local_crops must be >= 0"),
             (0 <= self.mask_ratio[0] <= self.mask_ratio[1] < 1, "mask_ratio must be (low, high) in [0, 1)"),
+            (self.init in {"none", "dinov2"} or Path(self.init).is_file(),
+             f"init {self.init!r} is neither none, dinov2 nor an existing weights file"),
         ]
-        checks.append((self.init in {"none", "dinov2"} or Path(self.init).is_file(),
-                       f"init {self.init!r} is neither none, dinov2 nor an existing weights file"))
         for ok, msg in checks:
             if not ok:
                 raise PathappError(f"{source}: {msg}")
