@@ -3,7 +3,7 @@
 1. Pretrain a small ViT with the recipe in --config (default pretrain_cpu30.yaml next to this file:
    dinov2_vits14 shrunk to depth 6 / dim 192 / 3 heads, LayerScale 1, DINO + iBOT + KoLeo) for
    --minutes of CPU time on tiles sampled online from the H&E slides in ../shared/data/wsi
-   (default, --data slides: CMU-1-Small-Region, luna-1065626, OS-1-detail), or — clearly a
+   (default, --data slides: HE_SLIDES below, written as a slides.csv), or — clearly a
    different, transductive setting — on the 694 EBHI-Seg images themselves as unlabelled data
    (--data ebhi: labels and masks are never read by pretraining).
 2. Embed the 694 EBHI-Seg images (6 classes, colorectal biopsies; labels.csv) with the teacher and
@@ -23,9 +23,8 @@ budget; one "epoch" is 1% of the steps (warm-up 10%, teacher-temperature warm-up
 machine the pace can change after calibration; --minutes × 1.1 then stops the run early (the report
 gives steps done and planned).
 
-    .venv/bin/python benchmarks/bench_pretrain_knn.py --steps 200 --out /tmp/bench-b128          # the 30-minute run
-    .venv/bin/python benchmarks/bench_pretrain_knn.py --batch-size 32 --steps 200 --out /tmp/bench-b32   # 7 minutes
-    .venv/bin/python benchmarks/bench_pretrain_knn.py --batch-size 32 --minutes 30 --out /tmp/bench-905  # scores lower
+    .venv/bin/python benchmarks/bench_pretrain_knn.py --minutes 30 --eval-sizes 224 --out /tmp/bench-30   # the 30-minute run
+    .venv/bin/python benchmarks/bench_pretrain_knn.py --steps 150 --batch-size 64 --set n_prototypes=512 --out /tmp/t  # a trial
     .venv/bin/python benchmarks/bench_pretrain_knn.py --minutes 1 --batch-size 16 --out /tmp/bench-smoke  # smoke
     .venv/bin/python benchmarks/bench_pretrain_knn.py --eval-only --eval-sizes 112,224 --out /tmp/bench-smoke
 """
@@ -48,7 +47,11 @@ import yaml
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 EBHI = DATA / "labeled" / "ebhi-seg"
 METRICS = {"logreg": "logistic regression", "knn20": "20-NN cosine", "knn20_dist": "20-NN cosine, 1/d-weighted"}
-HE_SLIDES = ["wsi/aperio/CMU-1-Small-Region.svs", "wsi/aperio/luna-1065626.svs", "wsi/ome-tiff/OS-1-detail.ome.tif"]
+# The H&E slides of ../shared/data, with the µm/px given where the file has none (slides.csv `mpp`).
+# tcga-cr-7395 records no µm/px: 1.0 is estimated from its nuclei (8-10 px across; lymphocytes are
+# 7-8 µm). luna-1065626.svs is left out: it is DAB immunohistochemistry, not H&E, when looked at.
+HE_SLIDES = {"wsi/aperio/CMU-1-Small-Region.svs": None, "wsi/ome-tiff/OS-1-detail.ome.tif": None,
+             "wsi/aperio/tcga-cr-7395-01a-01-ts1.svs": 1.0}
 
 
 def link_folder(folder: Path, files: list[Path], names: list[str]) -> Path:
@@ -58,6 +61,12 @@ def link_folder(folder: Path, files: list[Path], names: list[str]) -> Path:
     for f, n in zip(files, names):
         (folder / n).symlink_to(f)
     return folder
+
+
+def write_slide_list(path: Path) -> Path:
+    """HE_SLIDES as a slides.csv for `pathapp pretrain --slides` (absolute paths, µm/px where needed)."""
+    path.write_text("slide,mpp\n" + "".join(f"{DATA / s},{'' if m is None else m}\n" for s, m in HE_SLIDES.items()))
+    return path
 
 
 def read_labels() -> tuple[list[Path], np.ndarray, np.ndarray, list[str]]:
@@ -81,6 +90,7 @@ def make_config(args, data_dir: Path, steps: int):
              steps=steps, epoch_length=max(1, steps // 100), checkpoint_every=max(steps // 4, 1), log_every=1)
     if args.batch_size:
         d["batch_size"] = args.batch_size
+    d.update(args.set)
     return SSLConfig.from_dict(d, str(args.config))
 
 
@@ -164,6 +174,8 @@ def main() -> None:
     ap.add_argument("--config", type=Path, default=Path(__file__).with_name("pretrain_cpu30.yaml"),
                     help="pretraining recipe (SSLConfig YAML); data, steps and epoch_length are set here")
     ap.add_argument("--batch-size", type=int, default=None, help="override the recipe's batch_size")
+    ap.add_argument("--set", type=lambda kv: (kv.split("=", 1)[0], yaml.safe_load(kv.split("=", 1)[1])),
+                    action="append", default=[], metavar="KEY=VALUE", help="override any recipe setting (YAML value)")
     ap.add_argument("--eval-sizes", default="98,224",
                     help="px the 224 px EBHI images are resized to for embedding (comma-separated)")
     ap.add_argument("--steps", type=int, default=None,
@@ -184,8 +196,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     paths, y, groups, classes = read_labels()
     if args.data == "slides":
-        files = [DATA / s for s in HE_SLIDES]
-        data_dir = link_folder(args.out / "slides", files, [f.name for f in files])
+        data_dir = write_slide_list(args.out / "slides.csv")
     else:  # images only, anonymous names: pretraining sees neither labels nor masks
         data_dir = link_folder(args.out / "ebhi-unlabelled", paths, [f"{i:04d}.png" for i in range(len(paths))])
 

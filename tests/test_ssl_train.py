@@ -26,6 +26,7 @@ from ssl_tiny import TINY_SSL, tiny_config
 torch.set_num_threads(1)
 EBHI_NORMAL = "labeled/ebhi-seg/EBHI-SEG/Normal/image"
 CMU = "wsi/aperio/CMU-1-Small-Region.svs"
+TCGA = "wsi/aperio/tcga-cr-7395-01a-01-ts1.svs"
 
 
 def _tiny_pair(cfg: SSLConfig) -> tuple[Student, Teacher]:
@@ -104,6 +105,14 @@ def test_config_yaml_round_trip(tmp_path):
         SSLConfig.load(tmp_path / "bad.yaml")
     with pytest.raises(PathappError, match="centering"):
         SSLConfig.from_dict({"centering": "mean"})
+    # YAML 1.1 reads 1e-5 as a string; numbers in either spelling are numbers
+    (tmp_path / "exp.yaml").write_text("layerscale_init: 1e-5\nbase_lr: 4e-3\nbatch_size: '8'\n")
+    loaded = SSLConfig.load(tmp_path / "exp.yaml")
+    assert (loaded.layerscale_init, loaded.base_lr, loaded.batch_size) == (1e-5, 0.004, 8)
+    with pytest.raises(PathappError, match="base_lr must be a number"):
+        SSLConfig.from_dict({"base_lr": "fast"})
+    with pytest.raises(PathappError, match="balance"):
+        SSLConfig.from_dict({"balance": "area"})
 
 
 def _losses(run) -> list[float]:
@@ -157,14 +166,48 @@ def test_online_patching_from_real_slides():
     assert b0["global"].shape == (4, 3, 42, 42) and b0["local"].shape == (4, 3, 28, 28) and b0["masks"].shape == (4, 9)
 
 
-def test_slides_balanced_and_bad_inputs(tmp_path):
-    cmu, luna = data_file(CMU), data_file("wsi/aperio/luna-1065626.svs")
-    src = SlideTileSource([open_slide(p) for p in (cmu, luna)],
-                          [0.5], 32, 0.6)
-    picks = np.array([int(np.random.default_rng([0, i]).integers(len(src))) for i in range(400)])
-    assert 0.4 < picks.mean() < 0.6  # each slide drawn equally often whatever its size
+def test_slides_balanced_by_slide_or_by_tissue_area(tmp_path):
+    slides = [open_slide(data_file(CMU)), open_slide(data_file(TCGA), mpp=1.0)]
+    picks = {}
+    for balance in ("slides", "tissue"):
+        src = SlideTileSource(slides, [0.5], 32, 0.6, balance=balance)
+        picks[balance] = np.mean([src.pick(np.random.default_rng([0, i])) for i in range(2000)])
+    areas = [e.tissue_um2 for e in src.entries]
+    share = areas[1] / sum(areas)
+    assert 0.5 < share < 0.99  # the TCGA section holds most of the tissue (≈ 10 of 10.6 mm²)
+    assert abs(picks["slides"] - 0.5) < 0.04  # each slide equally often whatever its size
+    assert abs(picks["tissue"] - share) < 0.03  # each mm² of tissue equally often
+
+
+def test_sampled_tiles_lie_inside_the_slide():
+    # OS-1-detail is tissue edge to edge and only ~4 tiles wide at 1 µm/px: tiles reaching past its
+    # border would come back with white (255) bands
+    src = open_sources(data_file("wsi/ome-tiff/OS-1-detail.ome.tif"), mpps=[1.0], tile_size=64, min_tissue=0.6)
+    tiles = [src.sample(np.random.default_rng([2, i])) for i in range(40)]
+    padded = [t for t in tiles if (t == 255).all(axis=(1, 2)).any() or (t == 255).all(axis=(0, 2)).any()]
+    assert len(padded) == 0, f"{len(padded)} of {len(tiles)} tiles reach outside the image"
+
+
+def test_slides_csv_gives_per_slide_mpp(tmp_path):
+    import os
+
+    csv_path = tmp_path / "lists" / "slides.csv"
+    csv_path.parent.mkdir()
+    rel = os.path.relpath(data_file(TCGA), csv_path.parent)  # paths are relative to the CSV
+    csv_path.write_text(f"slide,mpp\n{data_file(CMU)},\n{rel},1.0\n")
+    src = open_sources(csv_path, mpps=[1.0], tile_size=64, min_tissue=0.6)
+    assert {e.slide.path.name: e.slide.mpp for e in src.entries} == {"CMU-1-Small-Region.svs": 0.499, TCGA.split("/")[-1]: 1.0}
+    csv_path.write_text(f"slide,mpp\n{data_file(CMU)},half\n")
+    with pytest.raises(PathappError, match="line 2: mpp 'half'"):
+        open_sources(csv_path, mpps=[1.0], tile_size=64, min_tissue=0.6)
+    csv_path.write_text(f"path\n{data_file(CMU)}\n")
+    with pytest.raises(PathappError, match="columns slide"):
+        open_sources(csv_path, mpps=[1.0], tile_size=64, min_tissue=0.6)
+
+
+def test_bad_sources(tmp_path):
     with pytest.raises(PathappError, match="no slide with a known µm/px"):
-        open_sources(data_file("wsi/aperio/tcga-cr-7395-01a-01-ts1.svs"), mpps=[0.5], tile_size=64, min_tissue=0.6)
+        open_sources(data_file(TCGA), mpps=[0.5], tile_size=64, min_tissue=0.6)
     with pytest.raises(PathappError, match="no image tiles"):
         open_sources(tiles=tmp_path, mpps=[0.5], tile_size=64, min_tissue=0.6)
     with pytest.raises(PathappError, match="exactly one"):
@@ -232,7 +275,7 @@ def test_init_dinov2_offline_message_and_init_from_file(tmp_path, monkeypatch):
 
 
 def test_qupath_project_source_uses_present_images(tmp_path, capsys):
-    cmu, tcga = data_file(CMU), data_file("wsi/aperio/tcga-cr-7395-01a-01-ts1.svs")
+    cmu, tcga = data_file(CMU), data_file(TCGA)
 
     def server(path, mpp):
         meta = {"width": 100, "height": 100}

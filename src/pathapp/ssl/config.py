@@ -30,12 +30,13 @@ class SSLConfig:
     layerscale_init: float | None = None  # refill LayerScale gammas after a random init
     drop_path: float = 0.3
     # --- data -------------------------------------------------------------------------------------
-    slides: str | None = None  # folder of slides, one slide, or a QuPath project.qpproj
+    slides: str | None = None  # folder of slides, one slide, a slides.csv (slide[,mpp]) or a QuPath project.qpproj
     tiles: str | None = None  # or a folder of image tiles
     mpp: list[float] = field(default_factory=lambda: [0.5])  # µm/px of sampled tiles (one picked per tile)
     tile_size: int = 256  # px of the tile read from a slide, before multi-crop
     min_tissue: float = 0.6  # HSV tissue fraction a sampled tile must exceed
     slide_mpp: float | None = None  # µm/px applied to every slide (for files that do not say)
+    balance: str = "slides"  # draw each slide equally often ("slides") or in proportion to its tissue area ("tissue")
     num_workers: int = 2
     # --- multi-crop and augmentation ----------------------------------------------------------
     global_crop_size: int = 224
@@ -97,7 +98,7 @@ class SSLConfig:
     checkpoint_every: int = 500
     log_every: int = 1
     seed: int = 0
-    precision: str = "auto"  # "auto" (bf16 autocast on GPU, fp32 on CPU), "bf16" or "fp32"
+    precision: str = "auto"  # "auto" (bf16 autocast on GPU, fp32 on CPU), "bf16" (also on CPUs with AMX) or "fp32"
     distributed: str = "ddp"  # "ddp" or "fsdp" (shards each block; for ViT-L/g)
     record_checksum: bool = False  # log a hash of the weights every step (distributed tests)
 
@@ -123,7 +124,13 @@ class SSLConfig:
             raise PathappError(f"{source}: unknown setting(s) {', '.join(unknown)}; see `pathapp pretrain --help` "
                                f"or a run's config.yaml for the valid names")
         kwargs = {}
+        types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
         for k, v in d.items():
+            if isinstance(v, str) and types[k].startswith(("float", "int")):  # YAML reads 1e-5 as a string
+                try:
+                    v = float(v) if types[k].startswith("float") else int(v)
+                except ValueError:
+                    raise PathappError(f"{source}: {k} must be a number, not {v!r}") from None
             kwargs[k] = tuple(v) if isinstance(v, list) and k not in _LIST_FIELDS else v
         cfg = cls(**kwargs)
         cfg.validate(source)
@@ -145,6 +152,7 @@ class SSLConfig:
         checks = [
             (self.regularizer in {"koleo", "kde"}, "regularizer must be 'koleo' or 'kde'"),
             (self.centering in {"ema", "sinkhorn"}, "centering must be 'ema' or 'sinkhorn'"),
+            (self.balance in {"slides", "tissue"}, "balance must be 'slides' or 'tissue'"),
             (self.precision in {"auto", "bf16", "fp32"}, "precision must be auto, bf16 or fp32"),
             (self.distributed in {"ddp", "fsdp"}, "distributed must be ddp or fsdp"),
             (self.batch_size >= 2, "batch_size must be at least 2 (KoLeo needs neighbours)"),

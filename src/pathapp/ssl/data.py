@@ -34,6 +34,7 @@ class _SlideEntry:
     slide: object  # pathapp.slide.Slide (pickles as path + backend + mpp, reopens in workers)
     centres: list[np.ndarray]  # per µm/px: (M, 2) level-0 x, y of candidate tile centres
     cell: float  # level-0 px per tissue-mask pixel (positions are jittered within a cell)
+    tissue_um2: float  # tissue area, for balance="tissue"
 
 
 def _candidate_centres(mask: np.ndarray, cell: float, footprint: float, min_tissue: float) -> np.ndarray:
@@ -49,13 +50,15 @@ def _candidate_centres(mask: np.ndarray, cell: float, footprint: float, min_tiss
 
 
 class SlideTileSource:
-    """Tissue tiles read on the fly: a slide chosen uniformly (balanced over slides, whatever their
-    size), a µm/px from `mpps`, a random point of the slide's tissue mask; the tile is kept when its
-    HSV tissue fraction exceeds `min_tissue`, else another point is tried (the best of `max_tries`
-    is used, so sampling never stalls)."""
+    """Tissue tiles read on the fly: a slide chosen uniformly (`balance="slides"`: each slide equally
+    often, whatever its size) or in proportion to its tissue area (`"tissue"`: every region of tissue
+    equally often, so a tiny crop is not drawn as often as a whole slide), a µm/px from `mpps`, a
+    random point of the slide's tissue mask, moved inwards so the tile lies inside the slide; the
+    tile is kept when its HSV tissue fraction exceeds `min_tissue`, else another point is tried (the
+    best of `max_tries` is used, so sampling never stalls)."""
 
     def __init__(self, slides: list, mpps: list[float], tile_size: int, min_tissue: float = 0.6,
-                 max_tries: int = 10) -> None:
+                 max_tries: int = 10, balance: str = "slides") -> None:
         from pathapp.tiles import tissue as tissue_mod
 
         self.mpps = [float(m) for m in mpps]
@@ -73,10 +76,13 @@ class SlideTileSource:
                 _warn(f"{slide.path}: no tissue detected; skipped")
                 continue
             centres = [_candidate_centres(tm.mask, tm.scale, tile_size * m / slide.mpp, min_tissue) for m in self.mpps]
-            self.entries.append(_SlideEntry(slide, centres, float(tm.scale)))
+            area = float(tm.mask.sum()) * (tm.scale * slide.mpp) ** 2
+            self.entries.append(_SlideEntry(slide, centres, float(tm.scale), area))
         if not self.entries:
             raise PathappError("no usable slide: each was too small for a tile or had no tissue; "
                                "check the slides or lower --mpp / tile_size")
+        weights = np.array([e.tissue_um2 if balance == "tissue" else 1.0 for e in self.entries])
+        self.cumulative = np.cumsum(weights / weights.sum())
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -100,15 +106,22 @@ class SlideTileSource:
             rgb = np.asarray(Image.fromarray(rgb).resize((self.tile_size, self.tile_size), Image.BILINEAR))
         return rgb
 
+    def pick(self, rng: np.random.Generator) -> int:
+        """Index of the slide the next tile comes from (by `balance`)."""
+        return min(int(np.searchsorted(self.cumulative, rng.random(), side="right")), len(self.entries) - 1)
+
     def sample(self, rng: np.random.Generator) -> np.ndarray:
         from pathapp.tiles.tissue import tissue_fraction_rgb
 
-        entry = self.entries[int(rng.integers(len(self.entries)))]
+        entry = self.entries[self.pick(rng)]
         k = int(rng.integers(len(self.mpps)))
         centres = entry.centres[k]
+        half = self.tile_size * self.mpps[k] / entry.slide.mpp / 2
+        lo, hi = np.full(2, half), np.asarray(entry.slide.size, dtype=np.float64) - half
         best, best_frac = None, -1.0
         for _ in range(self.max_tries):
-            cx, cy = centres[int(rng.integers(len(centres)))] + rng.uniform(-0.5, 0.5, 2) * entry.cell
+            point = centres[int(rng.integers(len(centres)))] + rng.uniform(-0.5, 0.5, 2) * entry.cell
+            cx, cy = np.clip(point, lo, hi)
             rgb = self.read(entry, cx, cy, self.mpps[k])
             frac = tissue_fraction_rgb(rgb, focus=False)  # the HSV check of DINOv2 pathology recipes
             if frac > self.min_tissue:
@@ -221,10 +234,33 @@ def make_loader(dataset: SSLDataset, start_microbatch: int, batch_size: int, ran
     )
 
 
+def read_slide_list(path: Path, slide_mpp: float | None = None) -> list[tuple[Path, float | None]]:
+    """(slide, µm/px override) from a CSV with a `slide` column (paths relative to the CSV) and an
+    optional `mpp` column: the µm/px of a file that does not record it, or corrects a wrong one
+    (an empty cell keeps --slide-mpp, else the file's)."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or "slide" not in rows[0]:
+        raise PathappError(f"{path}: expected a CSV with a header line and columns slide[,mpp]")
+    entries: list[tuple[Path, float | None]] = []
+    for n, r in enumerate(rows, start=2):
+        cell = (r.get("mpp") or "").strip()
+        try:
+            mpp = float(cell) if cell else slide_mpp
+        except ValueError:
+            raise PathappError(f"{path}, line {n}: mpp {cell!r} is not a number of µm per pixel") from None
+        entries.append((path.parent / r["slide"].strip(), mpp))
+    return entries
+
+
 def open_sources(slides: str | Path | None = None, tiles: str | Path | None = None, *, mpps: list[float],
-                 tile_size: int, min_tissue: float, slide_mpp: float | None = None) -> SlideTileSource | TileFolderSource:
-    """A tile source from `--slides` (a folder, one slide, or a QuPath .qpproj) or `--tiles` (a folder).
-    Slides without µm/px (and no --slide-mpp) or that fail to open are skipped with a warning."""
+                 tile_size: int, min_tissue: float, slide_mpp: float | None = None,
+                 balance: str = "slides") -> SlideTileSource | TileFolderSource:
+    """A tile source from `--slides` (a folder, one slide, a slides.csv or a QuPath .qpproj) or
+    `--tiles` (a folder). Slides without µm/px (and no --slide-mpp) or that fail to open are skipped
+    with a warning."""
     if (slides is None) == (tiles is None):
         raise PathappError("give exactly one of --slides (folder, slide or project.qpproj) or --tiles (folder)")
     if tiles is not None:
@@ -236,7 +272,8 @@ def open_sources(slides: str | Path | None = None, tiles: str | Path | None = No
 
     src = Path(slides)
     if not src.exists():
-        raise PathappError(f"{src}: no such file or folder; --slides takes a folder of slides, a slide, or a .qpproj")
+        raise PathappError(f"{src}: no such file or folder; --slides takes a folder of slides, a slide, "
+                           f"a slides.csv or a .qpproj")
     entries: list[tuple[Path, float | None]] = []  # (slide, µm/px override)
     if src.suffix == ".qpproj":
         from pathapp.qupath.project import read_project
@@ -246,6 +283,8 @@ def open_sources(slides: str | Path | None = None, tiles: str | Path | None = No
                 _warn(f"{src}: image {e.name!r} not found ({e.error or e.uri}); skipped")
             else:  # the pixel calibration QuPath shows (it may fix a file without µm/px)
                 entries.append((Path(e.image_path), slide_mpp or e.mpp))
+    elif src.suffix.lower() == ".csv":
+        entries = read_slide_list(src, slide_mpp)
     else:
         entries = [(p, slide_mpp) for p in (find_slides(src) if src.is_dir() else [src])]
     opened = []
@@ -255,9 +294,9 @@ def open_sources(slides: str | Path | None = None, tiles: str | Path | None = No
             s.require_mpp()
             opened.append(s)
         except MissingMppError:
-            _warn(f"{p}: no µm/px in the file; skipped (pass --slide-mpp to use it)")
+            _warn(f"{p}: no µm/px in the file; skipped (pass --slide-mpp, or list it in a slides.csv with an mpp column)")
         except SlideOpenError as e:
             _warn(f"{e}; skipped")
     if not opened:
         raise PathappError(f"{src}: no slide with a known µm/px could be opened; pass --slide-mpp or another folder")
-    return SlideTileSource(opened, mpps, tile_size, min_tissue)
+    return SlideTileSource(opened, mpps, tile_size, min_tissue, balance=balance)
