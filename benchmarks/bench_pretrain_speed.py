@@ -9,7 +9,7 @@ that bench_pretrain_knn.py uses, one process, --threads torch threads:
 2. the data pipeline (online patching from the slides + multi-crop + masks) in samples/s per
    worker process, the rate the model can be fed at with `num_workers` workers.
 
-On CPUs with AMX or AVX-512-BF16 (Sapphire Rapids and later) bf16 matmuls run several times faster
+On CPUs with AVX-512-BF16 or AMX (AMD Zen 4, Intel Sapphire Rapids and later) bf16 matmuls run faster
 than fp32; without them bf16 is slower and the recipe should say `precision: fp32`.
 
     .venv/bin/python benchmarks/bench_pretrain_speed.py [--batch-size 64] [--steps 6] [--json out.json]

@@ -39,8 +39,8 @@ from pathapp.cli.options import slide_mpp_option
               help="Stop (with a checkpoint and a bundle) after this many minutes; --resume continues.")
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Data-loading processes per GPU/process.")
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default=None,
-              help="auto: bf16 autocast on GPU, fp32 on CPU; bf16 is also ~2x faster on CPUs with AMX "
-                   "(Xeon Sapphire Rapids and later; see benchmarks/bench_pretrain_speed.py).  [default: auto]")
+              help="auto: bf16 autocast on GPU, fp32 on CPU; bf16 is also 1.5-2x faster on CPUs with AVX-512-BF16 "
+                   "or AMX (AMD Zen 4, Intel Sapphire Rapids and later; benchmarks/bench_pretrain_speed.py).  [default: auto]")
 @click.option("--fsdp", is_flag=True, default=False, help="Shard the model with FSDP under torchrun (ViT-L/g).")
 @click.option("--resume", is_flag=True, default=False,
               help="Continue the run in --out from its checkpoint, with its saved config.yaml.")

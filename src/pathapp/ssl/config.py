@@ -98,7 +98,7 @@ class SSLConfig:
     checkpoint_every: int = 500
     log_every: int = 1
     seed: int = 0
-    precision: str = "auto"  # "auto" (bf16 autocast on GPU, fp32 on CPU), "bf16" (also on CPUs with AMX) or "fp32"
+    precision: str = "auto"  # "auto" (bf16 autocast on GPU, fp32 on CPU), "bf16" (also on CPUs with AVX-512-BF16/AMX) or "fp32"
     distributed: str = "ddp"  # "ddp" or "fsdp" (shards each block; for ViT-L/g)
     record_checksum: bool = False  # log a hash of the weights every step (distributed tests)
 

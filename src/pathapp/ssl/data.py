@@ -262,7 +262,8 @@ def open_sources(slides: str | Path | None = None, tiles: str | Path | None = No
     `--tiles` (a folder). Slides without µm/px (and no --slide-mpp) or that fail to open are skipped
     with a warning."""
     if (slides is None) == (tiles is None):
-        raise PathappError("give exactly one of --slides (folder, slide or project.qpproj) or --tiles (folder)")
+        raise PathappError("give exactly one of --slides (folder, slide, slides.csv or project.qpproj) "
+                           "or --tiles (folder)")
     if tiles is not None:
         if not Path(tiles).is_dir():
             raise PathappError(f"{tiles}: not a folder; --tiles needs a folder of image tiles")
@@ -294,7 +295,8 @@ def open_sources(slides: str | Path | None = None, tiles: str | Path | None = No
             s.require_mpp()
             opened.append(s)
         except MissingMppError:
-            _warn(f"{p}: no µm/px in the file; skipped (pass --slide-mpp, or list it in a slides.csv with an mpp column)")
+            _warn(f"{p}: no µm/px in the file; skipped "
+                  f"(pass --slide-mpp, or list it in a slides.csv with an mpp column)")
         except SlideOpenError as e:
             _warn(f"{e}; skipped")
     if not opened:

@@ -223,8 +223,8 @@ def _autocast(cfg: SSLConfig, device: torch.device) -> contextlib.AbstractContex
 
 def _unfuse_attention(*modules: nn.Module) -> None:
     """Explicit q·kᵀ attention for bf16 on CPU: there PyTorch's fused attention backward is ~9× slower
-    than in fp32, while the explicit matmuls run on AMX/AVX-512-BF16 units (2× a whole fp32 step
-    with a small ViT on a Sapphire Rapids core)."""
+    than in fp32, while the explicit matmuls run on AVX-512-BF16/AMX units (1.45-2× a whole fp32
+    step with a small ViT on an AMD EPYC core, benchmarks/results/pretrain_speed_cpu.txt)."""
     for module in modules:
         for m in module.modules():
             if hasattr(m, "fused_attn"):  # timm's Attention
