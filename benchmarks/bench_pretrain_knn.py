@@ -17,6 +17,8 @@
    Images are embedded at each of --eval-sizes px (position embeddings resampled). 224 px is EBHI's
    own scale, ≈1 µm/px judged by crypt and nucleus size, which is the scale the recipe samples from
    the slides (0.75-1.25 µm/px); 98 px (the training crop size) shows the cost of a scale mismatch.
+3. Show how far the teacher's DINO head tells images apart at init and at the end (head_spread): in
+   a short CPU run it sends every image to nearly the same point, the DINO loss's plateau at ln K.
 
 The number of steps is set from a 6-step calibration so that the cosine schedules finish inside the
 budget; one "epoch" is 1% of the steps (warm-up 10%, teacher-temperature warm-up 30%). On a shared
@@ -122,6 +124,34 @@ def embed_all(model, images: np.ndarray, batch: int = 64) -> dict[str, np.ndarra
             cls.append(c.numpy())
             both.append(torch.cat([c, m], dim=-1).numpy())
     return {"cls": np.concatenate(cls), "cls+mean": np.concatenate(both)}
+
+
+def head_spread(cfg, run: Path, images: np.ndarray) -> dict[str, dict[str, float]]:
+    """How much the teacher's DINO head tells images apart, at init and at the end of the run: mean
+    cosine between different images' L2-normalised bottleneck outputs, and the std of the prototype
+    logits across images vs across prototypes. Near-equal outputs for every image mean the DINO
+    targets do not depend on the image (the plateau at ln K)."""
+    import torch
+    import torch.nn.functional as F
+
+    from pathapp.ssl.meta_arch import backbone_tokens
+    from pathapp.ssl.train import DistInfo, _build_models
+
+    cfg, _, _, teacher, _, _ = _build_models(cfg, DistInfo(0, 1, torch.device("cpu")))
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255)
+    x = (x - torch.tensor(cfg.mean)[:, None, None]) / torch.tensor(cfg.std)[:, None, None]
+    out = {}
+    for when in ("init", "end"):
+        if when == "end":
+            teacher.load_state_dict(torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)["teacher"])
+        with torch.inference_mode():
+            z = F.normalize(teacher.dino_head.mlp(backbone_tokens(teacher.backbone, x)[:, 0]), dim=-1)
+            logits = teacher.dino_head.last_layer(z)
+        cos = z @ z.T
+        out[when] = {"bottleneck_cosine_between_images": float(cos[~torch.eye(len(z), dtype=torch.bool)].mean()),
+                     "logit_std_across_images": float(logits.std(0).mean()),
+                     "logit_std_across_prototypes": float(logits.std(1).mean())}
+    return out
 
 
 def colour_histogram(images: np.ndarray) -> np.ndarray:
@@ -246,6 +276,7 @@ def main() -> None:
                 diffs[f"{size}px pretrained/{recipe} - {other}"] = {
                     k: summary(list(np.subtract(mine[k], folds[other][k]))) for k in METRICS}
 
+    spread = head_spread(cfg, run, np.stack([load_tile_image(p, cfg.global_crop_size) for p in paths[::7]]))
     report = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "data": args.data, "slides": HE_SLIDES if args.data == "slides" else None,
@@ -256,7 +287,7 @@ def main() -> None:
         "tiles_per_s_median": float(np.median([r["tiles_per_s"] for r in rows])),
         "eval": "EBHI-Seg 694 images, 6 classes, 5-fold StratifiedGroupKFold by case_prefix, balanced accuracy, "
                 "mean [95% t-CI over folds]; differences are paired over the same folds",
-        "results": results, "differences": diffs,
+        "results": results, "differences": diffs, "teacher_head_spread": spread,
     }
     heads = "".join(f"{h:>28s}" for h in METRICS.values())
     print(f"\n{'features':34s}{heads}")
@@ -268,6 +299,8 @@ def main() -> None:
     first, last = np.mean([r["loss"] for r in rows[:20]]), np.mean([r["loss"] for r in rows[-20:]])
     print(f"\n{len(rows)} steps in {train_minutes:.1f} min ({report['tiles_per_s_median']:.1f} tiles/s); "
           f"loss, mean of first/last 20 steps: {first:.3f} → {last:.3f}")
+    print(f"teacher DINO head on {len(paths[::7])} EBHI images, init → end: " + "; ".join(
+        f"{k.replace('_', ' ')} {spread['init'][k]:.3f} → {spread['end'][k]:.3f}" for k in spread["init"]))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     (args.out / "report.json").write_text(json.dumps(report, indent=2))
