@@ -3,7 +3,7 @@
 1. Pretrain a small ViT with the recipe in --config (default pretrain_cpu30.yaml next to this file:
    dinov2_vits14 shrunk to depth 6 / dim 192 / 3 heads, LayerScale 1, DINO + iBOT + KoLeo) for
    --minutes of CPU time on tiles sampled online from the H&E slides in ../shared/data/wsi
-   (default, --data slides: HE_SLIDES below, written as a slides.csv), or — clearly a
+   (default, --data slides: the slides.csv he_slides.csv next to this file), or — clearly a
    different, transductive setting — on the 694 EBHI-Seg images themselves as unlabelled data
    (--data ebhi: labels and masks are never read by pretraining).
 2. Embed the 694 EBHI-Seg images (6 classes, colorectal biopsies; labels.csv) with the teacher and
@@ -49,11 +49,11 @@ import yaml
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 EBHI = DATA / "labeled" / "ebhi-seg"
 METRICS = {"logreg": "logistic regression", "knn20": "20-NN cosine", "knn20_dist": "20-NN cosine, 1/d-weighted"}
-# The H&E slides of ../shared/data, with the µm/px given where the file has none (slides.csv `mpp`).
-# tcga-cr-7395 records no µm/px: 1.0 is estimated from its nuclei (8-10 px across; lymphocytes are
-# 7-8 µm). luna-1065626.svs is left out: it is DAB immunohistochemistry, not H&E, when looked at.
-HE_SLIDES = {"wsi/aperio/CMU-1-Small-Region.svs": None, "wsi/ome-tiff/OS-1-detail.ome.tif": None,
-             "wsi/aperio/tcga-cr-7395-01a-01-ts1.svs": 1.0}
+# The H&E slides of ../shared/data as a slides.csv for `pathapp pretrain --slides`, with the µm/px
+# given where the file has none: tcga-cr-7395 records none, and 1.0 is estimated from its nuclei
+# (8-10 px across; lymphocytes are 7-8 µm). luna-1065626.svs is left out: looked at, it is
+# haematoxylin + DAB immunohistochemistry, not H&E.
+HE_SLIDES = Path(__file__).resolve().with_name("he_slides.csv")
 
 
 def link_folder(folder: Path, files: list[Path], names: list[str]) -> Path:
@@ -63,12 +63,6 @@ def link_folder(folder: Path, files: list[Path], names: list[str]) -> Path:
     for f, n in zip(files, names):
         (folder / n).symlink_to(f)
     return folder
-
-
-def write_slide_list(path: Path) -> Path:
-    """HE_SLIDES as a slides.csv for `pathapp pretrain --slides` (absolute paths, µm/px where needed)."""
-    path.write_text("slide,mpp\n" + "".join(f"{DATA / s},{'' if m is None else m}\n" for s, m in HE_SLIDES.items()))
-    return path
 
 
 def read_labels() -> tuple[list[Path], np.ndarray, np.ndarray, list[str]]:
@@ -226,7 +220,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     paths, y, groups, classes = read_labels()
     if args.data == "slides":
-        data_dir = write_slide_list(args.out / "slides.csv")
+        data_dir = HE_SLIDES
     else:  # images only, anonymous names: pretraining sees neither labels nor masks
         data_dir = link_folder(args.out / "ebhi-unlabelled", paths, [f"{i:04d}.png" for i in range(len(paths))])
 
@@ -279,7 +273,7 @@ def main() -> None:
     spread = head_spread(cfg, run, np.stack([load_tile_image(p, cfg.global_crop_size) for p in paths[::7]]))
     report = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "data": args.data, "slides": HE_SLIDES if args.data == "slides" else None,
+        "data": args.data, "slides": HE_SLIDES.read_text().splitlines()[1:] if args.data == "slides" else None,
         "config": cfg.to_dict(),
         "steps": len(rows), "planned_steps": steps, "pretrain_minutes": round(train_minutes, 2),
         "total_minutes": round((time.monotonic() - t0) / 60, 2),

@@ -1,7 +1,7 @@
 """Pretraining throughput on this machine's CPU (a benchmark, not a timed test).
 
 With the recipe of --config (default pretrain_cpu30.yaml) on real multi-crop views of the H&E slides
-that bench_pretrain_knn.py uses, one process, --threads torch threads:
+of he_slides.csv (those bench_pretrain_knn.py uses), one process, --threads torch threads:
 
 1. optimiser steps (student forward + backward, teacher forward, AdamW, EMA) in tiles/s for fp32,
    bf16 autocast with PyTorch's fused attention, and bf16 autocast with explicit q·kᵀ attention
@@ -18,9 +18,7 @@ than fp32; without them bf16 is slower and the recipe should say `precision: fp3
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import importlib.util
 import json
 import time
 from pathlib import Path
@@ -29,14 +27,6 @@ import numpy as np
 import yaml
 
 HERE = Path(__file__).resolve().parent
-
-
-def _knn_bench():
-    """bench_pretrain_knn.py as a module, for its slide list (one list for both benchmarks)."""
-    spec = importlib.util.spec_from_file_location("bench_pretrain_knn", HERE / "bench_pretrain_knn.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def step_rate(cfg, batch: dict, precision: str, fused: bool, steps: int) -> float:
@@ -71,7 +61,6 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6, help="timed steps per precision")
     ap.add_argument("--samples", type=int, default=128, help="samples timed for the data pipeline")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=Path("/tmp/bench-pretrain-speed"))
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
@@ -81,9 +70,8 @@ def main() -> None:
     from pathapp.ssl.config import SSLConfig
     from pathapp.ssl.data import SSLDataset, collate, open_sources
 
-    args.out.mkdir(parents=True, exist_ok=True)
     d = yaml.safe_load(args.config.read_text())
-    d.update(slides=str(_knn_bench().write_slide_list(args.out / "slides.csv")), steps=100, epoch_length=1)
+    d.update(slides=str(HERE / "he_slides.csv"), steps=100, epoch_length=1)
     if args.batch_size:
         d["batch_size"] = args.batch_size
     cfg = SSLConfig.from_dict(d, str(args.config))

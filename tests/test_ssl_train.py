@@ -166,7 +166,7 @@ def test_online_patching_from_real_slides():
     assert b0["global"].shape == (4, 3, 42, 42) and b0["local"].shape == (4, 3, 28, 28) and b0["masks"].shape == (4, 9)
 
 
-def test_slides_balanced_by_slide_or_by_tissue_area(tmp_path):
+def test_slides_balanced_by_slide_or_by_tissue_area():
     slides = [open_slide(data_file(CMU)), open_slide(data_file(TCGA), mpp=1.0)]
     picks = {}
     for balance in ("slides", "tissue"):
@@ -199,6 +199,9 @@ def test_slides_csv_gives_per_slide_mpp(tmp_path):
     assert {e.slide.path.name: e.slide.mpp for e in src.entries} == {"CMU-1-Small-Region.svs": 0.499, TCGA.split("/")[-1]: 1.0}
     csv_path.write_text(f"slide,mpp\n{data_file(CMU)},half\n")
     with pytest.raises(PathappError, match="line 2: mpp 'half'"):
+        open_sources(csv_path, mpps=[1.0], tile_size=64, min_tissue=0.6)
+    csv_path.write_text(f"slide,mpp\n{data_file(CMU)},\n,1.0\n")
+    with pytest.raises(PathappError, match="line 3: no slide path"):
         open_sources(csv_path, mpps=[1.0], tile_size=64, min_tissue=0.6)
     csv_path.write_text(f"path\n{data_file(CMU)}\n")
     with pytest.raises(PathappError, match="columns slide"):

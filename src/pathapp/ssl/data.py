@@ -246,6 +246,8 @@ def read_slide_list(path: Path, slide_mpp: float | None = None) -> list[tuple[Pa
         raise PathappError(f"{path}: expected a CSV with a header line and columns slide[,mpp]")
     entries: list[tuple[Path, float | None]] = []
     for n, r in enumerate(rows, start=2):
+        if not (r["slide"] or "").strip():
+            raise PathappError(f"{path}, line {n}: no slide path in the `slide` column")
         cell = (r.get("mpp") or "").strip()
         try:
             mpp = float(cell) if cell else slide_mpp
