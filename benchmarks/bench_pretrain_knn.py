@@ -14,9 +14,13 @@
    baseline differences paired over the same folds. Floors measured earlier (logistic regression /
    20-NN): random ViT-S/14 0.367 / 0.252, colour histogram 0.373 / 0.302; the histogram's majority-vote
    20-NN here, 0.322, is near that floor; its 1/d-weighted one is higher, 0.381.
-   Images are embedded at each of --eval-sizes px (position embeddings resampled). 224 px is EBHI's
-   own scale, ≈1 µm/px judged by crypt and nucleus size, which is the scale the recipe samples from
-   the slides (0.75-1.25 µm/px); 98 px (the training crop size) shows the cost of a scale mismatch.
+   Two ways of embedding an image, both applied to the pretrained and the random-init model alike:
+   - tiles (the main protocol): the image at its own scale (224 px ≈ 1 µm/px, judged by crypt and
+     nucleus size; the recipe samples slides at 0.75-1.25 µm/px) cut into the fewest tiles of the
+     bundle's tile size that cover it (3 × 3 tiles of 98 px, overlapping), each embedded as the model
+     was trained, and averaged: how `pathapp infer` uses the bundle, which records tile_size 98.
+   - each of --eval-sizes px (default 224): the whole image resized, position embeddings resampled
+     from the 7 × 7 training grid (at 224 px, 16 × 16 patches the model never saw in training).
 3. Show how far the teacher's DINO head tells images apart at init and at the end (head_spread): in
    a short CPU run it sends every image to nearly the same point, the DINO loss's plateau at ln K.
 
@@ -25,7 +29,7 @@ budget; one "epoch" is 1% of the steps (warm-up 10%, teacher-temperature warm-up
 machine the pace can change after calibration; --minutes × 1.1 then stops the run early (the report
 gives steps done and planned).
 
-    .venv/bin/python benchmarks/bench_pretrain_knn.py --minutes 30 --eval-sizes 224 --out /tmp/bench-30   # the 30-minute run
+    .venv/bin/python benchmarks/bench_pretrain_knn.py --minutes 30 --out /tmp/bench-30   # the 30-minute run
     .venv/bin/python benchmarks/bench_pretrain_knn.py --steps 150 --batch-size 64 --set n_prototypes=512 --out /tmp/t  # a trial
     .venv/bin/python benchmarks/bench_pretrain_knn.py --minutes 1 --batch-size 16 --out /tmp/bench-smoke  # smoke
     .venv/bin/python benchmarks/bench_pretrain_knn.py --eval-only --eval-sizes 112,224 --out /tmp/bench-smoke
@@ -120,6 +124,14 @@ def embed_all(model, images: np.ndarray, batch: int = 64) -> dict[str, np.ndarra
     return {"cls": np.concatenate(cls), "cls+mean": np.concatenate(both)}
 
 
+def embed_tiled(model, images: np.ndarray, tile: int) -> dict[str, np.ndarray]:
+    """Each image as the mean embedding of the fewest `tile`-px crops that cover it on an even grid,
+    at the image's own scale: the bundle's tile size, as `pathapp infer` would tile it."""
+    offsets = np.linspace(0, images.shape[1] - tile, math.ceil(images.shape[1] / tile)).round().astype(int)
+    parts = [embed_all(model, np.ascontiguousarray(images[:, y:y + tile, x:x + tile])) for y in offsets for x in offsets]
+    return {k: np.mean([p[k] for p in parts], axis=0) for k in parts[0]}
+
+
 def head_spread(cfg, run: Path, images: np.ndarray) -> dict[str, dict[str, float]]:
     """How much the teacher's DINO head tells images apart, at init and at the end of the run: mean
     cosine between different images' L2-normalised bottleneck outputs, and the std of the prototype
@@ -200,8 +212,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=None, help="override the recipe's batch_size")
     ap.add_argument("--set", type=lambda kv: (kv.split("=", 1)[0], yaml.safe_load(kv.split("=", 1)[1])),
                     action="append", default=[], metavar="KEY=VALUE", help="override any recipe setting (YAML value)")
-    ap.add_argument("--eval-sizes", default="98,224",
-                    help="px the 224 px EBHI images are resized to for embedding (comma-separated)")
+    ap.add_argument("--eval-sizes", default="224",
+                    help="px the whole 224 px EBHI images are also resized to for embedding (comma-separated; "
+                         "the tiled protocol always runs)")
     ap.add_argument("--steps", type=int, default=None,
                     help="fixed number of steps instead of calibrating to --minutes (which then only caps the run)")
     ap.add_argument("--eval-only", action="store_true", help="skip pretraining; score the run already in --out")
@@ -256,19 +269,26 @@ def main() -> None:
     sizes = [int(v) for v in args.eval_sizes.split(",")]
     if any(v % patch for v in sizes):
         sys.exit(f"--eval-sizes {args.eval_sizes}: each size must be a multiple of the patch size {patch}")
+    native = np.stack([load_tile_image(p, 224) for p in paths])  # EBHI's own size: nothing resampled
+    tile = cfg.global_crop_size
+    protocols = {f"tiles{tile}": lambda m: embed_tiled(m, native, tile)}
     for size in sizes:
-        images = np.stack([load_tile_image(p, size) for p in paths])
-        folds = {"colour_histogram_512": score(colour_histogram(images), y, groups)}
+        resized = native if size == 224 else np.stack([load_tile_image(p, size) for p in paths])
+        protocols[f"{size}px"] = lambda m, im=resized: embed_all(m, im)
+    hist = score(colour_histogram(native), y, groups)
+    results["colour_histogram_512"] = {k: summary(v) | {"folds": v} for k, v in hist.items()}
+    for proto, embed in protocols.items():
+        folds = {}
         for name, model in models.items():
-            for recipe, X in embed_all(model, images).items():
+            for recipe, X in embed(model).items():
                 folds[f"{name}/{recipe}"] = score(X, y, groups)
         for name, per_fold in folds.items():
-            results[f"{size}px {name}"] = {k: summary(v) | {"folds": v} for k, v in per_fold.items()}
+            results[f"{proto} {name}"] = {k: summary(v) | {"folds": v} for k, v in per_fold.items()}
         for recipe in ("cls", "cls+mean"):  # paired over the same folds
             mine = folds[f"pretrained/{recipe}"]
-            for other in (f"random_init/{recipe}", "colour_histogram_512"):
-                diffs[f"{size}px pretrained/{recipe} - {other}"] = {
-                    k: summary(list(np.subtract(mine[k], folds[other][k]))) for k in METRICS}
+            for other, theirs in ((f"random_init/{recipe}", folds[f"random_init/{recipe}"]), ("colour_histogram_512", hist)):
+                diffs[f"{proto} pretrained/{recipe} - {other}"] = {
+                    k: summary(list(np.subtract(mine[k], theirs[k]))) for k in METRICS}
 
     spread = head_spread(cfg, run, np.stack([load_tile_image(p, cfg.global_crop_size) for p in paths[::7]]))
     report = {
