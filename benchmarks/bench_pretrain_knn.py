@@ -126,9 +126,10 @@ def embed_all(model, images: np.ndarray, batch: int = 64) -> dict[str, np.ndarra
 
 def embed_tiled(model, images: np.ndarray, tile: int) -> dict[str, np.ndarray]:
     """Each image as the mean embedding of the fewest `tile`-px crops that cover it on an even grid,
-    at the image's own scale: the bundle's tile size, as `pathapp infer` would tile it."""
+    at the image's own scale: the model sees tiles of the bundle's tile size, as in `pathapp infer`."""
     offsets = np.linspace(0, images.shape[1] - tile, math.ceil(images.shape[1] / tile)).round().astype(int)
-    parts = [embed_all(model, np.ascontiguousarray(images[:, y:y + tile, x:x + tile])) for y in offsets for x in offsets]
+    parts = [embed_all(model, np.ascontiguousarray(images[:, y:y + tile, x:x + tile]))
+             for y in offsets for x in offsets]
     return {k: np.mean([p[k] for p in parts], axis=0) for k in parts[0]}
 
 
@@ -286,7 +287,8 @@ def main() -> None:
             results[f"{proto} {name}"] = {k: summary(v) | {"folds": v} for k, v in per_fold.items()}
         for recipe in ("cls", "cls+mean"):  # paired over the same folds
             mine = folds[f"pretrained/{recipe}"]
-            for other, theirs in ((f"random_init/{recipe}", folds[f"random_init/{recipe}"]), ("colour_histogram_512", hist)):
+            baselines = {f"random_init/{recipe}": folds[f"random_init/{recipe}"], "colour_histogram_512": hist}
+            for other, theirs in baselines.items():
                 diffs[f"{proto} pretrained/{recipe} - {other}"] = {
                     k: summary(list(np.subtract(mine[k], theirs[k]))) for k in METRICS}
 
