@@ -204,8 +204,17 @@ def summary(v: list[float]) -> dict[str, float]:
     return {"mean": float(a.mean()), "ci95": [float(a.mean() - half), float(a.mean() + half)]}
 
 
-def cell(r: dict) -> str:
-    return f"{r['mean']:+.3f} [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]"
+def cell(r: dict, signed: bool = True) -> str:
+    f = "+.3f" if signed else ".3f"
+    return f"{r['mean']:{f}} [{r['ci95'][0]:{f}}, {r['ci95'][1]:{f}}]"
+
+
+def print_table(title: str, rows: dict[str, dict], metrics: list[str], signed: bool) -> None:
+    """Scores (`signed` False) or paired differences, one row per feature set, one column per metric."""
+    width = 52 if signed else 34
+    print(f"\n{title:{width}s}" + "".join(f"{METRICS[m]:>28s}" for m in metrics))
+    for name, r in rows.items():
+        print(f"{name:{width}s}" + "".join(f"{cell(r[m], signed):>28s}" for m in metrics))
 
 
 def main() -> None:
@@ -310,13 +319,8 @@ def main() -> None:
                 "mean [95% t-CI over folds]; differences are paired over the same folds",
         "results": results, "differences": diffs, "teacher_head_spread": spread,
     }
-    heads = "".join(f"{h:>28s}" for h in METRICS.values())
-    print(f"\n{'features':34s}{heads}")
-    for name, r in results.items():
-        print(f"{name:34s}" + "".join(f"{r[k]['mean']:>13.3f} [{r[k]['ci95'][0]:.3f}, {r[k]['ci95'][1]:.3f}]" for k in METRICS))
-    print(f"\n{'paired difference':52s}{heads}")
-    for name, r in diffs.items():
-        print(f"{name:52s}" + "".join(f"{cell(r[k]):>28s}" for k in METRICS))
+    print_table("features", results, list(METRICS), signed=False)
+    print_table("paired difference", diffs, list(METRICS), signed=True)
     first, last = np.mean([r["loss"] for r in rows[:20]]), np.mean([r["loss"] for r in rows[-20:]])
     print(f"\n{len(rows)} steps in {train_minutes:.1f} min ({report['tiles_per_s_median']:.1f} tiles/s); "
           f"loss, mean of first/last 20 steps: {first:.3f} → {last:.3f}")

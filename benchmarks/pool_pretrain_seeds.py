@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_pretrain_knn import METRICS, cell, summary  # noqa: E402
+from bench_pretrain_knn import METRICS, print_table, summary  # noqa: E402
 
 
 def main() -> None:
@@ -28,24 +28,20 @@ def main() -> None:
     runs = [json.loads(p.read_text())["results"] for p in args.reports]
     rows = [r for r in runs[0] if all(r in run for run in runs)]
     metrics = [m for m in METRICS if all(m in run[r] for run in runs for r in rows)]
+    # fold scores averaged over the seeds: {row: {metric: array of 5}}
+    folds = {r: {m: np.mean([run[r][m]["folds"] for run in runs], axis=0) for m in metrics} for r in rows}
 
-    def folds(row: str, metric: str) -> np.ndarray:
-        return np.mean([run[row][metric]["folds"] for run in runs], axis=0)
-
-    heads = "".join(f"{METRICS[m]:>28s}" for m in metrics)
+    diffs = {}
+    for row in rows:
+        if " pretrained/" in row:
+            proto, recipe = row.split(" pretrained/")
+            for other in (f"{proto} random_init/{recipe}", "colour_histogram_512"):
+                diffs[f"{row} - {other.removeprefix(proto + ' ')}"] = {
+                    m: summary(list(folds[row][m] - folds[other][m])) for m in metrics}
     print(f"{len(runs)} runs: " + ", ".join(p.name for p in args.reports))
-    print(f"\n{'features, mean over seeds':34s}{heads}")
-    for row in rows:
-        print(f"{row:34s}" + "".join(f"{cell(summary(list(folds(row, m)))).replace('+', ''):>28s}" for m in metrics))
-    print(f"\n{'paired difference, mean over seeds':52s}{heads}")
-    for row in rows:
-        if " pretrained/" not in row:
-            continue
-        proto, recipe = row.split(" pretrained/")
-        for other in (f"{proto} random_init/{recipe}", "colour_histogram_512"):
-            diffs = [cell(summary(list(folds(row, m) - folds(other, m)))) for m in metrics]
-            print(f"{row + ' - ' + other.removeprefix(proto + ' '):52s}" + "".join(f"{d:>28s}" for d in diffs))
-
+    print_table("features, mean over seeds", {r: {m: summary(list(v[m])) for m in metrics} for r, v in folds.items()},
+                metrics, signed=False)
+    print_table("paired difference, mean over seeds", diffs, metrics, signed=True)
 
 if __name__ == "__main__":
     main()
