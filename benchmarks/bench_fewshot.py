@@ -44,7 +44,7 @@ def backbone_bundle(weights: Path | None, tile_size: int, seed: int = 0):
     from pathapp.models.registry import create_backbone, get_spec
 
     if weights is not None:
-        from pathapp.models.weights import load_backbone
+        from pathapp.models.loader import load_backbone
 
         net, spec = load_backbone("dinov2_vits14", weights)
         source = str(weights)

@@ -27,7 +27,7 @@ def test_round_trip_with_tile_head(tmp_path: Path, head: str) -> None:
     h = tiny_head(head, spec.embedding_dim, 3, hidden=[32]) if head == "mlp" else \
         tiny_head(head, spec.embedding_dim, 3)
     bundle = Bundle.from_model(backbone, spec, head=h, class_names=["Tumor", "Stroma", "Other"],
-                               mpp=1.0, tile_size=56, provenance={"source_weights": "random"})
+                               mpp=1.0, tile_size=56, provenance={"weights": "random"})
     path = save_bundle(bundle, tmp_path / "m.pathapp")
     assert [p.name for p in tmp_path.iterdir()] == ["m.pathapp"]  # no temp file left behind
 
@@ -35,7 +35,7 @@ def test_round_trip_with_tile_head(tmp_path: Path, head: str) -> None:
     assert loaded.spec == spec and loaded.class_names == ["Tumor", "Stroma", "Other"]
     assert loaded.class_colors == bundle.class_colors and len(set(loaded.class_colors)) == 3
     assert (loaded.mpp, loaded.tile_size, loaded.recipe) == (1.0, 56, "cls")
-    assert loaded.provenance["source_weights"] == "random" and "created" in loaded.provenance
+    assert loaded.provenance["weights"] == "random" and "created" in loaded.provenance
 
     x = calibration_images(6, 56, seed=3)
     with torch.no_grad():
@@ -245,7 +245,7 @@ def test_cli_create_from_bundle_and_head_file_then_info(tmp_path: Path) -> None:
     meta = json.loads(info.output)
     assert meta["classes"] == [{"name": "Tumor", "color": [255, 0, 0]}, {"name": "Stroma", "color": [0, 255, 0]}]
     assert meta["preprocessing"]["mpp"] == 1.0 and meta["preprocessing"]["tile_size"] == 56
-    assert meta["provenance"]["source_weights"] == str(teacher) and meta["head"]["config"]["temperature"] == 0.2
+    assert meta["provenance"]["weights"] == str(teacher) and meta["head"]["config"]["temperature"] == 0.2
 
     x = calibration_images(4, 56)
     with torch.no_grad():

@@ -11,7 +11,8 @@ from safetensors.torch import save_file
 from pathapp.errors import PathappError
 from pathapp.models.bundle import Bundle, save_bundle
 from pathapp.models.registry import embed
-from pathapp.models.weights import WeightsError, load_backbone, read_state_dict
+from pathapp.models.loader import load_backbone
+from pathapp.models.weights import WeightsError, read_state_dict
 from vit_factory import chunked_blocks, official_dinov2_state, tiny_spec, tiny_vit, transformers_dinov2_state
 
 

@@ -120,7 +120,7 @@ def tiny_bundle(
     bundle = Bundle.from_model(model, spec, head=h, class_names=CLASS_NAMES[:num_classes] if num_classes <= 5
                                else [f"Class {i + 1}" for i in range(num_classes)],
                                mpp=mpp, tile_size=tile_size or spec.img_size,
-                               provenance={"source_weights": "random (tests/vit_factory.py)"})
+                               provenance={"weights": "random (tests/vit_factory.py)"})
     return save_bundle(bundle, Path(tmp_path) / filename)
 
 

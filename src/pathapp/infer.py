@@ -19,6 +19,7 @@ import numpy as np
 
 from pathapp.errors import PathappError
 from pathapp.models.device import resolve_device
+from pathapp.models.loader import DEFAULT_MODEL, load_model, model_label
 from pathapp.results import SlideResult, is_done, write_results
 from pathapp.slide import Slide, find_slides, open_slide, slide_name
 
@@ -28,7 +29,6 @@ if TYPE_CHECKING:
     from pathapp.models.bundle import Bundle, PathModel
 
 PRECISIONS = ("fp32", "bf16", "int8")
-DEFAULT_MODEL = "dinov2_vits14"
 RESULTS_FOLDER = "pathapp"  # results go to <slide folder>/pathapp/<slide name>/ unless --out is given
 THUMBNAIL_PX = 1024
 MIN_THUMBNAIL_PX = 512
@@ -288,31 +288,6 @@ def shard(jobs: list[Job]) -> list[Job]:
     return jobs[rank::world] if world > 1 else jobs
 
 
-def load_model(model: str | Path, weights: str | Path | None = None, mpp: float | None = None,
-               tile_size: int | None = None) -> tuple[Bundle, str]:
-    """A bundle file, or a registry backbone name made into a headless bundle (weights from
-    `weights` or the hub). Returns the bundle and a name for run.json."""
-    from pathapp.models.bundle import Bundle, load_bundle
-
-    p = Path(model)
-    if p.is_file():
-        if weights is not None:
-            raise InferenceError(f"{p}: a bundle carries its own weights; drop --weights, or give a "
-                                 f"backbone name to --model")
-        return load_bundle(p), p.name
-    if p.suffix or os.sep in str(model):
-        raise InferenceError(f"{model}: no such model file; give a .pathapp bundle or a backbone name "
-                             f"(see `pathapp model list`)")
-    from pathapp.models.registry import get_spec
-    from pathapp.models.weights import load_backbone
-
-    spec = get_spec(str(model))  # unknown names fail here with the list of known ones
-    backbone, spec = load_backbone(spec.name, weights)
-    bundle = Bundle.from_model(backbone, spec, mpp=mpp or 0.5, tile_size=tile_size or spec.img_size,
-                               provenance={"weights": str(weights) if weights else "hub"})
-    return bundle, spec.name
-
-
 def check_tile_size(rt: Runtime, tile_size: int) -> None:
     """A ViT built for one input size takes another only if timm built it with dynamic size."""
     backbone = rt.model.backbone
@@ -371,8 +346,8 @@ def run_inference(
     if not jobs:
         return summary
     _limit_threads()
-    bundle, name = load_model(model, weights, mpp, tile_size)
-    rt = prepare_model(bundle, device, precision, name)
+    bundle = load_model(model, weights=weights, mpp=mpp, tile_size=tile_size)
+    rt = prepare_model(bundle, device, precision, model_label(model))
     check_tile_size(rt, int(tile_size or bundle.tile_size))
     for job in jobs:
         try:

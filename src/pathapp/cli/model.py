@@ -56,7 +56,8 @@ def _parse_colors(text: str | None) -> list[tuple[int, int, int]] | None:
 def create(backbone: str | None, weights: Path | None, head: Path | None, classes: str | None,
            colors: str | None, mpp: float | None, tile_size: int | None, out: Path) -> None:
     """Write a model bundle from a backbone, its weights and an optional head."""
-    from pathapp.models.bundle import create_bundle, read_metadata
+    from pathapp.models.bundle import read_metadata
+    from pathapp.models.loader import create_bundle
 
     names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
     path = create_bundle(out, backbone=backbone, weights=weights, head=head, class_names=names,

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from pathapp.atomic import atomic_path
 from pathapp.errors import PathappError
 from pathapp.models.heads import SLIDE_HEAD_KINDS, Head, build_head, head_state
-from pathapp.models.registry import BackboneSpec, create_backbone, embed
+from pathapp.models.registry import DEFAULT_MPP, DEFAULT_TILE_SIZE, BackboneSpec, create_backbone, embed
 
 FORMAT = "pathapp.bundle"
 FORMAT_VERSION = 1
@@ -53,8 +53,8 @@ class Bundle:
     head_tensors: dict[str, Tensor] = field(default_factory=dict)
     class_names: list[str] = field(default_factory=list)
     class_colors: list[tuple[int, int, int]] = field(default_factory=list)
-    mpp: float = 0.5
-    tile_size: int = 224
+    mpp: float = DEFAULT_MPP
+    tile_size: int = DEFAULT_TILE_SIZE
     mean: tuple[float, float, float] | None = None  # None: the spec's
     std: tuple[float, float, float] | None = None
     recipe: str | None = None
@@ -119,8 +119,9 @@ class Bundle:
     def build_head(self) -> Head | None:
         return build_head(self.head_kind, self.head_config, self.head_tensors) if self.head_kind else None
 
-    def build_backbone(self) -> nn.Module:
-        model = create_backbone(self.spec)
+    def build_backbone(self, **build_kwargs: Any) -> nn.Module:
+        """The backbone with the bundle's weights; `build_kwargs` go to timm (e.g. drop_path_rate)."""
+        model = create_backbone(self.spec, **build_kwargs)
         try:
             model.load_state_dict(self.backbone_state, strict=True)
         except RuntimeError as e:
@@ -261,67 +262,3 @@ def load_bundle(path: str | Path) -> Bundle:
         recipe=pre["recipe"],
         provenance=meta.get("provenance", {}),
     )
-
-
-def check_bundle_backbone(bundle: Bundle, name: str | BackboneSpec | None, path: str | Path) -> None:
-    """A bundle given as weights carries its own backbone; a different --backbone is a mistake."""
-    from pathapp.models.registry import resolve_spec
-
-    if name is not None and resolve_spec(name).name != bundle.spec.name:
-        raise BundleError(f"{path}: a {bundle.spec.name} bundle, not {resolve_spec(name).name}; "
-                          f"fix --backbone or drop it")
-
-
-def create_bundle(
-    out: str | Path,
-    *,
-    backbone: str | None = None,
-    weights: str | Path | None = None,
-    head: str | Path | None = None,
-    class_names: list[str] | None = None,
-    class_colors: list[tuple[int, int, int]] | None = None,
-    mpp: float | None = None,
-    tile_size: int | None = None,
-) -> Path:
-    """What `pathapp model create` does: backbone (+ weights, hub when None) + optional head file.
-
-    `weights` may itself be a bundle (e.g. a pretraining teacher): its backbone, preprocessing and,
-    unless `head` replaces it, its head are kept. `head` is a head file (heads.read_head_file) or a
-    bundle whose head is taken.
-    """
-    from pathapp.models.heads import read_head_file
-    from pathapp.models.weights import load_backbone
-
-    if weights is not None and is_bundle(weights):
-        base = load_bundle(weights)
-        check_bundle_backbone(base, backbone, weights)
-        base.provenance = {"source_weights": str(weights), "source_provenance": base.provenance}
-    else:
-        if backbone is None:
-            raise BundleError("name the backbone with --backbone (see `pathapp model list`)")
-        model, spec = load_backbone(backbone, weights)
-        base = Bundle.from_model(model, spec, provenance={
-            "source_weights": str(weights) if weights else f"hub:{spec.hub_repo}"})
-    if head is not None:
-        if is_bundle(head):
-            donor = load_bundle(head)
-            kind, config, tensors, names = donor.head_kind, donor.head_config, donor.head_tensors, donor.class_names
-            if kind is None:
-                raise BundleError(f"{head}: this bundle has no head to take")
-        else:
-            kind, config, tensors, names = read_head_file(head)
-        if int(config["in_dim"]) != base.embedding_dim:
-            raise BundleError(f"{head}: the head takes {config['in_dim']}-d embeddings but {base.spec.name} "
-                              f"with recipe {base.recipe} gives {base.embedding_dim}-d; use the backbone it "
-                              f"was trained on")
-        base.head_kind, base.head_config, base.head_tensors = kind, dict(config), dict(tensors)
-        base.class_names = list(names or [f"Class {i + 1}" for i in range(int(config["num_classes"]))])
-        base.class_colors = []
-        base.provenance["head"] = str(head)
-    if class_names is not None:
-        base.class_names, base.class_colors = list(class_names), []
-    if class_colors is not None:
-        base.class_colors = list(class_colors)
-    bundle = dataclasses.replace(  # re-runs the consistency checks of __post_init__
-        base, mpp=mpp if mpp is not None else base.mpp, tile_size=tile_size if tile_size is not None else base.tile_size)
-    return save_bundle(bundle, out)

@@ -20,6 +20,11 @@ if TYPE_CHECKING:
 Recipe = Literal["cls", "cls+mean"]
 RECIPES: tuple[str, ...] = ("cls", "cls+mean")
 
+# The defaults every command shares (re-exported by `models.loader`, which applies them).
+DEFAULT_MODEL = "dinov2_vits14"
+DEFAULT_MPP = 0.5  # µm/px tiles are analysed at unless a bundle or option says otherwise (≈ 20×)
+DEFAULT_TILE_SIZE = 224  # px: the input size of the DINOv2 ViTs
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -47,7 +52,7 @@ class BackboneSpec:
     std: tuple[float, float, float] = IMAGENET_STD
     recipe: Recipe = "cls"
     hub_repo: str | None = None  # Hugging Face repo holding the weights file
-    img_size: int = 224
+    img_size: int = DEFAULT_TILE_SIZE
     description: str = ""
 
     @property

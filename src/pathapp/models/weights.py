@@ -1,7 +1,7 @@
-"""Backbone weights from the hub or from a local file, whatever layout the file uses.
+"""Backbone weights from the hub or from a local file, whatever layout the file uses (a bundle given
+as weights is `models.loader`'s business).
 
 Layouts recognised from the keys (not the file name):
-- our bundle (`*.pathapp`);
 - timm state dicts (.pth/.pt/.bin/.safetensors), bare or wrapped ({"model"|"state_dict"|"teacher"|...})
   and prefixed (`module.`, `backbone.`, `teacher.backbone.`, `_orig_mod.` ...);
 - the official facebookresearch DINOv2 checkpoints (`mask_token`, `register_tokens`, `blocks.N.ls1.gamma`,
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pathapp.errors import PathappError
-from pathapp.models.registry import BackboneSpec, create_backbone, resolve_spec
+from pathapp.models.registry import BackboneSpec
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -35,32 +35,6 @@ class WeightsError(PathappError):
 
 class HubUnavailableError(WeightsError):
     """Hub weights are not reachable (offline, no cache, gated, no network)."""
-
-
-def load_backbone(
-    name: str | BackboneSpec | None = None,
-    weights: str | Path | None = None,
-    **overrides: Any,
-) -> tuple[nn.Module, BackboneSpec]:
-    """(model in eval mode, its spec) for a registry name (or spec) and optional weights file.
-
-    weights None: the hub (Hugging Face cache honoured, HF_HUB_OFFLINE=1 respected). A bundle file
-    carries its own spec, so `name` may be None then. `overrides` go to timm (tests: depth=2, ...).
-    """
-    from pathapp.models.bundle import check_bundle_backbone, is_bundle, load_bundle
-
-    if weights is not None and is_bundle(weights):
-        bundle = load_bundle(weights)
-        check_bundle_backbone(bundle, name, weights)
-        return bundle.build_backbone(), bundle.spec
-    if name is None:
-        raise WeightsError(f"{weights}: not a pathapp bundle, so the backbone must be named (--backbone)")
-    spec = resolve_spec(name)
-    spec = spec.replace(**overrides) if overrides else spec
-    path = Path(weights) if weights is not None else hub_weights_file(spec)
-    model = create_backbone(spec)
-    load_weights_into(model, read_state_dict(path), path, spec)
-    return model.eval(), spec
 
 
 def _hf_cache_dir() -> Path:

@@ -81,30 +81,28 @@ def _all_mean(values: dict[str, float], device: torch.device) -> dict[str, float
 
 
 def build_backbone(cfg: SSLConfig):
-    """(student backbone with drop-path, its BackboneSpec without drop-path, for the bundle)."""
+    """(student backbone with drop-path, its BackboneSpec without drop-path, for the bundle), built once:
+    random (`init: none`), the hub's DINOv2 weights (`dinov2`) or a checkpoint / bundle file."""
+    from pathapp.models.loader import load_backbone
     from pathapp.models.registry import create_backbone, get_spec
 
-    spec = get_spec(cfg.backbone).replace(**dict(cfg.backbone_overrides))
-    backbone = create_backbone(spec, drop_path_rate=cfg.drop_path)
-    if cfg.init != "none":
-        from pathapp.models.weights import load_backbone
-
-        source = None if cfg.init == "dinov2" else cfg.init
-        try:
-            loaded, _ = load_backbone(cfg.backbone, source, **dict(cfg.backbone_overrides))
-        except PathappError as e:
-            if cfg.init == "dinov2":
-                raise PathappError(f"--init dinov2: {e}. To pretrain from these weights offline, copy the "
-                                   f"weights file here and pass it with --init FILE (.pth/.safetensors/.pathapp)") from None
-            raise
-        missing, unexpected = backbone.load_state_dict(loaded.state_dict(), strict=False)
-        if missing or unexpected:
-            raise PathappError(f"{cfg.init}: weights do not fit backbone {cfg.backbone!r} with overrides "
-                               f"{cfg.backbone_overrides} (missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
-    elif cfg.layerscale_init is not None:
-        for m in backbone.modules():
-            if hasattr(m, "gamma") and isinstance(m.gamma, nn.Parameter):
-                m.gamma.data.fill_(cfg.layerscale_init)
+    overrides = dict(cfg.backbone_overrides)
+    if cfg.init == "none":
+        spec = get_spec(cfg.backbone).replace(**overrides)
+        backbone = create_backbone(spec, drop_path_rate=cfg.drop_path)
+        if cfg.layerscale_init is not None:
+            for m in backbone.modules():
+                if hasattr(m, "gamma") and isinstance(m.gamma, nn.Parameter):
+                    m.gamma.data.fill_(cfg.layerscale_init)
+        return backbone.train(), spec
+    try:
+        backbone, spec = load_backbone(cfg.backbone, None if cfg.init == "dinov2" else cfg.init,
+                                       drop_path_rate=cfg.drop_path, **overrides)
+    except PathappError as e:
+        if cfg.init == "dinov2":
+            raise PathappError(f"--init dinov2: {e}. To pretrain from these weights offline, copy the "
+                               f"weights file here and pass it with --init FILE (.pth/.safetensors/.pathapp)") from None
+        raise
     return backbone.train(), spec
 
 

@@ -55,30 +55,6 @@ class ConcatTiles:
         return self.sources[k][i - int(self.offsets[k])]
 
 
-def base_bundle(
-    backbone: str | None = None,
-    weights: Path | None = None,
-    model: Path | None = None,
-    mpp: float | None = None,
-    tile_size: int | None = None,
-):
-    """The bundle whose backbone is trained on: an existing bundle (`model`, its head dropped) or a
-    registry backbone with optional weights file."""
-    from pathapp.models.bundle import Bundle, load_bundle
-
-    if (backbone is None) == (model is None):
-        raise TrainError("give exactly one of --backbone NAME (with optional --weights FILE) or --model BUNDLE")
-    if model is not None:
-        b = load_bundle(model)
-        return Bundle(spec=b.spec, backbone_state=b.backbone_state, mpp=mpp or b.mpp, tile_size=tile_size or b.tile_size,
-                      mean=b.mean, std=b.std, recipe=b.recipe, provenance={"base_model": str(model)})
-    from pathapp.models.weights import load_backbone
-
-    net, spec = load_backbone(backbone, weights)
-    return Bundle.from_model(net, spec, mpp=mpp or 0.5, tile_size=tile_size or spec.img_size,
-                             provenance={"weights": str(weights) if weights else "hub"})
-
-
 def is_slide_csv(path: Path) -> bool:
     """A CSV with a `slide` and no `image` column: slide-level labels for MIL (a tile CSV may name
     the slide as its group column)."""
@@ -272,7 +248,11 @@ def train_model(
 
     if method not in TRAIN_METHODS:
         raise TrainError(f"--method must be one of {', '.join(TRAIN_METHODS)}, not {method!r}")
-    base = base_bundle(backbone, weights, model, mpp, tile_size)
+    if (backbone is None) == (model is None):
+        raise TrainError("give exactly one of --backbone NAME (with optional --weights FILE) or --model BUNDLE")
+    from pathapp.models.loader import load_model
+
+    base = load_model(model or backbone, weights=weights, mpp=mpp, tile_size=tile_size, head=False)
     options = options or {}
     if method == "abmil":
         if len(data) != 1 or not is_slide_csv(Path(data[0])):
