@@ -148,7 +148,7 @@ def test_online_patching_from_real_slides():
     # tiles are read at the asked µm/px: the centre half of a 1.0 µm/px tile is the 0.5 µm/px tile, halved
     entry = src.entries[0]
     cx, cy = entry.centres[0][len(entry.centres[0]) // 2]
-    fine, coarse = src.read(entry, cx, cy, 0.5), src.read(entry, cx, cy, 1.0)
+    fine, coarse = src.read(entry, 0, cx, cy), src.read(entry, 1, cx, cy)  # entry.geometries: 0.5, 1.0 µm/px
     from PIL import Image
 
     halved = np.asarray(Image.fromarray(fine).resize((32, 32), Image.BILINEAR)).astype(float)

@@ -12,15 +12,10 @@ import shapely
 from pathapp.qupath.geojson import QuPathObject, write_objects
 from pathapp.qupath.geojson import tile_objects as qp_tile_objects
 from pathapp.results.result import SlideResult
+from pathapp.tiles.grid import tile_boxes
 
 # QuPath measurement name of a class probability; the Groovy launcher maps this name.
 PROB_PREFIX = "prob: "
-
-
-def tile_bounds(result: SlideResult, grow: float = 0.0) -> np.ndarray:
-    """(N, 4) level-0 x0, y0, x1, y1 of every tile square, optionally grown by `grow` px."""
-    xy = result.coords.astype(np.float64).reshape(-1, 2)
-    return np.concatenate([xy - grow, xy + float(result.footprint) + grow], axis=1)
 
 
 def entropy(probs: np.ndarray) -> np.ndarray:
@@ -54,7 +49,7 @@ def tile_objects(result: SlideResult, object_type: str = "tile") -> list[QuPathO
     if result.probs is not None:
         names = [result.class_names[k] for k in np.argmax(result.probs, axis=1)]
     return qp_tile_objects(
-        tile_bounds(result),
+        tile_boxes(result),
         object_type=object_type,
         measurements=tile_measurements(result),
         class_names=names,
@@ -74,7 +69,7 @@ def class_regions(result: SlideResult, smooth: float | None = None) -> dict[str,
         return {}
     e = max(1.0, 0.01 * result.footprint) if smooth is None else smooth
     labels = np.argmax(result.probs, axis=1)
-    bounds = tile_bounds(result, grow=e)
+    bounds = tile_boxes(result, grow=e)
     boxes = shapely.box(bounds[:, 0], bounds[:, 1], bounds[:, 2], bounds[:, 3])
     regions = {}
     for k, name in enumerate(result.class_names):

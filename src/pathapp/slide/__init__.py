@@ -11,7 +11,7 @@ import warnings
 from pathapp.errors import SlideOpenError
 from pathapp.slide.base import Level, Slide, slide_name
 
-__all__ = ["BACKENDS", "Level", "Slide", "find_slides", "is_slide_file", "open_slide", "detect_backend", "slide_name"]
+__all__ = ["BACKENDS", "IMAGE_SUFFIXES", "Level", "Slide", "find_slides", "is_slide_file", "open_slide", "detect_backend", "slide_name"]
 
 # Library chatter (tifffile's damaged-file log lines, pydicom's over-long UID warnings) would bury the
 # one-line message the user needs; failures still surface as SlideOpenError.
@@ -20,6 +20,8 @@ warnings.filterwarnings("ignore", module="pydicom")
 
 BACKENDS = ("openslide", "wsidicom", "tifffile", "pil")
 
+# Plain image files (labelled tiles, tile folders, PNG/JPEG "slides"): one list for every reader of them.
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"})
 # Extensions considered when scanning a folder for slides; a file's backend is still chosen by content.
 SLIDE_EXTENSIONS = {
     ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif",

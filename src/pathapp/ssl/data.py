@@ -7,7 +7,6 @@ independent, and shards across ranks by index (rank r of R takes micro-batches r
 
 from __future__ import annotations
 
-import math
 import pickle
 import sys
 from dataclasses import dataclass
@@ -19,10 +18,10 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from pathapp.errors import PathappError
+from pathapp.slide import IMAGE_SUFFIXES
 from pathapp.ssl.augment import MultiCrop
 from pathapp.ssl.masking import BlockMasking
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
 
 
 def _warn(msg: str) -> None:
@@ -31,7 +30,8 @@ def _warn(msg: str) -> None:
 
 @dataclass
 class _SlideEntry:
-    slide: object  # pathapp.slide.Slide (pickles as path + backend + mpp, reopens in workers)
+    slide: object  # pathapp.slide.Slide (pickles as path + backend + slide µm/px, reopens in workers)
+    geometries: list  # per µm/px: the tiles.grid.TileGeometry a tile is read with
     centres: list[np.ndarray]  # per µm/px: (M, 2) level-0 x, y of candidate tile centres
     cell: float  # level-0 px per tissue-mask pixel (positions are jittered within a cell)
     tissue_um2: float  # tissue area, for balance="tissue"
@@ -59,7 +59,7 @@ class SlideTileSource:
 
     def __init__(self, slides: list, mpps: list[float], tile_size: int, min_tissue: float = 0.6,
                  max_tries: int = 10, balance: str = "slides") -> None:
-        from pathapp.tiles import tissue as tissue_mod
+        from pathapp.tiles import detect_tissue, tile_geometry
 
         self.mpps = [float(m) for m in mpps]
         self.tile_size = tile_size
@@ -67,17 +67,17 @@ class SlideTileSource:
         self.max_tries = max_tries
         self.entries: list[_SlideEntry] = []
         for slide in slides:
-            footprint = tile_size * max(self.mpps) / slide.require_mpp()
-            if footprint > min(slide.size):
+            geometries = [tile_geometry(slide, m, tile_size) for m in self.mpps]
+            if max(g.footprint for g in geometries) > min(slide.size):
                 _warn(f"{slide.path}: smaller than one {tile_size}px tile at {max(self.mpps)} µm/px; skipped")
                 continue
-            tm = tissue_mod.detect_tissue(slide)
+            tm = detect_tissue(slide)
             if not tm.mask.any():
                 _warn(f"{slide.path}: no tissue detected; skipped")
                 continue
-            centres = [_candidate_centres(tm.mask, tm.scale, tile_size * m / slide.mpp, min_tissue) for m in self.mpps]
+            centres = [_candidate_centres(tm.mask, tm.scale, g.footprint, min_tissue) for g in geometries]
             area = float(tm.mask.sum()) * (tm.scale * slide.mpp) ** 2
-            self.entries.append(_SlideEntry(slide, centres, float(tm.scale), area))
+            self.entries.append(_SlideEntry(slide, geometries, centres, float(tm.scale), area))
         if not self.entries:
             raise PathappError("no usable slide: each was too small for a tile or had no tissue; "
                                "check the slides or lower --mpp / tile_size")
@@ -92,19 +92,13 @@ class SlideTileSource:
         for e in self.entries:
             e.slide = pickle.loads(pickle.dumps(e.slide))
 
-    def read(self, entry: _SlideEntry, cx: float, cy: float, mpp: float) -> np.ndarray:
-        """The tile_size² tile at `mpp` centred on level-0 (cx, cy)."""
-        slide = entry.slide
-        footprint = self.tile_size * mpp / slide.mpp
-        level = slide.best_level_for_downsample(footprint / self.tile_size)
-        ds = slide.levels[level].downsample
-        read_px = max(1, int(math.ceil(footprint / ds)))
-        x0 = int(round(cx - footprint / 2))
-        y0 = int(round(cy - footprint / 2))
-        rgb = slide.read(x0, y0, read_px, read_px, level)
-        if read_px != self.tile_size:
-            rgb = np.asarray(Image.fromarray(rgb).resize((self.tile_size, self.tile_size), Image.BILINEAR))
-        return rgb
+    @staticmethod
+    def read(entry: _SlideEntry, k: int, cx: float, cy: float) -> np.ndarray:
+        """The tile at the k-th µm/px centred on level-0 (cx, cy), read with the one tile geometry."""
+        from pathapp.tiles import read_tile_at
+
+        g = entry.geometries[k]
+        return read_tile_at(entry.slide, g, round(cx - g.footprint / 2), round(cy - g.footprint / 2))
 
     def pick(self, rng: np.random.Generator) -> int:
         """Index of the slide the next tile comes from (by `balance`)."""
@@ -116,13 +110,13 @@ class SlideTileSource:
         entry = self.entries[self.pick(rng)]
         k = int(rng.integers(len(self.mpps)))
         centres = entry.centres[k]
-        half = self.tile_size * self.mpps[k] / entry.slide.mpp / 2
+        half = entry.geometries[k].footprint / 2
         lo, hi = np.full(2, half), np.asarray(entry.slide.size, dtype=np.float64) - half
         best, best_frac = None, -1.0
         for _ in range(self.max_tries):
             point = centres[int(rng.integers(len(centres)))] + rng.uniform(-0.5, 0.5, 2) * entry.cell
             cx, cy = np.clip(point, lo, hi)
-            rgb = self.read(entry, cx, cy, self.mpps[k])
+            rgb = self.read(entry, k, cx, cy)
             frac = tissue_fraction_rgb(rgb, focus=False)  # the HSV check of DINOv2 pathology recipes
             if frac > self.min_tissue:
                 return rgb

@@ -12,20 +12,13 @@ from typing import Any, Callable
 import numpy as np
 
 from pathapp.slide import Slide
-from pathapp.tiles.grid import TileGrid
+from pathapp.tiles.grid import TileGrid, read_tile_at
 
 
 def read_tile(slide: Slide, grid: TileGrid, i: int) -> np.ndarray:
-    """Tile i as uint8 (tile_size, tile_size, 3): `read_size` px read at `grid.level`, resized once
-    (bilinear with antialiasing, as Pillow does when shrinking) when the sizes differ."""
-    x, y = (int(v) for v in grid.coords[i])
-    region = slide.read(x, y, grid.read_size, grid.read_size, grid.level)
-    if grid.read_size == grid.tile_size:
-        return np.ascontiguousarray(region)
-    from PIL import Image
-
-    img = Image.fromarray(region).resize((grid.tile_size, grid.tile_size), Image.BILINEAR)
-    return np.array(img)  # writable, so torch.from_numpy takes it without a warning
+    """Tile i of `grid` as uint8 (tile_size, tile_size, 3) (see `read_tile_at`)."""
+    x, y = grid.coords[i]
+    return read_tile_at(slide, grid.geometry, x, y)
 
 
 class TileDataset:

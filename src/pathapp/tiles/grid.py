@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import shapely
@@ -18,26 +19,89 @@ from pathapp.tiles.tissue import DEFAULT_MIN_TISSUE, TissueMask, detect_tissue
 LEVEL_TOLERANCE = 0.02
 
 
-@dataclass
-class TileGrid:
-    """Tiles addressed at a target µm/px. Coordinates are level-0 pixels (top-left corners).
+@dataclass(frozen=True)
+class TileGeometry:
+    """How a square tile of `tile_size` px at a target `mpp` µm/px maps onto a slide scanned at
+    `slide_mpp` µm/px: it covers `footprint` × `footprint` level-0 px and is read as `read_size` ×
+    `read_size` px at pyramid `level` (the coarsest level at least as fine as the target, within
+    LEVEL_TOLERANCE), then resized once to `tile_size`. Tiling, inference, training and pretraining
+    all read tiles through this one rule."""
 
-    A tile covers `footprint` × `footprint` level-0 pixels; it is read as `read_size` × `read_size`
-    pixels at pyramid `level` and resized once to `tile_size` × `tile_size`.
-    """
-
-    coords: np.ndarray  # (N, 2) int64, level-0 x, y of each tile's top-left corner
-    footprint: float  # level-0 px per tile side = tile_size * mpp / slide_mpp
+    mpp: float
+    slide_mpp: float
+    tile_size: int
+    footprint: float
     level: int
     read_size: int
-    tile_size: int
-    mpp: float  # target µm/px
-    slide_mpp: float
+
+
+def tile_geometry(slide: Slide, mpp: float, tile_size: int) -> TileGeometry:
+    """The geometry of `tile_size` px tiles at `mpp` µm/px on `slide` (MissingMppError when the slide
+    has no µm/px: never guessed)."""
+    slide_mpp = slide.require_mpp()
+    if not mpp > 0 or tile_size < 1:
+        raise PathappError(f"{slide.path}: tiling needs --mpp > 0 and --tile-size ≥ 1 (got mpp={mpp}, "
+                           f"tile size={tile_size})")
+    downsample = mpp / slide_mpp
+    footprint = tile_size * downsample
+    level = slide.best_level_for_downsample(downsample * (1 + LEVEL_TOLERANCE))
+    read_size = max(1, int(round(footprint / slide.levels[level].downsample)))
+    return TileGeometry(float(mpp), float(slide_mpp), int(tile_size), float(footprint), level, read_size)
+
+
+def read_tile_at(slide: Slide, geometry: TileGeometry, x: int, y: int) -> np.ndarray:
+    """The tile whose level-0 top-left corner is (x, y), as uint8 (tile_size, tile_size, 3): `read_size`
+    px read at `level`, resized once (bilinear with antialiasing, as Pillow does when shrinking)."""
+    g = geometry
+    region = slide.read(int(x), int(y), g.read_size, g.read_size, g.level)
+    if g.read_size == g.tile_size:
+        return np.ascontiguousarray(region)
+    from PIL import Image
+
+    img = Image.fromarray(region).resize((g.tile_size, g.tile_size), Image.BILINEAR)
+    return np.array(img)  # writable, so torch.from_numpy takes it without a warning
+
+
+@dataclass
+class TileGrid:
+    """Tiles of one geometry at level-0 top-left corners `coords` (N, 2) int64, with each tile's
+    tissue fraction."""
+
+    coords: np.ndarray
+    geometry: TileGeometry
     slide_size: tuple[int, int]
     tissue_fraction: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # (N,)
 
     def __len__(self) -> int:
         return int(len(self.coords))
+
+    def subset(self, keep: np.ndarray) -> TileGrid:
+        """The tiles selected by a boolean mask or index array, same geometry."""
+        return TileGrid(self.coords[keep], self.geometry, self.slide_size, self.tissue_fraction[keep])
+
+    @property
+    def footprint(self) -> float:
+        return self.geometry.footprint
+
+    @property
+    def level(self) -> int:
+        return self.geometry.level
+
+    @property
+    def read_size(self) -> int:
+        return self.geometry.read_size
+
+    @property
+    def tile_size(self) -> int:
+        return self.geometry.tile_size
+
+    @property
+    def mpp(self) -> float:
+        return self.geometry.mpp
+
+    @property
+    def slide_mpp(self) -> float:
+        return self.geometry.slide_mpp
 
 
 def _coverage(integral: np.ndarray, x0: np.ndarray, y0: np.ndarray, x1: np.ndarray, y1: np.ndarray) -> np.ndarray:
@@ -96,15 +160,12 @@ def make_grid(
     lies inside the ROIs — so each tile belongs to at most one of several touching ROIs.
     Tiles are read at the coarsest pyramid level at least as fine as the target (within
     LEVEL_TOLERANCE), as `read_size` px resized once to `tile_size`."""
-    slide_mpp = slide.require_mpp()
-    if not mpp > 0 or tile_size < 1 or not 0 <= overlap < tile_size:
-        raise PathappError(
-            f"{slide.path}: tiling needs --mpp > 0, --tile-size ≥ 1 and 0 ≤ --overlap < tile size "
-            f"(got mpp={mpp}, tile size={tile_size}, overlap={overlap})"
-        )
-    downsample = mpp / slide_mpp
-    footprint = tile_size * downsample
-    stride = (tile_size - overlap) * downsample
+    geometry = tile_geometry(slide, mpp, tile_size)
+    if not 0 <= overlap < tile_size:
+        raise PathappError(f"{slide.path}: --overlap must be at least 0 and smaller than the tile size "
+                           f"(got overlap={overlap}, tile size={tile_size})")
+    footprint = geometry.footprint
+    stride = (tile_size - overlap) * (mpp / geometry.slide_mpp)
     w, h = slide.size
     xs, ys = _positions(w, footprint, stride), _positions(h, footprint, stride)
     gx, gy = np.meshgrid(xs, ys)
@@ -115,27 +176,24 @@ def make_grid(
     keep = fraction >= min_tissue - 1e-6
     if rois is not None:
         keep &= shapely.contains_xy(rois, coords[:, 0] + footprint / 2, coords[:, 1] + footprint / 2)
-    level = slide.best_level_for_downsample(downsample * (1 + LEVEL_TOLERANCE))
-    return TileGrid(
-        coords=coords[keep],
-        footprint=float(footprint),
-        level=level,
-        read_size=max(1, int(round(footprint / slide.levels[level].downsample))),
-        tile_size=int(tile_size),
-        mpp=float(mpp),
-        slide_mpp=float(slide_mpp),
-        slide_size=(int(w), int(h)),
-        tissue_fraction=fraction[keep],
-    )
+    return TileGrid(coords=coords[keep], geometry=geometry, slide_size=(int(w), int(h)),
+                    tissue_fraction=fraction[keep])
 
 
-def tile_boxes(grid: TileGrid) -> np.ndarray:
-    """(N, 4) float level-0 x0, y0, x1, y1 of each tile's footprint."""
-    xy = np.asarray(grid.coords, dtype=np.float64).reshape(-1, 2)
-    return np.column_stack([xy, xy + grid.footprint])
+class Tiled(Protocol):
+    """Anything with level-0 tile corners and a footprint: a TileGrid, a SlideResult."""
+
+    coords: np.ndarray
+    footprint: float
 
 
-def tile_polygons(grid: TileGrid) -> list[Polygon]:
+def tile_boxes(tiles: Tiled, grow: float = 0.0) -> np.ndarray:
+    """(N, 4) float level-0 x0, y0, x1, y1 of each tile's footprint, optionally grown by `grow` px."""
+    xy = np.asarray(tiles.coords, dtype=np.float64).reshape(-1, 2)
+    return np.column_stack([xy - grow, xy + float(tiles.footprint) + grow])
+
+
+def tile_polygons(tiles: Tiled) -> list[Polygon]:
     """Each tile's level-0 footprint as a shapely box."""
-    b = tile_boxes(grid)
+    b = tile_boxes(tiles)
     return list(shapely.box(b[:, 0], b[:, 1], b[:, 2], b[:, 3]))

@@ -128,7 +128,7 @@ def _annotated_tiles(data, slides, bundle, slide_mpp, min_inside, max_other, cla
     import shapely
 
     from pathapp.slide import open_slide
-    from pathapp.tiles import TileGrid, make_grid, tile_polygons
+    from pathapp.tiles import make_grid, tile_polygons
     from pathapp.train.labels import assign_tile_labels, class_regions
 
     sources = _annotation_sources(data, slides, slide_mpp)
@@ -145,9 +145,7 @@ def _annotated_tiles(data, slides, bundle, slide_mpp, min_inside, max_other, cla
         grid = make_grid(slide, bundle.mpp, bundle.tile_size, rois=shapely.union_all(list(reg.values())))
         lab = assign_tile_labels(tile_polygons(grid), reg, names, min_inside, max_other)
         keep = lab >= 0
-        sub = TileGrid(grid.coords[keep], grid.footprint, grid.level, grid.read_size, grid.tile_size, grid.mpp,
-                       grid.slide_mpp, grid.slide_size, grid.tissue_fraction[keep])
-        parts.append((slide, sub))
+        parts.append((slide, grid.subset(keep)))
         labels.append(lab[keep])
         groups += [slide.name] * int(keep.sum())
     y = np.concatenate(labels) if labels else np.zeros(0, np.int64)

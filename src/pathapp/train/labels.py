@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from pathapp.errors import PathappError
+from pathapp.slide import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = {".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp"}
 MIN_INSIDE = 0.5  # a tile must lie at least half inside its class region
 MAX_OTHER = 0.1  # ... and at most a tenth inside any other class region
 GROUP_COLUMNS = ("case_prefix", "patient", "patient_id", "case", "slide", "tma_batch")
