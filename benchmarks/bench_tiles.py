@@ -56,7 +56,7 @@ def measure(path: str, mpp: float, tile_size: int) -> dict:
     slide = open_slide(path)
     assumed = slide.mpp is None
     if assumed:
-        slide = open_slide(path, mpp=ASSUMED_MPP)
+        slide = open_slide(path, slide_mpp=ASSUMED_MPP)
     base_rss = _rss_mb()
     tracemalloc.start()
     t0 = time.perf_counter()

@@ -128,12 +128,12 @@ def test_missing_mpp_is_never_guessed() -> None:
         assert s.mpp is None
         with pytest.raises(MissingMppError, match="--slide-mpp"):
             s.require_mpp()
-    with open_slide(path, mpp=0.5) as s:
+    with open_slide(path, slide_mpp=0.5) as s:
         assert s.require_mpp() == 0.5 and s.info()["mpp_source"] == "override"
 
 
 def test_slides_pickle_and_reopen() -> None:
-    with open_slide(data_file("dicom/cmu-1-small-region-wsi2dcm"), mpp=0.5) as s:
+    with open_slide(data_file("dicom/cmu-1-small-region-wsi2dcm"), slide_mpp=0.5) as s:
         s2 = pickle.loads(pickle.dumps(s))
         assert s2.backend == "wsidicom" and s2.mpp == 0.5
         np.testing.assert_array_equal(s.read(10, 20, 30, 40), s2.read(10, 20, 30, 40))

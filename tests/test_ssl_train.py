@@ -167,7 +167,7 @@ def test_online_patching_from_real_slides():
 
 
 def test_slides_balanced_by_slide_or_by_tissue_area():
-    slides = [open_slide(data_file(CMU)), open_slide(data_file(TCGA), mpp=1.0)]
+    slides = [open_slide(data_file(CMU)), open_slide(data_file(TCGA), slide_mpp=1.0)]
     picks = {}
     for balance in ("slides", "tissue"):
         src = SlideTileSource(slides, [0.5], 32, 0.6, balance=balance)

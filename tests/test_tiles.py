@@ -112,7 +112,7 @@ def test_missing_mpp_is_an_error_not_a_guess() -> None:
     path = data_file(NO_MPP)
     with pytest.raises(MissingMppError, match="--slide-mpp"):
         make_grid(open_slide(path), 0.5, 224)
-    grid = make_grid(open_slide(path, mpp=0.5), 0.5, 224)
+    grid = make_grid(open_slide(path, slide_mpp=0.5), 0.5, 224)
     assert grid.footprint == 224 and len(grid) > 10
 
 

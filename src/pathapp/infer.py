@@ -381,10 +381,9 @@ def _run_job(job: Job, rt: Runtime, *, rois: Any, mpp: float | None, tile_size: 
         echo(f"skip: {job.label}: complete in {job.out_dir} (use --overwrite to redo)")
         return True, job.out_dir
     t0 = time.perf_counter()
-    slide = open_slide(job.source, mpp=slide_mpp)
+    slide = open_slide(job.source, slide_mpp=slide_mpp)
     if slide.mpp is None and job.entry_mpp:
-        slide.close()
-        slide = open_slide(job.source, mpp=job.entry_mpp)
+        slide.calibrate(job.entry_mpp)
     out_dir = job.out_dir
     with slide:
         t_open = time.perf_counter() - t0

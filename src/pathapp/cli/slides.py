@@ -29,7 +29,7 @@ def info(slides: tuple[str, ...], backend: str | None, slide_mpp: float | None) 
     failed = 0
     for path in slides:
         try:
-            click.echo(json.dumps(describe_slide(path, backend=backend, mpp=slide_mpp)))
+            click.echo(json.dumps(describe_slide(path, backend=backend, slide_mpp=slide_mpp)))
         except PathappError as e:
             failed += 1
             click.echo(f"error: {e}", err=True)

@@ -183,8 +183,7 @@ def _one_image(params: JobParams, client: CytomineClient, status: JobStatus, run
     server_mpp = info.get("physicalSizeX") or info.get("resolution")
     slide = open_slide(path)
     if slide.file_mpp is None and server_mpp:
-        slide.close()
-        slide = open_slide(path, mpp=float(server_mpp))
+        slide.calibrate(float(server_mpp))
     try:
         rois = _rois(client, image_id, params.roi_term, height) if params.roi_term else None
         result, _ = analyse_slide(slide, runtime, folder / "out", mpp=params.mpp, tile_size=params.tile_size,

@@ -82,19 +82,20 @@ def _backend_class(name: str) -> type[Slide]:
     return cls
 
 
-def open_slide(path: str | Path, backend: str | None = None, mpp: float | None = None) -> Slide:
-    """Open a slide. `backend` forces one of BACKENDS; `mpp` overrides the file's µm/px.
+def open_slide(path: str | Path, backend: str | None = None, slide_mpp: float | None = None) -> Slide:
+    """Open a slide. `backend` forces one of BACKENDS; `slide_mpp` overrides the file's own µm/px
+    (`--slide-mpp`; the resolution tiles are analysed at is always called `mpp`).
 
     Every failure becomes a SlideOpenError whose one-line message names the file."""
     p = Path(path)
     if not p.exists():
         raise SlideOpenError(f"{p}: no such file or folder")
-    if mpp is not None and not mpp > 0:
-        raise SlideOpenError(f"{p}: --slide-mpp must be a positive number of µm per pixel, got {mpp}")
+    if slide_mpp is not None and not slide_mpp > 0:
+        raise SlideOpenError(f"{p}: --slide-mpp must be a positive number of µm per pixel, got {slide_mpp}")
     name = backend or detect_backend(p)
     cls = _backend_class(name)
     try:
-        slide = cls(p, mpp)
+        slide = cls(p, slide_mpp)
         if not slide.levels or slide.size[0] <= 0 or slide.size[1] <= 0:
             raise ValueError("no image levels found")
     except SlideOpenError:
@@ -141,10 +142,10 @@ def find_slides(folder: str | Path) -> list[Path]:
     return sorted(found)
 
 
-def describe_slide(path: str | Path, backend: str | None = None, mpp: float | None = None) -> dict:
+def describe_slide(path: str | Path, backend: str | None = None, slide_mpp: float | None = None) -> dict:
     """`Slide.info()` after proving the pixels decode: a small read at the coarsest level, so a
     truncated file is reported here rather than halfway through a run."""
-    with open_slide(path, backend, mpp) as slide:
+    with open_slide(path, backend, slide_mpp) as slide:
         lv = len(slide.levels) - 1
         try:
             slide.read(0, 0, min(64, slide.levels[lv].width), min(64, slide.levels[lv].height), lv)

@@ -40,9 +40,9 @@ class Slide(ABC):
 
     backend: str = ""
 
-    def __init__(self, path: str | Path, mpp_override: float | None = None) -> None:
+    def __init__(self, path: str | Path, slide_mpp: float | None = None) -> None:
         self.path = Path(path)
-        self._mpp_override = mpp_override
+        self._slide_mpp = slide_mpp
         self.levels: list[Level] = []  # level 0 first, downsamples increasing
         self.file_mpp: float | None = None  # µm/px stored in the file; None when the file does not say
         self.vendor: str | None = None
@@ -55,7 +55,7 @@ class Slide(ABC):
     @property
     def mpp(self) -> float | None:
         """µm/px in effect: the user's --slide-mpp override wins over the file."""
-        return self._mpp_override if self._mpp_override is not None else self.file_mpp
+        return self._slide_mpp if self._slide_mpp is not None else self.file_mpp
 
     @property
     def associated_images(self) -> list[str]:
@@ -66,6 +66,11 @@ class Slide(ABC):
     def name(self) -> str:
         """A stem for output folders (see `slide_name`)."""
         return slide_name(self.path)
+
+    def calibrate(self, slide_mpp: float) -> None:
+        """Use `slide_mpp` as the level-0 µm/px from now on (e.g. the calibration a QuPath project
+        records for a file that has none); kept when the slide is pickled into a worker."""
+        self._slide_mpp = slide_mpp
 
     def require_mpp(self) -> float:
         """µm/px, or a clear error naming the file and the --slide-mpp option. Never guess."""
@@ -144,10 +149,10 @@ class Slide(ABC):
         self.close()
 
     def __reduce__(self):
-        """Pickle as (path, backend, µm/px override) so DataLoader workers reopen their own handle."""
+        """Pickle as (path, backend, slide µm/px override) so DataLoader workers reopen their own handle."""
         from pathapp.slide import open_slide
 
-        return open_slide, (str(self.path), self.backend, self._mpp_override)
+        return open_slide, (str(self.path), self.backend, self._slide_mpp)
 
     def info(self) -> dict:
         """JSON-ready description for `pathapp info`."""
@@ -158,7 +163,7 @@ class Slide(ABC):
             "width": self.size[0],
             "height": self.size[1],
             "mpp": self.mpp,
-            "mpp_source": "override" if self._mpp_override is not None else ("file" if self.file_mpp else None),
+            "mpp_source": "override" if self._slide_mpp is not None else ("file" if self.file_mpp else None),
             "levels": [
                 {"width": lv.width, "height": lv.height, "downsample": round(lv.downsample, 4)}
                 for lv in self.levels

@@ -59,12 +59,12 @@ def _jfif_mislabelled_as_rgb(encoded_tile: bytes, photometric: str, transfer_syn
 class DicomSlide(Slide):
     backend = "wsidicom"
 
-    def __init__(self, path: str | Path, mpp_override: float | None = None) -> None:
+    def __init__(self, path: str | Path, slide_mpp: float | None = None) -> None:
         import pydicom
         from wsidicom import WsiDicom
         from wsidicom.errors import WsiDicomNoResolutionError
 
-        super().__init__(path, mpp_override)
+        super().__init__(path, slide_mpp)
         files = series_files(self.path)
         self._wsi = WsiDicom.open(files)
         self._files = files

@@ -23,10 +23,10 @@ def rgba_on_white(rgba: np.ndarray) -> np.ndarray:
 class OpenSlideSlide(Slide):
     backend = "openslide"
 
-    def __init__(self, path: str | Path, mpp_override: float | None = None) -> None:
+    def __init__(self, path: str | Path, slide_mpp: float | None = None) -> None:
         import openslide
 
-        super().__init__(path, mpp_override)
+        super().__init__(path, slide_mpp)
         self._osr = openslide.OpenSlide(str(path))
         props = self._osr.properties
         self.levels = [

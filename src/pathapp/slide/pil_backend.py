@@ -13,10 +13,10 @@ from pathapp.slide.tiff_backend import to_rgb8
 class PilSlide(Slide):
     backend = "pil"
 
-    def __init__(self, path: str | Path, mpp_override: float | None = None) -> None:
+    def __init__(self, path: str | Path, slide_mpp: float | None = None) -> None:
         from PIL import Image
 
-        super().__init__(path, mpp_override)
+        super().__init__(path, slide_mpp)
         with Image.open(path) as img:
             self._format = img.format
             if img.mode in ("RGBA", "LA", "P"):

@@ -43,11 +43,11 @@ def _tiff_tag_mpp(page) -> float | None:
 class TiffSlide(Slide):
     backend = "tifffile"
 
-    def __init__(self, path: str | Path, mpp_override: float | None = None) -> None:
+    def __init__(self, path: str | Path, slide_mpp: float | None = None) -> None:
         import tifffile
         import zarr
 
-        super().__init__(path, mpp_override)
+        super().__init__(path, slide_mpp)
         self._tf = tifffile.TiffFile(str(path))
         self._series = self._tf.series[0]
         store = self._series.aszarr()

@@ -244,10 +244,10 @@ def read_slide_list(path: Path, slide_mpp: float | None = None) -> list[tuple[Pa
             raise PathappError(f"{path}, line {n}: no slide path in the `slide` column")
         cell = (r.get("mpp") or "").strip()
         try:
-            mpp = float(cell) if cell else slide_mpp
+            row_mpp = float(cell) if cell else slide_mpp
         except ValueError:
             raise PathappError(f"{path}, line {n}: mpp {cell!r} is not a number of µm per pixel") from None
-        entries.append((path.parent / r["slide"].strip(), mpp))
+        entries.append((path.parent / r["slide"].strip(), row_mpp))
     return entries
 
 
@@ -285,9 +285,9 @@ def open_sources(slides: str | Path | None = None, tiles: str | Path | None = No
     else:
         entries = [(p, slide_mpp) for p in (find_slides(src) if src.is_dir() else [src])]
     opened = []
-    for p, mpp in entries:
+    for p, own_mpp in entries:
         try:
-            s = open_slide(p, mpp=mpp)
+            s = open_slide(p, slide_mpp=own_mpp)
             s.require_mpp()
             opened.append(s)
         except MissingMppError:

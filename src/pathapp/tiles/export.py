@@ -53,7 +53,7 @@ def tile_slide(
     annotation) and thumbnail.png (tissue outline, ROIs and tiles drawn on the slide)."""
     from pathapp.qupath.geojson import QuPathObject, tile_objects, write_objects
 
-    with open_slide(path, backend=backend, mpp=slide_mpp) as slide:
+    with open_slide(path, backend=backend, slide_mpp=slide_mpp) as slide:
         slide.require_mpp()  # fail on a missing µm/px before spending time on tissue detection
         tissue = detect_tissue(slide)
         grid = make_grid(slide, mpp, tile_size, overlap=overlap, tissue=tissue, rois=rois, min_tissue=min_tissue)

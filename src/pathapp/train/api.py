@@ -138,10 +138,10 @@ def _annotated_tiles(data, slides, bundle, slide_mpp, min_inside, max_other, cla
         raise LabelError(f"{data[0]}: need classified annotations of at least two classes (found {found})")
     names = _align_classes(found, class_names, data[0])
     labels, groups, parts = [], [], []
-    for (path, _, mpp), reg in zip(sources, regions):
+    for (path, _, own_mpp), reg in zip(sources, regions):
         if not reg:
             continue
-        slide = open_slide(path, mpp=mpp)
+        slide = open_slide(path, slide_mpp=own_mpp)
         grid = make_grid(slide, bundle.mpp, bundle.tile_size, rois=shapely.union_all(list(reg.values())))
         lab = assign_tile_labels(tile_polygons(grid), reg, names, min_inside, max_other)
         keep = lab >= 0
@@ -192,7 +192,7 @@ def slide_bags(csv_path: Path, bundle, group_by: str | None = None, slide_mpp: f
     model = bundle.build(resolve_device(device))
     bags = []
     for p in sl.slides:
-        slide = open_slide(p, mpp=slide_mpp)
+        slide = open_slide(p, slide_mpp=slide_mpp)
         grid = make_grid(slide, bundle.mpp, bundle.tile_size)
         if not len(grid):
             raise LabelError(f"{p}: no tissue tiles at {bundle.mpp} µm/px; check the slide or its --slide-mpp")
