@@ -17,9 +17,11 @@ from pathapp.results.heatmap import (
     heatmap_scale,
     heatmap_shape,
     pca_rgb,
+    raw_heatmaps,
     write_class_heatmaps,
     write_overlay,
     write_pca,
+    write_thumbnail,
 )
 from pathapp.results.result import SlideResult
 
@@ -66,8 +68,8 @@ def run_record(result: SlideResult, files: list[Path]) -> dict:
             "scale": heatmap_scale(result),
             "width": cols,
             "height": rows,
-            "encoding": "heatmap-<class>.png: grey = round(255*prob), alpha 0 where no tile; "
-            "pixel (i, j) covers level-0 [i*scale, (i+1)*scale) x [j*scale, (j+1)*scale)",
+            "encoding": "embeddings.h5 /heatmaps/<name>: float32 grid, NaN where no tile; cell (i, j) covers "
+            "level-0 [j*scale, (j+1)*scale) x [i*scale, (i+1)*scale). heatmap-<name>.png are pictures of them",
         },
         "files": sorted(p.name for p in files),
         "versions": versions(),
@@ -94,7 +96,8 @@ def write_results(result: SlideResult, out_dir: str | Path, object_type: str = "
     ]
     headless = result.probs is None and result.embeddings is not None and len(result) > 0
     pca = pca_rgb(result.embeddings) if headless else None
-    files += [p for p in (write_overlay(result, out, pca), write_embeddings(result, out / "embeddings.h5")) if p]
+    files += [p for p in (write_thumbnail(result, out), write_overlay(result, out, pca),
+                          write_embeddings(result, out / "embeddings.h5", raw_heatmaps(result))) if p]
     if headless:
         files += [p for p in [write_pca(result, out, pca)] if p]
     result.timings["write"] = time.perf_counter() - t0
