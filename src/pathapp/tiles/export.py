@@ -66,6 +66,6 @@ def tile_slide(
             write_objects(out_dir / "tiles.geojson", tiles),
             write_objects(out_dir / "tissue.geojson", outline),
         ]
-        render_overview(out_dir / "thumbnail.png", tissue, grid, rois=rois)
+        render_overview(out_dir / "thumbnail.png", slide, tissue, grid, rois=rois)
         files.append(out_dir / "thumbnail.png")
         return TilingResult(slide.name, out_dir, grid, files)
