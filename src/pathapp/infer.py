@@ -20,7 +20,7 @@ import numpy as np
 from pathapp.errors import PathappError
 from pathapp.models.device import resolve_device
 from pathapp.models.loader import DEFAULT_MODEL, load_model, model_label
-from pathapp.results import SlideResult, is_done, write_results
+from pathapp.results import SlideResult, is_done, write_index, write_results
 from pathapp.slide import Slide, find_slides, open_slide, slide_name
 
 if TYPE_CHECKING:
@@ -367,6 +367,10 @@ def run_inference(
             continue
         skipped, path = result_dir
         (summary.skipped if skipped else summary.done).append(path)
+    for folder in sorted({p.parent for p in summary.done + summary.skipped}):
+        index = write_index(folder)  # every slide folder there, this run's and earlier ones
+        if index is not None:
+            echo(f"index: {index}")
     return summary
 
 

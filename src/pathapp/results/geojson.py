@@ -86,13 +86,14 @@ def class_regions(result: SlideResult, smooth: float | None = None) -> dict[str,
     return regions
 
 
-def region_objects(result: SlideResult) -> list[QuPathObject]:
-    """One annotation per class with its area (µm²) and the mean probability of its tiles."""
+def region_objects(result: SlideResult, regions: dict[str, shapely.Geometry] | None = None) -> list[QuPathObject]:
+    """One annotation per class with its area (µm²) and the mean probability of its tiles;
+    `regions`: class_regions(result), if computed already."""
     if result.probs is None:
         return []
     labels = np.argmax(result.probs, axis=1)
     objects = []
-    for name, geom in class_regions(result).items():
+    for name, geom in (class_regions(result) if regions is None else regions).items():
         k = result.class_names.index(name)
         meas = {
             "Area µm^2": float(geom.area * result.slide_mpp**2),
@@ -118,7 +119,8 @@ def write_tiles_geojson(result: SlideResult, path: Path, object_type: str = "til
     return Path(path)
 
 
-def write_annotations_geojson(result: SlideResult, path: Path) -> Path:
+def write_annotations_geojson(result: SlideResult, path: Path,
+                              regions: dict[str, shapely.Geometry] | None = None) -> Path:
     """annotations.geojson: a FeatureCollection of one annotation per predicted class."""
-    write_objects(path, region_objects(result))
+    write_objects(path, region_objects(result, regions))
     return Path(path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -29,6 +30,7 @@ class SlideResult:
     model_fingerprint: str = ""  # Bundle.fingerprint(): lets training reuse these embeddings safely
     params: dict = field(default_factory=dict)  # run parameters for run.json
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    qc: dict[str, Any] = field(default_factory=dict)  # slide-level quality-control summary, shown in report.html
 
     def __len__(self) -> int:
         return int(len(self.coords))

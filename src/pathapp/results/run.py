@@ -12,7 +12,7 @@ import numpy as np
 
 from pathapp.atomic import atomic_path
 from pathapp.results.embeddings import write_embeddings
-from pathapp.results.geojson import write_annotations_geojson, write_tiles_geojson
+from pathapp.results.geojson import class_regions, write_annotations_geojson, write_tiles_geojson
 from pathapp.results.heatmap import (
     heatmap_scale,
     heatmap_shape,
@@ -23,6 +23,7 @@ from pathapp.results.heatmap import (
     write_pca,
     write_thumbnail,
 )
+from pathapp.results.report import write_report
 from pathapp.results.result import SlideResult
 
 DONE = ".done"
@@ -64,6 +65,7 @@ def run_record(result: SlideResult, files: list[Path]) -> dict:
         "parameters": result.params,
         "counts": counts,
         "timings": {k: round(v, 4) for k, v in result.timings.items()},
+        "qc": result.qc or None,
         "heatmap": {
             "scale": heatmap_scale(result),
             "width": cols,
@@ -78,8 +80,8 @@ def run_record(result: SlideResult, files: list[Path]) -> dict:
 
 
 def write_results(result: SlideResult, out_dir: str | Path, object_type: str = "tile") -> list[Path]:
-    """Write tiles.geojson, annotations.geojson, heatmaps, overlay, embeddings.h5, pca.png
-    (headless), run.json, then `.done`, into `out_dir` (the slide's own folder). Returns the paths.
+    """Write tiles.geojson, annotations.geojson, heatmaps, thumbnail, overlay, embeddings.h5, pca.png
+    (headless), run.json, report.html, then `.done`, into `out_dir` (the slide's own folder). Returns the paths.
 
     Any earlier `.done` is removed first, so a run interrupted while overwriting is not mistaken
     for a finished one."""
@@ -89,9 +91,10 @@ def write_results(result: SlideResult, out_dir: str | Path, object_type: str = "
     for stale in out.glob(".*.tmp*"):  # temporary files of a run that was killed while writing here
         stale.unlink(missing_ok=True)
     t0 = time.perf_counter()
+    regions = class_regions(result)
     files: list[Path] = [
         write_tiles_geojson(result, out / "tiles.geojson", object_type),
-        write_annotations_geojson(result, out / "annotations.geojson"),
+        write_annotations_geojson(result, out / "annotations.geojson", regions),
         *write_class_heatmaps(result, out),
     ]
     headless = result.probs is None and result.embeddings is not None and len(result) > 0
@@ -102,9 +105,10 @@ def write_results(result: SlideResult, out_dir: str | Path, object_type: str = "
         files += [p for p in [write_pca(result, out, pca)] if p]
     result.timings["write"] = time.perf_counter() - t0
     with atomic_path(out / "run.json") as tmp:
-        record = run_record(result, files + [out / "run.json"])
+        record = run_record(result, files + [out / "run.json", out / "report.html"])
         tmp.write_text(json.dumps(record, indent=2, allow_nan=False, default=str))
     files.append(out / "run.json")
+    files.append(write_report(result, out, files, regions, record))
     with atomic_path(out / DONE) as tmp:
         tmp.write_text("")
     return files
