@@ -49,7 +49,7 @@ def blurred(x: Tensor) -> Tensor:
 
 
 def curves(scorer: Scorer, x: Tensor, target: int, order: np.ndarray, grid: tuple[int, int],
-           steps: int = 32, batch_size: int = 32) -> Curves:
+           steps: int = 16, batch_size: int = 32) -> Curves:
     """Deletion and insertion curves for ONE normalised tile x (1, 3, H, W), changing patches in
     `order` (flat indices into the rows × cols patch grid) in `steps` equal steps."""
     n = grid[0] * grid[1]
@@ -75,7 +75,7 @@ def saliency_order(saliency: np.ndarray, rng: np.random.Generator) -> np.ndarray
     return np.lexsort((rng.random(len(flat)), -flat))
 
 
-def evaluate_tile(scorer: Scorer, x: Tensor, target: int, maps: dict[str, np.ndarray], *, steps: int = 32,
+def evaluate_tile(scorer: Scorer, x: Tensor, target: int, maps: dict[str, np.ndarray], *, steps: int = 16,
                   batch_size: int = 32, seed: int = 0) -> dict[str, dict[str, float]]:
     """{method or "random": {"deletion_auc", "insertion_auc"}} for one normalised tile and its maps
     (each rows × cols); "random" averages RANDOM_ORDERS random orders."""
