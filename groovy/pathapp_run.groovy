@@ -10,6 +10,10 @@
  *   3. replaces the objects an earlier pathapp run added (named "pathapp...") with the new tiles
  *      and class regions, resolves the hierarchy so your annotations count their tiles, and turns on
  *      a measurement map (heatmap) of one class's probability.
+ * With EXPLAIN set (e.g. "vitcx"), it runs `pathapp explain` instead: on the pathapp tiles you selected
+ * (or, none selected, the EXPLAIN_TOP tiles with the highest probability of HEATMAP_CLASS), and shows
+ * the saliency of every patch of those tiles as a measurement map ("saliency (0-1)"). Run it once
+ * without EXPLAIN to get the tiles, select some, then run it with EXPLAIN.
  * Results are kept in <project>/pathapp/<entry ID>/<image name>/ (or the system temp folder when no
  * project is open). Use pathapp_import.groovy to import results computed earlier, image by image.
  * Edit the settings below, then Run (Automate > Script editor).
@@ -45,6 +49,10 @@ def HEATMAP_CLASS = ""
 def HEATMAP_COLORMAP = "Viridis"
 // Anything else for `pathapp infer`, e.g. ["--device", "cuda", "--batch-size", "64"]
 def EXTRA_ARGS = []
+// Explain instead of classify: "vitcx" (ViT-CX), "rollout" or "attention"; "" = classify (pathapp infer)
+def EXPLAIN = ""
+// With EXPLAIN and no pathapp tiles selected: how many top tiles of HEATMAP_CLASS to explain
+def EXPLAIN_TOP = 8
 // -------------------------------------------------------------------------- end of settings
 
 def TAG = "pathapp"
@@ -88,27 +96,38 @@ else
 mkdirs(outRoot.getAbsolutePath())
 
 // ---- the regions to analyse
+def explaining = EXPLAIN != ""
+def isSaliency = { obj -> obj.getName() != null && obj.getName().startsWith(TAG + ": saliency") }
 def rois = []
-if (ROI_MODE == "selected" || ROI_MODE == "auto")
+if (explaining) {
+    rois = getSelectedObjects().findAll { isPathapp(it) && !it.isAnnotation() && !isSaliency(it) }
+    println "pathapp: explaining " + (rois.isEmpty() ? "the top " + EXPLAIN_TOP + " tiles" : rois.size() + " selected tile(s)")
+} else if (ROI_MODE == "selected" || ROI_MODE == "auto")
     rois = getSelectedObjects().findAll { it.isAnnotation() && !isPathapp(it) }
-if (rois.isEmpty() && (ROI_MODE == "all" || ROI_MODE == "auto"))
+if (!explaining && rois.isEmpty() && (ROI_MODE == "all" || ROI_MODE == "auto"))
     rois = getAnnotationObjects().findAll { !isPathapp(it) }
-if (rois.isEmpty() && ROI_MODE in ["selected", "all"])
+if (!explaining && rois.isEmpty() && ROI_MODE in ["selected", "all"])
     throw new RuntimeException("pathapp: no annotations to analyse (ROI_MODE = " + ROI_MODE + "); draw or select some, or set ROI_MODE = \"image\"")
 def roiFile = null
 if (!rois.isEmpty()) {
     roiFile = new File(outRoot, "rois.geojson")
     exportObjectsToGeoJson(rois, roiFile.getAbsolutePath(), "FEATURE_COLLECTION")
-    println "pathapp: analysing inside " + rois.size() + " annotation(s)"
-} else {
+    println "pathapp: analysing inside " + rois.size() + " object(s)"
+} else if (!explaining) {
     println "pathapp: no annotations: analysing the whole image (tissue only)"
 }
 
 // ---- the command
 def modelFile = new File(MODEL)
-def args = ["infer", hostOrContainer(imageFile),
+def args = [explaining ? "explain" : "infer", hostOrContainer(imageFile),
             "--model", (MODE == "container" && !modelFile.exists()) ? MODEL : hostOrContainer(modelFile),
-            "--out", hostOrContainer(outRoot), "--object-type", OBJECT_TYPE, "--overwrite"]
+            "--out", hostOrContainer(outRoot)]
+if (explaining) {
+    args += ["--method", EXPLAIN]
+    if (roiFile == null) args += ["--top", EXPLAIN_TOP.toString()] + (HEATMAP_CLASS ? ["--class", HEATMAP_CLASS] : [])
+} else {
+    args += ["--object-type", OBJECT_TYPE, "--overwrite"]
+}
 if (MPP != null) args += ["--mpp", MPP.toString()]
 if (TILE_SIZE != null) args += ["--tile-size", TILE_SIZE.toString()]
 if (roiFile != null) args += ["--roi", hostOrContainer(roiFile)]
@@ -159,17 +178,21 @@ def exitCode = process.waitFor()
 if (exitCode != 0)
     throw new RuntimeException("pathapp failed (exit code " + exitCode + "): " + lastLines.join(" / "))
 
-// ---- import: replace what an earlier run added, keep everything else
+// ---- import: replace what an earlier run added (an explanation: an earlier explanation), keep everything else
 def resultDir = new File(outRoot, slideStem(imageFile))
-def files = ["annotations.geojson", "tiles.geojson"].collect { new File(resultDir, it) }.findAll { it.isFile() }
+def names = explaining ? ["saliency-" + EXPLAIN + ".geojson"] : ["annotations.geojson", "tiles.geojson"]
+def files = names.collect { new File(resultDir, it) }.findAll { it.isFile() }
 if (files.isEmpty())
-    throw new RuntimeException("pathapp: finished but found no tiles.geojson or annotations.geojson in " + resultDir)
-def previous = (getAnnotationObjects() + getDetectionObjects()).findAll { isPathapp(it) }
+    throw new RuntimeException("pathapp: finished but found no " + names.join(" or ") + " in " + resultDir)
+def previous = (getAnnotationObjects() + getDetectionObjects()).findAll { explaining ? isSaliency(it) : isPathapp(it) }
 removeObjects(previous, true)
 def imported = []
 files.each { f ->
     def objects = PathIO.readObjects(f)
-    objects.each { it.setName(it.getPathClass() == null ? TAG : TAG + ": " + it.getPathClass().toString()) }
+    if (explaining)
+        objects.each { it.setName(TAG + ": saliency " + EXPLAIN) }
+    else
+        objects.each { it.setName(it.getPathClass() == null ? TAG : TAG + ": " + it.getPathClass().toString()) }
     imported.addAll(objects)
     println "pathapp: " + objects.size() + " objects from " + f
 }
@@ -177,19 +200,23 @@ addObjects(imported)
 resolveHierarchy()
 fireHierarchyUpdate()
 
-// ---- heatmap: colour the tiles by one class's probability
-def tiles = getDetectionObjects().findAll { isPathapp(it) }
-def heatClass = HEATMAP_CLASS
-if (!heatClass) {
-    def first = tiles.find { it.getPathClass() != null }
-    heatClass = first == null ? "" : first.getPathClass().toString()
+// ---- heatmap: colour the tiles by one class's probability, or the patches by their saliency
+def tiles = getDetectionObjects().findAll { explaining ? isSaliency(it) : (isPathapp(it) && !isSaliency(it)) }
+def measurement = "saliency (0-1)"
+if (!explaining) {
+    def heatClass = HEATMAP_CLASS
+    if (!heatClass) {
+        def first = tiles.find { it.getPathClass() != null }
+        heatClass = first == null ? "" : first.getPathClass().toString()
+    }
+    measurement = heatClass ? "prob: " + heatClass : ""
 }
 def viewer = getCurrentViewer()
-if (viewer != null && heatClass && !tiles.isEmpty()) {
-    def mapper = new MeasurementMapper(ColorMaps.getColorMaps().get(HEATMAP_COLORMAP), "prob: " + heatClass, tiles)
+if (viewer != null && measurement && !tiles.isEmpty()) {
+    def mapper = new MeasurementMapper(ColorMaps.getColorMaps().get(HEATMAP_COLORMAP), measurement, tiles)
     mapper.setDisplayMinValue(0.0d)
     mapper.setDisplayMaxValue(1.0d)
     viewer.getOverlayOptions().setMeasurementMapper(mapper)
-    println "pathapp: measurement map \"prob: " + heatClass + "\" on " + tiles.size() + " tiles"
+    println "pathapp: measurement map \"" + measurement + "\" on " + tiles.size() + " objects"
 }
 println "pathapp: done; removed " + previous.size() + " earlier pathapp objects, added " + imported.size()

@@ -33,6 +33,8 @@ from pathapp.cli.options import slide_mpp_option
               "<slide folder>/pathapp/<slide name>/ (where `pathapp infer` writes).")
 @click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None, metavar="UM_PER_PX",
               help="Resolution tiles are analysed at (default: the bundle's).")
+@click.option("--tile-size", type=click.IntRange(min=1), default=None, metavar="PX",
+              help="Tile side in pixels (default: the bundle's); as given to `pathapp infer`, so the tiles match.")
 @slide_mpp_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="Images per forward pass (tiles, and ViT-CX's perturbed copies).")

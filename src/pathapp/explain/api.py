@@ -37,6 +37,7 @@ class ExplainOptions:
     top: int | None = None  # None: DEFAULT_TOP, or every tile inside --roi
     faithfulness: bool = False
     mpp: float | None = None
+    tile_size: int | None = None
     slide_mpp: float | None = None
     batch_size: int = 32
     workers: int | None = None
@@ -115,7 +116,8 @@ def explain_slide(slide: Any, runtime: Any, options: ExplainOptions, rois: Any =
     t0 = time.perf_counter()
     tile_head = runtime.model.tile_head is not None
     # A tile head scores each tile on its own: infer only inside the ROI. A slide head needs the whole bag.
-    result = infer_slide(slide, runtime.bundle, mpp=options.mpp, rois=rois if tile_head else None,
+    result = infer_slide(slide, runtime.bundle, mpp=options.mpp, tile_size=options.tile_size,
+                         rois=rois if tile_head else None,
                          batch_size=options.batch_size, workers=options.workers, runtime=runtime,
                          progress=True, log=log)
     timings = {"infer": time.perf_counter() - t0}
@@ -177,7 +179,7 @@ def run_explain(inputs: Sequence[str | Path], options: ExplainOptions, out: str 
     """Explain every input (slides, images, folders, QuPath projects) into OUT/<slide name>/ (default:
     beside each slide, as `pathapp infer`). A failing input is reported in one line; the others run."""
     from pathapp.explain.outputs import write_explanation
-    from pathapp.infer import expand_inputs, prepare_model
+    from pathapp.infer import check_tile_size, expand_inputs, prepare_model
     from pathapp.models.loader import load_model, model_label
     from pathapp.slide import open_slide
 
@@ -194,6 +196,7 @@ def run_explain(inputs: Sequence[str | Path], options: ExplainOptions, out: str 
                 raise PathappError(job.error)
             if runtime is None:
                 runtime = prepare_model(load_model(options.model), options.device, "fp32", model_label(options.model))
+                check_tile_size(runtime, int(options.tile_size or runtime.bundle.tile_size))
                 if runtime.model.head is None:
                     raise ExplainError(f"{options.model}: explanations explain a class probability; give a bundle "
                                        f"with a head (`pathapp train` makes one)")
