@@ -111,7 +111,7 @@ def explain_slide(slide: Any, runtime: Any, options: ExplainOptions, rois: Any =
 
     from pathapp.explain.faithfulness import evaluate_tile
     from pathapp.infer import infer_slide
-    from pathapp.tiles import TileGrid, read_tile
+    from pathapp.tiles import read_tile_at, tile_geometry
 
     t0 = time.perf_counter()
     tile_head = runtime.model.tile_head is not None
@@ -128,10 +128,8 @@ def explain_slide(slide: Any, runtime: Any, options: ExplainOptions, rois: Any =
     bundle = runtime.bundle
     tiles, targets, scores, score_name = choose_tiles(result, bundle.class_names, options.class_name, options.top,
                                                       inside)
-    grid = TileGrid(coords=result.coords[tiles], footprint=result.footprint, level=int(result.params["level"]),
-                    read_size=int(result.params["read_size"]), tile_size=result.tile_size, mpp=result.mpp,
-                    slide_mpp=result.slide_mpp, slide_size=result.slide_size)
-    images = np.stack([read_tile(slide, grid, i) for i in range(len(grid))]) if len(grid) else \
+    geometry = tile_geometry(slide, result.mpp, result.tile_size)  # the rule inference read them with
+    images = np.stack([read_tile_at(slide, geometry, x, y) for x, y in result.coords[tiles]]) if len(tiles) else \
         np.zeros((0, result.tile_size, result.tile_size, 3), np.uint8)
     model = runtime.model
     bag = None if tile_head else torch.from_numpy(result.embeddings).to(runtime.device)
@@ -200,10 +198,9 @@ def run_explain(inputs: Sequence[str | Path], options: ExplainOptions, out: str 
                 if runtime.model.head is None:
                     raise ExplainError(f"{options.model}: explanations explain a class probability; give a bundle "
                                        f"with a head (`pathapp train` makes one)")
-            slide = open_slide(job.source, mpp=options.slide_mpp)
+            slide = open_slide(job.source, slide_mpp=options.slide_mpp)
             if slide.mpp is None and job.entry_mpp:  # QuPath knows the µm/px the file does not record
-                slide.close()
-                slide = open_slide(job.source, mpp=job.entry_mpp)
+                slide.calibrate(job.entry_mpp)
             with slide:
                 explanation = explain_slide(slide, runtime, options, rois, log=echo)
             files = write_explanation(explanation, job.out_dir)
