@@ -276,6 +276,16 @@ def expand_inputs(inputs: Sequence[str | Path], out: Path | None) -> list[Job]:
     return jobs
 
 
+def report_failure(job: Job, error: Exception, failed: list[tuple[str, str]], echo: Callable[[str], None]) -> None:
+    """One line for an input that failed (never a traceback), and its reason kept for the summary."""
+    if isinstance(error, PathappError):
+        failed.append((job.label, str(error)))
+        echo(f"failed: {error}")
+    else:
+        failed.append((job.label, f"{type(error).__name__}: {error}"))
+        echo(f"failed: {job.label}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+
+
 def slide_out_dir(slide: Path, out: Path | None) -> Path:
     """OUT/<slide name>/, or beside the slide in <slide folder>/pathapp/<slide name>/ without --out."""
     return (out if out is not None else slide.parent / RESULTS_FOLDER) / slide_name(slide)
@@ -355,13 +365,8 @@ def run_inference(
                                   min_tissue=min_tissue, batch_size=batch_size, workers=workers,
                                   object_type=object_type, overwrite=overwrite, write_project=write_project,
                                   progress=progress, echo=echo)
-        except PathappError as e:
-            summary.failed.append((job.label, str(e)))
-            echo(f"failed: {e}")
-            continue
         except Exception as e:  # noqa: BLE001 - one bad slide must not stop the others; one line each
-            summary.failed.append((job.label, f"{type(e).__name__}: {e}"))
-            echo(f"failed: {job.label}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            report_failure(job, e, summary.failed, echo)
             continue
         if result_dir is None:
             continue

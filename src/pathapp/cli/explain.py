@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from pathapp.cli.options import slide_mpp_option
+from pathapp.cli.options import mpp_option, out_option, slide_mpp_option, tile_size_option
 
 
 @click.command(context_settings={"max_content_width": 100})
@@ -28,13 +28,9 @@ from pathapp.cli.options import slide_mpp_option
 @click.option("--faithfulness", is_flag=True,
               help="Also measure each map: deletion and insertion curves against random patch orders "
               "(explain.json).")
-@click.option("--out", type=click.Path(file_okay=False), default=None,
-              help="Output folder; results go to OUT/<slide name>/. Default: beside each slide, in "
-              "<slide folder>/pathapp/<slide name>/ (where `pathapp infer` writes).")
-@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None, metavar="UM_PER_PX",
-              help="Resolution tiles are analysed at (default: the bundle's).")
-@click.option("--tile-size", type=click.IntRange(min=1), default=None, metavar="PX",
-              help="Tile side in pixels (default: the bundle's); as given to `pathapp infer`, so the tiles match.")
+@out_option
+@mpp_option
+@tile_size_option
 @slide_mpp_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="Images per forward pass (tiles, and ViT-CX's perturbed copies).")

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from pathapp.cli.options import slide_mpp_option
+from pathapp.cli.options import mpp_option, out_option, slide_mpp_option, tile_size_option
 
 
 @click.command(context_settings={"max_content_width": 100})
@@ -16,13 +16,9 @@ from pathapp.cli.options import slide_mpp_option
               "model list`) for embeddings only, with weights from --weights or the hub.")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Weights file for a backbone NAME: official DINOv2 .pth, timm .pth/.safetensors.")
-@click.option("--out", type=click.Path(file_okay=False), default=None,
-              help="Output folder; results go to OUT/<slide name>/. Default: beside each slide, in "
-              "<slide folder>/pathapp/<slide name>/; for a QuPath project <project dir>/pathapp/<entryID>/.")
-@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None, metavar="UM_PER_PX",
-              help="Resolution tiles are analysed at, µm/px (default: the bundle's, usually 0.5).")
-@click.option("--tile-size", type=click.IntRange(min=1), default=None, metavar="PX",
-              help="Tile side in pixels (default: the bundle's).")
+@out_option
+@mpp_option
+@tile_size_option
 @click.option("--roi", type=click.Path(exists=True, dir_okay=False), default=None,
               help="QuPath GeoJSON export of annotations; only tiles whose centre lies inside are run.")
 @click.option("--roi-class", multiple=True, metavar="NAME",

@@ -18,3 +18,25 @@ slide_mpp_option = click.option(
     help="The slide's own level-0 resolution in µm/px, for files that lack it or state it wrongly "
     "(distinct from --mpp, the resolution tiles are analysed at).",
 )
+
+out_option = click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Output folder; results go to OUT/<slide name>/. Default: beside each slide, in "
+    "<slide folder>/pathapp/<slide name>/; for a QuPath project <project dir>/pathapp/<entryID>/.",
+)
+mpp_option = click.option(
+    "--mpp",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    metavar="UM_PER_PX",
+    help="Resolution tiles are analysed at, µm/px (default: the bundle's, usually 0.5).",
+)
+tile_size_option = click.option(
+    "--tile-size",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="PX",
+    help="Tile side in pixels (default: the bundle's).",
+)

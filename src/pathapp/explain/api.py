@@ -177,7 +177,7 @@ def run_explain(inputs: Sequence[str | Path], options: ExplainOptions, out: str 
     """Explain every input (slides, images, folders, QuPath projects) into OUT/<slide name>/ (default:
     beside each slide, as `pathapp infer`). A failing input is reported in one line; the others run."""
     from pathapp.explain.outputs import write_explanation
-    from pathapp.infer import check_tile_size, expand_inputs, prepare_model
+    from pathapp.infer import check_tile_size, expand_inputs, prepare_model, report_failure
     from pathapp.models.loader import load_model, model_label
     from pathapp.slide import open_slide
 
@@ -206,13 +206,8 @@ def run_explain(inputs: Sequence[str | Path], options: ExplainOptions, out: str 
             files = write_explanation(explanation, job.out_dir)
         except ExplainError:
             raise  # the model or the options, not this input: every other input would fail the same way
-        except PathappError as e:
-            summary.failed.append((job.label, str(e)))
-            echo(f"failed: {e}")
-            continue
         except Exception as e:  # noqa: BLE001 - one bad slide must not stop the others; one line each
-            summary.failed.append((job.label, f"{type(e).__name__}: {e}"))
-            echo(f"failed: {job.label}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            report_failure(job, e, summary.failed, echo)
             continue
         summary.done.append(job.out_dir)
         echo(f"done: {job.label}: {len(explanation.tiles)} tiles explained ({', '.join(options.methods)}) "
