@@ -65,11 +65,32 @@ def _um_label(um: float) -> str:
     return f"{um / 1000:g} mm" if um >= 1000 else f"{um:g} µm"
 
 
+def _draw_scale_bar(img, um_per_px: float) -> None:
+    """A black bar of a round length with its label, in a white box at the image's lower left (PIL)."""
+    from PIL import ImageDraw, ImageFont
+
+    w, h = img.size
+    um = scale_bar_um(w * um_per_px)
+    length = max(1, round(um / um_per_px))
+    from matplotlib import font_manager
+
+    font = ImageFont.truetype(font_manager.findfont("DejaVu Sans"), 14)  # ships with matplotlib, has µ
+    label = _um_label(um)
+    tw = ImageDraw.Draw(img).textlength(label, font=font)
+    bar_h = max(3, round(h / 150))
+    box = (4, h - 34 - bar_h, 4 + max(length, tw) + 16, h - 4)
+    draw = ImageDraw.Draw(img)
+    draw.rectangle(box, fill="white", outline="black")
+    draw.rectangle((box[0] + 8, box[1] + 6, box[0] + 8 + length - 1, box[1] + 6 + bar_h - 1), fill="black")
+    draw.text((box[0] + 8 + (max(length, tw) - tw) / 2, box[1] + 10 + bar_h), label, fill="black", font=font)
+
+
 def save_figure(path: str | Path, image: np.ndarray, *, um_per_px: float | None, scale: float, title: str,
                 bar: ColourBar | None = None, legend: list[tuple[str, tuple[int, int, int]]] | None = None,
                 note: str = "") -> Path:
     """Write `image` (uint8 RGB, placed 1:1) with `title`, a scale bar (when µm/px is known), and a
-    colour bar or a legend in a side panel, as PNG (atomically)."""
+    colour bar or a legend in a side panel, as PNG (atomically). matplotlib draws the title and the
+    panel; the image is pasted as it is (no resampling) and the scale bar drawn on it."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -77,7 +98,6 @@ def save_figure(path: str | Path, image: np.ndarray, *, um_per_px: float | None,
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
     from matplotlib.patches import Patch
-    from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
@@ -86,19 +106,9 @@ def save_figure(path: str | Path, image: np.ndarray, *, um_per_px: float | None,
     fig_w, fig_h = w + panel, max(h, 320 if panel else 0) + TITLE_PX
     fig = plt.figure(figsize=(fig_w / DPI, fig_h / DPI), dpi=DPI, facecolor="white")
     try:
-        ax = fig.add_axes((0, (fig_h - TITLE_PX - h) / fig_h, w / fig_w, h / fig_h))
-        ax.imshow(image, interpolation="none", extent=(0, w, h, 0), aspect="auto")
-        ax.set_xlim(0, w)
-        ax.set_ylim(h, 0)
-        ax.set_axis_off()
         fig.text(8 / fig_w, 1 - 10 / fig_h, title, ha="left", va="top", fontsize=13, weight="bold")
         if note:
             fig.text(8 / fig_w, 1 - 30 / fig_h, note, ha="left", va="top", fontsize=8.5, color="#444")
-        if um_per_px:
-            um = scale_bar_um(w * um_per_px)
-            ax.add_artist(AnchoredSizeBar(ax.transData, um / um_per_px, _um_label(um), "lower left", pad=0.6,
-                                          color="black", frameon=True, size_vertical=max(2, h / 150),
-                                          fontproperties={"size": 10}))
         top = (fig_h - TITLE_PX) / fig_h
         if bar is not None:
             cax = fig.add_axes(((w + 40) / fig_w, top - 0.75 * (fig_h - TITLE_PX) / fig_h, 22 / fig_w,
@@ -110,14 +120,18 @@ def save_figure(path: str | Path, image: np.ndarray, *, um_per_px: float | None,
             fig.legend(handles=handles, loc="upper left", bbox_to_anchor=((w + 12) / fig_w, top),
                        frameon=False, fontsize=11, title="class", title_fontsize=11, alignment="left")
         fig.canvas.draw()
-        rgba = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+        canvas = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
     finally:
         plt.close(fig)
+    slide_img = Image.fromarray(np.ascontiguousarray(np.asarray(image)[..., :3]))
+    if um_per_px:
+        _draw_scale_bar(slide_img, um_per_px)
+    canvas[TITLE_PX:TITLE_PX + h, :w] = np.asarray(slide_img)
     info = PngInfo()
     info.add_text("pathapp:image_box", f"0,{TITLE_PX},{w},{h}")
     info.add_text("pathapp:scale", f"{scale:.6f}")
     with atomic_path(path) as tmp:
-        Image.fromarray(rgba).save(tmp, format="PNG", pnginfo=info, compress_level=1)
+        Image.fromarray(canvas).save(tmp, format="PNG", pnginfo=info, compress_level=1)
     return Path(path)
 
 
