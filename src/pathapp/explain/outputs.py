@@ -188,10 +188,9 @@ def write_explanation(e: SlideExplanation, out_dir: Path) -> list[Path]:
             files.append(write_mosaic(e, method, out / f"explain-{method}.png"))
             if e.result.thumbnail is not None:
                 files.append(write_slide_map(e, method, out / f"saliency-{method}.png"))
-    with atomic_path(out / "explain.npz") as tmp:
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, coords=e.result.coords[e.tiles], footprint=e.result.footprint,
-                                targets=e.targets, scores=e.scores, **{f"saliency_{m}": v for m, v in e.saliency.items()})
+    with atomic_path(out / "explain.npz") as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, coords=e.result.coords[e.tiles], footprint=e.result.footprint,
+                            targets=e.targets, scores=e.scores, **{f"saliency_{m}": v for m, v in e.saliency.items()})
     files.append(out / "explain.npz")
     files.append(out / "explain.json")
     with atomic_path(out / "explain.json") as tmp:
