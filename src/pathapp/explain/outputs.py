@@ -144,7 +144,7 @@ def write_mosaic(e: SlideExplanation, method: str, path: Path) -> Path:
                     ax.set_title(f"#{k + 1} {label}: {e.score_name} {e.scores[k]:.3f} at ({x}, {y})", fontsize=9,
                                  loc="left")
         cax = fig.add_axes(((3 * side + 40) / (3 * side + 150), 0.3, 20 / (3 * side + 150), 0.4))
-        fig.colorbar(ScalarMappable(Normalize(bar.vmin, bar.vmax), bar.cmap), cax=cax).set_label(bar.label)
+        fig.colorbar(ScalarMappable(Normalize(bar.vmin, bar.vmax), bar.cmap), cax=cax).set_label("each tile: min → max")
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=DPI)
     finally:
