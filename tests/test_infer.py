@@ -256,9 +256,13 @@ def test_attention_mil_bundle_gives_slide_prediction_and_attention(shared_data, 
     assert attention.sum() == pytest.approx(1, abs=1e-4) and attention.std() > 0
     prediction = json.loads((folder / "run.json").read_text())["parameters"]["slide_prediction"]
     assert set(prediction) == {"Tumor", "Stroma"} and sum(prediction.values()) == pytest.approx(1, abs=1e-5)
-    heat = np.asarray(Image.open(folder / "heatmap-attention.png"))  # grey + alpha, one pixel per tile
-    shown = heat[..., 0][heat[..., 1] > 0]
-    assert len(shown) == len(tiles) and shown.max() == 255 and shown.min() == 0
+    with h5py.File(folder / "embeddings.h5") as f:  # the raw map: one cell per tile, NaN elsewhere
+        grid = f["heatmaps"]["attention"][()]
+    shown = grid[np.isfinite(grid)]
+    assert len(shown) == len(tiles) and sorted(shown) == pytest.approx(sorted(attention), abs=1e-6)
+    x, y, w, h = image_box(folder / "heatmap-attention.png")  # the picture: attention in colour over the slide
+    pic = np.asarray(Image.open(folder / "heatmap-attention.png").convert("RGB"))[y:y + h, x:x + w]
+    assert len(np.unique(pic.reshape(-1, 3), axis=0)) > 50
 
 
 def test_progress_lines_when_not_a_terminal(shared_data, bundle_path, monkeypatch):
