@@ -78,16 +78,6 @@ def default_workers(device: torch.device) -> int:
     return min(8, per_rank) if device.type == "cuda" else min(4, max(1, per_rank // 2))
 
 
-def _reopen_slide(worker_id: int) -> None:
-    """Give each DataLoader worker its own slide handle (a forked file handle is shared state)."""
-    import pickle
-
-    import torch.utils.data
-
-    ds = torch.utils.data.get_worker_info().dataset
-    ds.slide = pickle.loads(pickle.dumps(ds.slide))
-
-
 def infer_slide(
     slide: Slide,
     bundle: Bundle,
@@ -150,7 +140,6 @@ def infer_slide(
             batch_size=batch_size,
             num_workers=n_workers,
             pin_memory=rt.device.type == "cuda",
-            worker_init_fn=_reopen_slide if n_workers else None,
             prefetch_factor=4 if n_workers else None,
         )
         autocast = torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=rt.precision == "bf16")
