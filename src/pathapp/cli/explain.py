@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from pathapp.cli.options import mpp_option, out_option, slide_mpp_option, tile_size_option
+from pathapp.cli.options import device_option, slide_run_options
 
 
 @click.command(context_settings={"max_content_width": 100})
@@ -28,14 +28,11 @@ from pathapp.cli.options import mpp_option, out_option, slide_mpp_option, tile_s
 @click.option("--faithfulness", is_flag=True,
               help="Also measure each map: deletion and insertion curves against random patch orders "
               "(explain.json).")
-@out_option
-@mpp_option
-@tile_size_option
-@slide_mpp_option
+@slide_run_options
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="Images per forward pass (tiles, and ViT-CX's perturbed copies).")
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Tile-reading processes.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
+@device_option
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of ViT-CX's noise and the random orders.")
 def explain(inputs: tuple[str, ...], model: str, methods: tuple[str, ...], roi_class: tuple[str, ...],
             out: str | None, **options: object) -> None:

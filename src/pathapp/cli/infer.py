@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from pathapp.cli.options import mpp_option, out_option, slide_mpp_option, tile_size_option
+from pathapp.cli.options import slide_run_options
 from pathapp.models.loader import DEFAULT_MODEL
 
 
@@ -17,14 +17,11 @@ from pathapp.models.loader import DEFAULT_MODEL
               "model list`) for embeddings only, with weights from --weights or the hub.")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Weights file for a backbone NAME: official DINOv2 .pth, timm .pth/.safetensors.")
-@out_option
-@mpp_option
-@tile_size_option
+@slide_run_options
 @click.option("--roi", type=click.Path(exists=True, dir_okay=False), default=None,
               help="QuPath GeoJSON export of annotations; only tiles whose centre lies inside are run.")
 @click.option("--roi-class", multiple=True, metavar="NAME",
               help="Use only --roi annotations of this class (repeatable).")
-@slide_mpp_option
 @click.option("--min-tissue", type=click.FloatRange(0, 1), default=None,
               help="Tissue fraction a tile needs to be analysed (default 0.1).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)

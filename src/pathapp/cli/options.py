@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import click
 
 backend_option = click.option(
@@ -19,24 +22,32 @@ slide_mpp_option = click.option(
     "(distinct from --mpp, the resolution tiles are analysed at).",
 )
 
-out_option = click.option(
+_out_option = click.option(
     "--out",
     type=click.Path(file_okay=False),
     default=None,
     help="Output folder; results go to OUT/<slide name>/. Default: beside each slide, in "
     "<slide folder>/pathapp/<slide name>/; for a QuPath project <project dir>/pathapp/<entryID>/.",
 )
-mpp_option = click.option(
+_mpp_option = click.option(
     "--mpp",
     type=click.FloatRange(min=0, min_open=True),
     default=None,
     metavar="UM_PER_PX",
     help="Resolution tiles are analysed at, µm/px (default: the bundle's, usually 0.5).",
 )
-tile_size_option = click.option(
+_tile_size_option = click.option(
     "--tile-size",
     type=click.IntRange(min=1),
     default=None,
     metavar="PX",
     help="Tile side in pixels (default: the bundle's).",
 )
+device_option = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
+
+
+def slide_run_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--out, --mpp, --tile-size and --slide-mpp, as every command that runs a model over slides takes them."""
+    for option in (slide_mpp_option, _tile_size_option, _mpp_option, _out_option):  # last applied is listed first
+        command = option(command)
+    return command

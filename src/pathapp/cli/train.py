@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from pathapp.cli.options import slide_mpp_option
+from pathapp.cli.options import device_option, slide_mpp_option
 
 _data_option = click.option(
     "--data", "data", multiple=True, required=True, type=click.Path(exists=True, path_type=Path),
@@ -30,7 +30,6 @@ _embeddings_option = click.option(
     "--embeddings", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
     help="A `pathapp infer --out` folder run with the same model: slides' embeddings are read from its "
     "<slide>/embeddings.h5 instead of being recomputed.")
-_device_option = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
 _batch_option = click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 
 
@@ -64,7 +63,7 @@ def _cache(cache: Path | None) -> Path:
 @slide_mpp_option
 @_cache_option
 @_embeddings_option
-@_device_option
+@device_option
 @_batch_option
 @click.option("--lora-rank", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--lora-alpha", type=float, default=16.0, show_default=True)
@@ -133,7 +132,7 @@ def train(data, slides, backbone, weights, model, method, out, group_by, mpp, ti
 @slide_mpp_option
 @_cache_option
 @_embeddings_option
-@_device_option
+@device_option
 @_batch_option
 @click.option("--bootstrap", type=click.IntRange(min=10), default=1000, show_default=True,
               help="Bootstrap resamples (of whole groups) for the 95% confidence intervals.")
