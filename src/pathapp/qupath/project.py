@@ -123,7 +123,7 @@ def _entry(raw: dict, index: int, qpproj: Path, old_uri: str | None, finder: _Fi
         kinds = " > ".join(str(b.get("builderType")) for b in chain) or "none"
         entry.error = f"{where}: its image server ({kinds}) has no single image file; pathapp cannot open it"
         return entry
-    stored = _uri_to_path(entry.uri)
+    stored = uri_to_path(entry.uri)
     if stored is None:
         entry.error = f"{where}: image {entry.uri} is not a local file; copy it locally and relink it in QuPath"
         return entry
@@ -163,7 +163,7 @@ def _mpp(meta: dict) -> float | None:
     return float(value)
 
 
-def _uri_to_path(uri: str) -> PurePath | None:
+def uri_to_path(uri: str) -> PurePath | None:
     """A file: URI as a path, Windows ones (file:/C:/...) as PureWindowsPath; None if not a file."""
     parsed = urlparse(uri)
     if parsed.scheme not in ("file", ""):
@@ -178,7 +178,7 @@ def _uri_to_path(uri: str) -> PurePath | None:
 
 def _rebase(image: PurePath, old_project_uri: str | None, new_dir: Path) -> Path | None:
     """The image's path relative to the project's old folder, applied to its new folder (as QuPath)."""
-    old = _uri_to_path(old_project_uri) if old_project_uri else None
+    old = uri_to_path(old_project_uri) if old_project_uri else None
     if old is None or type(old) is not type(image):
         return None
     old_parts, img_parts = old.parent.parts, image.parts
