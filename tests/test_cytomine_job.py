@@ -274,26 +274,14 @@ class Handler(BaseHTTPRequestHandler):
         self.reply(404, {"errors": {"message": f"no route {p}"}})
 
 
-def start(core: str):
-    state = FakeCytomine(data_file("wsi/aperio/CMU-1-Small-Region.svs"), core)
+@pytest.fixture()
+def server(request):
+    """A fake core on loopback: Grails unless the test asks for "spring" (indirect parameter)."""
+    state = FakeCytomine(data_file("wsi/aperio/CMU-1-Small-Region.svs"), getattr(request, "param", "grails"))
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     httpd.state = state  # type: ignore[attr-defined]
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    return httpd, state, f"http://127.0.0.1:{httpd.server_address[1]}"
-
-
-@pytest.fixture()
-def server():
-    httpd, state, host = start("grails")
-    yield state, host
-    httpd.shutdown()
-    httpd.server_close()
-
-
-@pytest.fixture()
-def spring():
-    httpd, state, host = start("spring")
-    yield state, host
+    yield state, f"http://127.0.0.1:{httpd.server_address[1]}"
     httpd.shutdown()
     httpd.server_close()
 
@@ -460,8 +448,9 @@ def test_image_shown_at_another_size_is_scaled_and_another_shape_refused(server,
     assert "2220x2967 px" in comment and "2220x5934 px" in comment and "wrong place" in comment
 
 
-def test_spring_core_has_no_jobs_and_takes_properties_on_the_domain_route(spring, models, tmp_path) -> None:
-    state, host = spring
+@pytest.mark.parametrize("server", ["spring"], indirect=True)
+def test_spring_core_has_no_jobs_and_takes_properties_on_the_domain_route(server, models, tmp_path) -> None:
+    state, host = server
     res = CliRunner().invoke(cli, job_argv(host, str(GOOD), models, tmp_path))
     assert res.exit_code != 0 and "App Engine" in str(res.exception) and "\n" not in str(res.exception)
     assert state.image_bytes_served == 0
