@@ -76,14 +76,14 @@ def hostOrContainer = { File f -> MODE == "container" ? containerPath(f) : f.get
 // QuPath shows some images moved: its RotatedImageServer, AffineTransformImageServer and
 // CroppedImageServer name themselves in the server's path (createID, QuPath 0.4.4-0.6.0).
 def movedBy = { String serverPath ->
-    def moved = []
+    def kinds = []
     if (serverPath.contains("qupath.lib.images.servers.RotatedImageServer:") && serverPath =~ /\(Rotate=(90|180|270)\)/)
-        moved << "rotated"
+        kinds << "rotated"
     if (serverPath.contains("qupath.lib.images.servers.AffineTransformImageServer:"))
-        moved << "affine-transformed"
+        kinds << "affine-transformed"
     if (serverPath.contains("qupath.lib.images.servers.CroppedImageServer:"))
-        moved << "cropped"
-    return moved
+        kinds << "cropped"
+    return kinds
 }
 
 // ---- settings that can be checked before any work
