@@ -60,10 +60,10 @@ def keep_confident(result: SlideResult, min_prob: float) -> SlideResult:
 def load_runtime(model: str | None, folder: Path, device: str = "auto") -> Any:
     """The named bundle, built once on `device` (an `infer.Runtime`) for every image of a run."""
     from pathapp.infer import prepare_model
-    from pathapp.models.bundle import load_bundle
+    from pathapp.models.loader import load_model
 
     path = resolve_model(model, folder)
-    return prepare_model(load_bundle(path), device, name=path.stem)
+    return prepare_model(load_model(path), device, name=path.stem)
 
 
 def analyse_slide(slide: Any, runtime: Any, out_dir: Path, *, mpp: float | None = None,
