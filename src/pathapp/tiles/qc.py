@@ -47,7 +47,7 @@ class QCThresholds:
     pen: float = 0.02  # fraction of the tile in any one ink colour
     fold: float = 0.1  # fraction of the tile under a fold
     blur_um: float = 0.25  # µm of edge blur (an applied Gaussian of σ 1 µm measures ≈ 0.45 µm on tissue)
-    out_of_focus: float = 0.3  # fraction of the structured windows past blur_um
+    out_of_focus: float = 0.35  # fraction of the structured windows past blur_um
     compression: float = 0.5  # blockiness (≈ JPEG quality ≤ 20 on uncompressed tiles)
 
     def to_dict(self) -> dict[str, float]:
