@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import shapely
@@ -40,39 +41,52 @@ def tile_measurements(result: SlideResult) -> dict[str, np.ndarray]:
     return cols
 
 
+QC_CLASS = "QC: "  # QuPath derived class of a tile's QC verdict: "QC: ok", "QC: blur", …
+
+
 def tile_objects(result: SlideResult, object_type: str = "tile") -> list[QuPathObject]:
     """One QuPath tile (or detection) per tile: class = argmax with its colour, measurements.
-    Non-finite values are left out by the writer; a headless bundle gives unclassified tiles."""
+    Non-finite values are left out by the writer. Without a classifying head, tiles take their QC
+    class when QC ran (else none); with QC, every tile is named by its QC class."""
     if object_type not in {"tile", "detection"}:
         raise ValueError(f"object_type must be 'tile' or 'detection', not {object_type!r}")
     names = None
+    colors = dict(zip(result.class_names, map(tuple, result.class_colors)))
+    qc_names = None
+    if result.qc is not None:
+        qc_names = [QC_CLASS + c for c in result.qc.classes[result.qc.kept]]
     if result.probs is not None:
         names = [result.class_names[k] for k in np.argmax(result.probs, axis=1)]
-    return qp_tile_objects(
+    elif qc_names is not None:
+        names = qc_names
+        colors = {QC_CLASS + k: tuple(c) for k, c in result.qc.colors.items()}
+    objects = qp_tile_objects(
         tile_boxes(result),
         object_type=object_type,
         measurements=tile_measurements(result),
         class_names=names,
-        colors=dict(zip(result.class_names, map(tuple, result.class_colors))),
+        colors=colors,
     )
+    for obj, name in zip(objects, qc_names or []):
+        obj.name = name
+    return objects
 
 
-def class_regions(result: SlideResult, smooth: float | None = None) -> dict[str, shapely.Geometry]:
-    """Per class, the union of its tiles in level-0 px (holes kept).
+def label_regions(tiles: Any, labels: np.ndarray, names: list[str],
+                  smooth: float | None = None) -> dict[str, shapely.Geometry]:
+    """Per name, the union of the tiles (anything with level-0 `coords` and a `footprint`: a
+    SlideResult, a TileQC) labelled with its index, in level-0 px, holes kept.
 
     Tile corners are integers but the footprint is fractional, so neighbouring squares can be
     a fraction of a pixel apart. Each square is grown by `smooth` px (default: 1 % of the
     footprint, at least 1 px) before the union and the union shrunk back by as much with mitred
     joins: seams close, corners stay square, real gaps wider than 2 × smooth stay open.
     """
-    if result.probs is None or len(result) == 0:
-        return {}
-    e = max(1.0, 0.01 * result.footprint) if smooth is None else smooth
-    labels = np.argmax(result.probs, axis=1)
-    bounds = tile_boxes(result, grow=e)
+    e = max(1.0, 0.01 * tiles.footprint) if smooth is None else smooth
+    bounds = tile_boxes(tiles, grow=e)
     boxes = shapely.box(bounds[:, 0], bounds[:, 1], bounds[:, 2], bounds[:, 3])
     regions = {}
-    for k, name in enumerate(result.class_names):
+    for k, name in enumerate(names):
         members = boxes[labels == k]
         if len(members) == 0:
             continue
@@ -84,6 +98,38 @@ def class_regions(result: SlideResult, smooth: float | None = None) -> dict[str,
         if polys:
             regions[name] = shapely.MultiPolygon(polys) if len(polys) > 1 else polys[0]
     return regions
+
+
+def class_regions(result: SlideResult, smooth: float | None = None) -> dict[str, shapely.Geometry]:
+    """Per class, the union of the tiles it is the argmax of (`label_regions`)."""
+    if result.probs is None or len(result) == 0:
+        return {}
+    return label_regions(result, np.argmax(result.probs, axis=1), list(result.class_names), smooth=smooth)
+
+
+def qc_regions(result: SlideResult) -> dict[str, shapely.Geometry]:
+    """Per artefact kind, the union of its tiles, kept or excluded (`label_regions`)."""
+    if result.qc is None or len(result.qc.classes) == 0:
+        return {}
+    kinds = list(result.qc.colors)
+    labels = np.array([kinds.index(c) if c in kinds else -1 for c in result.qc.classes])
+    return label_regions(result.qc, labels, kinds)
+
+
+def qc_summary(result: SlideResult) -> dict:
+    """For run.json: tiles and area (µm², of the merged tiles) per artefact kind, and the thresholds."""
+    if result.qc is None:
+        return {}
+    qc = result.qc
+    areas = {k: float(g.area * result.slide_mpp**2) for k, g in qc_regions(result).items()}
+    return {
+        "thresholds": qc.thresholds,
+        "excluded": qc.excluded,
+        "tiles measured": int(len(qc.classes)),
+        "tiles excluded": int(np.count_nonzero(~qc.kept)),
+        "tiles": {k: int(np.count_nonzero(qc.classes == k)) for k in qc.colors},
+        "area µm^2": {k: round(areas.get(k, 0.0), 1) for k in qc.colors},
+    }
 
 
 def region_objects(result: SlideResult) -> list[QuPathObject]:
@@ -112,6 +158,22 @@ def region_objects(result: SlideResult) -> list[QuPathObject]:
     return objects
 
 
+def qc_objects(result: SlideResult) -> list[QuPathObject]:
+    """One annotation per artefact kind found (`QC: <kind>`), with its area (µm²), its tile count
+    and whether its tiles were excluded from the results."""
+    if result.qc is None:
+        return []
+    qc = result.qc
+    objects = []
+    for kind, geom in qc_regions(result).items():
+        meas = {"Area µm^2": float(geom.area * result.slide_mpp**2),
+                "Tiles": float(np.count_nonzero(qc.classes == kind)),
+                "Excluded": float(qc.excluded)}
+        objects.append(QuPathObject(geometry=geom, object_type="annotation", class_name=QC_CLASS + kind,
+                                    color=tuple(qc.colors[kind]), measurements=meas, name=QC_CLASS + kind))
+    return objects
+
+
 def write_tiles_geojson(result: SlideResult, path: Path, object_type: str = "tile") -> Path:
     """tiles.geojson: a FeatureCollection of one object per tile."""
     write_objects(path, tile_objects(result, object_type))
@@ -119,6 +181,7 @@ def write_tiles_geojson(result: SlideResult, path: Path, object_type: str = "til
 
 
 def write_annotations_geojson(result: SlideResult, path: Path) -> Path:
-    """annotations.geojson: a FeatureCollection of one annotation per predicted class."""
-    write_objects(path, region_objects(result))
+    """annotations.geojson: a FeatureCollection of one annotation per predicted class and one per
+    artefact kind QC found."""
+    write_objects(path, region_objects(result) + qc_objects(result))
     return Path(path)
