@@ -177,8 +177,28 @@ def measure_tile(tile: np.ndarray, mpp: float, *, resample: float = 1.0,
 def measure_tiles(tiles, mpp: float, *, resample: float = 1.0,
                   thresholds: QCThresholds = QCThresholds()) -> dict[str, np.ndarray]:
     """Measures of many tiles as columns (name -> (N,) float64), in MEASURES order."""
-    rows = [measure_tile(t, mpp, resample=resample, thresholds=thresholds) for t in tiles]
-    return {k: np.array([r[k] for r in rows], np.float64).reshape(len(rows)) for k in MEASURES}
+    measure = TileMeasurer(mpp, resample, thresholds)
+    return columns(np.array([measure(t) for t in tiles], np.float32))
+
+
+@dataclass(frozen=True)
+class TileMeasurer:
+    """`measure_tile` as a picklable callable for DataLoader workers: tile -> float32 vector of
+    MEASURES, so QC is computed where the tile is decoded, beside the model's input."""
+
+    mpp: float
+    resample: float = 1.0
+    thresholds: QCThresholds = QCThresholds()
+
+    def __call__(self, tile: np.ndarray) -> np.ndarray:
+        m = measure_tile(tile, self.mpp, resample=self.resample, thresholds=self.thresholds)
+        return np.array([m[k] for k in MEASURES], np.float32)
+
+
+def columns(vectors: np.ndarray) -> dict[str, np.ndarray]:
+    """(N, len(MEASURES)) TileMeasurer rows as measure columns (name -> (N,) float64)."""
+    v = np.asarray(vectors, np.float64).reshape(-1, len(MEASURES))
+    return {k: v[:, j] for j, k in enumerate(MEASURES)}
 
 
 def artefact_flags(measures: dict[str, np.ndarray], thresholds: QCThresholds = QCThresholds()) -> dict[str, np.ndarray]:
