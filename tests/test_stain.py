@@ -131,3 +131,16 @@ def test_vahadane_that_does_not_converge_falls_back_to_macenko(monkeypatch):
     fit = stain.fit_image(tile, "vahadane", "tile")
     assert fit.method == "vahadane" and fit.notes == ["vahadane did not converge; fitted with macenko instead"]
     assert np.allclose(fit.stains, stain.fit_image(tile, "macenko", "tile").stains)
+
+
+def test_a_slide_whose_fit_fails_is_left_unnormalised_and_says_so(monkeypatch):
+    target = stain.load_reference(data_file(HE_TILE), "reinhard")
+    with open_slide(data_file(CMU)) as slide:
+        grid = make_grid(slide, 0.5, 224)
+        norm, rec = stain.slide_normalizer(slide, grid, target)
+        assert norm is not None and rec["slide"]["kind"] == "eosin" and "fallback" not in rec
+        with open_slide(data_file("wsi/ome-tiff/OS-2-vsi.ome.tif")) as ihc, pytest.raises(StainError, match="IHC"):
+            stain.slide_normalizer(ihc, make_grid(ihc, 0.5, 224), target)
+        monkeypatch.setattr(stain, "MIN_PIXELS", 10**9)  # no slide has that much tissue in 64 tiles
+        norm, rec = stain.slide_normalizer(slide, grid, target)
+    assert norm is None and rec["fallback"].startswith("not normalised: ") and "stained pixels" in rec["fallback"]

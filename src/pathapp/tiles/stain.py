@@ -57,6 +57,11 @@ class StainError(PathappError):
     """A reference or slide that stain normalisation cannot use; the message says what to do."""
 
 
+class StainFitError(StainError):
+    """The fit itself failed (too little tissue, a degenerate result): a slide falls back to no
+    normalisation, a reference stops the run."""
+
+
 @dataclass
 class StainFit:
     """A fitted stain appearance (of a slide or a reference). `stains`: 3 × 2 optical-density unit
@@ -170,7 +175,7 @@ def fit_pixels(px: np.ndarray, method: str, label: str, every_px: np.ndarray | N
     if method not in METHODS:
         raise StainError(f"--stain-norm must be one of {', '.join(METHODS)}, not {method!r}")
     if len(px) < MIN_PIXELS:
-        raise StainError(f"{label}: only {len(px)} stained pixels (at least {MIN_PIXELS} needed): no tissue to fit "
+        raise StainFitError(f"{label}: only {len(px)} stained pixels (at least {MIN_PIXELS} needed): no tissue to fit "
                          f"a stain on; give a tile or slide with tissue")
     rng = np.random.default_rng(0)
     px = px[rng.permutation(len(px))[:FIT_PIXELS]]
@@ -190,7 +195,7 @@ def fit_pixels(px: np.ndarray, method: str, label: str, every_px: np.ndarray | N
             stains, max_conc = v_stains, v_conc
     why = _valid(stains, max_conc)
     if why:
-        raise StainError(f"{label}: the stain fit failed ({why}{'; ' + '; '.join(notes) if notes else ''})")
+        raise StainFitError(f"{label}: the stain fit failed ({why}{'; ' + '; '.join(notes) if notes else ''})")
     mean, std = _lab_stats(every_px)
     return StainFit(method=method, stains=stains.tolist(), max_conc=max_conc.tolist(), lab_mean=mean, lab_std=std,
                     kind=_second_stain(stains), pixels=int(len(px)), source=label, notes=notes)
@@ -213,7 +218,7 @@ def fit_slide(slide: Slide, method: str, *, mpp: float = 0.5, tile_size: int = 2
     if grid is None:
         grid = make_grid(slide, mpp, tile_size)
     if len(grid) == 0:
-        raise StainError(f"{label}: no tissue tiles: no tissue to fit a stain on; give a slide with tissue")
+        raise StainFitError(f"{label}: no tissue tiles: no tissue to fit a stain on; give a slide with tissue")
     pick = np.linspace(0, len(grid) - 1, min(tiles, len(grid))).round().astype(int)
     images = [read_tile(slide, grid, int(i)) for i in np.unique(pick)]
     every = np.concatenate([im.reshape(-1, 3) for im in images])
@@ -299,3 +304,18 @@ class StainNormalizer:
         if self.target.method != "reinhard":
             rec["od_matrix"] = self.matrix().tolist()
         return rec
+
+
+def slide_normalizer(slide: Slide, grid: Any, target: StainFit) -> tuple[StainNormalizer | None, dict[str, Any]]:
+    """The normaliser of one slide onto `target`, fitted once on its tissue tiles (`grid`), and
+    what run.json records. A fit that fails leaves the slide unnormalised and says why in the
+    record (`fallback`); a slide of another stain than the reference, or a fluorescence slide,
+    raises StainError (normalising it would make garbage)."""
+    try:
+        fit = fit_slide(slide, target.method, grid=grid)
+    except StainFitError as e:
+        return None, {"method": target.method, "target": target.to_dict(),
+                      "fallback": f"not normalised: {e}"}
+    check_match(fit, target)
+    norm = StainNormalizer(fit, target)
+    return norm, norm.record()
