@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from pathapp.cli.options import slide_mpp_option
+from pathapp.cli.options import slide_mpp_option, stain_options
 
 _data_option = click.option(
     "--data", "data", multiple=True, required=True, type=click.Path(exists=True, path_type=Path),
@@ -76,8 +76,10 @@ def _cache(cache: Path | None) -> Path:
 @click.option("--checkpoint-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="LoRA: save a checkpoint here after each epoch.")
 @click.option("--resume", is_flag=True, help="LoRA: continue from --checkpoint-dir/last.pt.")
+@stain_options
 def train(data, slides, backbone, weights, model, method, out, group_by, mpp, tile_size, slide_mpp, cache, embeddings,
-          device, batch_size, lora_rank, lora_alpha, lora_targets, epochs, max_steps, lr, checkpoint_dir, resume) -> None:
+          device, batch_size, lora_rank, lora_alpha, lora_targets, epochs, max_steps, lr, checkpoint_dir, resume,
+          stain_norm, stain_ref) -> None:
     """Train a classifier from labelled tiles or slides and write a bundle for `pathapp infer`.
 
     \b
@@ -87,6 +89,8 @@ def train(data, slides, backbone, weights, model, method, out, group_by, mpp, ti
       pathapp train --data regions.geojson --slides slide.svs --model base.pathapp --method knn --out m.pathapp
       pathapp train --data tiles/ --backbone dinov2_vits14 --method lora --epochs 5 --out lora.pathapp
       pathapp train --data slides.csv --model base.pathapp --method abmil --out mil.pathapp
+      pathapp train --data tiles/ --model base.pathapp --method linear --stain-norm macenko --stain-ref ref.png \
+          --out normed.pathapp
 
     GeoJSON labels: a tile takes class C when ≥ 50% of it lies in C's annotations and < 10% in any
     other class's; other tiles are left out. Then check it with `pathapp evaluate`.
@@ -105,7 +109,7 @@ def train(data, slides, backbone, weights, model, method, out, group_by, mpp, ti
                              slides=list(slides), group_by=group_by, mpp=mpp, tile_size=tile_size,
                              slide_mpp=slide_mpp, cache=_cache(cache), device=device, batch_size=batch_size,
                              lora=lora, checkpoint_dir=checkpoint_dir, resume=resume, options=options,
-                             embeddings=embeddings)
+                             embeddings=embeddings, stain_norm=stain_norm, stain_ref=stain_ref)
     n = info.get("n_tiles", info.get("n_slides"))
     click.echo(f"train: {method} on {n} labelled {'tiles' if 'n_tiles' in info else 'slides'} "
                f"({', '.join(info['classes'])}) -> {path}", err=True)
@@ -137,8 +141,9 @@ def train(data, slides, backbone, weights, model, method, out, group_by, mpp, ti
 @_batch_option
 @click.option("--bootstrap", type=click.IntRange(min=10), default=1000, show_default=True,
               help="Bootstrap resamples (of whole groups) for the 95% confidence intervals.")
+@stain_options
 def evaluate(data, slides, model, out, folds, holdout, method, fewshot, group_by, slide_mpp, cache, embeddings, device,
-             batch_size, bootstrap) -> None:
+             batch_size, bootstrap, stain_norm, stain_ref) -> None:
     """Measure a model on labelled data: accuracy, balanced accuracy, macro-F1, per-class
     sensitivity/specificity and AUROC with 95% CIs, plus confusion-matrix and ROC pictures.
 
@@ -146,6 +151,7 @@ def evaluate(data, slides, model, out, folds, holdout, method, fewshot, group_by
     Examples:
       pathapp evaluate --data test/labels.csv --model crc.pathapp --out report/
       pathapp evaluate --data labeled/ebhi-seg --model base.pathapp --method linear --folds 5 --fewshot --out cv/
+      pathapp evaluate --data labels.csv --model base.pathapp --folds 5 --stain-norm reinhard --stain-ref ref.png --out cv/
     """
     import json
 
@@ -155,7 +161,8 @@ def evaluate(data, slides, model, out, folds, holdout, method, fewshot, group_by
         raise click.UsageError("--fewshot needs --folds K")
     path = evaluate_model(list(data), model, out, folds=folds, holdout=holdout, method=method, fewshot=fewshot, slides=list(slides),
                           group_by=group_by, slide_mpp=slide_mpp, cache=_cache(cache), device=device,
-                          batch_size=batch_size, n_boot=bootstrap, embeddings=embeddings)
+                          batch_size=batch_size, n_boot=bootstrap, embeddings=embeddings, stain_norm=stain_norm,
+                          stain_ref=stain_ref)
     m = json.loads(path.read_text())["metrics"]
     lo, hi = (v if v is not None else float("nan") for v in m["ci95"]["balanced_accuracy"])
     click.echo(f"evaluate: balanced accuracy {m['balanced_accuracy']:.3f} (95% CI {lo:.3f}-{hi:.3f}), "

@@ -82,6 +82,13 @@ class StainFit:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def fingerprint(self) -> str:
+        """Short hash of what the normalisation maps to: embeddings made with it are told apart."""
+        import hashlib
+
+        key = json.dumps([self.method, self.stains, self.max_conc, self.lab_mean, self.lab_std])
+        return f"stain-{self.method}-" + hashlib.sha1(key.encode()).hexdigest()[:12]
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StainFit:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
@@ -251,6 +258,19 @@ def load_reference(ref: str | Path, method: str, *, mpp: float = 0.5, tile_size:
         return fit_slide(slide, method, mpp=mpp, tile_size=tile_size)
 
 
+def stain_target(method: str | None, ref: str | Path | None, *, mpp: float = 0.5,
+                 tile_size: int = 224) -> StainFit | None:
+    """The target of `--stain-norm METHOD --stain-ref REF` (None when neither is given)."""
+    if method is None and ref is None:
+        return None
+    if method is None or ref is None:
+        raise StainError("stain normalisation needs both --stain-norm METHOD and --stain-ref REF (a tile, a slide, "
+                         "or a saved target)")
+    if method not in METHODS:
+        raise StainError(f"--stain-norm must be one of {', '.join(METHODS)}, not {method!r}")
+    return load_reference(ref, method, mpp=mpp, tile_size=tile_size)
+
+
 def check_match(fit: StainFit, target: StainFit) -> None:
     """A slide must carry the reference's stains: an IHC slide against an H&E reference is an error."""
     if fit.kind != target.kind:
@@ -319,3 +339,14 @@ def slide_normalizer(slide: Slide, grid: Any, target: StainFit) -> tuple[StainNo
     check_match(fit, target)
     norm = StainNormalizer(fit, target)
     return norm, norm.record()
+
+
+def image_normalizer(rgb: np.ndarray, target: StainFit, label: str) -> StainNormalizer | None:
+    """The normaliser of one image (a labelled tile is its own scan) onto `target`, or None when its
+    fit fails (too little tissue; it is then used as it is)."""
+    try:
+        fit = fit_image(rgb, target.method, label)
+    except StainFitError:
+        return None
+    check_match(fit, target)
+    return StainNormalizer(fit, target)

@@ -156,32 +156,35 @@ def _annotated_tiles(data, slides, bundle, slide_mpp, min_inside, max_other, cla
     return LabelledTiles(names, y, np.asarray(groups), tiles, "annotations", parts=parts)
 
 
-def _slide_features(bundle, slide, grid, cache, batch_size, device, model, progress, embeddings: Path | None):
+def _slide_features(bundle, slide, grid, cache, batch_size, device, model, progress, embeddings: Path | None,
+                    stain=None):
     """A slide grid's embeddings: from inference's EMBEDDINGS/<slide>/embeddings.h5 when there is one,
-    else computed through the cache."""
+    else computed through the cache (stain-normalised onto `stain`, a StainFit, when given)."""
     from pathapp.train.cache import reuse_inference_embeddings
 
     h5 = Path(embeddings) / slide.name / "embeddings.h5" if embeddings else None
     if h5 is not None and h5.exists():
-        return reuse_inference_embeddings(h5, bundle, grid.coords)[0]
-    return embed_slide_grid(bundle, slide, grid, cache, batch_size, device, model, progress)
+        return reuse_inference_embeddings(h5, bundle, grid.coords, stain)[0]
+    return embed_slide_grid(bundle, slide, grid, cache, batch_size, device, model, progress, stain)
 
 
 def embed_labelled(lt: LabelledTiles, bundle, cache: Path | None = DEFAULT_CACHE, device: str = "auto",
-                   batch_size: int = 32, progress: bool = True, embeddings: Path | None = None) -> np.ndarray:
-    """(N, D) embeddings of the labelled tiles, through the embedding cache (or inference's files)."""
+                   batch_size: int = 32, progress: bool = True, embeddings: Path | None = None,
+                   stain=None) -> np.ndarray:
+    """(N, D) embeddings of the labelled tiles, through the embedding cache (or inference's files);
+    `stain` (a StainFit): normalise each image, or each slide by one fit, onto it first."""
     if lt.source == "images":
-        return embed_images(bundle, lt.paths, cache, batch_size, device, progress=progress)
+        return embed_images(bundle, lt.paths, cache, batch_size, device, progress=progress, stain=stain)
     from pathapp.models.device import resolve_device
 
     model = bundle.build(resolve_device(device))
-    return np.concatenate([_slide_features(bundle, s, g, cache, batch_size, device, model, progress, embeddings)
-                           for s, g in lt.parts])
+    return np.concatenate([_slide_features(bundle, s, g, cache, batch_size, device, model, progress, embeddings,
+                                           stain) for s, g in lt.parts])
 
 
 def slide_bags(csv_path: Path, bundle, group_by: str | None = None, slide_mpp: float | None = None,
                cache: Path | None = DEFAULT_CACHE, device: str = "auto", batch_size: int = 32, progress: bool = True,
-               embeddings: Path | None = None):
+               embeddings: Path | None = None, stain=None):
     """(SlideLabels, bags): every tissue tile of each listed slide, embedded (cached)."""
     from pathapp.slide import open_slide
     from pathapp.tiles import make_grid
@@ -196,7 +199,8 @@ def slide_bags(csv_path: Path, bundle, group_by: str | None = None, slide_mpp: f
         grid = make_grid(slide, bundle.mpp, bundle.tile_size)
         if not len(grid):
             raise LabelError(f"{p}: no tissue tiles at {bundle.mpp} µm/px; check the slide or its --slide-mpp")
-        bags.append(_slide_features(bundle, slide, grid, cache, batch_size, device, model, progress, embeddings))
+        bags.append(_slide_features(bundle, slide, grid, cache, batch_size, device, model, progress, embeddings,
+                                    stain))
     return sl, bags
 
 
@@ -239,8 +243,11 @@ def train_model(
     options: dict[str, Any] | None = None,
     progress: bool = True,
     embeddings: Path | None = None,
+    stain_norm: str | None = None,
+    stain_ref: Path | None = None,
 ) -> tuple[Path, dict]:
-    """Train a head (or LoRA + head, or ABMIL) and write the bundle to `out`. Returns (path, info)."""
+    """Train a head (or LoRA + head, or ABMIL) and write the bundle to `out`. Returns (path, info).
+    `stain_norm` / `stain_ref`: normalise the tiles' stains onto REF before embedding them."""
     from pathapp.models.bundle import save_bundle
     from pathapp.train.fit import fit_head
 
@@ -251,6 +258,10 @@ def train_model(
     from pathapp.models.loader import load_model
 
     base = load_model(model or backbone, weights=weights, mpp=mpp, tile_size=tile_size, head=False)
+    stain = _stain(stain_norm, stain_ref, base)
+    if stain is not None and method == "lora":
+        raise TrainError("--stain-norm is applied to embeddings (heads, ABMIL), not yet to LoRA fine-tuning; "
+                         "drop it or choose another --method")
     options = options or {}
     if method == "abmil":
         if len(data) != 1 or not is_slide_csv(Path(data[0])):
@@ -258,7 +269,7 @@ def train_model(
         from pathapp.train.mil import fit_abmil
 
         sl, bags = slide_bags(Path(data[0]), base, group_by, slide_mpp, cache, device, batch_size, progress,
-                               embeddings)
+                               embeddings, stain)
         head = fit_abmil(bags, sl.labels, len(sl.class_names), sl.groups, **options)
         bundle = _with_head(base, head, sl.class_names, {k: v for k, v in head.info.items() if k != "history"})
         info = {"n_slides": len(bags), "classes": sl.class_names, **head.info}
@@ -273,12 +284,13 @@ def train_model(
                                          checkpoint_dir, resume, device, progress)
             info.update(hist)
         else:
-            X = embed_labelled(lt, base, cache, device, batch_size, progress, embeddings)
+            X = embed_labelled(lt, base, cache, device, batch_size, progress, embeddings, stain)
             head = fit_head(method, X, lt.labels, lt.groups, len(lt.class_names), **options)
             bundle = _with_head(base, head, lt.class_names, head.info)
             info.update(head.info)
     bundle.provenance["training"].update({"data": [str(d) for d in data], "group_by": group_by,
-                                          "classes_support": info.get("support")})
+                                          "classes_support": info.get("support"),
+                                          "stain_norm": None if stain is None else stain.to_dict()})
     return save_bundle(bundle, out), info
 
 
@@ -301,6 +313,8 @@ def evaluate_model(
     seed: int = 0,
     progress: bool = True,
     embeddings: Path | None = None,
+    stain_norm: str | None = None,
+    stain_ref: Path | None = None,
 ) -> Path:
     """Evaluate a bundle on labelled data and write report.json + confusion.png + roc.png to out_dir.
 
@@ -321,6 +335,7 @@ def evaluate_model(
     from pathapp.train.fit import METHODS, head_fitter
 
     bundle = load_bundle(model)
+    stain = _stain(stain_norm, stain_ref, bundle)
     is_mil = len(data) == 1 and is_slide_csv(Path(data[0]))
     if not (folds or holdout) and bundle.has_head and (bundle.head_kind == "abmil") != is_mil:
         raise TrainError(f"{model}: a {bundle.head_kind} head needs "
@@ -331,7 +346,7 @@ def evaluate_model(
     expected = bundle.class_names if bundle.has_head and not refit else None
     if is_mil:
         sl, bags = slide_bags(Path(data[0]), bundle, group_by, slide_mpp, cache, device, batch_size, progress,
-                               embeddings)
+                               embeddings, stain)
         names = _align_classes(sl.class_names, expected, Path(data[0]))
         y = np.asarray([names.index(sl.class_names[c]) for c in sl.labels])
         X = np.empty(len(bags), dtype=object)
@@ -340,8 +355,9 @@ def evaluate_model(
     else:
         lt = load_labelled(data, bundle, slides, group_by, slide_mpp, class_names=expected)
         names, y, groups = lt.class_names, lt.labels, lt.groups
-        X = embed_labelled(lt, bundle, cache, device, batch_size, progress, embeddings)
-    extra: dict[str, Any] = {"model": str(model), "data": [str(d) for d in data], "group_by": group_by}
+        X = embed_labelled(lt, bundle, cache, device, batch_size, progress, embeddings, stain)
+    extra: dict[str, Any] = {"model": str(model), "data": [str(d) for d in data], "group_by": group_by,
+                             "stain_norm": None if stain is None else {"method": stain.method, "reference": stain.source}}
     n = len(names)
     if refit:
         method = method or bundle.head_kind or "linear"
@@ -372,6 +388,13 @@ def evaluate_model(
         result = EvalResult(y, probs, groups, np.zeros(len(y), int), metrics, [])
         extra["mode"] = "held-out evaluation of the bundle's head"
     return write_report(result, names, Path(out_dir), extra)
+
+
+def _stain(method: str | None, ref: Path | None, bundle):
+    """The stain target of --stain-norm / --stain-ref at the bundle's µm/px and tile size, or None."""
+    from pathapp.tiles.stain import stain_target
+
+    return stain_target(method, ref, mpp=bundle.mpp, tile_size=bundle.tile_size)
 
 
 def _bundle_probs(bundle, X: np.ndarray, is_mil: bool) -> np.ndarray:
