@@ -24,6 +24,7 @@ A tile's QC class is the first artefact in ARTEFACTS whose threshold it passes, 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
@@ -189,6 +190,11 @@ class TileMeasurer:
     mpp: float
     resample: float = 1.0
     thresholds: QCThresholds = QCThresholds()
+
+    @classmethod
+    def for_geometry(cls, geometry: Any, thresholds: QCThresholds = QCThresholds()) -> TileMeasurer:
+        """For tiles read by a `grid.TileGeometry` (its µm/px, and its resize for the JPEG grid)."""
+        return cls(geometry.mpp, geometry.tile_size / geometry.read_size, thresholds)
 
     def __call__(self, tile: np.ndarray) -> np.ndarray:
         m = measure_tile(tile, self.mpp, resample=self.resample, thresholds=self.thresholds)
