@@ -14,7 +14,6 @@ the OS-1 and luna tiles: the others were JPEG-compressed on the scanner's 8 px g
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -47,18 +46,10 @@ def nct_tiles() -> list[tuple[str, np.ndarray]]:
     return [(f"nct-{p.parent.name}", np.asarray(Image.open(p).convert("RGB"))) for p in paths if p.parent.name != "BACK"]
 
 
-def cpu_flags() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "lscpu unavailable"
-    keep = ("Model name", "CPU(s)", "Flags")
-    return "\n".join(line for line in out.splitlines() if line.split(":")[0].strip() in keep)
-
-
 def main(argv: list[str] | None = None) -> int:
     from pathapp.tiles import qc_cases
     from pathapp.tiles.qc import ARTEFACTS, QCThresholds
+    from report import finish
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--per-slide", type=int, default=40, help="tissue tiles per slide (default 40)")
@@ -92,11 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {g} | {len(rs)} | {raised} | {sum(bool(r['wrong']) for r in rs)} |")
     lines += ["", "wrong flags (case: expected -> raised):"]
     lines += [f"  {r['name']}: {r['expected']} -> {r['fired']}" for r in rows if r["wrong"]]
-    lines += ["", cpu_flags()]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    finish(lines, args.out)
     return 0
 
 

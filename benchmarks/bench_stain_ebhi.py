@@ -24,6 +24,7 @@ REF = ROOT / "tiles" / "nct-crc-he-100k-nonorm-samples" / "TUM" / "TUM-AACHEHDV.
 def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(Path(__file__).parent))
     from bench_stain_scanners import random_bundle
+    from report import finish
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=None)
@@ -50,15 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {method} | {m['balanced_accuracy']:.3f} [{lo:.3f}, {hi:.3f}] | {m['accuracy']:.3f} | "
                      f"{m['macro_f1']:.3f} | {time.perf_counter() - t:.0f} |")
         print(lines[-1], flush=True)
-    try:
-        flags = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        flags = "\n".join(x for x in flags.splitlines() if x.split(":")[0].strip() in ("Model name", "CPU(s)", "Flags"))
-    except OSError:
-        flags = "lscpu unavailable"
-    text = "\n".join(lines + ["", flags]) + "\n"
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    finish(lines, args.out)
     return 0
 
 

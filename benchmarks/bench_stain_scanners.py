@@ -56,21 +56,12 @@ def register(ref: Path, other: Path) -> tuple[np.ndarray, float]:
 
 
 def random_bundle(path: Path) -> Path:
-    """dinov2_vits14 at random init with LayerScale 1 (timm's 1e-5 makes every tile alike)."""
-    import torch
+    """bench_fewshot's random dinov2_vits14 (LayerScale 1), saved as a bundle file."""
+    from bench_fewshot import backbone_bundle
 
-    from pathapp.models.bundle import Bundle, save_bundle
-    from pathapp.models.registry import create_backbone, get_spec
+    from pathapp.models.bundle import save_bundle
 
-    spec = get_spec("dinov2_vits14")
-    torch.manual_seed(0)
-    net = create_backbone(spec)
-    with torch.no_grad():
-        for mod in net.modules():
-            if isinstance(getattr(mod, "gamma", None), torch.Tensor):
-                mod.gamma.fill_(1.0)
-    save_bundle(Bundle.from_model(net, spec, mpp=0.5, tile_size=224,
-                                  provenance={"weights": "random init (seed 0, LayerScale 1)"}), path)
+    save_bundle(backbone_bundle(None, 224)[0], path)
     return path
 
 
@@ -119,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=Path("bench-stain-scanners"))
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "stain_scanners.txt")
     args = ap.parse_args(argv)
+    from report import finish
+
     t0 = time.perf_counter()
     args.work.mkdir(parents=True, exist_ok=True)
     offset, ncc = register(REF, OTHER)
@@ -149,10 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{d.mean() / different:.3f} |")
     lines += ["", f"distance between different Hamamatsu tiles: {different:.4f} ({n} tiles)",
               f"{time.perf_counter() - t0:.0f} s"]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    finish(lines, args.out)
     return 0
 
 
