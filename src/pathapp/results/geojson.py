@@ -46,8 +46,8 @@ QC_CLASS = "QC: "  # QuPath derived class of a tile's QC verdict: "QC: ok", "QC:
 
 def tile_objects(result: SlideResult, object_type: str = "tile") -> list[QuPathObject]:
     """One QuPath tile (or detection) per tile: class = argmax with its colour, measurements.
-    Non-finite values are left out by the writer. Without a classifying head, tiles take their QC
-    class when QC ran (else none); with QC, every tile is named by its QC class."""
+    Non-finite values are left out by the writer. When QC ran, every tile is named by its QC class,
+    and when QC is all that ran (no model), classified by it too."""
     if object_type not in {"tile", "detection"}:
         raise ValueError(f"object_type must be 'tile' or 'detection', not {object_type!r}")
     names = None
@@ -57,7 +57,7 @@ def tile_objects(result: SlideResult, object_type: str = "tile") -> list[QuPathO
         qc_names = [QC_CLASS + c for c in result.qc.classes[result.qc.kept]]
     if result.probs is not None:
         names = [result.class_names[k] for k in np.argmax(result.probs, axis=1)]
-    elif qc_names is not None:
+    elif qc_names is not None and result.embeddings is None:  # QC alone (`pathapp qc`): its class is the tile's
         names = qc_names
         colors = {QC_CLASS + k: tuple(c) for k, c in result.qc.colors.items()}
     objects = qp_tile_objects(
