@@ -343,10 +343,16 @@ def slide_normalizer(slide: Slide, grid: Any, target: StainFit) -> tuple[StainNo
 
 def image_normalizer(rgb: np.ndarray, target: StainFit, label: str) -> StainNormalizer | None:
     """The normaliser of one image (a labelled tile is its own scan) onto `target`, or None when its
-    fit fails (too little tissue; it is then used as it is)."""
+    fit fails or gives other stains than the target's (the image is then used as it is: one small
+    image's fit is too unsure to stop a whole data set, e.g. an H&E crop with little eosin whose
+    second stain vector leans to blue)."""
     try:
         fit = fit_image(rgb, target.method, label)
+        check_match(fit, target)
     except StainFitError:
         return None
-    check_match(fit, target)
+    except StainError:
+        if fit.kind != target.kind:
+            return None
+        raise
     return StainNormalizer(fit, target)
