@@ -28,3 +28,7 @@ def stain_options(f):
     return click.option("--stain-norm", type=click.Choice(["macenko", "reinhard", "vahadane"]), default=None,
                         help="Normalise stains onto --stain-ref, fitted once per slide (per image for image data) "
                         "on its tissue. H&E or IHC, as the reference; not fluorescence.")(f)
+qc_option = click.option(
+    "--qc", type=click.Choice(["flag", "exclude", "off"]), default="flag", show_default=True,
+    help="Quality control of every tile (background, pen, fold, blur, out of focus, JPEG): flag marks artefacts "
+    "in the results; exclude also keeps flagged tiles from the model and the results (and says how many).")
