@@ -317,6 +317,13 @@ class StainNormalizer:
             out = IO * torch.exp(-od)
         return out.round().clamp_(0, 255).to(torch.uint8)
 
+    def tile(self, rgb: np.ndarray) -> np.ndarray:
+        """One (H, W, 3) uint8 tile normalised (for pipelines that augment tile by tile after it)."""
+        import torch
+
+        x = torch.from_numpy(np.ascontiguousarray(to_rgb(rgb))).permute(2, 0, 1)[None]
+        return self(x)[0].permute(1, 2, 0).numpy()
+
     def record(self) -> dict[str, Any]:
         """What run.json keeps: the method, the slide's and the target's fits, and the OD matrix."""
         rec: dict[str, Any] = {"method": self.target.method, "slide": self.source.to_dict(),
@@ -326,13 +333,15 @@ class StainNormalizer:
         return rec
 
 
-def slide_normalizer(slide: Slide, grid: Any, target: StainFit) -> tuple[StainNormalizer | None, dict[str, Any]]:
-    """The normaliser of one slide onto `target`, fitted once on its tissue tiles (`grid`), and
+def slide_normalizer(slide: Slide, grid: Any, target: StainFit, *, mpp: float = 0.5,
+                     tile_size: int = 224) -> tuple[StainNormalizer | None, dict[str, Any]]:
+    """The normaliser of one slide onto `target`, fitted once on its tissue tiles (`grid`, or a grid
+    at `mpp` µm/px and `tile_size` over its tissue), and
     what run.json records. A fit that fails leaves the slide unnormalised and says why in the
     record (`fallback`); a slide of another stain than the reference, or a fluorescence slide,
     raises StainError (normalising it would make garbage)."""
     try:
-        fit = fit_slide(slide, target.method, grid=grid)
+        fit = fit_slide(slide, target.method, mpp=mpp, tile_size=tile_size, grid=grid)
     except StainFitError as e:
         return None, {"method": target.method, "target": target.to_dict(),
                       "fallback": f"not normalised: {e}"}
