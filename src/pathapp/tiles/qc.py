@@ -4,7 +4,9 @@ over the slide), and the artefact each tile shows, if any.
 Every measure is physical and scale-aware, so one set of thresholds serves every slide:
 - `qc: background`: fraction of the tile that is unstained: colourless in optical density (glass,
   grey dust, the shadow of a coverslip edge), whatever its brightness.
-- `qc: pen red|green|blue`: fraction of the tile in each marker-ink colour (`tissue.pen_colours`).
+- `qc: pen red|green|blue`: fraction of the tile in regions of each marker-ink colour
+  (`tissue.pen_colours`) at least PEN_WIDTH_UM across: a marker stroke is hundreds of µm wide,
+  while the odd pixel of dense eosin or haematoxylin that takes an ink's hue is not.
 - `qc: fold`: fraction of the tile covered by regions of doubled optical density wider than a
   nucleus (a fold lays two sections on top of each other; Beer-Lambert adds their densities).
 - `qc: blur µm`: the Gaussian blur, in µm, that explains the tile's edges. The energy of the
@@ -45,7 +47,7 @@ class QCThresholds:
     known strength (`benchmarks/bench_qc.py`, README table)."""
 
     background: float = 0.9  # glass fraction (a tile with < 10 % tissue is not a tissue tile)
-    pen: float = 0.02  # fraction of the tile in any one ink colour
+    pen: float = 0.012  # fraction of the tile in ink regions of any one colour
     fold: float = 0.1  # fraction of the tile under a fold
     blur_um: float = 0.25  # µm of edge blur (an applied Gaussian of σ 1 µm measures ≈ 0.45 µm on tissue)
     out_of_focus: float = 0.35  # fraction of the structured windows past blur_um
@@ -70,6 +72,7 @@ MEASURES = ("background", "pen red", "pen green", "pen blue", "fold", "blur µm"
 GLASS_CHROMA = 0.03  # spread of a pixel's RGB optical densities below which it is colourless: not stained
 FOLD_OD = 2.0  # summed log10 optical density of a doubled section: one H&E layer rarely reaches it
 FOLD_WIDTH_UM = 12.0  # a fold region is wider than this (nuclei, even clustered, are not)
+PEN_WIDTH_UM = 3.0  # an ink region is at least this wide
 MIN_CONTRAST = 0.01  # grey standard deviation (of [0, 1]) below which there is no structure to judge
 
 
@@ -134,6 +137,17 @@ def fold_fraction(od: np.ndarray, mpp: float) -> float:
     return float(ndi.binary_opening(dense, structure=disk(radius)).mean())
 
 
+def ink_fraction(mask: np.ndarray, mpp: float) -> float:
+    """Fraction of the tile in regions of `mask` at least PEN_WIDTH_UM wide (a binary opening)."""
+    from scipy import ndimage as ndi
+    from skimage.morphology import disk
+
+    if not mask.any():
+        return 0.0
+    radius = max(1, int(round(PEN_WIDTH_UM / 2 / mpp)))
+    return float(ndi.binary_opening(mask, structure=disk(radius)).mean())
+
+
 def compression_score(grey: np.ndarray, resample: float = 1.0) -> float:
     """JPEG blockiness of a grey tile (module docstring); `resample` = tile px per source px."""
     period = JPEG_BLOCK * resample
@@ -166,7 +180,7 @@ def measure_tile(tile: np.ndarray, mpp: float, *, resample: float = 1.0,
     blur, oof = focus_measures(grey / 255.0, mpp, thresholds.blur_um)
     out = {
         "background": float(glass.mean()),
-        **{f"pen {c}": float(m.mean()) for c, m in inks.items()},
+        **{f"pen {c}": ink_fraction(m, mpp) for c, m in inks.items()},
         "fold": fold_fraction(od.sum(axis=2), mpp),
         "blur µm": blur,
         "out of focus": oof,
