@@ -76,9 +76,6 @@ def infer(inputs: tuple[str, ...], model: str, weights: str | None, out: str | N
         precision=precision, object_type=object_type, overwrite=overwrite, write_project=write_project, qc=qc,
         stain_norm=stain_norm, stain_ref=stain_ref)
     summary = run_inference(list(inputs), options)
-    parts = [f"{len(summary.done)} written", f"{len(summary.skipped)} already complete"]
-    if summary.failed:
-        parts.append(f"{len(summary.failed)} failed")
-    click.echo("infer: " + ", ".join(parts), err=True)
+    click.echo("infer: " + summary.line(), err=True)
     if not summary.ok:
         sys.exit(1)

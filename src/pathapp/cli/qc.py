@@ -40,9 +40,6 @@ def qc(inputs: tuple[str, ...], out: str | None, mpp: float | None, tile_size: i
 
     summary = run_qc(list(inputs), InferOptions(out=out, mpp=mpp, tile_size=tile_size, slide_mpp=slide_mpp,
                                                 min_tissue=min_tissue, workers=workers, overwrite=overwrite))
-    parts = [f"{len(summary.done)} written", f"{len(summary.skipped)} already complete"]
-    if summary.failed:
-        parts.append(f"{len(summary.failed)} failed")
-    click.echo("qc: " + ", ".join(parts), err=True)
+    click.echo("qc: " + summary.line(), err=True)
     if not summary.ok:
         sys.exit(1)

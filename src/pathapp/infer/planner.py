@@ -50,6 +50,11 @@ class RunSummary:
     def ok(self) -> bool:
         return not self.failed
 
+    def line(self) -> str:
+        """'2 written, 1 already complete, 1 failed': the CLI's closing line."""
+        parts = [f"{len(self.done)} written", f"{len(self.skipped)} already complete"]
+        return ", ".join(parts + ([f"{len(self.failed)} failed"] if self.failed else []))
+
 
 def expand_inputs(inputs: Sequence[str | Path], out: Path | None) -> list[Job]:
     """Slides, folders of slides (a DICOM series folder is one slide) and QuPath projects, in order."""
