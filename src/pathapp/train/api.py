@@ -180,17 +180,13 @@ def embed_labelled(lt: LabelledTiles, bundle, cache: Path | None = DEFAULT_CACHE
                            for s, g in lt.parts])
 
 
-def slide_bags(csv_path: Path, bundle, group_by: str | None = None, slide_mpp: float | None = None,
-               cache: Path | None = DEFAULT_CACHE, device: str = "auto", batch_size: int = 32, progress: bool = True,
-               embeddings: Path | None = None, task: str = "classification", target: str | None = None):
-    """(SlideLabels, bags): every tissue tile of each listed slide, embedded (cached). The CSV is
-    read (and refused row by row) before any slide is opened."""
+def slide_bags(sl, bundle, slide_mpp: float | None = None, cache: Path | None = DEFAULT_CACHE, device: str = "auto",
+               batch_size: int = 32, progress: bool = True, embeddings: Path | None = None) -> list[np.ndarray]:
+    """Every tissue tile of each slide of `sl` (labels.SlideLabels), embedded (cached)."""
+    from pathapp.models.device import resolve_device
     from pathapp.slide import open_slide
     from pathapp.tiles import make_grid
-    from pathapp.models.device import resolve_device
-    from pathapp.train.labels import read_slide_csv
 
-    sl = read_slide_csv(csv_path, group_by, task, target)
     model = bundle.build(resolve_device(device))
     bags = []
     for p in sl.slides:
@@ -199,7 +195,15 @@ def slide_bags(csv_path: Path, bundle, group_by: str | None = None, slide_mpp: f
         if not len(grid):
             raise LabelError(f"{p}: no tissue tiles at {bundle.mpp} µm/px; check the slide or its --slide-mpp")
         bags.append(_slide_features(bundle, slide, grid, cache, batch_size, device, model, progress, embeddings))
-    return sl, bags
+    return bags
+
+
+def bag_array(bags: Sequence[np.ndarray]) -> np.ndarray:
+    """Bags as a 1-D object array, indexable by fold like any X (even when all bags have one size)."""
+    X = np.empty(len(bags), dtype=object)
+    for i, b in enumerate(bags):
+        X[i] = b
+    return X
 
 
 def _require_slide_csv(data: Sequence[Path], task: str, target: str | None) -> None:
@@ -271,10 +275,11 @@ def train_model(
     options = options or {}
     if method == "abmil":
         _require_slide_csv(data, task, target)
+        from pathapp.train.labels import read_slide_csv
         from pathapp.train.mil import fit_abmil
 
-        sl, bags = slide_bags(Path(data[0]), base, group_by, slide_mpp, cache, device, batch_size, progress,
-                               embeddings, task, target)
+        sl = read_slide_csv(Path(data[0]), group_by, task, target)
+        bags = slide_bags(sl, base, slide_mpp, cache, device, batch_size, progress, embeddings)
         head = fit_abmil(bags, sl.y, len(sl.class_names), sl.groups, task=task, **options)
         bundle = _with_head(base, head, sl.output_names, {k: v for k, v in head.info.items() if k != "history"})
         info = {"n_slides": len(bags), "classes": sl.output_names, "target": sl.target, **head.info}
@@ -355,12 +360,13 @@ def evaluate_model(
     refit = bool(folds or holdout)
     expected = bundle.class_names if bundle.has_head and not refit else None
     if is_mil:
-        sl, bags = slide_bags(Path(data[0]), bundle, group_by, slide_mpp, cache, device, batch_size, progress,
-                               embeddings, target=target)
+        from pathapp.train.labels import read_slide_csv
+
+        sl = read_slide_csv(Path(data[0]), group_by, target=target)
+        bags = slide_bags(sl, bundle, slide_mpp, cache, device, batch_size, progress, embeddings)
         names = _align_classes(sl.class_names, expected, Path(data[0]))
         y = np.asarray([names.index(sl.class_names[c]) for c in sl.labels])
-        X = np.empty(len(bags), dtype=object)
-        X[:] = bags
+        X = bag_array(bags)
         groups = sl.groups
     else:
         lt = load_labelled(data, bundle, slides, group_by, slide_mpp, class_names=expected)
@@ -402,8 +408,9 @@ def evaluate_model(
 def _evaluate_outcome(data, bundle, model, out_dir: Path, task: str, target, folds, holdout, method, horizons,
                       group_by, slide_mpp, cache, device, batch_size, n_boot, seed, progress, embeddings) -> Path:
     """`evaluate_model` for survival and continuous slide targets."""
+    from pathapp.train.labels import read_slide_csv
     from pathapp.train.mil import abmil_fitter
-    from pathapp.train.outcomes import cross_validate_outcome, evaluate_outcome, write_outcome_report
+    from pathapp.train.outcomes import cross_validate_outcome, evaluate_outcome, outcome_folds, write_outcome_report
 
     _require_slide_csv(data, task, target)
     if method not in (None, "abmil"):
@@ -414,18 +421,16 @@ def _evaluate_outcome(data, bundle, model, out_dir: Path, task: str, target, fol
     if not refit and bundle.task != task:
         raise TrainError(f"{model}: its head predicts {bundle.task or 'nothing (no head)'}, not {task}; pass --folds K "
                          f"to cross-validate a {task} head on its embeddings, or give a {task} bundle")
-    sl, bags = slide_bags(Path(data[0]), bundle, group_by, slide_mpp, cache, device, batch_size, progress,
-                          embeddings, task, target)
-    X = np.empty(len(bags), dtype=object)
-    X[:] = bags
+    sl = read_slide_csv(Path(data[0]), group_by, task, target)
+    folds = outcome_folds(task, sl.y, sl.groups, folds or 5, seed, holdout, str(data[0])) if refit else None
+    X = bag_array(slide_bags(sl, bundle, slide_mpp, cache, device, batch_size, progress, embeddings))
     grouping = group_by or "patient/slide"
     extra: dict[str, Any] = {"model": str(model), "data": [str(d) for d in data], "group_by": group_by,
                              "target": sl.target, "method": "abmil"}
     if refit:
-        result = cross_validate_outcome(X, sl.y, sl.groups, task, abmil_fitter(task=task), folds or 5, seed, n_boot,
-                                        horizons, str(data[0]), holdout)
-        extra["mode"] = (f"{folds}-fold cross-validation grouped by {grouping}" if folds
-                         else f"held-out {holdout:.0%} of groups ({grouping})")
+        result = cross_validate_outcome(X, sl.y, sl.groups, task, abmil_fitter(task=task), folds, n_boot, seed, horizons)
+        extra["mode"] = (f"held-out {holdout:.0%} of groups ({grouping})" if holdout
+                         else f"{len(folds)}-fold cross-validation grouped by {grouping}")
     else:
         pred = _bundle_probs(bundle, X, True)[:, 0]
         result = evaluate_outcome(sl.y, pred, sl.groups, task, n_boot, seed, horizons)

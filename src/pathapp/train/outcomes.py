@@ -191,26 +191,32 @@ def tile_count_floor(task: str, y: np.ndarray, sizes: np.ndarray, tr: np.ndarray
     return slope * s[te] + intercept
 
 
+def outcome_folds(task: str, y: np.ndarray, groups: np.ndarray, n_folds: int = 5, seed: int = 0,
+                  holdout: float | None = None, source: str = "") -> list[tuple[np.ndarray, np.ndarray]]:
+    """Grouped folds stratified by event or value tertile (or one grouped split with `holdout`),
+    refused when a held-out part would have too few events; cheap, so checked before embedding."""
+    strata = outcome_strata(task, y)
+    folds = [holdout_split(strata, groups, holdout, seed)] if holdout else grouped_folds(strata, groups, n_folds, seed)
+    if task == "survival":
+        check_events_per_fold(y, folds, source)
+    return folds
+
+
 def cross_validate_outcome(
     X: np.ndarray,
     y: np.ndarray,
     groups: np.ndarray,
     task: str,
     fit: FitFn,
-    n_folds: int = 5,
-    seed: int = 0,
+    folds: Sequence[tuple[np.ndarray, np.ndarray]],
     n_boot: int = 1000,
+    seed: int = 0,
     horizons: Sequence[float] | None = None,
-    source: str = "",
-    holdout: float | None = None,
 ) -> OutcomeResult:
-    """Grouped k-fold over slides (bags in the object array X): fit on k-1 folds, predict the held-out
-    fold; metrics on the pooled out-of-fold predictions, per fold, and for the floors. With
-    `holdout`, one grouped split instead: fit on the rest, score the held-out fraction of groups."""
-    strata = outcome_strata(task, y)
-    folds = [holdout_split(strata, groups, holdout, seed)] if holdout else grouped_folds(strata, groups, n_folds, seed)
+    """Over `folds` (outcome_folds) of slides (bags in the object array X): fit on the training part,
+    predict the held-out one; metrics on the pooled held-out predictions (with 95 % CIs), per fold,
+    and for the floors fitted on the same training parts."""
     if task == "survival":
-        check_events_per_fold(y, folds, source)
         horizons = list(horizons or default_horizons(y[:, 0], y[:, 1]))
     sizes = np.asarray([len(b) for b in X])
     pred, floor, train_mean = np.zeros(len(y)), np.zeros(len(y)), np.zeros(len(y))
@@ -232,7 +238,7 @@ def cross_validate_outcome(
     if task == "regression":
         floors["training_mean"] = regression_metrics(y, train_mean[s])
     metrics = score(task, y, pred[s], groups, horizons, n_boot, seed)
-    if holdout:
+    if len(folds) == 1:
         metrics["n_train"] = int(len(folds[0][0]))
     return OutcomeResult(task, y, pred[s], groups, fold_of[s], s, metrics, per_fold, floors, horizons)
 
