@@ -65,20 +65,33 @@ def default_horizons(time: np.ndarray, event: np.ndarray) -> list[float]:
     return sorted({float(f"{v:.3g}") for v in q})
 
 
-def survival_metrics(time: np.ndarray, event: np.ndarray, risk: np.ndarray, horizons: Sequence[float]) -> dict:
+SURVIVAL_KEYS = ("c_index", "c_index_uno", "td_auc")
+REGRESSION_KEYS = ("r2", "pearson", "spearman", "mae")
+
+
+def survival_metrics(time: np.ndarray, event: np.ndarray, risk: np.ndarray, horizons: Sequence[float],
+                     keys: Sequence[str] = SURVIVAL_KEYS) -> dict:
     """Harrell's and Uno's C and the time-dependent AUC at each horizon (NaN where undefined, e.g. no
-    event before a horizon or no comparable pair)."""
+    event before a horizon or no comparable pair); only `keys` are computed."""
     sk = _sksurv()
     ev = event.astype(bool)
     surv = sk.util.Surv.from_arrays(ev, time)
     out: dict = {"n": int(len(time)), "n_events": int(ev.sum()), "censoring": float(1 - ev.mean())}
-    out["c_index"] = _or_nan(lambda: sk.metrics.concordance_index_censored(ev, time, risk)[0])
-    out["c_index_uno"] = _or_nan(lambda: sk.metrics.concordance_index_ipcw(surv, surv, risk, tau=max(horizons))[0])
-    out["td_auc"] = [
-        _or_nan(lambda h=h: sk.metrics.cumulative_dynamic_auc(surv, surv, risk, [h])[0][0])
-        if time.min() < h < time.max() else float("nan")
-        for h in horizons
-    ]
+    if "c_index" in keys:
+        out["c_index"] = _or_nan(lambda: sk.metrics.concordance_index_censored(ev, time, risk)[0])
+    if "c_index_uno" in keys:
+        out["c_index_uno"] = _or_nan(lambda: sk.metrics.concordance_index_ipcw(surv, surv, risk, tau=max(horizons))[0])
+    if "td_auc" in keys:  # one call for the horizons inside the follow-up (scikit-survival's condition)
+        inside = [h for h in horizons if time.min() <= h < time.max()]
+        auc = np.full(len(inside), np.nan)
+        if inside:
+            try:
+                auc = sk.metrics.cumulative_dynamic_auc(surv, surv, risk, inside)[0]
+            except ValueError:  # e.g. no event before the first horizon in a resample
+                auc = [_or_nan(lambda h=h: sk.metrics.cumulative_dynamic_auc(surv, surv, risk, [h])[0][0])
+                       for h in inside]
+        by_h = dict(zip(inside, auc))
+        out["td_auc"] = [float(by_h[h]) if h in by_h and np.isfinite(by_h[h]) else float("nan") for h in horizons]
     return out
 
 
@@ -145,21 +158,19 @@ class OutcomeResult:
     horizons: list[float] = field(default_factory=list)
 
 
-SURVIVAL_CI_KEYS = ("c_index", "c_index_uno", "td_auc")
-REGRESSION_CI_KEYS = ("r2", "pearson", "spearman", "mae")
-
-
 def score(task: str, y: np.ndarray, pred: np.ndarray, groups: np.ndarray, horizons: Sequence[float],
-          n_boot: int = 1000, seed: int = 0) -> dict:
-    """The task's metrics on these predictions, with 95 % bootstrap CIs over whole groups."""
-    def metrics(idx: np.ndarray) -> dict:
+          n_boot: int = 1000, seed: int = 0, ci_keys: Sequence[str] | None = None) -> dict:
+    """The task's metrics on these predictions, with 95 % bootstrap CIs over whole groups for
+    `ci_keys` (default: all of SURVIVAL_KEYS or REGRESSION_KEYS)."""
+    keys = tuple(ci_keys or (SURVIVAL_KEYS if task == "survival" else REGRESSION_KEYS))
+
+    def metrics(idx: np.ndarray, keys: Sequence[str] = SURVIVAL_KEYS) -> dict:
         if task == "survival":
-            return survival_metrics(y[idx, 0], y[idx, 1], pred[idx], horizons)
+            return survival_metrics(y[idx, 0], y[idx, 1], pred[idx], horizons, keys)
         return regression_metrics(y[idx], pred[idx])
 
-    keys = SURVIVAL_CI_KEYS if task == "survival" else REGRESSION_CI_KEYS
     out = metrics(np.arange(len(y)))
-    out["ci95"] = group_bootstrap(lambda idx: {k: v for k, v in metrics(idx).items() if k in keys},
+    out["ci95"] = group_bootstrap(lambda idx: {k: v for k, v in metrics(idx, keys).items() if k in keys},
                                   groups, n_boot=n_boot, seed=seed)
     if task == "survival":
         out["risk_groups"] = risk_groups(y[:, 0], y[:, 1], pred)
@@ -234,7 +245,8 @@ def cross_validate_outcome(
     s = np.flatnonzero(fold_of >= 0)
     y, groups, horizons = y[s], groups[s], list(horizons or [])
     floors = {"chance": {"c_index": 0.5} if task == "survival" else {"r2": 0.0},
-              "tile_count": score(task, y, floor[s], groups, horizons, n_boot, seed)}
+              "tile_count": score(task, y, floor[s], groups, horizons, n_boot, seed,
+                                  ("c_index",) if task == "survival" else ("r2", "spearman"))}
     if task == "regression":
         floors["training_mean"] = regression_metrics(y, train_mean[s])
     metrics = score(task, y, pred[s], groups, horizons, n_boot, seed)
