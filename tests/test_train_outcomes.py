@@ -21,12 +21,25 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+from conftest import IN_CI
 from pathapp.cli import cli
 from pathapp.errors import PathappError
 from pathapp.models.bundle import load_bundle
 from vit_factory import tiny_bundle
 
+if not IN_CI:  # CI installs the survival extra; a missing scikit-survival there is a failure
+    pytest.importorskip("sksurv", reason="needs the survival extra: pip install -e '.[survival]'")
+
 CELL = 56  # px per tile, = the tiny ViT's input; mosaics are read at 1 µm/px with --slide-mpp 1
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small bags train faster on one torch thread than on two that compete."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _run(*args) -> str:

@@ -181,11 +181,11 @@ def infer_slide(
     timings["data_wait"], timings["compute"] = wait, compute
 
     extra: dict[str, np.ndarray] = {"tissue fraction": np.asarray(grid.tissue_fraction, np.float64)}
-    slide_probs = None
+    slide_outputs: dict[str, float] = {}  # class probabilities, {"risk": r} or {target: value}
     if rt.model.slide_head is not None and n:
         with torch.inference_mode():
-            sp, attention = rt.model.slide_head(torch.from_numpy(embeddings).to(rt.device))
-        slide_probs = sp.float().cpu().numpy()
+            out, attention = rt.model.slide_head(torch.from_numpy(embeddings).to(rt.device))
+        slide_outputs = dict(zip(bundle.class_names, map(float, out.float().cpu().numpy())))
         extra["attention"] = attention.float().cpu().numpy()
     return SlideResult(
         slide_path=str(slide.path),
@@ -201,6 +201,8 @@ def infer_slide(
         probs=probs,
         embeddings=embeddings,
         extra=extra,
+        slide_outputs=slide_outputs,
+        slide_task=bundle.task if slide_outputs else None,
         thumbnail=thumbnail,
         model_name=rt.name,
         model_fingerprint=rt.fingerprint,
@@ -216,7 +218,8 @@ def infer_slide(
             "torch_threads": torch.get_num_threads(),
             "rank": int(os.environ.get("RANK", 0)),
             "world_size": int(os.environ.get("WORLD_SIZE", 1)),
-            "slide_prediction": None if slide_probs is None else dict(zip(bundle.class_names, map(float, slide_probs))),
+            "slide_prediction": slide_outputs or None,
+            "slide_task": bundle.task if slide_outputs else None,
         },
         timings=timings,
     )
