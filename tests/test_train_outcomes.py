@@ -145,6 +145,11 @@ def _shuffled_cv(cohort, bags, task: str) -> dict:
     return cross_validate_outcome(bags, y, sl.groups, task, abmil_fitter(task=task), folds, n_boot=100).metrics
 
 
+def _ci(m: dict, key: str) -> str:
+    lo, hi = m["ci95"][key]
+    return f"{m[key]:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
 def _evaluate(cohort, data: Path, task: str, out: str) -> dict:
     _run("evaluate", "--data", data, "--model", cohort["base"], "--task", task, "--folds", 5, "--slide-mpp", 1.0,
          "--cache", cohort["cache"], "--bootstrap", 100, "--device", "cpu", "--out", cohort["root"] / out)
@@ -185,8 +190,9 @@ def test_cox_loss_is_the_breslow_partial_likelihood():
 def test_survival_cross_validation_finds_the_known_hazard(cohort, bags):
     rep = _evaluate(cohort, cohort["csv"], "survival", "surv")
     m = rep["metrics"]
-    print("survival:", {k: m[k] for k in ("c_index", "c_index_uno", "td_auc")}, m["ci95"]["c_index"],
-          "floor", rep["floors"]["tile_count"]["c_index"], "log-rank p", m["risk_groups"]["logrank_p"])
+    print(f"\nsurvival: Harrell's C {_ci(m, 'c_index')}, Uno's C {_ci(m, 'c_index_uno')}, td-AUC at "
+          f"{rep['horizons']}: {[round(a, 3) for a in m['td_auc']]}, log-rank p {m['risk_groups']['logrank_p']:.1e}, "
+          f"floor (tile count) C {_ci(rep['floors']['tile_count'], 'c_index')}, risk groups {m['risk_groups']}")
     assert rep["task"] == "survival" and rep["n_folds"] == 5 and rep["n_groups"] == 60
     assert "patient" in rep["mode"] and rep["target"] == "time,event"
     lo, hi = m["ci95"]["c_index"]
@@ -207,15 +213,16 @@ def test_survival_cross_validation_finds_the_known_hazard(cohort, bags):
 def test_survival_with_shuffled_outcomes_is_chance(cohort, bags):
     m = _shuffled_cv(cohort, bags, "survival")
     lo, hi = m["ci95"]["c_index"]
-    print("shuffled survival: C", m["c_index"], (lo, hi))
+    print(f"\nshuffled survival: Harrell's C {_ci(m, 'c_index')}")
     assert lo < 0.5 < hi and abs(m["c_index"] - 0.5) < 0.12
 
 
 def test_regression_cross_validation_finds_the_known_value(cohort):
     rep = _evaluate(cohort, cohort["csv"], "regression", "reg")
     m = rep["metrics"]
-    print("regression:", {k: m[k] for k in ("r2", "pearson", "spearman")}, m["ci95"]["spearman"],
-          "floor R²", rep["floors"]["tile_count"]["r2"])
+    print(f"\nregression: R² {_ci(m, 'r2')}, Spearman {_ci(m, 'spearman')}, Pearson {_ci(m, 'pearson')}, "
+          f"floor (tile count) R² {_ci(rep['floors']['tile_count'], 'r2')}, "
+          f"training mean R² {rep['floors']['training_mean']['r2']:.3f}")
     assert rep["task"] == "regression" and rep["target"] == "value"
     assert m["r2"] >= 0.5 and m["spearman"] >= 0.75 and m["ci95"]["spearman"][0] > 0.5
     assert m["r2"] > rep["floors"]["tile_count"]["ci95"]["r2"][1]
@@ -226,7 +233,7 @@ def test_regression_cross_validation_finds_the_known_value(cohort):
 def test_regression_with_shuffled_values_is_chance(cohort, bags):
     m = _shuffled_cv(cohort, bags, "regression")
     lo, hi = m["ci95"]["spearman"]
-    print("shuffled regression: R²", m["r2"], "Spearman", m["spearman"], (lo, hi))
+    print(f"\nshuffled regression: R² {_ci(m, 'r2')}, Spearman {_ci(m, 'spearman')}")
     assert lo < 0 < hi and m["r2"] < 0.1
 
 

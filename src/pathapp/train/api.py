@@ -424,8 +424,8 @@ def _evaluate_outcome(data, bundle, model, out_dir: Path, task: str, target, fol
     sl = read_slide_csv(Path(data[0]), group_by, task, target)
     folds = outcome_folds(task, sl.y, sl.groups, folds or 5, seed, holdout, str(data[0])) if refit else None
     X = bag_array(slide_bags(sl, bundle, slide_mpp, cache, device, batch_size, progress, embeddings))
-    grouping = group_by or "patient/slide"
-    extra: dict[str, Any] = {"model": str(model), "data": [str(d) for d in data], "group_by": group_by,
+    grouping = sl.grouping
+    extra: dict[str, Any] = {"model": str(model), "data": [str(d) for d in data], "group_by": grouping,
                              "target": sl.target, "method": "abmil"}
     if refit:
         result = cross_validate_outcome(X, sl.y, sl.groups, task, abmil_fitter(task=task), folds, n_boot, seed, horizons)

@@ -199,6 +199,7 @@ class SlideLabels:
     event: np.ndarray | None = None
     value: np.ndarray | None = None
     target: str = "label"  # the CSV column(s) read
+    grouping: str = "slide"  # the column that groups slides (patient), or "slide" when there is none
 
     @property
     def y(self) -> np.ndarray:
@@ -242,10 +243,11 @@ def read_slide_csv(path: Path, group_by: str | None = None, task: str = "classif
     if task == "classification":
         classes = sorted({r[columns[0]] for r in rows})
         labels = np.asarray([classes.index(r[columns[0]]) for r in rows])
-        return SlideLabels(slides, labels, groups, classes, task, target=columns[0])
+        return SlideLabels(slides, labels, groups, classes, task, target=columns[0], grouping=col or "slide")
     numbers = {c: _numbers(path, rows, c) for c in columns}
     if task == "regression":
-        return SlideLabels(slides, np.zeros(0, np.int64), groups, [], task, value=numbers[columns[0]], target=target)
+        return SlideLabels(slides, np.zeros(0, np.int64), groups, [], task, value=numbers[columns[0]], target=target,
+                           grouping=col or "slide")
     time, event = numbers[columns[0]], numbers[columns[1]]
     bad = np.flatnonzero(time < 0)
     if len(bad):
@@ -259,7 +261,7 @@ def read_slide_csv(path: Path, group_by: str | None = None, task: str = "classif
         raise LabelError(f"{path}: only {int(event.sum())} of {len(event)} slides have {columns[1]} = 1; a survival "
                          f"model needs at least {MIN_EVENTS} observed events (more for honest folds)")
     return SlideLabels(slides, np.zeros(0, np.int64), groups, [], task, time=time, event=event.astype(np.int64),
-                       target=target)
+                       target=target, grouping=col or "slide")
 
 
 def _numbers(path: Path, rows: list[dict], column: str) -> np.ndarray:

@@ -294,7 +294,8 @@ def save_km_plot(result: OutcomeResult, path: Path, title: str) -> Path:
         rows.append((name, colour, [int((time[members] >= x).sum()) for x in ticks]))
     p = result.metrics.get("risk_groups", {}).get("logrank_p", float("nan"))
     c = result.metrics.get("c_index", float("nan"))
-    ax.set_title(f"{title}\nlog-rank p = {p:.2g}, Harrell's C = {c:.3f}", fontsize=9)
+    ax.set_title(f"{title}\nhigh risk: above the training slides' median; log-rank p = {p:.2g}, "
+                 f"Harrell's C = {c:.3f}", fontsize=9)
     ax.set_ylabel("survival probability")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
