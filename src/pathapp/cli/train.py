@@ -40,6 +40,9 @@ _task_option = click.option(
 _target_option = click.option(
     "--target", default=None, metavar="COLUMN[,COLUMN]",
     help="slides.csv column(s) holding the target: default label, time,event (survival) or value (regression).")
+_loss_option = click.option(
+    "--loss", type=click.Choice(["huber", "mse"]), default="huber", show_default=True,
+    help="--task regression: Huber (robust to outlying values) or squared error, on the standardised target.")
 _device_option = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
 _batch_option = click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 
@@ -91,9 +94,10 @@ def _cache(cache: Path | None) -> Path:
 @click.option("--resume", is_flag=True, help="LoRA: continue from --checkpoint-dir/last.pt.")
 @_task_option
 @_target_option
+@_loss_option
 def train(data, slides, backbone, weights, model, method, out, group_by, mpp, tile_size, slide_mpp, cache, embeddings,
           device, batch_size, lora_rank, lora_alpha, lora_targets, epochs, max_steps, lr, checkpoint_dir, resume, task,
-          target) -> None:
+          target, loss) -> None:
     """Train a classifier from labelled tiles or slides and write a bundle for `pathapp infer`.
 
     \b
@@ -118,7 +122,8 @@ def train(data, slides, backbone, weights, model, method, out, group_by, mpp, ti
         lora = LoraConfig(rank=lora_rank, alpha=lora_alpha, targets=tuple(t for t in lora_targets.split(",") if t),
                           epochs=epochs or 10, max_steps=max_steps, batch_size=min(batch_size, 32), lr=lr or 1e-3)
     elif method == "abmil":
-        options = {**({"epochs": epochs} if epochs else {}), **({"lr": lr} if lr else {})}
+        options = {**({"epochs": epochs} if epochs else {}), **({"lr": lr} if lr else {}),
+                   **({"loss": loss} if task == "regression" else {})}
     path, info = train_model(list(data), out, method, backbone=backbone, weights=weights, model=model,
                              slides=list(slides), group_by=group_by, mpp=mpp, tile_size=tile_size,
                              slide_mpp=slide_mpp, cache=_cache(cache), device=device, batch_size=batch_size,
@@ -158,11 +163,12 @@ def train(data, slides, backbone, weights, model, method, out, group_by, mpp, ti
               help="Bootstrap resamples (of whole groups) for the 95% confidence intervals.")
 @_task_option
 @_target_option
+@_loss_option
 @click.option("--horizons", default=None, metavar="T1,T2,...",
               help="Survival: times (in the CSV's units) for the time-dependent AUC; the last one truncates "
               "Uno's C. Default: the quartiles of the observed event times.")
 def evaluate(data, slides, model, out, folds, holdout, method, fewshot, group_by, slide_mpp, cache, embeddings, device,
-             batch_size, bootstrap, task, target, horizons) -> None:
+             batch_size, bootstrap, task, target, loss, horizons) -> None:
     """Measure a model on labelled data: accuracy, balanced accuracy, macro-F1, per-class
     sensitivity/specificity and AUROC with 95% CIs, plus confusion-matrix and ROC pictures.
     Slide outcomes (--task survival): Harrell's and Uno's C-index, time-dependent AUC, Kaplan-Meier
@@ -190,7 +196,7 @@ def evaluate(data, slides, model, out, folds, holdout, method, fewshot, group_by
     path = evaluate_model(list(data), model, out, folds=folds, holdout=holdout, method=method, fewshot=fewshot, slides=list(slides),
                           group_by=group_by, slide_mpp=slide_mpp, cache=_cache(cache), device=device,
                           batch_size=batch_size, n_boot=bootstrap, embeddings=embeddings, task=task, target=target,
-                          horizons=times)
+                          horizons=times, loss=loss)
     report = json.loads(path.read_text())
     click.echo(f"evaluate: {summary_line(report)} -> {path}", err=True)
 

@@ -325,6 +325,7 @@ def evaluate_model(
     task: str | None = None,
     target: str | None = None,
     horizons: Sequence[float] | None = None,
+    loss: str = "huber",
 ) -> Path:
     """Evaluate a bundle on labelled data and write report.json + confusion.png + roc.png to out_dir.
 
@@ -333,7 +334,8 @@ def evaluate_model(
     head kind) on the bundle's embeddings; `fewshot` adds the label-efficiency curve. With `holdout`:
     the head is re-fitted on one grouped train part and scored on the held-out fraction of groups.
     `task` (default: the bundle head's) "survival" or "regression" scores slide outcomes instead
-    (outcomes.py: C-index, time-dependent AUC at `horizons`, Kaplan–Meier; or R², correlations)."""
+    (outcomes.py: C-index, time-dependent AUC at `horizons`, Kaplan–Meier; or R², correlations;
+    a regression head re-fitted with `loss`)."""
     from pathapp.models.bundle import load_bundle
     from pathapp.train.evaluate import (
         EvalResult,
@@ -350,7 +352,8 @@ def evaluate_model(
     task = task or (bundle.task if bundle.head_kind == "abmil" else "classification")
     if task != "classification":
         return _evaluate_outcome(data, bundle, model, Path(out_dir), task, target, folds, holdout, method, horizons,
-                                 group_by, slide_mpp, cache, device, batch_size, n_boot, seed, progress, embeddings)
+                                 group_by, slide_mpp, cache, device, batch_size, n_boot, seed, progress, embeddings,
+                                 loss)
     is_mil = len(data) == 1 and is_slide_csv(Path(data[0]))
     if not (folds or holdout) and bundle.has_head and (bundle.head_kind == "abmil") != is_mil:
         raise TrainError(f"{model}: a {bundle.head_kind} head needs "
@@ -406,7 +409,8 @@ def evaluate_model(
 
 
 def _evaluate_outcome(data, bundle, model, out_dir: Path, task: str, target, folds, holdout, method, horizons,
-                      group_by, slide_mpp, cache, device, batch_size, n_boot, seed, progress, embeddings) -> Path:
+                      group_by, slide_mpp, cache, device, batch_size, n_boot, seed, progress, embeddings,
+                      loss: str) -> Path:
     """`evaluate_model` for survival and continuous slide targets."""
     from pathapp.train.labels import read_slide_csv
     from pathapp.train.mil import abmil_fitter
@@ -428,7 +432,9 @@ def _evaluate_outcome(data, bundle, model, out_dir: Path, task: str, target, fol
     extra: dict[str, Any] = {"model": str(model), "data": [str(d) for d in data], "group_by": grouping,
                              "target": sl.target, "method": "abmil"}
     if refit:
-        result = cross_validate_outcome(X, sl.y, sl.groups, task, abmil_fitter(task=task), folds, n_boot, seed, horizons)
+        fit = abmil_fitter(task=task, **({"loss": loss} if task == "regression" else {}))
+        extra.update({"loss": loss} if task == "regression" else {})
+        result = cross_validate_outcome(X, sl.y, sl.groups, task, fit, folds, n_boot, seed, horizons)
         extra["mode"] = (f"held-out {holdout:.0%} of groups ({grouping})" if holdout
                          else f"{len(folds)}-fold cross-validation grouped by {grouping}")
     else:

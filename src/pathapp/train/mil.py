@@ -201,6 +201,8 @@ def fit_abmil(
             "n_slides": len(y), "n_val": int(len(val_idx)), "history": history[-5:]}
     if task == "survival":
         info["n_events"] = int(y[:, 1].sum())
+    elif task == "regression":
+        info["loss"] = loss
     tensors_out = {k: v.detach().numpy() for k, v in head.state_dict().items()}
     return FittedHead("abmil", config, tensors_out, info)
 
