@@ -210,17 +210,19 @@ def _with_ci(m: dict, key: str) -> str:
 
 
 def summary_line(report: dict) -> str:
-    """The one line `pathapp evaluate` prints: the headline scores with their CIs and floors."""
+    """The one line `pathapp evaluate` prints: the split rule, the headline scores with their CIs and
+    the floors."""
     m = report["metrics"]
     task = report.get("task", "classification")
     if task == "classification":
-        return (f"balanced accuracy {_with_ci(m, 'balanced_accuracy')}, accuracy {m['accuracy']:.3f}, "
-                f"macro-F1 {m['macro_f1']:.3f}")
+        return (f"{report['mode']}: balanced accuracy {_with_ci(m, 'balanced_accuracy')}, "
+                f"accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}")
     floor = report["floors"].get("tile_count")
     if task == "survival":
-        line = f"Harrell's C {_with_ci(m, 'c_index')}, Uno's C {_with_ci(m, 'c_index_uno')}"
+        line = f"{report['mode']}: Harrell's C {_with_ci(m, 'c_index')}, Uno's C {_with_ci(m, 'c_index_uno')}"
         p = m["risk_groups"]["logrank_p"]
         line += f", log-rank p {'nan' if p is None else f'{p:.2g}'} (high vs low risk)"
         return line + (f"; floor (tile count) C {_with_ci(floor, 'c_index')}" if floor else "; floor: C = 0.5")
-    line = f"R² {_with_ci(m, 'r2')}, Spearman {_with_ci(m, 'spearman')}, Pearson {_with_ci(m, 'pearson')}"
+    line = (f"{report['mode']}: R² {_with_ci(m, 'r2')}, Spearman {_with_ci(m, 'spearman')}, "
+            f"Pearson {_with_ci(m, 'pearson')}")
     return line + (f"; floor (tile count) R² {_with_ci(floor, 'r2')}" if floor else "; floor: R² = 0")
