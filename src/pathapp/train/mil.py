@@ -114,7 +114,7 @@ def fit_abmil(
     _check_targets(task, y, np.arange(len(y)))
     strata = outcome_strata(task, y)
     train_idx, val_idx = np.arange(len(y)), np.zeros(0, int)
-    if len(np.unique(groups)) >= 5 and np.bincount(strata).min() >= 3:
+    if len(np.unique(groups)) >= 5 and np.unique(strata, return_counts=True)[1].min() >= 3:
         try:
             train_idx, val_idx = holdout_split(strata, groups, 0.2, seed)
         except SplitError:
