@@ -136,11 +136,11 @@ def infer_slide(
     extra["tissue fraction"] = np.asarray(grid.tissue_fraction, np.float64)[kept]
     embeddings = embeddings[kept]
     probs = None if probs is None else probs[kept]
-    slide_probs = None
-    if rt.model.slide_head is not None and len(grid):
+    slide_outputs: dict[str, float] = {}  # class probabilities, {"risk": r} or {target: value}
+    if rt.model.slide_head is not None and len(embeddings):  # none when --qc exclude dropped every tile
         with torch.inference_mode():
-            sp, attention = rt.model.slide_head(torch.from_numpy(embeddings).to(rt.device))
-        slide_probs = sp.float().cpu().numpy()
+            out, attention = rt.model.slide_head(torch.from_numpy(embeddings).to(rt.device))
+        slide_outputs = dict(zip(bundle.class_names, map(float, out.float().cpu().numpy())))
         extra["attention"] = attention.float().cpu().numpy()
     env = dist_env()
     return SlideResult(
@@ -157,6 +157,8 @@ def infer_slide(
         probs=probs,
         embeddings=embeddings,
         extra=extra,
+        slide_outputs=slide_outputs,
+        slide_task=bundle.task if slide_outputs else None,
         thumbnail=thumbnail,
         model_name=rt.name,
         model_fingerprint=rt.fingerprint,
@@ -172,7 +174,8 @@ def infer_slide(
             "torch_threads": torch.get_num_threads(),
             "rank": env.rank,
             "world_size": env.world_size,
-            "slide_prediction": None if slide_probs is None else dict(zip(bundle.class_names, map(float, slide_probs))),
+            "slide_prediction": slide_outputs or None,
+            "slide_task": bundle.task if slide_outputs else None,
             "qc": qc,
             "stain": stain_record,
         },

@@ -72,10 +72,9 @@ def tile_objects(result: SlideResult, object_type: str = "tile") -> list[QuPathO
     return objects
 
 
-def label_regions(tiles: Any, labels: np.ndarray, names: list[str],
-                  smooth: float | None = None) -> dict[str, shapely.Geometry]:
-    """Per name, the union of the tiles (anything with level-0 `coords` and a `footprint`: a
-    SlideResult, a TileQC) labelled with its index, in level-0 px, holes kept.
+def union_of_tiles(tiles: Any, members: np.ndarray, smooth: float | None = None) -> shapely.Geometry | None:
+    """The union of the selected tile squares of `tiles` (anything with level-0 `coords` and a
+    `footprint`: a SlideResult, a TileQC) in level-0 px (holes kept), or None when empty.
 
     Tile corners are integers but the footprint is fractional, so neighbouring squares can be
     a fraction of a pixel apart. Each square is grown by `smooth` px (default: 1 % of the
@@ -83,20 +82,27 @@ def label_regions(tiles: Any, labels: np.ndarray, names: list[str],
     joins: seams close, corners stay square, real gaps wider than 2 × smooth stay open.
     """
     e = max(1.0, 0.01 * tiles.footprint) if smooth is None else smooth
-    bounds = tile_boxes(tiles, grow=e)
-    boxes = shapely.box(bounds[:, 0], bounds[:, 1], bounds[:, 2], bounds[:, 3])
+    bounds = tile_boxes(tiles, grow=e)[members]
+    if len(bounds) == 0:
+        return None
+    union = shapely.union_all(shapely.box(bounds[:, 0], bounds[:, 1], bounds[:, 2], bounds[:, 3]))
+    if e > 0:
+        union = union.buffer(-e, join_style="mitre")
+    union = shapely.make_valid(shapely.set_precision(union, 0.01))
+    polys = [g for g in shapely.get_parts(union) if isinstance(g, shapely.Polygon) and not g.is_empty]
+    if not polys:
+        return None
+    return shapely.MultiPolygon(polys) if len(polys) > 1 else polys[0]
+
+
+def label_regions(tiles: Any, labels: np.ndarray, names: list[str],
+                  smooth: float | None = None) -> dict[str, shapely.Geometry]:
+    """Per name, the union of the tiles labelled with its index (`union_of_tiles`)."""
     regions = {}
     for k, name in enumerate(names):
-        members = boxes[labels == k]
-        if len(members) == 0:
-            continue
-        union = shapely.union_all(members)
-        if e > 0:
-            union = union.buffer(-e, join_style="mitre")
-        union = shapely.make_valid(shapely.set_precision(union, 0.01))
-        polys = [g for g in shapely.get_parts(union) if isinstance(g, shapely.Polygon) and not g.is_empty]
-        if polys:
-            regions[name] = shapely.MultiPolygon(polys) if len(polys) > 1 else polys[0]
+        geom = union_of_tiles(tiles, labels == k, smooth)
+        if geom is not None:
+            regions[name] = geom
     return regions
 
 
@@ -132,12 +138,39 @@ def qc_summary(result: SlideResult) -> dict:
     }
 
 
+# name of the annotation that carries a slide head's prediction over the analysed tissue
+SLIDE_OBJECT_NAME = "slide"
+
+
+def slide_object(result: SlideResult) -> QuPathObject | None:
+    """A slide head's prediction as one annotation over every analysed tile: classified by the top
+    class with `prob: <class>` measurements, or with the risk score ("risk") or predicted value
+    (named as the target) as a measurement; plus its area and tile count."""
+    if not result.slide_outputs or len(result) == 0:
+        return None
+    geom = union_of_tiles(result, np.ones(len(result), bool))
+    if geom is None:
+        return None
+    outputs = result.slide_outputs
+    meas = {"Area µm^2": float(geom.area * result.slide_mpp**2), "Tiles": float(len(result))}
+    name = None
+    if result.slide_task == "classification":
+        meas.update({PROB_PREFIX + c: float(v) for c, v in outputs.items()})
+        name = max(outputs, key=outputs.get)
+    else:
+        meas.update({c: float(v) for c, v in outputs.items()})
+    return QuPathObject(geometry=geom, object_type="annotation", class_name=name, measurements=meas,
+                        name=SLIDE_OBJECT_NAME)
+
+
 def region_objects(result: SlideResult) -> list[QuPathObject]:
-    """One annotation per class with its area (µm²) and the mean probability of its tiles."""
+    """One annotation per class with its area (µm²) and the mean probability of its tiles, and the
+    slide head's annotation (slide_object) when there is one."""
+    slide = slide_object(result)
+    objects = [slide] if slide is not None else []
     if result.probs is None:
-        return []
+        return objects
     labels = np.argmax(result.probs, axis=1)
-    objects = []
     for name, geom in class_regions(result).items():
         k = result.class_names.index(name)
         meas = {
@@ -181,7 +214,7 @@ def write_tiles_geojson(result: SlideResult, path: Path, object_type: str = "til
 
 
 def write_annotations_geojson(result: SlideResult, path: Path) -> Path:
-    """annotations.geojson: a FeatureCollection of one annotation per predicted class and one per
-    artefact kind QC found."""
+    """annotations.geojson: a FeatureCollection of one annotation per predicted class (and the slide
+    head's annotation) and one per artefact kind QC found."""
     write_objects(path, region_objects(result) + qc_objects(result))
     return Path(path)

@@ -38,6 +38,9 @@ class SlideResult:
     probs: np.ndarray | None = None  # (N, C) float32, rows sum to 1; None for a headless bundle
     embeddings: np.ndarray | None = None  # (N, D) float32
     extra: dict[str, np.ndarray] = field(default_factory=dict)  # more per-tile measurements (N,)
+    # a slide head's prediction for the whole slide: class probabilities, {"risk": r} or {target: value}
+    slide_outputs: dict[str, float] = field(default_factory=dict)
+    slide_task: str | None = None  # "classification" | "survival" | "regression" when slide_outputs is set
     thumbnail: np.ndarray | None = None  # RGB uint8, for heatmap overlays
     model_name: str = ""
     model_fingerprint: str = ""  # Bundle.fingerprint(): lets training reuse these embeddings safely
