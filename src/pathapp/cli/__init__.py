@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "tile": "pathapp.cli.tile:tile",
     "infer": "pathapp.cli.infer:infer",
     "explain": "pathapp.cli.explain:explain",
+    "qc": "pathapp.cli.qc:qc",
     "model": "pathapp.cli.model:model",
     "train": "pathapp.cli.train:train",
     "evaluate": "pathapp.cli.train:evaluate",

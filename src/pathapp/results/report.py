@@ -14,6 +14,7 @@ import numpy as np
 import shapely
 
 from pathapp.atomic import atomic_path
+from pathapp.results.geojson import qc_summary
 from pathapp.results.result import SlideResult
 
 REPORT = "report.html"
@@ -108,8 +109,12 @@ def write_report(result: SlideResult, out_dir: Path, files: list[Path], regions:
     if explained:
         parts += ["<h2>Explanations (pathapp explain)</h2>", '<div class="grid">',
                   *[_figure(n, n.removesuffix(".png")) for n in explained], "</div>"]
-    if r.qc:
-        parts += ["<h2>Quality control</h2>", _table([[_e(k), _e(v)] for k, v in r.qc.items()])]
+    if r.qc is not None:
+        qc = qc_summary(r)
+        rows = [[_e(k), qc["tiles"][k], f'{qc["area µm^2"][k] / 1e6:.3f}'] for k in qc["tiles"]]
+        parts += ["<h2>Quality control</h2>",
+                  f"<p>{qc['tiles measured']} tiles measured, {qc['tiles excluded']} excluded from the model</p>",
+                  _table(rows, ["artefact", "tiles", "area (mm²)"], {1, 2})]
     parts += ["<h2>Model and parameters</h2>",
               _table([[_e(k), f"<code>{_e(json.dumps(v, default=str))}</code>"] for k, v in
                       {"model": r.model_name, "fingerprint": r.model_fingerprint[:16], **r.params}.items()])]

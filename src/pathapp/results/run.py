@@ -12,7 +12,7 @@ import numpy as np
 
 from pathapp.atomic import atomic_path
 from pathapp.results.embeddings import write_embeddings
-from pathapp.results.geojson import class_regions, write_annotations_geojson, write_tiles_geojson
+from pathapp.results.geojson import class_regions, qc_summary, write_annotations_geojson, write_tiles_geojson
 from pathapp.results.heatmap import (
     heatmap_scale,
     heatmap_shape,
@@ -21,6 +21,7 @@ from pathapp.results.heatmap import (
     write_class_heatmaps,
     write_overlay,
     write_pca,
+    write_qc_overlay,
     write_thumbnail,
 )
 from pathapp.results.report import write_report
@@ -51,6 +52,9 @@ def run_record(result: SlideResult, files: list[Path]) -> dict:
     if result.probs is not None and len(result):
         labels = np.argmax(result.probs, axis=1)
         counts.update({f"class: {c}": int(np.count_nonzero(labels == k)) for k, c in enumerate(result.class_names)})
+    qc = qc_summary(result)
+    if qc:
+        counts.update({f"qc: {k}": n for k, n in qc["tiles"].items()})
     rows, cols = heatmap_shape(result)
     return {
         "slide": result.slide_name,
@@ -73,6 +77,7 @@ def run_record(result: SlideResult, files: list[Path]) -> dict:
             "encoding": "embeddings.h5 /heatmaps/<name>: float32 grid, NaN where no tile; cell (i, j) covers "
             "level-0 [j*scale, (j+1)*scale) x [i*scale, (i+1)*scale). heatmap-<name>.png are pictures of them",
         },
+        **({"qc": qc} if qc else {}),
         "files": sorted(p.name for p in files),
         "versions": versions(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -80,8 +85,9 @@ def run_record(result: SlideResult, files: list[Path]) -> dict:
 
 
 def write_results(result: SlideResult, out_dir: str | Path, object_type: str = "tile") -> list[Path]:
-    """Write tiles.geojson, annotations.geojson, heatmaps, thumbnail, overlay, embeddings.h5, pca.png
-    (headless), run.json, report.html, then `.done`, into `out_dir` (the slide's own folder). Returns the paths.
+    """Write tiles.geojson, annotations.geojson, heatmaps, thumbnail, overlay, overlay-qc.png (when QC
+    ran), embeddings.h5, pca.png (headless), run.json, report.html, then `.done`, into `out_dir` (the
+    slide's own folder). Returns the paths.
 
     Any earlier `.done` is removed first, so a run interrupted while overwriting is not mistaken
     for a finished one."""
@@ -99,7 +105,7 @@ def write_results(result: SlideResult, out_dir: str | Path, object_type: str = "
     ]
     headless = result.probs is None and result.embeddings is not None and len(result) > 0
     pca = pca_rgb(result.embeddings) if headless else None
-    files += [p for p in (write_thumbnail(result, out), write_overlay(result, out, pca),
+    files += [p for p in (write_thumbnail(result, out), write_overlay(result, out, pca), write_qc_overlay(result, out),
                           write_embeddings(result, out / "embeddings.h5", raw_heatmaps(result))) if p]
     if headless:
         files += [p for p in [write_pca(result, out, pca)] if p]
