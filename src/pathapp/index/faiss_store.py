@@ -20,6 +20,7 @@ import bisect
 import json
 import math
 import os
+import re
 import sys
 import time
 import uuid
@@ -49,6 +50,7 @@ LOCK = ".lock"
 KINDS = ("auto", "flat", "ivfpq")
 FLAT_MAX = 250_000  # live vectors up to which exact search is used (latency: benchmarks/bench_index.py)
 CHUNK = 65_536  # rows read, converted and added at a time when (re)building
+_INDEX_FILE = re.compile(r"^(\.lock|tiles|vectors-\d+\.f16|slides-\d+\.f32|faiss-\d+\.index|\..+\.tmp\d+.*)$")
 COMPACT_DEAD = 0.5  # rewrite the vector store once this fraction of its rows belongs to removed slides
 
 
@@ -94,7 +96,8 @@ class FaissIndex(VectorIndex):
         self._slide_vectors: tuple[list[str], np.ndarray] | None = None
         if (self.folder / MANIFEST).is_file():
             self._manifest = self._read_manifest()
-        elif self.folder.exists() and (not self.folder.is_dir() or any(self.folder.iterdir())):
+        elif self.folder.exists() and (not self.folder.is_dir() or
+                                       not all(_INDEX_FILE.match(p.name) for p in self.folder.iterdir())):
             raise IndexStoreError(f"{self.folder}: not a pathapp index (no {MANIFEST}); give a new or empty "
                                   f"folder, or the folder `pathapp index add` made")
         elif not create:
