@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from PIL import Image
 from shapely.geometry import shape
 
-from conftest import DATA, data_file
+from conftest import DATA, IN_CI, data_file
 from qupath_rules import assert_qupath_conformant
 from vit_factory import tiny_bundle
 
@@ -61,6 +61,14 @@ def entry(i: int, vectors: np.ndarray, case: str | None = None, probs: bool = Fa
 MODEL = IndexModel("tiny", "f" * 64, 32, 0.5, 224)
 
 
+def need_qdrant() -> None:
+    """qdrant-client comes with the `qdrant` extra, which CI installs."""
+    try:
+        import qdrant_client  # noqa: F401
+    except ImportError:
+        (pytest.fail if IN_CI else pytest.skip)("qdrant-client missing: pip install -e '.[qdrant]'")
+
+
 def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str]:
     """`pathapp ARGS` through the console entry point (errors -> one line, exit 2), in process."""
     monkeypatch.setattr(sys, "argv", ["pathapp", *args])
@@ -90,6 +98,7 @@ def one_error_line(code: int, text: str, *needles: str) -> str:
 @pytest.fixture(params=["faiss-flat", "faiss-ivfpq", "qdrant-local"])
 def location(request, tmp_path) -> tuple[str, str]:
     if request.param == "qdrant-local":
+        need_qdrant()
         return f"qdrant:///{tmp_path}/qdrant/tiles", "auto"
     return str(tmp_path / "idx"), request.param.split("-")[1]
 
@@ -365,19 +374,27 @@ def test_bad_inputs_get_one_line(tmp_path, indexed, bundle, monkeypatch, capsys)
         e.remove(["/slides/s0.svs"])
     code, text = run_main(monkeypatch, capsys, "search", str(empty), "--query", image, "--out", str(tmp_path / "o"))
     one_error_line(code, text, "empty", "pathapp index add")
-    # an unreachable Qdrant: a loopback port nothing listens on
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    code, text = run_main(monkeypatch, capsys, "index", "info", f"qdrant://127.0.0.1:{port}/tiles")
-    one_error_line(code, text, f"127.0.0.1:{port}", "reach")
     # result folders of another model into an existing index
     code, text = run_main(monkeypatch, capsys, "index", "add", str(empty), str(indexed / "results" / "OS-1-detail"))
     assert code == 1 and "not the index's" in text and "Traceback" not in text
 
 
+def test_unreachable_qdrant_gets_one_line(monkeypatch, capsys, tmp_path) -> None:
+    need_qdrant()
+    with socket.socket() as s:  # a loopback port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("QDRANT_API_KEY", "secret-key-never-printed")
+    url = f"qdrant://127.0.0.1:{port}/tiles"
+    for args in (["index", "info", url], ["index", "add", url, str(tmp_path)]):
+        code, text = run_main(monkeypatch, capsys, *args)
+        one_error_line(code, text, f"qdrant://127.0.0.1:{port}/tiles", "reach")
+        assert "secret-key" not in text
+
+
 def test_qdrant_index_through_the_cli(indexed, bundle, tmp_path) -> None:
     """The same commands against Qdrant (its embedded local mode: the same API in process)."""
+    need_qdrant()
     loc = f"qdrant:///{tmp_path}/q/slides"
     code, text = run_cli("index", "add", loc, str(indexed / "results"), "--meta", str(indexed / "cases.csv"))
     assert code == 0 and "2 slides indexed" in text, text
