@@ -37,7 +37,7 @@ def index() -> None:
               help="CSV of per-slide metadata: a slide column (path, file name or slide name) plus any others "
               "(case, label, site, ...); `case` (or case_prefix, patient) is what --exclude-case uses.")
 @click.option("--kind", type=click.Choice(["auto", "flat", "ivfpq"]), default="auto", show_default=True,
-              help="FAISS search structure: exact up to 250k tiles then IVF-PQ with exact re-ranking (auto), or forced.")
+              help="FAISS search structure: exact up to 50,000 tiles, then IVF-PQ with exact re-ranking (auto), or forced.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Where `pathapp infer` writes results for --model sources (default: beside each slide).")
 @click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None, metavar="UM_PER_PX",

@@ -48,7 +48,7 @@ FORMAT = "pathapp-faiss-index"
 FORMAT_VERSION = 1
 LOCK = ".lock"
 KINDS = ("auto", "flat", "ivfpq")
-FLAT_MAX = 250_000  # live vectors up to which exact search is used (latency: benchmarks/bench_index.py)
+FLAT_MAX = 50_000  # live vectors up to which exact search is used: it scans them all (bench_index.py)
 CHUNK = 65_536  # rows read, converted and added at a time when (re)building
 _INDEX_FILE = re.compile(r"^(\.lock|tiles|vectors-\d+\.f16|slides-\d+\.f32|faiss-\d+\.index|\..+\.tmp\d+.*)$")
 COMPACT_DEAD = 0.5  # rewrite the vector store once this fraction of its rows belongs to removed slides
@@ -90,6 +90,8 @@ class FaissIndex(VectorIndex):
         self.folder = Path(folder)
         self.location = str(folder)
         self.kind_setting = kind
+        self.nprobe: int | None = None  # search-time overrides of the manifest's IVF settings (benchmarks)
+        self.shortlist: int | None = None
         self._manifest: dict[str, Any] | None = None
         self._index: Any = None
         self._vectors: np.memmap | None = None
@@ -150,9 +152,6 @@ class FaissIndex(VectorIndex):
                     if attempt:
                         raise IndexStoreError(f"{path}: missing or damaged; rebuild the index") from None
                     self._manifest = self._read_manifest()
-            ivf = self.manifest.get("ivf")
-            if ivf:
-                faiss.extract_index_ivf(self._index).nprobe = int(ivf["nprobe"])
         return self._index
 
     def _store(self) -> np.memmap:
@@ -200,8 +199,11 @@ class FaissIndex(VectorIndex):
             params = faiss.SearchParameters(sel=sel[0]) if sel else None
             sims, ids = index.search(q, k, params=params)
             return [self._refs(i, s) for i, s in zip(ids, sims)]
-        params = faiss.SearchParametersIVF(nprobe=int(ivf["nprobe"]), sel=sel[0]) if sel else None
-        _, cand = index.search(q, max(k, int(ivf["shortlist"])), params=params)
+        nprobe, shortlist = self.nprobe or int(ivf["nprobe"]), self.shortlist or int(ivf["shortlist"])
+        params = faiss.SearchParametersIVF(nprobe=nprobe)
+        if sel:
+            params.sel = sel[0]
+        _, cand = index.search(q, max(k, shortlist), params=params)
         store = self._store()
         out = []
         for qi, ids in zip(q, cand):
@@ -337,7 +339,7 @@ class FaissIndex(VectorIndex):
         if m["rows"] and m["dead_rows"] > COMPACT_DEAD * m["rows"]:
             self._compact(m, dim)
             index = None
-        elif m.get("faiss_file") and want == m["kind"]:
+        elif m.get("faiss_file") and want == m["kind"] and not _outgrown(m, live, dim):
             index = faiss.read_index(str(self.folder / m["faiss_file"]))
             for s in gone:
                 index.remove_ids(faiss.IDSelectorRange(s["row_start"], s["row_start"] + s["n"]))
@@ -428,6 +430,11 @@ class FaissIndex(VectorIndex):
         return {"location": self.location, "backend": "faiss", "kind": m["kind"], "ivf": m.get("ivf"),
                 "model": m["model"], "slides": len(m["slides"]), "tiles": len(self), "dead_rows": m["dead_rows"],
                 "bytes_on_disk": size, "version": m["version"]}
+
+
+def _outgrown(m: dict[str, Any], live: int, dim: int) -> bool:
+    """An IVF index trained for far fewer vectors (half the lists it would get now): retrain it."""
+    return bool(m.get("ivf")) and IvfParams.for_size(live, dim).nlist >= 2 * m["ivf"]["nlist"]
 
 
 def _empty_manifest() -> dict[str, Any]:
