@@ -325,6 +325,12 @@ def test_search_script_calls_only_documented_api() -> None:
         assert option in help_text, f"the search script passes {option}, which `pathapp search` lacks"
 
 
+def test_search_script_streams_pathapp_like_the_launcher() -> None:
+    """One way to run pathapp and stream its log, written in both scripts (QuPath scripts cannot share code)."""
+    block = re.compile(r"^def lastLines = .*?pathapp failed \(exit code .*?$", flags=re.S | re.M)
+    assert block.search(RUN.read_text())[0] == block.search(SEARCH.read_text())[0]
+
+
 @pytest.fixture(scope="module")
 def search_index(tmp_path_factory, bundle: Path) -> tuple[Path, Path]:
     """An index holding the slide the stand-in has open (embedded on the way), and that slide."""

@@ -29,7 +29,7 @@ import numpy as np
 from pathapp.atomic import atomic_path, atomic_write_text
 from pathapp.index.base import CASE_COLUMNS, IndexModel, IndexStoreError, SlideEntry, normalize, open_index
 from pathapp.index.search import rank
-from pathapp.index.sources import add_sources, slide_key
+from pathapp.index.sources import add_sources, read_csv, slide_key
 
 K = 10
 METRICS = ("top1", "mMV@5", "mAP@10")
@@ -49,12 +49,7 @@ class LabelledImages:
 def read_labelled(path: Path, group_by: str | None = None) -> LabelledImages:
     """labels.csv: image (relative to the CSV), label, and a case column (group_by, or the first of
     case, case_prefix, patient, patient_id; else each image is its own case)."""
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise IndexStoreError(f"{path}: cannot read this CSV ({e})") from None
-    header = list(rows[0]) if rows else []
+    rows, header = read_csv(path)
     if "image" not in header or "label" not in header:
         raise IndexStoreError(f"{path}: needs columns image,label[,case_prefix|patient] (found {', '.join(header)})")
     column = group_by or next((c for c in CASE_COLUMNS if c in header), None)

@@ -52,15 +52,20 @@ class MetaTable:
         return {}
 
 
-def read_meta(path: str | Path) -> MetaTable:
-    """Read a --meta CSV; one line naming the file when it has no slide column or no rows."""
-    path = Path(path)
+def read_csv(path: Path) -> tuple[list[dict[str, str]], list[str]]:
+    """Rows and header of a CSV (a spreadsheet's BOM tolerated); one line when it cannot be read."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             rows = list(csv.DictReader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise IndexStoreError(f"{path}: cannot read this CSV ({e})") from None
-    header = list(rows[0]) if rows else []
+    return rows, list(rows[0]) if rows else []
+
+
+def read_meta(path: str | Path) -> MetaTable:
+    """Read a --meta CSV; one line naming the file when it has no slide column or no rows."""
+    path = Path(path)
+    rows, header = read_csv(path)
     column = next((c for c in SLIDE_COLUMNS if c in header), None)
     if column is None:
         raise IndexStoreError(f"{path}: needs a column naming each slide ({' or '.join(SLIDE_COLUMNS)}) beside "
