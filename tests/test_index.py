@@ -349,6 +349,24 @@ def test_index_add_embeds_slides_on_the_way_and_reuses_results(tmp_path, bundle,
     assert row["level"] == "slide" and float(row["similarity"]) > 0.9999
 
 
+def test_index_a_qupath_project(tmp_path, bundle, shared_data) -> None:
+    """Project entries are embedded into <project>/pathapp/<entry ID>/ and keep their entry ID; a
+    missing image fails alone."""
+    from test_infer import write_project
+
+    qpproj = write_project(tmp_path / "proj", [data_file(SVS), Path("/nowhere/gone.svs")])
+    code, text = run_cli("index", "add", str(tmp_path / "idx"), str(qpproj), "--model", str(bundle), "--mpp", "4.0",
+                         "--workers", "0")
+    assert code == 1 and "gone.svs" in text and "1 slides indexed" in text, text
+    with open_index(tmp_path / "idx") as idx:
+        (rec,) = idx.slides().values()
+    assert rec.entry_id == "1" and rec.source == str(tmp_path / "proj" / "pathapp" / "1")
+    code, text = run_cli("search", str(tmp_path / "idx"), "--query", f"{data_file(SVS)}@1200,1200", "--k", "1",
+                         "--out", str(tmp_path / "hits"))
+    assert code == 0, text
+    assert next(csv.DictReader(open(tmp_path / "hits" / "hits.csv")))["entry"] == "1"
+
+
 def test_bad_inputs_get_one_line(tmp_path, indexed, bundle, monkeypatch, capsys) -> None:
     image = str(data_file("labeled/ebhi-seg/EBHI-SEG/Normal/image/GT2000000-1-400-001.png"))
     idx = str(indexed / "idx")
