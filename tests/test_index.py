@@ -278,6 +278,8 @@ def test_search_a_tile_finds_itself_and_writes_everything(indexed, bundle) -> No
     assert x0 <= x < x1 and y0 <= y < y1 and x1 - x0 == pytest.approx(2.0 / 0.499 * 56, abs=1)
     assert float(first["similarity"]) > 0.999 and first["slide"] == "CMU-1-Small-Region"
     assert first["label"] == "squamous" and first["case"] == "P1" and first["site"] == "skin"
+    header = next(csv.reader(open(out / "hits.csv")))
+    assert len(header) == len(set(header))
     assert abs(sum(float(first[f"prob: {c}"]) for c in ("Tumor", "Stroma", "Immune cells")) - 1) < 1e-4
     sims = [float(r["similarity"]) for r in rows]
     assert sims == sorted(sims, reverse=True)

@@ -206,10 +206,11 @@ def _label(r: SlideRecord, probs: np.ndarray | None) -> str:
 def write_hits_csv(path: Path, hits: list[Hit], level: str, geojson: dict[str, tuple[SlideRecord, Path]]) -> Path:
     """One row per hit: rank, similarity, slide, entry, level-0 box of the (best) tile, label, case,
     the slide's metadata and the tile's class probabilities."""
-    meta_cols = sorted({c for h in hits for c in h.record.meta})
+    fixed = ["rank", "similarity", "level", "slide", "slide_path", "entry", "tile", "x0", "y0", "x1", "y1",
+             "mpp_slide", "label", "case", "geojson"]
+    meta_cols = sorted({c for h in hits for c in h.record.meta} - set(fixed))
     classes = list(dict.fromkeys(c for h in hits for c in h.record.class_names))
-    header = ["rank", "similarity", "level", "slide", "slide_path", "entry", "tile", "x0", "y0", "x1", "y1",
-              "mpp_slide", "label", "case", "geojson", *meta_cols, *[f"prob: {c}" for c in classes]]
+    header = [*fixed, *meta_cols, *[f"prob: {c}" for c in classes]]
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(header)
