@@ -223,6 +223,23 @@ def test_slide_vector_is_the_attention_pooling_of_an_abmil_bundle() -> None:
     np.testing.assert_allclose(e.slide_vector(), unit[2], atol=1e-6)
 
 
+def test_attention_mil_bundle_indexes_its_attention_pooling(tmp_path, shared_data) -> None:
+    """Inference with an attention-MIL bundle writes each tile's attention into embeddings.h5; the
+    index pools the slide vector with it."""
+    from pathapp.index.sources import read_result
+
+    mil = tiny_bundle(tmp_path, num_classes=2, head="abmil", filename="mil.pathapp")
+    code, out = run_cli("infer", str(data_file(SVS)), "--model", str(mil), "--mpp", "4.0", "--out", str(tmp_path / "r"),
+                        "--workers", "0")
+    assert code == 0, out
+    e, _ = read_result(tmp_path / "r" / "CMU-1-Small-Region")
+    assert e.record.slide_vector == "attention" and e.attention is not None and len(e.attention) == len(e.vectors)
+    assert e.attention.sum() == pytest.approx(1, abs=1e-4) and e.attention.std() > 0
+    unit = e.vectors / np.linalg.norm(e.vectors, axis=1, keepdims=True)
+    pooled = e.attention @ unit
+    np.testing.assert_allclose(e.slide_vector(), pooled / np.linalg.norm(pooled), atol=1e-5)
+
+
 def test_retrieval_scores_by_hand() -> None:
     s = query_scores(["B", "A", "A", "B", "C", "A", "A", "A", "A", "A"], "A")
     assert s["top1"] == 0.0
