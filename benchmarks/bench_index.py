@@ -152,7 +152,7 @@ def phase_search(args: argparse.Namespace) -> dict:
             idx.nprobe, idx.shortlist = nprobe, shortlist
             idx.search_tiles(q[:20], K)  # warm: the structure loaded, pages of the store touched
             found = []
-            lat = _latencies(lambda v: found.append(idx.search_tiles(v, K)[0]), q)
+            lat = _latencies(lambda v, found=found: found.append(idx.search_tiles(v, K)[0]), q)
             ids = [[first[t.slide] + t.tile for t in r] for r in found[-len(q):]]
             recall = float(np.mean([len(set(a) & set(b)) / K for a, b in zip(ids, truth)]))
             used = (nprobe or (ivf or {}).get("nprobe"), shortlist or (ivf or {}).get("shortlist"))
@@ -187,7 +187,7 @@ def child(args: argparse.Namespace, phase: str) -> dict:
 
 
 def cpu() -> dict:
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
     fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
     import faiss
 
@@ -280,7 +280,7 @@ def make_real(out: Path) -> None:
         for i, (inputs, slide_mpp) in enumerate(groups):  # one folder per group: EBHI names repeat across classes
             cmd = [sys.executable, "-m", "pathapp", "infer", *inputs, "--model", str(bundle), "--mpp", mpp,
                    "--out", str(out / f"mpp{mpp}" / f"group{i}"), "--workers", "0"]
-            subprocess.run(cmd + (["--slide-mpp", slide_mpp] if slide_mpp else []), env=env, check=False,
+            subprocess.run(cmd + (["--slide-mpp", slide_mpp] if slide_mpp else []), env=env, check=False,  # failures: fewer vectors
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     feats = [h5py.File(p)["features"][()] for p in sorted(out.rglob("embeddings.h5"))]
     v = np.concatenate(feats).astype(np.float32)

@@ -18,16 +18,21 @@ import pytest
 import shapely
 import torch
 from click.testing import CliRunner
-from PIL import Image
-from shapely.geometry import shape
-
 from conftest import DATA, IN_CI, data_file
+from PIL import Image
 from qupath_rules import assert_qupath_conformant
+from shapely.geometry import shape
 from vit_factory import tiny_bundle
 
 from pathapp.cli import cli, main
-from pathapp.index import IndexModel, IndexStoreError, SlideEntry, SlideRecord, open_index
-from pathapp.index import faiss_store
+from pathapp.index import (
+    IndexModel,
+    IndexStoreError,
+    SlideEntry,
+    SlideRecord,
+    faiss_store,
+    open_index,
+)
 from pathapp.index.evaluate import query_scores
 from pathapp.index.search import exclusions, rank
 
@@ -83,6 +88,11 @@ def run_cli(*args: str) -> tuple[int, str]:
     if res.exception is not None and not isinstance(res.exception, SystemExit):
         raise res.exception
     return res.exit_code, res.output
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def one_error_line(code: int, text: str, *needles: str) -> str:
@@ -272,7 +282,7 @@ def indexed(tmp_path_factory, bundle, shared_data) -> Path:
 
 
 def test_index_info_lists_slides_with_payload(indexed) -> None:
-    code, out = run_cli("index", "info", str(indexed / "idx"), "--slides")
+    _, out = run_cli("index", "info", str(indexed / "idx"), "--slides")
     doc = json.loads(out[out.index("{"):])
     assert doc["backend"] == "faiss" and doc["kind"] == "flat" and doc["slides"] == 2
     assert doc["model"]["mpp"] == 2.0 and doc["model"]["tile_size"] == 56 and doc["model"]["dim"] == 64
@@ -288,14 +298,15 @@ def test_search_a_tile_finds_itself_and_writes_everything(indexed, bundle) -> No
     code, text = run_cli("search", str(indexed / "idx"), "--query", f"{data_file(SVS)}@{x},{y}", "--model", str(bundle),
                          "--k", "7", "--out", str(out))
     assert code == 0, text
-    rows = list(csv.DictReader(open(out / "hits.csv")))
+    rows = read_rows(out / "hits.csv")
     assert len(rows) == 7 and [int(r["rank"]) for r in rows] == list(range(1, 8))
     first = rows[0]
     x0, y0, x1, y1 = (float(first[c]) for c in ("x0", "y0", "x1", "y1"))
     assert x0 <= x < x1 and y0 <= y < y1 and x1 - x0 == pytest.approx(2.0 / 0.499 * 56, abs=1)
     assert float(first["similarity"]) > 0.999 and first["slide"] == "CMU-1-Small-Region"
     assert first["label"] == "squamous" and first["case"] == "P1" and first["site"] == "skin"
-    header = next(csv.reader(open(out / "hits.csv")))
+    with open(out / "hits.csv", newline="") as f:
+        header = next(csv.reader(f))
     assert len(header) == len(set(header))
     assert abs(sum(float(first[f"prob: {c}"]) for c in ("Tumor", "Stroma", "Immune cells")) - 1) < 1e-4
     sims = [float(r["similarity"]) for r in rows]
@@ -328,7 +339,7 @@ def test_region_query_at_slide_level_excluding_own_case(indexed, bundle, tmp_pat
             "--level", "slide", "--model", str(bundle)]
     code, text = run_cli(*args, "--out", str(tmp_path / "a"))
     assert code == 0, text
-    rows = list(csv.DictReader(open(tmp_path / "a" / "hits.csv")))
+    rows = read_rows(tmp_path / "a" / "hits.csv")
     assert [r["slide"] for r in rows] == ["CMU-1-Small-Region", "OS-1-detail"]
     assert float(rows[0]["similarity"]) > 0.999 > float(rows[1]["similarity"])  # its own tiles are in the index
     feats = assert_qupath_conformant(tmp_path / "a" / "geojson" / "CMU-1-Small-Region.geojson")
@@ -336,7 +347,7 @@ def test_region_query_at_slide_level_excluding_own_case(indexed, bundle, tmp_pat
     assert all(region.contains(shape(f["geometry"]).centroid) for f in feats)  # best tiles: the query's own
     code, text = run_cli(*args, "--exclude-case", "--out", str(tmp_path / "b"))
     assert code == 0, text
-    assert [r["slide"] for r in csv.DictReader(open(tmp_path / "b" / "hits.csv"))] == ["OS-1-detail"]
+    assert [r["slide"] for r in read_rows(tmp_path / "b" / "hits.csv")] == ["OS-1-detail"]
     assert json.loads((tmp_path / "b" / "hits.json").read_text())["excluded_case"] == "P1"
 
 
@@ -364,7 +375,7 @@ def test_index_add_embeds_slides_on_the_way_and_reuses_results(tmp_path, bundle,
     code, text = run_cli("search", idx, "--query", str(image), "--slide-mpp", "1.0", "--level", "slide",
                          "--out", str(tmp_path / "hits"))  # the model recorded by `index add --model`
     assert code == 0, text
-    (row,) = list(csv.DictReader(open(tmp_path / "hits" / "hits.csv")))
+    (row,) = read_rows(tmp_path / "hits" / "hits.csv")
     assert row["level"] == "slide" and float(row["similarity"]) > 0.9999
 
 
@@ -383,7 +394,7 @@ def test_index_a_qupath_project(tmp_path, bundle, shared_data) -> None:
     code, text = run_cli("search", str(tmp_path / "idx"), "--query", f"{data_file(SVS)}@1200,1200", "--k", "1",
                          "--out", str(tmp_path / "hits"))
     assert code == 0, text
-    assert next(csv.DictReader(open(tmp_path / "hits" / "hits.csv")))["entry"] == "1"
+    assert read_rows(tmp_path / "hits" / "hits.csv")[0]["entry"] == "1"
 
 
 def test_bad_inputs_get_one_line(tmp_path, indexed, bundle, monkeypatch, capsys) -> None:
@@ -440,7 +451,7 @@ def test_qdrant_index_through_the_cli(indexed, bundle, tmp_path) -> None:
         code, text = run_cli("search", where, "--query", f"{data_file(SVS)}@1000,1500", "--model", str(bundle),
                              "--k", "3", "--out", str(tmp_path / name))
         assert code == 0, text
-        ranked[name] = list(csv.DictReader(open(tmp_path / name / "hits.csv")))
+        ranked[name] = read_rows(tmp_path / name / "hits.csv")
     rows = ranked["qdrant"]
     assert rows[0]["slide"] == "CMU-1-Small-Region" and float(rows[0]["similarity"]) > 0.999
     assert [r["tile"] for r in rows] == [r["tile"] for r in ranked["faiss"]]  # both backends rank alike
@@ -449,7 +460,7 @@ def test_qdrant_index_through_the_cli(indexed, bundle, tmp_path) -> None:
 # ------------------------------------------------------------------------------ evaluate-search
 
 def test_evaluate_search_leave_one_case_out(tmp_path, bundle, shared_data) -> None:
-    rows = list(csv.DictReader(open(data_file(EBHI))))
+    rows = read_rows(data_file(EBHI))
     picked, seen = [], {}
     for r in rows:  # 3 classes x 4 cases, one image each
         if r["label"] in ("Adenocarcinoma", "Normal", "Polyp") and len(seen.setdefault(r["label"], set())) < 4 \

@@ -97,7 +97,8 @@ def evaluate_search(data: Path, model: str, weights: str | None, out: Path, grou
       pathapp evaluate-search --data ../shared/data/labeled/ebhi-seg/labels.csv --model m.pathapp \\
           --slide-mpp 1.0 --out eval/
     """
-    from pathapp.index.evaluate import evaluate_search as run, report_table
+    from pathapp.index.evaluate import evaluate_search as run
+    from pathapp.index.evaluate import report_table
 
     report = run(data, model, out, weights=weights, slide_mpp=slide_mpp, group_by=group_by, n_boot=n_boot,
                  seed=seed, infer_options=infer_options)

@@ -27,7 +27,13 @@ from typing import Any
 import numpy as np
 
 from pathapp.atomic import atomic_path, atomic_write_text
-from pathapp.index.base import CASE_COLUMNS, IndexModel, IndexStoreError, SlideEntry, normalize, open_index
+from pathapp.index.base import (
+    CASE_COLUMNS,
+    IndexModel,
+    IndexStoreError,
+    SlideEntry,
+    open_index,
+)
 from pathapp.index.search import rank
 from pathapp.index.sources import add_sources, read_csv, slide_key
 
@@ -161,7 +167,7 @@ def evaluate_index(index: Any, n_boot: int, seed: int) -> dict[str, Any]:
     for level in ("tile", "slide"):
         chance, cases, scores = _queries(index, level, K)
         arr_cases = np.asarray(cases)
-        out[level] = {"queries": len(cases), "cases": int(len(np.unique(arr_cases))),
+        out[level] = {"queries": len(cases), "cases": len(np.unique(arr_cases)),
                       "chance_top1": float(np.mean(chance)), "_cases": arr_cases}
         for m in METRICS:
             v = np.asarray(scores[m])
@@ -258,8 +264,8 @@ def _write_report(out: Path, report: dict[str, Any]) -> None:
 
 def report_table(report: dict[str, Any]) -> list[str]:
     """The report as a Markdown table: value [95 % CI] per level, metric and method."""
-    lines = [f"{report['images']} images, {report['model_name']} ({report['tile_size']} px at {report['mpp']:g} µm/px); "
-             f"{report['protocol']}", "",
+    lines = [(f"{report['images']} images, {report['model_name']} ({report['tile_size']} px at {report['mpp']:g} "
+              f"µm/px); {report['protocol']}"), "",
              "| level | metric | model | colour histogram | model − colour |", "|---|---|---|---|---|"]
     for level, rows in report["levels"].items():
         for metric in METRICS:

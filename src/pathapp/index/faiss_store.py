@@ -403,8 +403,7 @@ class FaissIndex(VectorIndex):
         row = 0
         with open(self.folder / vec_file, "wb") as fv, open(self.folder / slide_file, "wb") as fs:
             for i, s in enumerate(m["slides"]):
-                for a in range(s["row_start"], s["row_start"] + s["n"], CHUNK):
-                    fv.write(np.asarray(old_vec[a : min(s["row_start"] + s["n"], a + CHUNK)]).tobytes())
+                fv.writelines(np.asarray(old_vec[a : min(s["row_start"] + s["n"], a + CHUNK)]).tobytes() for a in range(s["row_start"], s["row_start"] + s["n"], CHUNK))
                 fs.write(np.asarray(old_sv[s["vector_row"]]).tobytes())
                 s["row_start"], s["vector_row"] = row, i
                 row += s["n"]

@@ -22,7 +22,14 @@ from typing import Any
 import numpy as np
 
 from pathapp.atomic import atomic_path, atomic_write_text
-from pathapp.index.base import IndexStoreError, SlideRecord, SlideTiles, VectorIndex, normalize, open_index
+from pathapp.index.base import (
+    IndexStoreError,
+    SlideRecord,
+    SlideTiles,
+    VectorIndex,
+    normalize,
+    open_index,
+)
 from pathapp.index.query import QuerySpec, QueryTiles
 
 LEVELS = ("tile", "slide")

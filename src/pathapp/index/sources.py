@@ -15,7 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from pathapp.index.base import IndexModel, IndexStoreError, SlideEntry, SlideRecord, open_index
+from pathapp.index.base import (
+    IndexModel,
+    IndexStoreError,
+    SlideEntry,
+    SlideRecord,
+    open_index,
+)
 
 SLIDE_COLUMNS = ("slide", "image", "path", "file")  # the --meta column naming each slide, first found
 FLUSH_TILES = 200_000  # tile vectors held before they are written to the index
