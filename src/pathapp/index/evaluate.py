@@ -112,21 +112,15 @@ def colour_entries(index: Any, slide_mpp: float | None) -> list[SlideEntry]:
     """The index's slides again, each tile described by the colour histogram of exactly the pixels
     the model saw (the same grid cells, read by the one tile reader)."""
     from pathapp.slide import open_slide
-    from pathapp.tiles import make_grid, read_tile
+    from pathapp.tiles import read_tile_at, tile_geometry
 
     model = index.require_model()
     entries = []
     for key, rec in index.slides().items():
         tiles = index.tiles(key)
-        with open_slide(rec.slide_path, mpp=rec.slide_mpp or slide_mpp) as slide:
-            grid = make_grid(slide, model.mpp, model.tile_size, min_tissue=0.0)  # every cell; pick the indexed ones
-            where = {tuple(c): i for i, c in enumerate(grid.coords.tolist())}
-            try:
-                rows = [where[tuple(c)] for c in tiles.coords.tolist()]
-            except KeyError:
-                raise IndexStoreError(f"{rec.source}: its tiles are not on the grid of {model.tile_size} px at "
-                                      f"{model.mpp:g} µm/px; rerun `pathapp infer`") from None
-            pixels = np.stack([read_tile(slide, grid, i) for i in rows])
+        with open_slide(rec.slide_path, slide_mpp=rec.slide_mpp or slide_mpp) as slide:
+            geometry = tile_geometry(slide, model.mpp, model.tile_size)
+            pixels = np.stack([read_tile_at(slide, geometry, x, y) for x, y in tiles.coords.tolist()])
         entries.append(SlideEntry(rec, colour_histogram(pixels), tiles.coords))
     return entries
 

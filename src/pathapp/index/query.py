@@ -86,10 +86,10 @@ def embed_query(spec: QuerySpec, runtime: Any, mpp: float, tile_size: int, *, sl
 
     from pathapp.infer import infer_slide
     from pathapp.slide import open_slide
+    from pathapp.tiles import tile_geometry
 
-    with open_slide(spec.path, mpp=slide_mpp) as slide:
-        slide_mpp_ = slide.require_mpp()  # an image without µm/px: one line asking for --slide-mpp
-        footprint = tile_size * mpp / slide_mpp_
+    with open_slide(spec.path, slide_mpp=slide_mpp) as slide:
+        footprint = tile_geometry(slide, mpp, tile_size).footprint  # no µm/px: one line asking for --slide-mpp
         rois = None
         if spec.point is not None:
             x, y = spec.point

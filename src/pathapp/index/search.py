@@ -281,7 +281,7 @@ def write_search_mosaic(path: Path, spec: QuerySpec, query: QueryTiles, hits: li
             rgb = None
             if r.key not in slides:
                 try:
-                    slides[r.key] = open_slide(r.slide_path, mpp=r.slide_mpp)
+                    slides[r.key] = open_slide(r.slide_path, slide_mpp=r.slide_mpp)
                 except Exception:  # noqa: BLE001 - a moved or unreadable slide is a grey square, not a failure
                     slides[r.key] = None
             if slides[r.key] is not None and len(h.coords):

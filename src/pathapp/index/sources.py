@@ -236,9 +236,9 @@ def check_query_model(index, model: str | Path, weights: str | Path | None = Non
                       mpp: float | None = None, tile_size: int | None = None):
     """Load `model` and refuse it, before any slide is embedded, when it is not the index's model
     (backbone, precision, µm/px and tile size). Returns the bundle and its name."""
-    from pathapp.infer import load_model
+    from pathapp.models.loader import load_model, model_label
 
-    bundle, name = load_model(model, weights, mpp, tile_size)
+    bundle, name = load_model(model, weights=weights, mpp=mpp, tile_size=tile_size), model_label(model)
     if index.model is not None:
         fingerprint = bundle.fingerprint() + ("" if precision == "fp32" else f":{precision}")
         index.model.check(IndexModel(name, fingerprint, bundle.embedding_dim, float(mpp or bundle.mpp),
