@@ -491,6 +491,7 @@ def test_evaluate_search_leave_one_case_out(tmp_path, bundle, shared_data) -> No
     assert "| tile (48 queries, 12 cases) | top1 |" in text
     with Image.open(out / "evaluation.png") as im:
         assert im.size[0] > 800
+    assert sorted(p.name for p in (out / "examples").iterdir()) == ["Adenocarcinoma.png", "Normal.png", "Polyp.png"]
     with open_index(out / "index") as idx:  # the index the numbers came from never hits a query's own case
         for key, r in idx.slides().items():
             exclude, case = exclusions(idx, key, True)

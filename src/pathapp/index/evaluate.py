@@ -215,6 +215,7 @@ def evaluate_search(
             index.remove(stale)  # images dropped from the CSV since an earlier run
         echo(f"evaluate-search: {len(index.slides())} images, {len(np.unique(images.cases))} cases; model queries")
         model_scores = evaluate_index(index, n_boot, seed)
+        example_mosaics(index, out / "examples", slide_mpp)
         im = index.require_model()
         colour_entries_ = colour_entries(index, slide_mpp)
     with tempfile.TemporaryDirectory() as tmp, open_index(Path(tmp) / "colour", create=True, kind="flat") as cindex:
@@ -225,6 +226,31 @@ def evaluate_search(
     report = _report(images, data, model, im, model_scores, colour_scores, n_boot, seed)
     _write_report(out, report)
     return report
+
+
+def example_mosaics(index: Any, folder: Path, slide_mpp: float | None) -> list[Path]:
+    """For the first image of each label, the mosaic `pathapp search --level slide --exclude-case`
+    writes: what the numbers look like."""
+    from pathapp.index.query import QuerySpec, QueryTiles
+    from pathapp.index.search import write_search_mosaic
+    from pathapp.slide import open_slide
+
+    records = index.slides()
+    firsts = {}
+    for key in sorted(records):
+        firsts.setdefault(records[key].label, key)
+    files = []
+    for label, key in sorted(firsts.items()):
+        rec = records[key]
+        tiles = index.tiles(key, vectors=True)
+        with open_slide(rec.slide_path, slide_mpp=rec.slide_mpp or slide_mpp) as slide:
+            query = QueryTiles(QuerySpec(Path(rec.slide_path)), SlideEntry(rec, tiles.vectors, tiles.coords),
+                               slide.thumbnail(384), tuple(slide.size))
+        exclude = {k for k, r in records.items() if r.case == rec.case}
+        hits = rank(index, tiles.vectors, "slide", K, exclude, slide_vector=query.entry.slide_vector())
+        folder.mkdir(parents=True, exist_ok=True)
+        files.append(write_search_mosaic(folder / f"{label}.png", query.spec, query, hits, "slide"))
+    return files
 
 
 def _report(images: LabelledImages, data: Path, model: Any, im: IndexModel, ms: dict, cs: dict,

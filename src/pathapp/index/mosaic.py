@@ -81,7 +81,8 @@ def _paste(canvas: Any, draw: Any, panel: Panel, at: tuple[int, int], size: int,
         draw.text((x + 8, y + size // 2 - 8), "slide not readable here", fill=(80, 80, 80), font=font)
     else:
         img = Image.fromarray(panel.rgb)
-        img.thumbnail((size, size), Image.Resampling.BILINEAR)
+        scale = size / max(img.size)  # small queries (a 224 px image) are enlarged too
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.BILINEAR)
         canvas.paste(img, (x + (size - img.width) // 2, y + (size - img.height) // 2))
         draw.rectangle([x - 1, y - 1, x + size, y + size], outline=(120, 120, 120))
     for j, line in enumerate(panel.lines):
