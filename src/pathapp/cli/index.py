@@ -64,9 +64,10 @@ def add(location: str, sources: tuple[str, ...], model: str | None, meta: str | 
     Two processes adding to one folder take turns (a lock); a killed add leaves the index as it was.
     """
     from pathapp.index.sources import add_sources
+    from pathapp.infer.options import InferOptions
 
-    summary = add_sources(location, list(sources), model=model, meta=meta, kind=kind, out=out,
-                          infer_options=infer_options)
+    infer = InferOptions(model=model, out=out, **infer_options) if model else None  # type: ignore[arg-type]
+    summary = add_sources(location, list(sources), infer=infer, meta=meta, kind=kind)
     parts = [f"{len(summary.added)} slides indexed", f"{len(summary.replaced)} replaced"]
     if summary.failed:
         parts.append(f"{len(summary.failed)} failed")

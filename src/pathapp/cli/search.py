@@ -100,8 +100,10 @@ def evaluate_search(data: Path, model: str, weights: str | None, out: Path, grou
     from pathapp.index.evaluate import evaluate_search as run
     from pathapp.index.evaluate import report_table
 
-    report = run(data, model, out, weights=weights, slide_mpp=slide_mpp, group_by=group_by, n_boot=n_boot,
-                 seed=seed, infer_options=infer_options)
+    from pathapp.infer.options import InferOptions
+
+    infer = InferOptions(model=model, weights=weights, slide_mpp=slide_mpp, **infer_options)  # type: ignore[arg-type]
+    report = run(data, infer, out, group_by=group_by, n_boot=n_boot, seed=seed)
     for line in report_table(report):
         click.echo(line)
     click.echo(f"evaluate-search: report in {out / 'report.json'}, picture {out / 'evaluation.png'}", err=True)

@@ -20,9 +20,9 @@ import sys
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -36,6 +36,9 @@ from pathapp.index.base import (
 )
 from pathapp.index.search import rank
 from pathapp.index.sources import add_sources, read_csv, slide_key
+
+if TYPE_CHECKING:
+    from pathapp.infer.options import InferOptions
 
 K = 10
 METRICS = ("top1", "mMV@5", "mAP@10")
@@ -171,18 +174,15 @@ def evaluate_index(index: Any, n_boot: int, seed: int) -> dict[str, Any]:
 
 def evaluate_search(
     data: Path,
-    model: str | Path,
+    infer: InferOptions,
     out: Path,
     *,
-    weights: str | Path | None = None,
-    slide_mpp: float | None = None,
     group_by: str | None = None,
     n_boot: int = 1000,
     seed: int = 0,
-    infer_options: dict[str, Any] | None = None,
     echo: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
 ) -> dict[str, Any]:
-    """Index `data` with `model` (results and index under `out`, reused by a rerun), evaluate
+    """Index `data` with `infer.model` (results and index under `out`, reused by a rerun), evaluate
     leave-one-case-out retrieval for the model and the colour histogram, write report.json,
     report.md and evaluation.png into `out`. Returns the report."""
     images = read_labelled(Path(data), group_by)
@@ -193,7 +193,7 @@ def evaluate_search(
         w = csv.writer(f)
         w.writerow(["slide", "case", "label"])
         w.writerows([str(p.resolve()), c, lab] for p, c, lab in zip(images.paths, images.cases, images.labels))
-    options = {**(infer_options or {}), "weights": weights, "slide_mpp": slide_mpp}
+    slide_mpp = infer.slide_mpp
     # one inference output folder per image folder: image names repeat across folders (EBHI-Seg does)
     folders: dict[Path, list[str]] = {}
     for p in images.paths:
@@ -202,8 +202,8 @@ def evaluate_search(
     for folder, files in folders.items():
         where, base = folder.resolve(), Path(data).parent.resolve()
         rel = where.relative_to(base) if where.is_relative_to(base) else Path(*where.parts[1:])
-        summary = add_sources(out / "index", files, model=model, meta=meta, kind="flat",
-                              out=out / "results" / rel, infer_options=options, echo=echo)
+        summary = add_sources(out / "index", files, infer=replace(infer, out=out / "results" / rel), meta=meta,
+                              kind="flat", echo=echo)
         failed += summary.failed
     if failed:
         raise IndexStoreError(f"{failed[0][0]}: {failed[0][1]} ({len(failed)} images failed); fix them or leave "
@@ -223,7 +223,7 @@ def evaluate_search(
                                                im.mpp, im.tile_size))
         echo("evaluate-search: colour-histogram queries")
         colour_scores = evaluate_index(cindex, n_boot, seed)
-    report = _report(images, data, model, im, model_scores, colour_scores, n_boot, seed)
+    report = _report(images, data, infer.model, im, model_scores, colour_scores, n_boot, seed)
     _write_report(out, report)
     return report
 

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -24,6 +24,9 @@ from pathapp.index.base import (
 )
 
 SLIDE_COLUMNS = ("slide", "image", "path", "file")  # the --meta column naming each slide, first found
+if TYPE_CHECKING:
+    from pathapp.infer.options import InferOptions
+
 FLUSH_TILES = 200_000  # tile vectors held before they are written to the index
 
 
@@ -157,17 +160,18 @@ def add_sources(
     location: str | Path,
     sources: Sequence[str | Path],
     *,
-    model: str | Path | None = None,
+    infer: InferOptions | None = None,
     meta: str | Path | None = None,
     kind: str = "auto",
-    out: str | Path | None = None,
-    infer_options: dict[str, Any] | None = None,
     echo: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
 ) -> AddSummary:
     """Add every source to the index at `location` (created when new). Result folders are read as
     they are; anything else is a slide, folder of slides or QuPath project, run through
-    `pathapp infer` with `model` first (results to `out`, or beside the slides as `infer` does)."""
+    `pathapp infer` with `infer` first (its model; results to its `out`, or beside the slides as
+    `infer` does)."""
     from pathapp.errors import PathappError
+
+    model = infer.model if infer is not None else None
 
     table = read_meta(meta) if meta else None
     summary = AddSummary()
@@ -181,10 +185,10 @@ def add_sources(
             if not found:
                 slides.append(str(s))
         if slides:
-            if model is None:
+            if infer is None:
                 raise IndexStoreError(f"{slides[0]}: not a pathapp result folder; to embed slides on the way "
                                       f"give --model (a .pathapp bundle or backbone name)")
-            results += _infer(index, slides, model, out, infer_options or {}, summary, echo)
+            results += _infer(index, slides, infer, summary, echo)
         pending: list[SlideEntry] = []
         index_model = index.model
         for folder, entry_id in results:
@@ -217,17 +221,16 @@ def _flush(index, pending: list[SlideEntry], model: IndexModel | None, summary: 
     pending.clear()
 
 
-def _infer(index, slides: list[str], model: str | Path, out: str | Path | None, options: dict[str, Any],
-           summary: AddSummary, echo: Callable[[str], None]) -> list[tuple[Path, str | None]]:
+def _infer(index, slides: list[str], options: InferOptions, summary: AddSummary,
+           echo: Callable[[str], None]) -> list[tuple[Path, str | None]]:
     """Run inference where results are missing (finished slides are skipped by their `.done`
     marker); the result folders with their QuPath entry IDs."""
     from pathapp.infer import expand_inputs, run_inference
 
-    out_path = Path(out) if out is not None else None
-    check_query_model(index, model, options.get("weights"), options.get("precision", "fp32"), options.get("mpp"),
-                      options.get("tile_size"))
+    out_path = Path(options.out) if options.out is not None else None
+    check_query_model(index, options.model, options.weights, options.precision, options.mpp, options.tile_size)
     entry_of = {job.out_dir: job.entry_id for job in expand_inputs(slides, out_path) if job.out_dir is not None}
-    run = run_inference(slides, model, out_path, echo=echo, **options)
+    run = run_inference(slides, options, echo=echo)
     summary.failed += run.failed
     return [(d, entry_of.get(d)) for d in run.done + run.skipped]
 
