@@ -14,6 +14,8 @@
  * Build the index first, e.g. `pathapp index add idx/ slides/ --model m.pathapp`.
  * Edit the settings below, select an annotation, then Run (Automate > Script editor).
  */
+import static qupath.lib.gui.scripting.QPEx.*  // works with "Include default imports" switched off
+
 import ij.IJ
 import qupath.lib.common.GeneralTools
 import qupath.lib.io.PathIO
@@ -105,7 +107,9 @@ println "pathapp: mosaic " + mosaic + ", table " + new File(outDir, "hits.csv")
 def found = new groovy.json.JsonSlurper().parse(new File(outDir, "hits.json"))
 def here = found.slides.find { new File(it.slide_path).getCanonicalFile() == imageFile.getCanonicalFile() }
 def previous = getDetectionObjects().findAll { isSearchHit(it) }
-removeObjects(previous, true)
+// PathObjectHierarchy.removeObjects(objects, keepChildren): QP's removeObjects(objects, true) is
+// deprecated in 0.6, and its replacement removeObjects(objects) does not exist before 0.6.
+getCurrentHierarchy().removeObjects(previous, true)
 def hits = here == null ? [] : PathIO.readObjects(new File(outDir, here.geojson))
 addObjects(hits)
 resolveHierarchy()

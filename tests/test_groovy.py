@@ -111,7 +111,7 @@ def test_scripts_work_without_default_imports_and_deprecated_calls() -> None:
     """QuPath's scripting helpers imported statically (the script editor's "Include default imports"
     may be off), and objects removed through the hierarchy: QP.removeObjects(objects, true) is
     deprecated in 0.6, and 0.6's removeObjects(objects) does not exist in 0.4."""
-    for script in (RUN, IMPORT):
+    for script in (RUN, IMPORT, SEARCH):
         text = script.read_text()
         assert re.search(r"^import static qupath\.lib\.gui\.scripting\.QPEx\.\*", text, flags=re.M), script.name
         calls = re.findall(r"([\w.()]*)removeObjects\(", re.sub(r"//[^\n]*", "", text))
