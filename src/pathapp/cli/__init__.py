@@ -23,6 +23,9 @@ COMMANDS: dict[str, str] = {
     "evaluate": "pathapp.cli.train:evaluate",
     "pretrain": "pathapp.cli.pretrain:pretrain",
     "cytomine": "pathapp.cli.cytomine:cytomine",
+    "index": "pathapp.cli.index:index",
+    "search": "pathapp.cli.search:search",
+    "evaluate-search": "pathapp.cli.search:evaluate_search",
 }
 
 
