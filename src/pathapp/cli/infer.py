@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from pathapp.cli.options import slide_mpp_option
+from pathapp.cli.options import BATCH_SIZE, FRACTION, MPP, TILE_SIZE, WORKERS, slide_mpp_option
 from pathapp.models.loader import DEFAULT_MODEL
 
 
@@ -20,19 +20,19 @@ from pathapp.models.loader import DEFAULT_MODEL
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Output folder; results go to OUT/<slide name>/. Default: beside each slide, in "
               "<slide folder>/pathapp/<slide name>/; for a QuPath project <project dir>/pathapp/<entryID>/.")
-@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None, metavar="UM_PER_PX",
+@click.option("--mpp", type=MPP, default=None, metavar="UM_PER_PX",
               help="Resolution tiles are analysed at, µm/px (default: the bundle's, usually 0.5).")
-@click.option("--tile-size", type=click.IntRange(min=1), default=None, metavar="PX",
+@click.option("--tile-size", type=TILE_SIZE, default=None, metavar="PX",
               help="Tile side in pixels (default: the bundle's).")
 @click.option("--roi", type=click.Path(exists=True, dir_okay=False), default=None,
               help="QuPath GeoJSON export of annotations; only tiles whose centre lies inside are run.")
 @click.option("--roi-class", multiple=True, metavar="NAME",
               help="Use only --roi annotations of this class (repeatable).")
 @slide_mpp_option
-@click.option("--min-tissue", type=click.FloatRange(0, 1), default=None,
+@click.option("--min-tissue", type=FRACTION, default=None,
               help="Tissue fraction a tile needs to be analysed (default 0.1).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--workers", type=click.IntRange(min=0), default=None,
+@click.option("--batch-size", type=BATCH_SIZE, default=32, show_default=True)
+@click.option("--workers", type=WORKERS, default=None,
               help="Tile-reading processes (default: chosen from the CPU count; 0 = read in the main process).")
 @click.option("--device", default="auto", show_default=True,
               help="auto (this rank's GPU if any, else CPU), cpu, cuda, cuda:1, ...")
@@ -72,6 +72,8 @@ def infer(inputs: tuple[str, ...], model: str, weights: str | None, out: str | N
         precision=precision, object_type=object_type, overwrite=overwrite, write_project=write_project)
     summary = run_inference(list(inputs), options)
     parts = [f"{len(summary.done)} written", f"{len(summary.skipped)} already complete"]
+    if summary.empty:
+        parts.insert(1, f"{len(summary.empty)} empty (no tiles; see the warnings)")
     if summary.failed:
         parts.append(f"{len(summary.failed)} failed")
     click.echo("infer: " + ", ".join(parts), err=True)

@@ -108,7 +108,7 @@ def infer_slide(
     tile_size = int(tile_size or bundle.tile_size)
     slide_mpp = slide.require_mpp()
     timings: dict[str, float] = {}
-    grid, thumbnail = plan_tiles(slide, mpp, tile_size, rois, min_tissue, timings)
+    grid, thumbnail, empty = plan_tiles(slide, mpp, tile_size, rois, min_tissue, timings)
     n_workers = default_workers(rt.device) if workers is None else workers
     embeddings, probs = run_model(rt, slide, grid, batch_size, n_workers, timings,
                                   progress=progress, log=log)
@@ -150,15 +150,17 @@ def infer_slide(
             "rank": env.rank,
             "world_size": env.world_size,
             "slide_prediction": None if slide_probs is None else dict(zip(bundle.class_names, map(float, slide_probs))),
+            "empty": empty,
         },
         timings=timings,
     )
 
 
 def plan_tiles(slide: Slide, mpp: float, tile_size: int, rois: Any, min_tissue: float | None,
-               timings: dict[str, float]) -> tuple[TileGrid, np.ndarray]:
-    """The tissue tiles to run and a thumbnail to draw results on (stage times into `timings`)."""
-    from pathapp.tiles import detect_tissue, make_grid
+               timings: dict[str, float]) -> tuple[TileGrid, np.ndarray, str | None]:
+    """The tissue tiles to run, a thumbnail to draw results on, and why there is no tile when there
+    is none (stage times into `timings`)."""
+    from pathapp.tiles import DEFAULT_MIN_TISSUE, detect_tissue, make_grid, why_empty
 
     t = time.perf_counter()
     tissue = detect_tissue(slide)
@@ -175,7 +177,8 @@ def plan_tiles(slide: Slide, mpp: float, tile_size: int, rois: Any, min_tissue: 
     else:
         thumbnail = slide.thumbnail(THUMBNAIL_PX)
     timings["thumbnail"] = time.perf_counter() - t
-    return grid, thumbnail
+    empty = None if len(grid) else why_empty(grid, tissue, rois, DEFAULT_MIN_TISSUE if min_tissue is None else min_tissue)
+    return grid, thumbnail, empty
 
 
 def run_model(rt: Runtime, slide: Slide, grid: TileGrid, batch_size: int, n_workers: int,

@@ -1,6 +1,7 @@
 """Many slides: which inputs (slides, folders, QuPath projects), where each one's results go, what a
-previous run already finished (`.done` markers), and which torchrun rank runs what (input i -> rank
-i mod world size). One failing slide is reported in one line and the others still run."""
+previous run already finished (`.done` markers, which record the settings that made the results),
+and which torchrun rank runs what (input i -> rank i mod world size). One failing slide is reported
+in one line and the others still run; a slide without any tile is reported as empty, with why."""
 
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from pathapp.engine.distributed import dist_env
-from pathapp.errors import PathappError
+from pathapp.errors import failure_line
 from pathapp.infer.options import InferOptions
 from pathapp.infer.pipeline import InferenceError, Runtime, check_tile_size, infer_slide, prepare_model
 from pathapp.models.loader import load_model, model_label
-from pathapp.results import is_done, write_results
+from pathapp.results import read_done, write_results
 from pathapp.slide import find_slides, open_slide, slide_name
 
 RESULTS_FOLDER = "pathapp"  # results go to <slide folder>/pathapp/<slide name>/ unless --out is given
@@ -38,11 +39,13 @@ class Job:
 
 @dataclass
 class RunSummary:
-    """What a run did, per input: written, skipped (already complete), or failed with a reason."""
+    """What a run did, per input: written, written without any tile (empty), skipped (already
+    complete), or failed with a reason."""
 
     done: list[Path] = field(default_factory=list)
     skipped: list[Path] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
+    empty: list[Path] = field(default_factory=list)  # written, but without a single tile
 
     @property
     def ok(self) -> bool:
@@ -121,29 +124,69 @@ def run_inference(inputs: Sequence[str | Path], options: InferOptions | None = N
     bundle = load_model(o.model, weights=o.weights, mpp=o.mpp, tile_size=o.tile_size)
     rt = prepare_model(bundle, o.device, o.precision, model_label(o.model))
     check_tile_size(rt, int(o.tile_size or bundle.tile_size))
+    settings = run_settings(rt, o)
     for job in jobs:
         try:
-            result_dir = _run_job(job, rt, o, rois, echo)
-        except PathappError as e:
-            summary.failed.append((job.label, str(e)))
-            echo(f"failed: {e}")
-            continue
+            status, path = _run_job(job, rt, o, rois, settings, echo)
         except Exception as e:  # noqa: BLE001 - one bad slide must not stop the others; one line each
-            summary.failed.append((job.label, f"{type(e).__name__}: {e}"))
-            echo(f"failed: {job.label}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            line = failure_line(job.label, e)
+            summary.failed.append((job.label, line.removeprefix("failed: ")))
+            echo(line)
             continue
-        skipped, path = result_dir
-        (summary.skipped if skipped else summary.done).append(path)
+        getattr(summary, status).append(path)
     return summary
 
 
-def _run_job(job: Job, rt: Runtime, o: InferOptions, rois: Any, echo: Callable[[str], None]) -> tuple[bool, Path]:
-    """Run one job; (skipped?, its folder). Raises on failure."""
+# What decides a slide's results, as `.done` records it; a rerun with other values must not skip.
+SETTING_NAMES = {"model": "model (bundle fingerprint)", "mpp": "--mpp", "tile_size": "--tile-size",
+                 "slide_mpp": "--slide-mpp", "roi": "--roi/--roi-class", "min_tissue": "--min-tissue",
+                 "precision": "--precision", "object_type": "--object-type"}
+
+
+def run_settings(rt: Runtime, o: InferOptions) -> dict[str, Any]:
+    """The settings that make a slide's results what they are (see SETTING_NAMES)."""
+    import hashlib
+
+    from pathapp.tiles import DEFAULT_MIN_TISSUE
+
+    roi = None
+    if o.roi is not None:
+        roi = {"sha256": hashlib.sha256(Path(o.roi).read_bytes()).hexdigest(), "classes": sorted(o.roi_class)}
+    return {"model": rt.fingerprint, "mpp": float(rt.bundle.mpp), "tile_size": int(rt.bundle.tile_size),
+            "slide_mpp": o.slide_mpp, "roi": roi,
+            "min_tissue": float(DEFAULT_MIN_TISSUE if o.min_tissue is None else o.min_tissue),
+            "precision": o.precision, "object_type": o.object_type}
+
+
+def settings_differ(recorded: dict[str, Any], settings: dict[str, Any]) -> str:
+    """What differs between a finished run's settings and this run's, in words ('' when nothing)."""
+    if not recorded:
+        return "the earlier run did not record its settings"
+
+    def show(v: Any) -> str:
+        if isinstance(v, dict):
+            return f"{v['sha256'][:8]}… {v['classes'] or 'all classes'}" if "sha256" in v else str(v)
+        return f"{v[:12]}…" if isinstance(v, str) and len(v) > 16 else "none" if v is None else f"{v}"
+
+    parts = [f"{name} {show(recorded.get(key))} → {show(settings[key])}"
+             for key, name in SETTING_NAMES.items() if recorded.get(key) != settings[key]]
+    return ", ".join(parts)
+
+
+def _run_job(job: Job, rt: Runtime, o: InferOptions, rois: Any, settings: dict[str, Any],
+             echo: Callable[[str], None]) -> tuple[str, Path]:
+    """Run one job; (done, empty or skipped, its folder). Raises on failure, and when finished results
+    of other settings are in the way (never replaced without --overwrite)."""
     if job.error:
         raise InferenceError(job.error)
-    if job.out_dir is not None and is_done(job.out_dir) and not o.overwrite:
+    recorded = read_done(job.out_dir) if job.out_dir is not None else None
+    if recorded is not None and not o.overwrite:
+        differs = settings_differ(recorded, settings)
+        if differs:
+            raise InferenceError(f"{job.label}: {job.out_dir} holds results of other settings ({differs}); "
+                                 f"pass --overwrite to replace them, or another --out to keep both")
         echo(f"skip: {job.label}: complete in {job.out_dir} (use --overwrite to redo)")
-        return True, job.out_dir
+        return "skipped", job.out_dir
     t0 = time.perf_counter()
     slide = open_slide(job.source, slide_mpp=o.slide_mpp)
     if slide.mpp is None and job.entry_mpp:
@@ -155,13 +198,15 @@ def _run_job(job: Job, rt: Runtime, o: InferOptions, rois: Any, echo: Callable[[
                              min_tissue=o.min_tissue, batch_size=o.batch_size, workers=o.workers, runtime=rt,
                              progress=o.progress, log=echo)
     result.timings = {"open": t_open, **result.timings}
-    files = write_results(result, out_dir, object_type=o.object_type)
+    files = write_results(result, out_dir, object_type=o.object_type, settings=settings)
     n, secs = len(result), result.timings["model"]
     echo(f"done: {job.label}: {n} tiles in {secs:.1f} s ({n / max(secs, 1e-9):.1f} tiles/s) -> {out_dir}")
+    if not n:
+        echo(f"warning: {job.label}: no tiles: {result.params['empty']}")
     if o.write_project and job.project is not None:
         from pathapp.qupath.paquo_bridge import write_geojson_to_project
 
         message = write_geojson_to_project(job.project, job.entry_id, files)
         if message:
             echo(message)
-    return False, out_dir
+    return ("empty" if not n else "done"), out_dir

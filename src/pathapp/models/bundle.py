@@ -68,6 +68,11 @@ class Bundle:
             self.class_colors = default_colors(len(self.class_names))
         if len(self.class_colors) != len(self.class_names):
             raise BundleError(f"{len(self.class_names)} class names but {len(self.class_colors)} colours")
+        patch = int(self.spec.patch_size)
+        if self.tile_size % patch:  # timm's patch embedding asserts on it, on every slide
+            lo = max(patch, self.tile_size // patch * patch)
+            raise BundleError(f"tile size {self.tile_size} px is not a multiple of {self.spec.name}'s {patch} px "
+                              f"patches; use --tile-size {lo} or {lo + patch}")
         if self.head_kind:
             n = int(self.head_config.get("num_classes", len(self.class_names)))
             if self.class_names and n != len(self.class_names):
