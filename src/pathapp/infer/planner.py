@@ -138,7 +138,7 @@ def run_inference(inputs: Sequence[str | Path], options: InferOptions | None = N
 
 
 # What decides a slide's results, as `.done` records it; a rerun with other values must not skip.
-SETTING_NAMES = {"model": "model (bundle fingerprint)", "mpp": "--mpp", "tile_size": "--tile-size",
+SETTING_NAMES = {"model": "backbone (bundle fingerprint)", "head": "head (classes and weights)", "mpp": "--mpp", "tile_size": "--tile-size",
                  "slide_mpp": "--slide-mpp", "roi": "--roi/--roi-class", "min_tissue": "--min-tissue",
                  "precision": "--precision", "object_type": "--object-type"}
 
@@ -152,7 +152,8 @@ def run_settings(rt: Runtime, o: InferOptions) -> dict[str, Any]:
     roi = None
     if o.roi is not None:
         roi = {"sha256": hashlib.sha256(Path(o.roi).read_bytes()).hexdigest(), "classes": sorted(o.roi_class)}
-    return {"model": rt.fingerprint, "mpp": float(rt.bundle.mpp), "tile_size": int(rt.bundle.tile_size),
+    head = rt.bundle.head_fingerprint() if rt.bundle.head_kind else None
+    return {"model": rt.fingerprint, "head": head, "mpp": float(rt.bundle.mpp), "tile_size": int(rt.bundle.tile_size),
             "slide_mpp": o.slide_mpp, "roi": roi,
             "min_tissue": float(DEFAULT_MIN_TISSUE if o.min_tissue is None else o.min_tissue),
             "precision": o.precision, "object_type": o.object_type}
