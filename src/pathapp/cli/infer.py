@@ -40,7 +40,9 @@ from pathapp.models.loader import DEFAULT_MODEL
               help="bf16: autocast on GPU. int8: dynamic int8 Linear layers on CPU (faster, cosine ≥ 0.99 to fp32).")
 @click.option("--object-type", type=click.Choice(["tile", "detection"]), default="tile", show_default=True,
               help="QuPath object type of the per-tile objects in tiles.geojson.")
-@click.option("--overwrite", is_flag=True, help="Recompute slides whose results are already complete.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace complete results: needed when they were made with other settings (model, --mpp, "
+              "--roi, ...; a rerun names what differs). Replaces all of pathapp's own files there and only those.")
 @click.option("--write-project", is_flag=True,
               help="For a .qpproj input, also add the objects to the QuPath project (needs paquo and "
               "QuPath; otherwise prints how to import the GeoJSON).")
@@ -53,8 +55,9 @@ def infer(inputs: tuple[str, ...], model: str, weights: str | None, out: str | N
     INPUT is a slide file, a folder of slides (a DICOM-WSI series folder counts as one slide), or a
     QuPath project (project.qpproj or its folder). Each slide gets a folder with tiles.geojson and annotations.geojson
     (drag them onto the image in QuPath), heatmap-<class>.png, overlay.png, embeddings.h5 (CLAM/TRIDENT
-    layout) and run.json. A rerun skips slides that are complete; a slide that fails is reported and
-    the others still run (exit code 1 if any failed).
+    layout) and run.json. A rerun skips slides that are complete with the same settings and refuses,
+    in one line, to replace results of other settings without --overwrite; a slide that fails is
+    reported and the others still run (exit code 1 if any failed).
 
     \b
     Examples:
