@@ -138,8 +138,8 @@ def run_inference(inputs: Sequence[str | Path], options: InferOptions | None = N
 
 
 # What decides a slide's results, as `.done` records it; a rerun with other values must not skip.
-SETTING_NAMES = {"model": "backbone (bundle fingerprint)", "head": "head (classes and weights)", "mpp": "--mpp", "tile_size": "--tile-size",
-                 "slide_mpp": "--slide-mpp", "roi": "--roi/--roi-class", "min_tissue": "--min-tissue",
+SETTING_NAMES = {"model": "backbone (bundle fingerprint)", "head": "head (classes and weights)", "mpp": "--mpp",
+                 "tile_size": "--tile-size", "roi": "--roi/--roi-class", "min_tissue": "--min-tissue",
                  "precision": "--precision", "object_type": "--object-type"}
 
 
@@ -153,10 +153,9 @@ def run_settings(rt: Runtime, o: InferOptions) -> dict[str, Any]:
     if o.roi is not None:
         roi = {"sha256": hashlib.sha256(Path(o.roi).read_bytes()).hexdigest(), "classes": sorted(o.roi_class)}
     head = rt.bundle.head_fingerprint() if rt.bundle.head_kind else None
+    min_tissue = float(DEFAULT_MIN_TISSUE if o.min_tissue is None else o.min_tissue)
     return {"model": rt.fingerprint, "head": head, "mpp": float(rt.bundle.mpp), "tile_size": int(rt.bundle.tile_size),
-            "slide_mpp": o.slide_mpp, "roi": roi,
-            "min_tissue": float(DEFAULT_MIN_TISSUE if o.min_tissue is None else o.min_tissue),
-            "precision": o.precision, "object_type": o.object_type}
+            "roi": roi, "min_tissue": min_tissue, "precision": o.precision, "object_type": o.object_type}
 
 
 def settings_differ(recorded: dict[str, Any], settings: dict[str, Any]) -> str:
