@@ -194,6 +194,7 @@ def test_qupath_project_entries_and_missing_image(shared_data, bundle_path, tmp_
     check_outputs(folder, load_bundle(bundle_path).class_names)
     assert not (tmp_path / "proj" / "pathapp" / "2").exists()
     assert "wrote QuPath GeoJSON" in out and str(folder / "tiles.geojson") in out
+    assert out.count("pip install 'pathapp[qupath]'") == 1, out  # the hint once, not twice
 
 
 def test_int8_embeddings_close_to_fp32(shared_data, bundle_path):

@@ -379,3 +379,17 @@ def test_bundles_follow_the_umask(tmp_path):
     mask = os.umask(0o022)
     os.umask(mask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_evaluate_shows_progress_while_it_resamples(capsys):
+    """The bootstrap and the folds take minutes on real data: a bar says how far they are."""
+    from pathapp.train.evaluate import bootstrap_ci, cross_validate
+    from pathapp.train.fit import head_fitter
+
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 20)
+    X = rng.normal(size=(40, 4)) + y[:, None]
+    groups = np.arange(40) // 2
+    cross_validate(X, y, groups, 2, head_fitter("prototype", 2), n_folds=3, n_boot=20)
+    err = capsys.readouterr().err
+    assert "cross-validation: " in err and "fold/s" in err and "bootstrap 95% CI: " in err and "/20 " in err
