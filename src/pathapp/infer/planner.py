@@ -206,7 +206,7 @@ def _run_job(job: Job, rt: Runtime, o: InferOptions, rois: Any, settings: dict[s
     if o.write_project and job.project is not None:
         from pathapp.qupath.paquo_bridge import write_geojson_to_project
 
-        message = write_geojson_to_project(job.project, job.entry_id, files)
+        message = write_geojson_to_project(job.project, job.entry_id, files, image_path=job.source)
         if message:
             echo(message)
     return ("empty" if not n else "done"), out_dir
