@@ -9,6 +9,7 @@ from pathlib import Path
 from pathapp.models.loader import DEFAULT_MODEL
 
 OBJECT_TYPES = ("tile", "detection")
+QC_MODES = ("flag", "exclude", "off")  # measure and mark artefacts; also drop flagged tiles; neither
 
 
 @dataclass
@@ -33,3 +34,7 @@ class InferOptions:
     overwrite: bool = False
     write_project: bool = False  # also add the objects to a .qpproj input (paquo + QuPath)
     progress: bool = True
+    qc: str = "flag"  # QC_MODES
+    qc_only: bool = False  # `pathapp qc`: measure and write QC, run no model
+    stain_norm: str | None = None  # "macenko" | "reinhard" | "vahadane": normalise onto stain_ref
+    stain_ref: str | Path | None = None  # a tile, a slide, or a saved target (.json, run.json)

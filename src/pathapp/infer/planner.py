@@ -16,12 +16,14 @@ from typing import Any
 from pathapp.engine.distributed import dist_env
 from pathapp.errors import failure_line
 from pathapp.infer.options import InferOptions
-from pathapp.infer.pipeline import InferenceError, Runtime, check_tile_size, infer_slide, prepare_model
-from pathapp.models.loader import load_model, model_label
+from pathapp.infer.options import QC_MODES
+from pathapp.infer.pipeline import InferenceError, Runtime, check_tile_size, infer_slide, prepare_model, qc_slide
+from pathapp.models.loader import DEFAULT_MPP, load_model, model_label
 from pathapp.results import read_done, write_results
 from pathapp.slide import find_slides, open_slide, slide_name
 
 RESULTS_FOLDER = "pathapp"  # results go to <slide folder>/pathapp/<slide name>/ unless --out is given
+QC_TILE_SIZE = 224  # `pathapp qc` tiles, when no --tile-size: the default model's
 
 
 @dataclass
@@ -50,6 +52,13 @@ class RunSummary:
     @property
     def ok(self) -> bool:
         return not self.failed
+
+    def line(self) -> str:
+        """'2 written, 1 empty (...), 1 already complete, 1 failed': the CLI's closing line."""
+        parts = [f"{len(self.done)} written", f"{len(self.skipped)} already complete"]
+        if self.empty:
+            parts.insert(1, f"{len(self.empty)} empty (no tiles; see the warnings)")
+        return ", ".join(parts + ([f"{len(self.failed)} failed"] if self.failed else []))
 
 
 def expand_inputs(inputs: Sequence[str | Path], out: Path | None) -> list[Job]:
@@ -101,6 +110,14 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def run_qc(inputs: Sequence[str | Path], options: InferOptions | None = None, *,
+           echo: Callable[[str], None] = _stderr) -> RunSummary:
+    """Only quality control over every input (no model): `run_inference` with `qc_only`."""
+    from dataclasses import replace
+
+    return run_inference(inputs, replace(options or InferOptions(), qc_only=True), echo=echo)
+
+
 def run_inference(inputs: Sequence[str | Path], options: InferOptions | None = None, *,
                   echo: Callable[[str], None] = _stderr) -> RunSummary:
     """Run `options.model` over every input and write each slide's results; see the module docstring."""
@@ -120,14 +137,23 @@ def run_inference(inputs: Sequence[str | Path], options: InferOptions | None = N
     summary = RunSummary()
     if not jobs:
         return summary
+    if o.qc not in QC_MODES:
+        raise InferenceError(f"--qc must be one of {', '.join(QC_MODES)}, not {o.qc!r}")
     _limit_threads()
-    bundle = load_model(o.model, weights=o.weights, mpp=o.mpp, tile_size=o.tile_size)
-    rt = prepare_model(bundle, o.device, o.precision, model_label(o.model))
-    check_tile_size(rt, int(o.tile_size or bundle.tile_size))
+    rt = stain = None
+    if not o.qc_only:
+        from pathapp.tiles.stain import stain_target
+
+        bundle = load_model(o.model, weights=o.weights, mpp=o.mpp, tile_size=o.tile_size)
+        rt = prepare_model(bundle, o.device, o.precision, model_label(o.model))
+        check_tile_size(rt, int(o.tile_size or bundle.tile_size))
+        stain = stain_target(o.stain_norm, o.stain_ref, mpp=bundle.mpp, tile_size=bundle.tile_size)
+        if stain is not None:  # embeddings made on normalised tiles are told apart from plain ones
+            rt.fingerprint += ":" + stain.fingerprint()
     settings = run_settings(rt, o)
     for job in jobs:
         try:
-            status, path = _run_job(job, rt, o, rois, settings, echo)
+            status, path = _run_job(job, rt, o, rois, settings, echo, stain)
         except Exception as e:  # noqa: BLE001 - one bad slide must not stop the others; one line each
             line = failure_line(job.label, e)
             summary.failed.append((job.label, line.removeprefix("failed: ")))
@@ -140,11 +166,11 @@ def run_inference(inputs: Sequence[str | Path], options: InferOptions | None = N
 # What decides a slide's results, as `.done` records it; a rerun with other values must not skip.
 SETTING_NAMES = {"model": "backbone (bundle fingerprint)", "head": "head (classes and weights)", "mpp": "--mpp",
                  "tile_size": "--tile-size", "roi": "--roi/--roi-class", "min_tissue": "--min-tissue",
-                 "precision": "--precision", "object_type": "--object-type"}
+                 "precision": "--precision", "object_type": "--object-type", "qc": "--qc"}
 
 
-def run_settings(rt: Runtime, o: InferOptions) -> dict[str, Any]:
-    """The settings that make a slide's results what they are (see SETTING_NAMES)."""
+def run_settings(rt: Runtime | None, o: InferOptions) -> dict[str, Any]:
+    """The settings that make a slide's results what they are (see SETTING_NAMES); `rt` None: QC only."""
     import hashlib
 
     from pathapp.tiles import DEFAULT_MIN_TISSUE
@@ -152,10 +178,15 @@ def run_settings(rt: Runtime, o: InferOptions) -> dict[str, Any]:
     roi = None
     if o.roi is not None:
         roi = {"sha256": hashlib.sha256(Path(o.roi).read_bytes()).hexdigest(), "classes": sorted(o.roi_class)}
-    head = rt.bundle.head_fingerprint() if rt.bundle.head_kind else None
     min_tissue = float(DEFAULT_MIN_TISSUE if o.min_tissue is None else o.min_tissue)
-    return {"model": rt.fingerprint, "head": head, "mpp": float(rt.bundle.mpp), "tile_size": int(rt.bundle.tile_size),
-            "roi": roi, "min_tissue": min_tissue, "precision": o.precision, "object_type": o.object_type}
+    if rt is None:
+        model = head = None
+        mpp, tile_size = float(o.mpp or DEFAULT_MPP), int(o.tile_size or QC_TILE_SIZE)
+    else:
+        model, head = rt.fingerprint, rt.bundle.head_fingerprint() if rt.bundle.head_kind else None
+        mpp, tile_size = float(rt.bundle.mpp), int(rt.bundle.tile_size)
+    return {"model": model, "head": head, "mpp": mpp, "tile_size": tile_size, "roi": roi, "min_tissue": min_tissue,
+            "precision": o.precision, "object_type": o.object_type, "qc": o.qc}
 
 
 def settings_differ(recorded: dict[str, Any], settings: dict[str, Any]) -> str:
@@ -173,10 +204,11 @@ def settings_differ(recorded: dict[str, Any], settings: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def _run_job(job: Job, rt: Runtime, o: InferOptions, rois: Any, settings: dict[str, Any],
-             echo: Callable[[str], None]) -> tuple[str, Path]:
-    """Run one job; (done, empty or skipped, its folder). Raises on failure, and when finished results
-    of other settings are in the way (never replaced without --overwrite)."""
+def _run_job(job: Job, rt: Runtime | None, o: InferOptions, rois: Any, settings: dict[str, Any],
+             echo: Callable[[str], None], stain: Any = None) -> tuple[str, Path]:
+    """Run one job (the model, or with `rt` None only QC); (done, empty or skipped, its folder). Raises
+    on failure, and when finished results of other settings are in the way (never replaced without
+    --overwrite)."""
     if job.error:
         raise InferenceError(job.error)
     recorded = read_done(job.out_dir) if job.out_dir is not None else None
@@ -194,12 +226,17 @@ def _run_job(job: Job, rt: Runtime, o: InferOptions, rois: Any, settings: dict[s
     out_dir = job.out_dir
     with slide:
         t_open = time.perf_counter() - t0
-        result = infer_slide(slide, rt.bundle, mpp=o.mpp, tile_size=o.tile_size, rois=rois,
-                             min_tissue=o.min_tissue, batch_size=o.batch_size, workers=o.workers, runtime=rt,
-                             progress=o.progress, log=echo)
+        if rt is None:
+            result = qc_slide(slide, mpp=o.mpp or DEFAULT_MPP, tile_size=o.tile_size or QC_TILE_SIZE, rois=rois,
+                              min_tissue=o.min_tissue, batch_size=o.batch_size, workers=o.workers,
+                              progress=o.progress, log=echo)
+        else:
+            result = infer_slide(slide, rt.bundle, mpp=o.mpp, tile_size=o.tile_size, rois=rois,
+                                 min_tissue=o.min_tissue, batch_size=o.batch_size, workers=o.workers, runtime=rt,
+                                 progress=o.progress, log=echo, qc=o.qc, stain=stain)
     result.timings = {"open": t_open, **result.timings}
     files = write_results(result, out_dir, object_type=o.object_type, settings=settings)
-    n, secs = len(result), result.timings["model"]
+    n, secs = len(result), result.timings["model" if rt is not None else "qc"]
     echo(f"done: {job.label}: {n} tiles in {secs:.1f} s ({n / max(secs, 1e-9):.1f} tiles/s) -> {out_dir}")
     if not n:
         echo(f"warning: {job.label}: no tiles: {result.params['empty']}")
