@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from pathapp.cli.options import qc_option, slide_mpp_option, stain_options
+from pathapp.cli.options import BATCH_SIZE, FRACTION, MPP, TILE_SIZE, WORKERS, qc_option, slide_mpp_option, stain_options
 from pathapp.models.loader import DEFAULT_MODEL
 
 
@@ -20,19 +20,19 @@ from pathapp.models.loader import DEFAULT_MODEL
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Output folder; results go to OUT/<slide name>/. Default: beside each slide, in "
               "<slide folder>/pathapp/<slide name>/; for a QuPath project <project dir>/pathapp/<entryID>/.")
-@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None, metavar="UM_PER_PX",
+@click.option("--mpp", type=MPP, default=None, metavar="UM_PER_PX",
               help="Resolution tiles are analysed at, µm/px (default: the bundle's, usually 0.5).")
-@click.option("--tile-size", type=click.IntRange(min=1), default=None, metavar="PX",
+@click.option("--tile-size", type=TILE_SIZE, default=None, metavar="PX",
               help="Tile side in pixels (default: the bundle's).")
 @click.option("--roi", type=click.Path(exists=True, dir_okay=False), default=None,
               help="QuPath GeoJSON export of annotations; only tiles whose centre lies inside are run.")
 @click.option("--roi-class", multiple=True, metavar="NAME",
               help="Use only --roi annotations of this class (repeatable).")
 @slide_mpp_option
-@click.option("--min-tissue", type=click.FloatRange(0, 1), default=None,
+@click.option("--min-tissue", type=FRACTION, default=None,
               help="Tissue fraction a tile needs to be analysed (default 0.1).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--workers", type=click.IntRange(min=0), default=None,
+@click.option("--batch-size", type=BATCH_SIZE, default=32, show_default=True)
+@click.option("--workers", type=WORKERS, default=None,
               help="Tile-reading processes (default: chosen from the CPU count; 0 = read in the main process).")
 @click.option("--device", default="auto", show_default=True,
               help="auto (this rank's GPU if any, else CPU), cpu, cuda, cuda:1, ...")
@@ -40,7 +40,9 @@ from pathapp.models.loader import DEFAULT_MODEL
               help="bf16: autocast on GPU. int8: dynamic int8 Linear layers on CPU (faster, cosine ≥ 0.99 to fp32).")
 @click.option("--object-type", type=click.Choice(["tile", "detection"]), default="tile", show_default=True,
               help="QuPath object type of the per-tile objects in tiles.geojson.")
-@click.option("--overwrite", is_flag=True, help="Recompute slides whose results are already complete.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace complete results: needed when they were made with other settings (model, --mpp, "
+              "--roi, ...; a rerun names what differs). Replaces all of pathapp's own files there and only those.")
 @qc_option
 @stain_options
 @click.option("--write-project", is_flag=True,
@@ -56,8 +58,9 @@ def infer(inputs: tuple[str, ...], model: str, weights: str | None, out: str | N
     INPUT is a slide file, a folder of slides (a DICOM-WSI series folder counts as one slide), or a
     QuPath project (project.qpproj or its folder). Each slide gets a folder with tiles.geojson and annotations.geojson
     (drag them onto the image in QuPath), heatmap-<class>.png, overlay.png, embeddings.h5 (CLAM/TRIDENT
-    layout) and run.json. A rerun skips slides that are complete; a slide that fails is reported and
-    the others still run (exit code 1 if any failed).
+    layout) and run.json. A rerun skips slides that are complete with the same settings and refuses,
+    in one line, to replace results of other settings without --overwrite; a slide that fails is
+    reported and the others still run (exit code 1 if any failed).
 
     \b
     Examples:

@@ -24,7 +24,7 @@ def info(slides: tuple[str, ...], backend: str | None, slide_mpp: float | None) 
       pathapp info slide.svs dicom_series_folder/
     """
     from pathapp.slide import describe_slide
-    from pathapp.errors import PathappError
+    from pathapp.errors import PathappError, describe, failure_line
 
     failed = 0
     for path in slides:
@@ -32,6 +32,9 @@ def info(slides: tuple[str, ...], backend: str | None, slide_mpp: float | None) 
             click.echo(json.dumps(describe_slide(path, backend=backend, slide_mpp=slide_mpp)))
         except PathappError as e:
             failed += 1
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {describe(e)}", err=True)
+        except Exception as e:  # noqa: BLE001 - one unreadable slide must not stop the others
+            failed += 1
+            click.echo(failure_line(path, e), err=True)
     if failed:
         sys.exit(1)

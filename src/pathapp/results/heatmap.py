@@ -132,9 +132,12 @@ def write_pca(result: SlideResult, out_dir: Path, colours: np.ndarray | None = N
 
 def write_overlay(result: SlideResult, out_dir: Path, pca_colours: np.ndarray | None = None) -> Path | None:
     """overlay.png: the thumbnail with the class colours (or the PCA colours of a headless bundle)
-    blended in where tiles were scored; confident tiles show stronger."""
-    if result.thumbnail is None or len(result) == 0:
+    blended in where tiles were scored; confident tiles show stronger. Without tiles it is the plain
+    thumbnail, so that an empty result can be looked at to see why."""
+    if result.thumbnail is None:
         return None
+    if len(result) == 0:
+        return save_png(np.asarray(result.thumbnail, dtype=np.uint8)[..., :3], Path(out_dir) / "overlay.png")
     if result.probs is not None:
         rgb, weight = class_colour_map(result)
     elif result.embeddings is not None:

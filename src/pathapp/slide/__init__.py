@@ -8,6 +8,7 @@ from pathlib import Path
 import logging
 import warnings
 
+from pathapp.atomic import OUTPUT_MARKER
 from pathapp.errors import SlideOpenError
 from pathapp.slide.base import Level, Slide, slide_name
 
@@ -120,13 +121,17 @@ def is_slide_file(path: Path) -> bool:
 
 def find_slides(folder: str | Path) -> list[Path]:
     """Slides under `folder`, sorted. The files of one DICOM series count as one slide: the folder
-    when it holds just that series, else the series' first file (open_slide gathers the rest)."""
+    when it holds just that series, else the series' first file (open_slide gathers the rest).
+    Folders pathapp wrote results into (marked with OUTPUT_MARKER) are skipped with all below them."""
     import pydicom
 
     from pathapp.slide.dicom_backend import is_dicom_file
 
     found: list[Path] = []
-    for d, _, names in os.walk(folder):
+    for d, subdirs, names in os.walk(folder):
+        if OUTPUT_MARKER in names:  # pathapp's own results (PNG heatmaps are not slides)
+            subdirs.clear()
+            continue
         here = Path(d)
         files = sorted(here / n for n in names)
         dicom = [f for f in files if f.suffix.lower() in {".dcm", ".dicom", ""} and is_dicom_file(f)]
