@@ -16,7 +16,12 @@ READ_BLOCK = 1024  # level pixels per side read at once: bounds peak memory what
 
 def slide_name(path: str | Path) -> str:
     """A slide's name for output folders, known without opening it: the file stem (without
-    .ome.tif[f]), or the folder name of a DICOM series folder."""
+    .ome.tif[f]), the folder name of a DICOM series folder, or the series (else study) UID of a
+    DICOMweb address."""
+    if isinstance(path, str) and path.lower().startswith("dicomweb+"):
+        from pathapp.slide.dicomweb_backend import parse_dicomweb_url
+
+        return parse_dicomweb_url(path).name
     p = Path(path)
     for suffix in (".ome.tiff", ".ome.tif"):
         if p.name.lower().endswith(suffix):
@@ -138,6 +143,11 @@ class Slide(ABC):
         if (tw, th) == (region.shape[1], region.shape[0]):
             return region
         return np.asarray(Image.fromarray(region).resize((tw, th), Image.BILINEAR))
+
+    def dicom_headers(self) -> list | None:
+        """For a DICOM-WSI slide, each pyramid level's header (pydicom Datasets, level 0 first, no
+        pixel data), which DICOM results must reference; None for every other format."""
+        return None
 
     def close(self) -> None:
         """Release file handles."""
