@@ -202,6 +202,7 @@ def infer_slide(
         embeddings=embeddings,
         extra=extra,
         thumbnail=thumbnail,
+        dicom_headers=slide.dicom_headers(),
         model_name=rt.name,
         model_fingerprint=rt.fingerprint,
         params={
