@@ -22,8 +22,9 @@ import numpy as np
 
 from pathapp.atomic import atomic_path
 from pathapp.errors import PathappError
-from pathapp.results.geojson import PROB_PREFIX, tile_bounds
+from pathapp.results.geojson import PROB_PREFIX
 from pathapp.results.result import SlideResult
+from pathapp.tiles.grid import tile_boxes
 
 if TYPE_CHECKING:
     from pydicom import Dataset
@@ -116,7 +117,7 @@ def annotations_dataset(result: SlideResult) -> Dataset:
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
-    bounds = tile_bounds(result).astype(np.float32)
+    bounds = tile_boxes(result).astype(np.float32)
     squares = np.stack([bounds[:, [0, 1]], bounds[:, [2, 1]], bounds[:, [2, 3]], bounds[:, [0, 3]]], axis=1)
     labels = np.argmax(result.probs, axis=1) if result.probs is not None else np.zeros(len(result), int)
     names = result.class_names or ["tile"]
@@ -169,7 +170,7 @@ def probability_maps(result: SlideResult, level: int) -> np.ndarray:
     rows, cols = int(header.TotalPixelMatrixRows), int(header.TotalPixelMatrixColumns)
     scale = cols / int(result.dicom_headers[0].TotalPixelMatrixColumns)
     maps = np.zeros((rows, cols, len(result.class_names)), np.float32)
-    box = np.rint(tile_bounds(result) * scale).astype(np.int64)
+    box = np.rint(tile_boxes(result) * scale).astype(np.int64)
     for (x0, y0, x1, y1), p in zip(box, result.probs):
         maps[max(y0, 0) : min(y1, rows), max(x0, 0) : min(x1, cols)] = p
     return maps
