@@ -18,8 +18,7 @@ from PIL import Image
 
 from conftest import data_file
 from orthanc_server import PASSWORD, free_port
-from pathapp.errors import SlideOpenError
-from pathapp.slide import expand_slide_input, open_slide
+from pathapp.slide import expand_slide_inputs, open_slide
 
 
 @pytest.fixture
@@ -83,11 +82,11 @@ def test_a_pickled_slide_reopens_for_dataloader_workers(web_env) -> None:
 
 def test_a_study_means_each_of_its_slides(web_env) -> None:
     study = web_env.url("cmu1", series=False)
-    assert expand_slide_input(study) == [web_env.url("cmu1")]
+    assert expand_slide_inputs([study, "slide.svs"]) == ([web_env.url("cmu1"), "slide.svs"], [])
     with open_slide(study) as s:  # a study with one slide opens as that slide
         assert s.name == web_env.series["cmu1"][1]
-    with pytest.raises(SlideOpenError, match=r"no whole-slide \(modality SM\) series, only CT"):
-        expand_slide_input(web_env.url("ct", series=False))
+    slides, errors = expand_slide_inputs([web_env.url("ct", series=False)])
+    assert slides == [] and len(errors) == 1 and "no whole-slide (modality SM) series, only CT" in errors[0]
 
 
 class _Forbidden(http.server.BaseHTTPRequestHandler):
@@ -134,9 +133,9 @@ def test_bad_servers_and_addresses_are_one_line_each_and_the_others_go_on(orthan
     infos = [json.loads(line) for line in r.stdout.splitlines()]
     assert [(i["backend"], i["width"]) for i in infos] == [("dicomweb", 2220)] * 2
     errors = r.stderr.strip().splitlines()
-    assert len(errors) == len(bad), r.stderr
-    for line, (url, reason) in zip(errors, bad.items()):
-        assert line.startswith("error: ") and reason in line, line
+    assert len(errors) == len(bad) and all(line.startswith("error: ") for line in errors), r.stderr
+    for reason in bad.values():
+        assert sum(reason in line for line in errors) == 1, (reason, r.stderr)
     assert PASSWORD not in r.stderr + r.stdout and "Traceback" not in r.stderr
 
 
@@ -150,3 +149,12 @@ def test_credentials_missing_or_wrong_are_named_never_shown(orthanc) -> None:
     token = "tok-abc-987"
     r = run_cli("info", orthanc.url("cmu1"), env={"PATHAPP_DICOMWEB_TOKEN": token})
     assert r.returncode == 1 and "refused the credentials" in r.stderr and token not in r.stderr
+
+
+def test_tile_a_study_over_dicomweb(web_env, tmp_path) -> None:
+    r = run_cli("tile", web_env.url("cmu1", series=False), "--mpp", "2.0", "--tile-size", "64", "--out", str(tmp_path),
+                env=web_env.env)
+    assert r.returncode == 0, r.stderr
+    folder = tmp_path / web_env.series["cmu1"][1]
+    tiles = json.loads((folder / "tiles.geojson").read_text())["features"]
+    assert len(tiles) > 20 and (folder / "thumbnail.png").is_file()

@@ -27,17 +27,15 @@ def info(slides: tuple[str, ...], backend: str | None, slide_mpp: float | None) 
       pathapp info dicomweb+https://pacs.example.org/dicom-web/studies/1.2.3/series/1.2.3.4
     """
     from pathapp.errors import PathappError
-    from pathapp.slide import describe_slide, expand_slide_input
+    from pathapp.slide import describe_slide, expand_slide_inputs
 
-    failed = 0
-    for arg in slides:
+    paths, errors = expand_slide_inputs(slides)
+    for message in errors:
+        click.echo(f"error: {message}", err=True)
+    failed = len(errors)
+    for path in paths:
         try:
-            for path in expand_slide_input(arg):
-                try:
-                    click.echo(json.dumps(describe_slide(path, backend=backend, slide_mpp=slide_mpp)))
-                except PathappError as e:
-                    failed += 1
-                    click.echo(f"error: {e}", err=True)
+            click.echo(json.dumps(describe_slide(path, backend=backend, slide_mpp=slide_mpp)))
         except PathappError as e:
             failed += 1
             click.echo(f"error: {e}", err=True)

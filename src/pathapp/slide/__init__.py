@@ -6,12 +6,13 @@ import logging
 import os
 import re
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 from pathapp.errors import SlideOpenError
 from pathapp.slide.base import Level, Slide, slide_name
 
-__all__ = ["BACKENDS", "IMAGE_SUFFIXES", "Level", "Slide", "detect_backend", "expand_slide_input", "find_slides",
+__all__ = ["BACKENDS", "IMAGE_SUFFIXES", "Level", "Slide", "detect_backend", "expand_slide_inputs", "find_slides",
            "is_slide_file", "is_url", "open_slide", "slide_name"]
 
 # Library chatter (tifffile's damaged-file log lines, pydicom's over-long UID warnings) would bury the
@@ -140,15 +141,24 @@ def _open_url(url: str, backend: str | None, slide_mpp: float | None) -> Slide:
                              f"({redact(reason)[:200]})") from e
 
 
-def expand_slide_input(path: str | Path) -> list[str | Path]:
-    """The slides one command-line input names: a DICOMweb study gives each of its whole-slide
-    series (one address each); anything else is itself."""
-    if is_url(path):
-        from pathapp.slide.dicomweb_backend import is_dicomweb_url, wsi_series
+def expand_slide_inputs(inputs: Iterable[str | Path]) -> tuple[list[str | Path], list[str]]:
+    """The slides that command-line inputs name, and a one-line error for each input that names none:
+    a DICOMweb study gives each of its whole-slide series (one address each); anything else is
+    itself (opening it reports its own errors)."""
+    slides: list[str | Path] = []
+    errors: list[str] = []
+    for item in inputs:
+        if is_url(item):
+            from pathapp.slide.dicomweb_backend import is_dicomweb_url, wsi_series
 
-        if is_dicomweb_url(str(path)):
-            return list(wsi_series(str(path)))
-    return [path]
+            if is_dicomweb_url(str(item)):
+                try:
+                    slides += wsi_series(str(item))
+                except SlideOpenError as e:
+                    errors.append(str(e))
+                continue
+        slides.append(item)
+    return slides, errors
 
 
 def is_slide_file(path: Path) -> bool:
