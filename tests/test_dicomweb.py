@@ -158,3 +158,20 @@ def test_tile_a_study_over_dicomweb(web_env, tmp_path) -> None:
     folder = tmp_path / web_env.series["cmu1"][1]
     tiles = json.loads((folder / "tiles.geojson").read_text())["features"]
     assert len(tiles) > 20 and (folder / "thumbnail.png").is_file()
+
+
+def test_a_batch_of_tiles_costs_one_request_and_the_same_pixels(web_env) -> None:
+    from pathapp.tiles import make_grid
+    from pathapp.tiles.dataset import TileDataset, read_tile, read_tiles
+
+    with open_slide(web_env.url("svs")) as s, open_slide(web_env.url("svs")) as one_by_one:
+        grid = make_grid(s, 0.5, 224)  # every tile of the slide: 9 x 13, 240 px frames
+        batch = list(range(20, 52))
+        requests = s.stats.frame_requests
+        tiles = read_tiles(s, grid, batch)
+        assert s.stats.frame_requests - requests == 1
+        for i, tile in zip(batch, tiles):
+            np.testing.assert_array_equal(tile, read_tile(one_by_one, grid, i))
+        assert one_by_one.stats.frame_requests >= len(batch) // 2
+        items = TileDataset(s, grid).__getitems__([3, 4])
+        assert [i for _, i in items] == [3, 4] and tuple(items[0][0].shape) == (3, 224, 224)

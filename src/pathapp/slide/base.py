@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,6 +95,10 @@ class Slide(ABC):
         if x1 > x0 and y1 > y0:
             out[y0 - ly : y1 - ly, x0 - lx : x1 - lx] = self._read_level(x0, y0, x1 - x0, y1 - y0, level)
         return out
+
+    def prefetch(self, regions: Sequence[tuple[int, int, int, int]], level: int = 0) -> None:
+        """Get ready to `read` each (x, y, w, h) region (x, y level-0 px, w × h px at `level`) soon.
+        A no-op for files; a DICOMweb slide fetches all their missing frames in one request."""
 
     @abstractmethod
     def _read_level(self, x: int, y: int, w: int, h: int, level: int) -> np.ndarray:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -285,6 +285,29 @@ class DicomWebSlide(WsiDicomSlide):
     @property
     def name(self) -> str:
         return self.url.name
+
+    def prefetch(self, regions: Sequence[tuple[int, int, int, int]], level: int = 0) -> None:
+        """Fetch every frame the regions need and the cache lacks in one batched WADO-RS request, and
+        decode them into wsidicom's frame cache, so the reads that follow cost no round trip. Only
+        as many frames as fill half the cache are fetched; reads fetch the rest themselves."""
+        from wsidicom.config import get_settings
+        from wsidicom.geometry import Point
+
+        lv = self.levels[level]
+        instance = self._wsi.levels[level].get_instance()
+        data = instance.image_data
+        tw, th = data.tile_size.width, data.tile_size.height
+        points: dict[Point, None] = {}  # ordered: the frames of the first regions first
+        for x, y, w, h in regions:
+            lx, ly = int(round(x / lv.downsample)), int(round(y / lv.downsample))
+            x0, y0, x1, y1 = max(lx, 0), max(ly, 0), min(lx + w, lv.width), min(ly + h, lv.height)
+            for ty in range(y0 // th, (y1 - 1) // th + 1 if y1 > y0 else 0):
+                for tx in range(x0 // tw, (x1 - 1) // tw + 1 if x1 > x0 else 0):
+                    points[Point(tx, ty)] = None
+        budget = max(1, get_settings().decoded_frame_cache_size // (2 * tw * th * data.samples_per_pixel))
+        with reported(self.url):
+            for _ in data.get_decoded_tiles(list(points)[:budget], instance.default_z, instance.default_path):
+                pass
 
     def _read_level(self, x: int, y: int, w: int, h: int, level: int):  # type: ignore[no-untyped-def]
         with reported(self.url):

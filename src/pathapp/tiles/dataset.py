@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import os
 import pickle
-from typing import Any, Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -19,6 +20,14 @@ def read_tile(slide: Slide, grid: TileGrid, i: int) -> np.ndarray:
     """Tile i of `grid` as uint8 (tile_size, tile_size, 3) (see `read_tile_at`)."""
     x, y = grid.coords[i]
     return read_tile_at(slide, grid.geometry, x, y)
+
+
+def read_tiles(slide: Slide, grid: TileGrid, indices: Sequence[int]) -> list[np.ndarray]:
+    """Tiles `indices` of `grid`. The slide is told about all of them first, so a DICOMweb slide
+    fetches their frames in one request instead of one per tile."""
+    g = grid.geometry
+    slide.prefetch([(int(x), int(y), g.read_size, g.read_size) for x, y in grid.coords[list(indices)]], g.level)
+    return [read_tile(slide, grid, i) for i in indices]
 
 
 class TileDataset:
@@ -40,17 +49,26 @@ class TileDataset:
         return len(self.grid)
 
     def __getitem__(self, i: int) -> tuple[Any, int]:
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[Any, int]]:
+        """A batch of items (DataLoader asks for a batch at once when this exists): the tiles are
+        read together, which lets a DICOMweb slide fetch their frames in one request."""
         import torch
 
-        if not 0 <= i < len(self.grid):
-            raise IndexError(i)
+        for i in indices:
+            if not 0 <= i < len(self.grid):
+                raise IndexError(i)
         if self._pid != os.getpid():  # a forked worker: its inherited file handle is shared state
             self.slide, self._pid = pickle.loads(pickle.dumps(self.slide)), os.getpid()
-        tile = read_tile(self.slide, self.grid, i)
-        if self.transform is not None:
-            from PIL import Image
+        items = []
+        for tile, i in zip(read_tiles(self.slide, self.grid, indices), indices):
+            if self.transform is not None:
+                from PIL import Image
 
-            return self.transform(Image.fromarray(tile)), i
-        if not tile.flags.writeable:  # backends may hand out read-only buffers; torch wants to own one
-            tile = tile.copy()
-        return torch.from_numpy(tile).permute(2, 0, 1).contiguous(), i
+                items.append((self.transform(Image.fromarray(tile)), i))
+                continue
+            if not tile.flags.writeable:  # backends may hand out read-only buffers; torch wants to own one
+                tile = tile.copy()
+            items.append((torch.from_numpy(tile).permute(2, 0, 1).contiguous(), i))
+        return items
