@@ -18,6 +18,7 @@ from PIL import Image
 
 from conftest import data_file
 from orthanc_server import PASSWORD, free_port
+from pathapp.errors import SlideOpenError
 from pathapp.slide import expand_slide_inputs, open_slide
 
 
@@ -175,3 +176,16 @@ def test_a_batch_of_tiles_costs_one_request_and_the_same_pixels(web_env) -> None
         assert one_by_one.stats.frame_requests >= len(batch) // 2
         items = TileDataset(s, grid).__getitems__([3, 4])
         assert [i for _, i in items] == [3, 4] and tuple(items[0][0].shape) == (3, 224, 224)
+
+
+def test_frames_that_vanish_from_the_server_fail_the_read_in_one_line(web_env) -> None:
+    web_env.store("ez-wsi", [data_file("dicom/ez-wsi/multiframe_camelyon_challenge_image.dcm")])
+    with open_slide(web_env.url("ez-wsi")) as s:
+        s.read(0, 0, 256, 256)
+        study = web_env.series["ez-wsi"][0]
+        session = web_env.session()
+        orthanc_id = session.post(f"{web_env.root}/tools/lookup", data=study, timeout=30).json()[0]["ID"]
+        assert session.delete(f"{web_env.root}/studies/{orthanc_id}", timeout=30).status_code == 200
+        with pytest.raises(SlideOpenError, match=r"not found on the server \(HTTP 404\)") as e:
+            s.read(700, 400, 256, 256)  # frames not fetched before the instance went away
+        assert "\n" not in str(e.value) and PASSWORD not in str(e.value)
