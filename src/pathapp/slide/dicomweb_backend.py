@@ -90,7 +90,7 @@ def _setting(name: str) -> float:
     except ValueError:
         value = -1.0
     if value < 0 or (name != ENV_RETRIES and value == 0):
-        raise PathappError(f"{name}={raw!r}: must be a positive number")
+        raise PathappError(f"{name}={raw!r}: must be a {'non-negative' if name == ENV_RETRIES else 'positive'} number")
     return value
 
 
@@ -158,7 +158,6 @@ def web_session(stats: FetchStats | None = None) -> requests.Session:
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     session.auth = _auth()
-    session.timeout_s = timeout  # type: ignore[attr-defined]  # for messages
     if stats is not None:
         session.hooks["response"].append(stats.count)
     return session
