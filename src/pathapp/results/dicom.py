@@ -270,3 +270,20 @@ def store_dicomweb(paths: list[Path], target: str) -> None:
         reasons = sorted({str(item.get("FailureReason", "?")) for item in failed})
         raise DicomResultError(f"{redact(root)}: the server refused {len(failed)} of the DICOM results "
                                f"(failure reason {', '.join(reasons)})")
+
+
+SAME_SERVER = ""  # --dicomweb-store without an address: the server the slide was read from
+
+
+def export_dicom(result: SlideResult, folder: str | Path, store: str | None = None) -> list[Path]:
+    """Write the DICOM results into `folder` and, when `store` is given, send them with STOW-RS to that
+    server (SAME_SERVER: the one the slide came from)."""
+    from pathapp.slide.dicomweb_backend import is_dicomweb_url
+
+    if store == SAME_SERVER and not is_dicomweb_url(result.slide_path):
+        raise DicomResultError(f"{result.slide_path}: --dicomweb-store without an address stores to the server "
+                               f"the slide came from, and this slide is a file; give the server's address")
+    files = write_dicom(result, folder)
+    if store is not None and files:
+        store_dicomweb(files, store or result.slide_path)
+    return files
