@@ -49,3 +49,45 @@ def test_infer_a_study_and_a_worklist_writes_and_stores_dicom(orthanc, tmp_path)
 
     again = run_cli(*args, env=orthanc.env)  # a rerun skips the finished slides
     assert again.stderr.count("skip:") == 2, again.stderr
+
+
+class _FailingDataset:
+    """A dataset whose reads fail as a DICOMweb slide's do when the server goes away mid-slide."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int):
+        from pathapp.errors import SlideOpenError
+
+        raise SlideOpenError("dicomweb+http://127.0.0.1:1/dicom-web/studies/1.2/series/1.3: the server did not answer")
+
+
+def test_an_error_in_a_dataloader_worker_is_reported_in_its_own_one_line() -> None:
+    import pytest
+    from torch.utils.data import DataLoader
+
+    from pathapp.errors import SlideOpenError
+    from pathapp.infer import one_line
+
+    with pytest.raises(SlideOpenError) as e:
+        next(iter(DataLoader(_FailingDataset(), batch_size=2, num_workers=1)))
+    assert "Traceback" in str(e.value)  # what torch hands back
+    assert one_line(e.value) == "dicomweb+http://127.0.0.1:1/dicom-web/studies/1.2/series/1.3: the server did not answer"
+
+
+def test_store_to_the_same_server_needs_a_slide_read_from_one(tmp_path) -> None:
+    import pytest
+
+    from conftest import data_file
+    from pathapp.infer import infer_slide
+    from pathapp.models.bundle import load_bundle
+    from pathapp.results.dicom import SAME_SERVER, DicomResultError, export_dicom
+    from pathapp.slide import open_slide
+
+    with open_slide(data_file("dicom/wsi2dcm-bone/jpeg.dicom")) as slide:
+        result = infer_slide(slide, load_bundle(tiny_bundle(tmp_path, num_classes=2)), mpp=33.0, workers=0,
+                             progress=False)
+    with pytest.raises(DicomResultError, match="stores to the server the slide came from"):
+        export_dicom(result, tmp_path / "dicom", SAME_SERVER)
+    assert [f.name for f in export_dicom(result, tmp_path / "dicom")] == ["annotations.ann.dcm", "probabilities.seg.dcm"]

@@ -29,7 +29,8 @@ if TYPE_CHECKING:
     from pathapp.models.bundle import Bundle, PathModel
 
 PRECISIONS = ("fp32", "bf16", "int8")
-RESULTS_FOLDER = "pathapp"  # results go to <slide folder>/pathapp/<slide name>/ unless --out is given
+RESULTS_FOLDER = "pathapp"
+WORKLIST_SUFFIX = ".txt"  # an infer input listing slides, one per line  # results go to <slide folder>/pathapp/<slide name>/ unless --out is given
 THUMBNAIL_PX = 1024
 MIN_THUMBNAIL_PX = 512
 PROGRESS_EVERY_S = 30.0  # interval of `progress:` lines when stderr is not a terminal
@@ -231,7 +232,7 @@ class Job:
     """One image to run: where its pixels are and where its results go."""
 
     label: str  # what the user sees in messages
-    source: Path | None  # slide file or DICOM folder; None when a project entry's image is missing
+    source: Path | str | None  # slide file, DICOM folder or DICOMweb address; None when an image is missing
     out_dir: Path | None  # None only when the input cannot run (see error)
     entry_mpp: float | None = None  # µm/px recorded by QuPath, used when the file has none
     error: str | None = None  # why this input cannot run (reported, counted as failed)
@@ -253,11 +254,18 @@ class RunSummary:
 
 
 def expand_inputs(inputs: Sequence[str | Path], out: Path | None) -> list[Job]:
-    """Slides, folders of slides (a DICOM series folder is one slide) and QuPath projects, in order."""
+    """Slides, folders of slides (a DICOM series folder is one slide), QuPath projects, DICOMweb
+    addresses (a study is each of its slides) and worklists (.txt: one of those per line), in order."""
     from pathapp.qupath.project import is_project, read_project, results_dir
+    from pathapp.slide import expand_slide_inputs, is_url
 
     jobs: list[Job] = []
-    for raw in inputs:
+    for raw in read_worklists(inputs):
+        if is_url(raw):
+            slides, errors = expand_slide_inputs([raw])
+            jobs += [Job(label=message.split(": ", 1)[0], source=None, out_dir=None, error=message) for message in errors]
+            jobs += [Job(label=str(s), source=s, out_dir=slide_out_dir(s, out)) for s in slides]
+            continue
         p = Path(raw)
         if is_project(p):  # project.qpproj, or the folder holding it
             project = read_project(p)
@@ -277,9 +285,39 @@ def expand_inputs(inputs: Sequence[str | Path], out: Path | None) -> list[Job]:
     return jobs
 
 
-def slide_out_dir(slide: Path, out: Path | None) -> Path:
-    """OUT/<slide name>/, or beside the slide in <slide folder>/pathapp/<slide name>/ without --out."""
-    return (out if out is not None else slide.parent / RESULTS_FOLDER) / slide_name(slide)
+def read_worklists(inputs: Sequence[str | Path]) -> list[str | Path]:
+    """`inputs` with each worklist (a .txt file: one slide, folder, project or DICOMweb address per
+    line; blank lines and # comments skipped) replaced by its lines. Paths in a worklist are relative
+    to its folder."""
+    from pathapp.slide import is_url
+
+    items: list[str | Path] = []
+    for raw in inputs:
+        if is_url(raw) or Path(raw).suffix.lower() != WORKLIST_SUFFIX or not Path(raw).is_file():
+            items.append(raw)
+            continue
+        for line in Path(raw).read_text(encoding="utf-8").splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                items.append(line if is_url(line) else Path(raw).parent / line)
+    return items
+
+
+def slide_out_dir(slide: Path | str, out: Path | None) -> Path:
+    """OUT/<slide name>/, or without --out beside the slide in <slide folder>/pathapp/<slide name>/
+    (for a DICOMweb address, ./pathapp/<series UID>/)."""
+    if out is None:
+        out = (Path.cwd() if isinstance(slide, str) else slide.parent) / RESULTS_FOLDER
+    return out / slide_name(slide)
+
+
+def one_line(error: BaseException) -> str:
+    """The message of a user-facing error; one raised in a DataLoader worker comes back from torch
+    with the worker's traceback appended, so keep only its own last line."""
+    text = str(error).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text
 
 
 def shard(jobs: list[Job]) -> list[Job]:
@@ -326,6 +364,8 @@ def run_inference(
     object_type: str = "tile",
     overwrite: bool = False,
     write_project: bool = False,
+    dicom_out: str | Path | None = None,
+    dicomweb_store: str | None = None,
     progress: bool = True,
     echo: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
 ) -> RunSummary:
@@ -355,10 +395,10 @@ def run_inference(
             result_dir = _run_job(job, rt, rois=rois, mpp=mpp, tile_size=tile_size, slide_mpp=slide_mpp,
                                   min_tissue=min_tissue, batch_size=batch_size, workers=workers,
                                   object_type=object_type, overwrite=overwrite, write_project=write_project,
-                                  progress=progress, echo=echo)
+                                  dicom_out=dicom_out, dicomweb_store=dicomweb_store, progress=progress, echo=echo)
         except PathappError as e:
-            summary.failed.append((job.label, str(e)))
-            echo(f"failed: {e}")
+            summary.failed.append((job.label, one_line(e)))
+            echo(f"failed: {one_line(e)}")
             continue
         except Exception as e:  # noqa: BLE001 - one bad slide must not stop the others; one line each
             summary.failed.append((job.label, f"{type(e).__name__}: {e}"))
@@ -373,8 +413,8 @@ def run_inference(
 
 def _run_job(job: Job, rt: Runtime, *, rois: Any, mpp: float | None, tile_size: int | None,
              slide_mpp: float | None, min_tissue: float | None, batch_size: int, workers: int | None,
-             object_type: str, overwrite: bool, write_project: bool, progress: bool,
-             echo: Callable[[str], None]) -> tuple[bool, Path] | None:
+             object_type: str, overwrite: bool, write_project: bool, dicom_out: str | Path | None,
+             dicomweb_store: str | None, progress: bool, echo: Callable[[str], None]) -> tuple[bool, Path] | None:
     """Run one job; (skipped?, its folder). Raises on failure."""
     if job.error:
         raise InferenceError(job.error)
@@ -391,6 +431,13 @@ def _run_job(job: Job, rt: Runtime, *, rois: Any, mpp: float | None, tile_size: 
         result = infer_slide(slide, rt.bundle, mpp=mpp, tile_size=tile_size, rois=rois, min_tissue=min_tissue,
                              batch_size=batch_size, workers=workers, runtime=rt, progress=progress, log=echo)
     result.timings = {"open": t_open, **result.timings}
+    if dicom_out is not None or dicomweb_store is not None:  # before write_results marks the slide done
+        from pathapp.results.dicom import export_dicom
+
+        folder = Path(dicom_out) / result.slide_name if dicom_out is not None else out_dir / "dicom"
+        written = export_dicom(result, folder, dicomweb_store)
+        stored = "" if dicomweb_store is None else ", stored with STOW-RS"
+        echo(f"dicom: {job.label}: {', '.join(f.name for f in written)} in {folder}{stored}")
     files = write_results(result, out_dir, object_type=object_type)
     n, secs = len(result), result.timings["model"]
     echo(f"done: {job.label}: {n} tiles in {secs:.1f} s ({n / max(secs, 1e-9):.1f} tiles/s) -> {out_dir}")

@@ -10,7 +10,7 @@ from pathapp.cli.options import slide_mpp_option
 
 
 @click.command(context_settings={"max_content_width": 100})
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True), metavar="INPUT...")
+@click.argument("inputs", nargs=-1, required=True, type=str, metavar="INPUT...")
 @click.option("--model", "model", default="dinov2_vits14", show_default=True, metavar="BUNDLE|NAME",
               help="A .pathapp bundle (classes, head, preprocessing), or a backbone name (see `pathapp "
               "model list`) for embeddings only, with weights from --weights or the hub.")
@@ -40,14 +40,23 @@ from pathapp.cli.options import slide_mpp_option
 @click.option("--object-type", type=click.Choice(["tile", "detection"]), default="tile", show_default=True,
               help="QuPath object type of the per-tile objects in tiles.geojson.")
 @click.option("--overwrite", is_flag=True, help="Recompute slides whose results are already complete.")
+@click.option("--dicom-out", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="Also write DICOM results for DICOM-WSI slides into DIR/<slide name>/: annotations.ann.dcm "
+              "(tiles per class with probabilities) and probabilities.seg.dcm (a fractional segmentation).")
+@click.option("--dicomweb-store", is_flag=False, flag_value="", default=None, metavar="[URL]",
+              help="Store the DICOM results with STOW-RS: alone, to the DICOMweb server the slide came from; "
+              "with a URL (the server's DICOMweb root), there. Credentials as for reading.")
 @click.option("--write-project", is_flag=True,
               help="For a .qpproj input, also add the objects to the QuPath project (needs paquo and "
               "QuPath; otherwise prints how to import the GeoJSON).")
 def infer(inputs: tuple[str, ...], model: str, **options: object) -> None:
     """Run MODEL over every slide in INPUT... and write QuPath-ready results.
 
-    INPUT is a slide file, a folder of slides (a DICOM-WSI series folder counts as one slide), or a
-    QuPath project (project.qpproj or its folder). Each slide gets a folder with tiles.geojson and annotations.geojson
+    INPUT is a slide file, a folder of slides (a DICOM-WSI series folder counts as one slide), a
+    QuPath project (project.qpproj or its folder), a DICOMweb address
+    (dicomweb+https://host/<root>/studies/<UID>[/series/<UID>]; a study means each of its slides;
+    credentials from PATHAPP_DICOMWEB_TOKEN or PATHAPP_DICOMWEB_USER/PASSWORD), or a .txt worklist
+    with one of these per line. Each slide gets a folder with tiles.geojson and annotations.geojson
     (drag them onto the image in QuPath), heatmap-<class>.png, overlay.png, embeddings.h5 (CLAM/TRIDENT
     layout) and run.json. A rerun skips slides that are complete; a slide that fails is reported and
     the others still run (exit code 1 if any failed).
@@ -59,6 +68,9 @@ def infer(inputs: tuple[str, ...], model: str, **options: object) -> None:
       pathapp infer slides/ --model dinov2_vits14 --weights dinov2_vits14_pretrain.pth --mpp 0.5
       pathapp infer project.qpproj --model tumor.pathapp --roi rois.geojson --roi-class Tumor
       torchrun --nproc-per-node 4 -m pathapp infer slides/ --model tumor.pathapp   (one GPU per rank)
+      pathapp infer dicomweb+https://pacs.example.org/dicom-web/studies/1.2.3 --model tumor.pathapp \\
+          --out results/ --dicom-out dicom/ --dicomweb-store         (results back to the archive)
+      pathapp infer worklist.txt --model tumor.pathapp --out results/
     """
     from pathapp.infer import run_inference
 
