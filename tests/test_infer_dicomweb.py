@@ -88,6 +88,13 @@ def test_store_to_the_same_server_needs_a_slide_read_from_one(tmp_path) -> None:
     with open_slide(data_file("dicom/wsi2dcm-bone/jpeg.dicom")) as slide:
         result = infer_slide(slide, load_bundle(tiny_bundle(tmp_path, num_classes=2)), mpp=33.0, workers=0,
                              progress=False)
+        headless = infer_slide(slide, load_bundle(tiny_bundle(tmp_path, num_classes=0, filename="h.pathapp")),
+                               mpp=33.0, workers=0, progress=False)
     with pytest.raises(DicomResultError, match="stores to the server the slide came from"):
         export_dicom(result, tmp_path / "dicom", SAME_SERVER)
     assert [f.name for f in export_dicom(result, tmp_path / "dicom")] == ["annotations.ann.dcm", "probabilities.seg.dcm"]
+    # a bundle without classes: the tiles as one group, no probabilities, no segmentation
+    (ann,) = export_dicom(headless, tmp_path / "headless")
+    groups = pydicom.dcmread(ann).AnnotationGroupSequence
+    assert [(g.AnnotationGroupLabel, g.NumberOfAnnotations) for g in groups] == [("tile", len(headless))]
+    assert "MeasurementsSequence" not in groups[0]
