@@ -68,7 +68,7 @@ def test_an_error_in_a_dataloader_worker_is_reported_in_its_own_one_line() -> No
     from torch.utils.data import DataLoader
 
     from pathapp.errors import SlideOpenError
-    from pathapp.infer import one_line
+    from pathapp.errors import one_line
 
     with pytest.raises(SlideOpenError) as e:
         next(iter(DataLoader(_FailingDataset(), batch_size=2, num_workers=1)))

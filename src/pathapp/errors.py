@@ -19,3 +19,12 @@ class MissingMppError(PathappError):
             f"{path}: the slide has no µm/px in its metadata; pass its resolution with "
             f"--slide-mpp (e.g. --slide-mpp 0.5)"
         )
+
+
+def one_line(error: BaseException) -> str:
+    """An error's message as one line (its type when it has none). An error raised in a DataLoader
+    worker comes back from torch with the worker's traceback appended: keep only its own last line."""
+    text = str(error).strip()
+    if "Original Traceback" in text:
+        return text.splitlines()[-1].split(": ", 1)[-1]
+    return text.splitlines()[0] if text else type(error).__name__

@@ -9,7 +9,7 @@ import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
-from pathapp.errors import SlideOpenError
+from pathapp.errors import SlideOpenError, one_line
 from pathapp.slide.base import Level, Slide, slide_name
 
 __all__ = ["BACKENDS", "IMAGE_SUFFIXES", "Level", "Slide", "detect_backend", "expand_slide_inputs", "find_slides",
@@ -108,7 +108,7 @@ def open_slide(path: str | Path, backend: str | None = None, slide_mpp: float | 
     except SlideOpenError:
         raise
     except Exception as e:  # noqa: BLE001 - each library raises its own types; the user needs one line
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = one_line(e)
         raise SlideOpenError(
             f"{p}: cannot be read by the {name} backend ({reason[:200]}); check that the file is "
             f"complete and a slide, or force another reader with --backend"
@@ -136,7 +136,7 @@ def _open_url(url: str, backend: str | None, slide_mpp: float | None) -> Slide:
     except SlideOpenError:
         raise
     except Exception as e:  # noqa: BLE001 - wsidicom rejects odd metadata with its own types
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = one_line(e)
         raise SlideOpenError(f"{redact(url)}: cannot be read as a whole-slide image over DICOMweb "
                              f"({redact(reason)[:200]})") from e
 
