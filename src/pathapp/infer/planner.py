@@ -1,6 +1,6 @@
-"""Many slides: which inputs (slides, folders, QuPath projects, DICOMweb addresses, worklists), where each one's results go, what a
-previous run already finished (`.done` markers), and which torchrun rank runs what (input i -> rank
-i mod world size). One failing slide is reported in one line and the others still run."""
+"""Many slides: which inputs (slides, folders, QuPath projects, DICOMweb addresses, worklists), where
+each one's results go, what a previous run already finished (`.done` markers), and which torchrun rank
+runs what (input i -> rank i mod world size). One failing slide is reported in one line and the others still run."""
 
 from __future__ import annotations
 
@@ -195,7 +195,7 @@ def _run_job(job: Job, rt: Runtime, o: InferOptions, rois: Any, echo: Callable[[
     if o.write_project and job.project is not None:
         from pathapp.qupath.paquo_bridge import write_geojson_to_project
 
-        message = write_geojson_to_project(job.project, job.entry_id, files)
+        message = write_geojson_to_project(job.project, job.entry_id, files, image_path=job.source)
         if message:
             echo(message)
     return False, out_dir
