@@ -1,6 +1,7 @@
 """Many slides: which inputs (slides, folders, QuPath projects, DICOMweb addresses, worklists), where
 each one's results go, what a previous run already finished (`.done` markers), and which torchrun rank
-runs what (input i -> rank i mod world size). One failing slide is reported in one line and the others still run."""
+runs what (input i -> rank i mod world size). One failing slide is reported in one line and the
+others still run."""
 
 from __future__ import annotations
 
