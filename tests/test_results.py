@@ -204,3 +204,29 @@ def test_slide_without_tiles_still_completes(tmp_path):
     assert assert_qupath_conformant(tmp_path / "tiles.geojson") == []
     with h5py.File(tmp_path / "embeddings.h5") as f:
         assert f["features"].shape == (0, 16) and f["coords"].shape == (0, 2)
+
+
+@pytest.mark.parametrize("task,outputs", [("classification", {"benign": 0.3, "malignant": 0.7}),
+                                          ("survival", {"risk": -0.42}), ("regression", {"tils": 12.5})])
+def test_slide_head_prediction_is_one_annotation_over_the_tissue(tmp_path, task, outputs):
+    """A slide head's prediction (ABMIL: classes, a Cox risk or a value) becomes one QuPath annotation
+    named "slide" covering every analysed tile (rings with holes included), with the prediction as
+    measurements; a headless result has none."""
+    res = grid_result(headless=True)
+    res.coords[40] = (0, 2700)  # a tile detached from the others (below the grid): the union has two parts
+    res.slide_outputs, res.slide_task = outputs, task
+    write_results(res, tmp_path)
+    feats = assert_qupath_conformant(tmp_path / "annotations.geojson")
+    assert [f["properties"]["name"] for f in feats] == ["slide"]
+    p = feats[0]["properties"]
+    geom = shape(feats[0]["geometry"])
+    assert geom.geom_type == "MultiPolygon" and len(geom.geoms) == 2
+    assert geom.area == pytest.approx(len(res) * res.footprint**2, rel=1e-3)
+    assert p["measurements"]["Tiles"] == len(res)
+    assert p["measurements"]["Area µm^2"] == pytest.approx(geom.area * SLIDE_MPP**2, rel=1e-6)
+    if task == "classification":
+        assert p["classification"]["name"] == "malignant"
+        assert p["measurements"]["prob: malignant"] == pytest.approx(0.7)
+    else:
+        assert "classification" not in p
+        assert p["measurements"][next(iter(outputs))] == pytest.approx(next(iter(outputs.values())))

@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "info": "pathapp.cli.slides:info",
     "tile": "pathapp.cli.tile:tile",
     "infer": "pathapp.cli.infer:infer",
+    "qc": "pathapp.cli.qc:qc",
     "model": "pathapp.cli.model:model",
     "train": "pathapp.cli.train:train",
     "evaluate": "pathapp.cli.train:evaluate",

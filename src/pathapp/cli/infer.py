@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from pathapp.cli.options import slide_mpp_option
+from pathapp.cli.options import qc_option, slide_mpp_option, stain_options
 from pathapp.models.loader import DEFAULT_MODEL
 
 
@@ -47,13 +47,16 @@ from pathapp.models.loader import DEFAULT_MODEL
 @click.option("--dicomweb-store", is_flag=False, flag_value="", default=None, metavar="[URL]",
               help="Store the DICOM results with STOW-RS: alone, to the DICOMweb server the slide came from; "
               "with a URL (the server's DICOMweb root), there. Credentials as for reading.")
+@qc_option
+@stain_options
 @click.option("--write-project", is_flag=True,
               help="For a .qpproj input, also add the objects to the QuPath project (needs paquo and "
               "QuPath; otherwise prints how to import the GeoJSON).")
 def infer(inputs: tuple[str, ...], model: str, weights: str | None, out: str | None, mpp: float | None,
           tile_size: int | None, roi: str | None, roi_class: tuple[str, ...], slide_mpp: float | None,
           min_tissue: float | None, batch_size: int, workers: int | None, device: str, precision: str,
-          object_type: str, overwrite: bool, dicom_out: str | None, dicomweb_store: str | None,
+          object_type: str, qc: str, stain_norm: str | None, stain_ref: str | None, overwrite: bool,
+          dicom_out: str | None, dicomweb_store: str | None,
           write_project: bool) -> None:
     """Run MODEL over every slide in INPUT... and write QuPath-ready results.
 
@@ -72,6 +75,7 @@ def infer(inputs: tuple[str, ...], model: str, weights: str | None, out: str | N
       pathapp infer slide.svs --model tumor.pathapp
       pathapp infer slides/ --model dinov2_vits14 --weights dinov2_vits14_pretrain.pth --mpp 0.5
       pathapp infer project.qpproj --model tumor.pathapp --roi rois.geojson --roi-class Tumor
+      pathapp infer slides/ --model tumor.pathapp --qc exclude --stain-norm macenko --stain-ref ref.png
       torchrun --nproc-per-node 4 -m pathapp infer slides/ --model tumor.pathapp   (one GPU per rank)
       pathapp infer dicomweb+https://pacs.example.org/dicom-web/studies/1.2.3 --model tumor.pathapp \\
           --out results/ --dicom-out dicom/ --dicomweb-store         (results back to the archive)
@@ -82,12 +86,9 @@ def infer(inputs: tuple[str, ...], model: str, weights: str | None, out: str | N
     options = InferOptions(
         model=model, weights=weights, out=out, mpp=mpp, tile_size=tile_size, roi=roi, roi_class=roi_class,
         slide_mpp=slide_mpp, min_tissue=min_tissue, batch_size=batch_size, workers=workers, device=device,
-        precision=precision, object_type=object_type, overwrite=overwrite, dicom_out=dicom_out,
-        dicomweb_store=dicomweb_store, write_project=write_project)
+        precision=precision, object_type=object_type, overwrite=overwrite, write_project=write_project, qc=qc,
+        stain_norm=stain_norm, stain_ref=stain_ref, dicom_out=dicom_out, dicomweb_store=dicomweb_store)
     summary = run_inference(list(inputs), options)
-    parts = [f"{len(summary.done)} written", f"{len(summary.skipped)} already complete"]
-    if summary.failed:
-        parts.append(f"{len(summary.failed)} failed")
-    click.echo("infer: " + ", ".join(parts), err=True)
+    click.echo("infer: " + summary.line(), err=True)
     if not summary.ok:
         sys.exit(1)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from pathapp.cli.options import slide_mpp_option
+from pathapp.cli.options import slide_mpp_option, stain_options
 
 
 @click.command()
@@ -45,16 +45,20 @@ from pathapp.cli.options import slide_mpp_option
 @click.option("--resume", is_flag=True, default=False,
               help="Continue the run in --out from its checkpoint, with its saved config.yaml.")
 @click.option("--quiet", is_flag=True, default=False, help="No progress bar.")
+@stain_options
 def pretrain(slides: str | None, tiles: str | None, backbone: str | None, init: str | None, mpps: tuple[float, ...],
              slide_mpp: float | None, out: str, config_path: str | None, batch_size: int | None,
              grad_accum: int | None, steps: int | None, epochs: float | None, max_minutes: float | None,
-             workers: int | None, precision: str | None, fsdp: bool, resume: bool, quiet: bool) -> None:
+             workers: int | None, precision: str | None, fsdp: bool, resume: bool, quiet: bool,
+             stain_norm: str | None, stain_ref: str | None) -> None:
     """Pretrain a DINOv2 ViT on unlabelled tissue (DINO + iBOT + KoLeo, EMA teacher) and export the
     teacher backbone as OUT/teacher.pathapp for `pathapp infer` and `pathapp train`.
 
     Every hyper-parameter (crops, HED stain jitter, losses, schedules, ...) is in OUT/config.yaml;
     copy and edit it, then pass it with --config. Metrics (loss parts, lr, momentum, tiles/s) go to
     OUT/metrics.jsonl; a checkpoint is written every `checkpoint_every` steps and at the end.
+    With --stain-norm, each slide is fitted once on its tissue and every sampled tile normalised
+    before the augmentations; the fits go to OUT/stain.json.
 
     \b
     Examples:
@@ -62,6 +66,7 @@ def pretrain(slides: str | None, tiles: str | None, backbone: str | None, init: 
       pathapp pretrain --slides project.qpproj --mpp 0.5 --mpp 1.0 --max-minutes 60 --out run/
       pathapp pretrain --slides slides.csv --mpp 1.0 --precision bf16 --out run/
       pathapp pretrain --tiles tiles/ --config cfg.yaml --out run/
+      pathapp pretrain --slides slides/ --stain-norm macenko --stain-ref ref.png --out run/
       pathapp pretrain --out run/ --resume
       torchrun --nproc-per-node 4 -m pathapp pretrain --slides slides/ --out run/   (one process per GPU)
     """
@@ -84,7 +89,8 @@ def pretrain(slides: str | None, tiles: str | None, backbone: str | None, init: 
         changes = {"slides": slides, "tiles": tiles, "backbone": backbone, "init": init,
                    "mpp": list(mpps) if mpps else None, "slide_mpp": slide_mpp, "batch_size": batch_size,
                    "grad_accum": grad_accum, "steps": steps, "max_minutes": max_minutes, "num_workers": workers,
-                   "precision": precision, "distributed": "fsdp" if fsdp else None}
+                   "precision": precision, "distributed": "fsdp" if fsdp else None, "stain_norm": stain_norm,
+                   "stain_ref": str(Path(stain_ref).resolve()) if stain_ref else None}
         if epochs is not None:
             changes.update(epochs=epochs)
         if slides and tiles:

@@ -9,6 +9,7 @@ from pathlib import Path
 from pathapp.models.loader import DEFAULT_MODEL
 
 OBJECT_TYPES = ("tile", "detection")
+QC_MODES = ("flag", "exclude", "off")  # measure and mark artefacts; also drop flagged tiles; neither
 
 
 @dataclass
@@ -35,3 +36,7 @@ class InferOptions:
     dicomweb_store: str | None = None  # STOW-RS them there; "" = the server the slide came from
     write_project: bool = False  # also add the objects to a .qpproj input (paquo + QuPath)
     progress: bool = True
+    qc: str = "flag"  # QC_MODES
+    qc_only: bool = False  # `pathapp qc`: measure and write QC, run no model
+    stain_norm: str | None = None  # "macenko" | "reinhard" | "vahadane": normalise onto stain_ref
+    stain_ref: str | Path | None = None  # a tile, a slide, or a saved target (.json, run.json)

@@ -16,13 +16,15 @@ from typing import Any
 from pathapp.engine.distributed import dist_env
 from pathapp.errors import PathappError, one_line
 from pathapp.infer.options import InferOptions
-from pathapp.infer.pipeline import InferenceError, Runtime, check_tile_size, infer_slide, prepare_model
-from pathapp.models.loader import load_model, model_label
+from pathapp.infer.options import QC_MODES
+from pathapp.infer.pipeline import InferenceError, Runtime, check_tile_size, infer_slide, prepare_model, qc_slide
+from pathapp.models.loader import DEFAULT_MPP, load_model, model_label
 from pathapp.results import is_done, write_results
 from pathapp.slide import expand_slide_inputs, find_slides, is_url, open_slide, slide_name
 
 RESULTS_FOLDER = "pathapp"  # results go to <slide folder>/pathapp/<slide name>/ unless --out is given
 WORKLIST_SUFFIX = ".txt"  # an infer input listing slides, one per line
+QC_TILE_SIZE = 224  # `pathapp qc` tiles, when no --tile-size: the default model's
 
 
 @dataclass
@@ -49,6 +51,11 @@ class RunSummary:
     @property
     def ok(self) -> bool:
         return not self.failed
+
+    def line(self) -> str:
+        """'2 written, 1 already complete, 1 failed': the CLI's closing line."""
+        parts = [f"{len(self.done)} written", f"{len(self.skipped)} already complete"]
+        return ", ".join(parts + ([f"{len(self.failed)} failed"] if self.failed else []))
 
 
 def expand_inputs(inputs: Sequence[str | Path], out: Path | None) -> list[Job]:
@@ -126,6 +133,14 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def run_qc(inputs: Sequence[str | Path], options: InferOptions | None = None, *,
+           echo: Callable[[str], None] = _stderr) -> RunSummary:
+    """Only quality control over every input (no model): `run_inference` with `qc_only`."""
+    from dataclasses import replace
+
+    return run_inference(inputs, replace(options or InferOptions(), qc_only=True), echo=echo)
+
+
 def run_inference(inputs: Sequence[str | Path], options: InferOptions | None = None, *,
                   echo: Callable[[str], None] = _stderr) -> RunSummary:
     """Run `options.model` over every input and write each slide's results; see the module docstring."""
@@ -145,13 +160,22 @@ def run_inference(inputs: Sequence[str | Path], options: InferOptions | None = N
     summary = RunSummary()
     if not jobs:
         return summary
+    if o.qc not in QC_MODES:
+        raise InferenceError(f"--qc must be one of {', '.join(QC_MODES)}, not {o.qc!r}")
     _limit_threads()
-    bundle = load_model(o.model, weights=o.weights, mpp=o.mpp, tile_size=o.tile_size)
-    rt = prepare_model(bundle, o.device, o.precision, model_label(o.model))
-    check_tile_size(rt, int(o.tile_size or bundle.tile_size))
+    rt = stain = None
+    if not o.qc_only:
+        from pathapp.tiles.stain import stain_target
+
+        bundle = load_model(o.model, weights=o.weights, mpp=o.mpp, tile_size=o.tile_size)
+        rt = prepare_model(bundle, o.device, o.precision, model_label(o.model))
+        check_tile_size(rt, int(o.tile_size or bundle.tile_size))
+        stain = stain_target(o.stain_norm, o.stain_ref, mpp=bundle.mpp, tile_size=bundle.tile_size)
+        if stain is not None:  # embeddings made on normalised tiles are told apart from plain ones
+            rt.fingerprint += ":" + stain.fingerprint()
     for job in jobs:
         try:
-            result_dir = _run_job(job, rt, o, rois, echo)
+            result_dir = _run_job(job, rt, o, rois, echo, stain)
         except PathappError as e:
             summary.failed.append((job.label, one_line(e)))
             echo(f"failed: {one_line(e)}")
@@ -165,8 +189,9 @@ def run_inference(inputs: Sequence[str | Path], options: InferOptions | None = N
     return summary
 
 
-def _run_job(job: Job, rt: Runtime, o: InferOptions, rois: Any, echo: Callable[[str], None]) -> tuple[bool, Path]:
-    """Run one job; (skipped?, its folder). Raises on failure."""
+def _run_job(job: Job, rt: Runtime | None, o: InferOptions, rois: Any, echo: Callable[[str], None],
+             stain: Any = None) -> tuple[bool, Path]:
+    """Run one job (the model, or with `rt` None only QC); (skipped?, its folder). Raises on failure."""
     if job.error:
         raise InferenceError(job.error)
     if job.out_dir is not None and is_done(job.out_dir) and not o.overwrite:
@@ -179,9 +204,14 @@ def _run_job(job: Job, rt: Runtime, o: InferOptions, rois: Any, echo: Callable[[
     out_dir = job.out_dir
     with slide:
         t_open = time.perf_counter() - t0
-        result = infer_slide(slide, rt.bundle, mpp=o.mpp, tile_size=o.tile_size, rois=rois,
-                             min_tissue=o.min_tissue, batch_size=o.batch_size, workers=o.workers, runtime=rt,
-                             progress=o.progress, log=echo)
+        if rt is None:
+            result = qc_slide(slide, mpp=o.mpp or DEFAULT_MPP, tile_size=o.tile_size or QC_TILE_SIZE, rois=rois,
+                              min_tissue=o.min_tissue, batch_size=o.batch_size, workers=o.workers,
+                              progress=o.progress, log=echo)
+        else:
+            result = infer_slide(slide, rt.bundle, mpp=o.mpp, tile_size=o.tile_size, rois=rois,
+                                 min_tissue=o.min_tissue, batch_size=o.batch_size, workers=o.workers, runtime=rt,
+                                 progress=o.progress, log=echo, qc=o.qc, stain=stain)
     result.timings = {"open": t_open, **result.timings}
     if o.dicom_out is not None or o.dicomweb_store is not None:  # before write_results marks the slide done
         from pathapp.results.dicom import export_dicom
@@ -191,7 +221,7 @@ def _run_job(job: Job, rt: Runtime, o: InferOptions, rois: Any, echo: Callable[[
         stored = "" if o.dicomweb_store is None else ", stored with STOW-RS"
         echo(f"dicom: {job.label}: {', '.join(f.name for f in written)} in {folder}{stored}")
     files = write_results(result, out_dir, object_type=o.object_type)
-    n, secs = len(result), result.timings["model"]
+    n, secs = len(result), result.timings["model" if rt is not None else "qc"]
     echo(f"done: {job.label}: {n} tiles in {secs:.1f} s ({n / max(secs, 1e-9):.1f} tiles/s) -> {out_dir}")
     if o.write_project and job.project is not None:
         from pathapp.qupath.paquo_bridge import write_geojson_to_project

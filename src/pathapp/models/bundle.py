@@ -100,6 +100,12 @@ class Bundle:
         return self.head_kind is not None
 
     @property
+    def task(self) -> str | None:
+        """What the head predicts: "classification", or for a slide head "survival" / "regression"
+        (heads.SLIDE_TASKS); None without a head."""
+        return str(self.head_config.get("task", "classification")) if self.head_kind else None
+
+    @property
     def embedding_dim(self) -> int:
         return self.spec.embed_dim * (2 if self.recipe == "cls+mean" else 1)
 
@@ -108,6 +114,7 @@ class Bundle:
         return {
             "backbone": self.spec.to_dict(),
             "head": {"kind": self.head_kind, "config": self.head_config} if self.head_kind else None,
+            "task": self.task,
             "classes": [{"name": n, "color": list(c)} for n, c in zip(self.class_names, self.class_colors)],
             "preprocessing": {"mpp": self.mpp, "tile_size": self.tile_size, "mean": list(self.mean),
                               "std": list(self.std), "recipe": self.recipe, "input": "RGB float 0..1 or uint8"},

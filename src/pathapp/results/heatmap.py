@@ -29,23 +29,24 @@ def heatmap_shape(result: SlideResult) -> tuple[int, int]:
     return max(1, int(np.ceil(h / s))), max(1, int(np.ceil(w / s)))
 
 
-def tile_cells(result: SlideResult) -> tuple[np.ndarray, np.ndarray]:
-    """Row and column of the heatmap pixel holding each tile's centre."""
+def tile_cells(result: SlideResult, coords: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column of the heatmap pixel holding each tile's centre (of `coords`, default the result's)."""
     s = heatmap_scale(result)
     rows, cols = heatmap_shape(result)
-    centre = result.coords.astype(np.float64) + result.footprint / 2
+    centre = np.asarray(result.coords if coords is None else coords, dtype=np.float64) + result.footprint / 2
     c = np.clip((centre[:, 0] // s).astype(np.int64), 0, cols - 1)
     r = np.clip((centre[:, 1] // s).astype(np.int64), 0, rows - 1)
     return r, c
 
 
-def rasterise(result: SlideResult, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def rasterise(result: SlideResult, values: np.ndarray, coords: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per-pixel mean of `values` ((N,) or (N, K)) over the tiles in each heatmap pixel, and the
-    mask of pixels that hold a tile (overlapping tiles can share a pixel)."""
+    mask of pixels that hold a tile (overlapping tiles can share a pixel). `coords`: the tiles'
+    level-0 corners, default the result's."""
     rows, cols = heatmap_shape(result)
     values = np.asarray(values, dtype=np.float64)
     flat = values.reshape(len(values), -1)
-    r, c = tile_cells(result)
+    r, c = tile_cells(result, coords)
     idx = r * cols + c
     total = np.zeros((rows * cols, flat.shape[1]))
     np.add.at(total, idx, flat)
@@ -141,6 +142,25 @@ def write_overlay(result: SlideResult, out_dir: Path, pca_colours: np.ndarray | 
         weight = mask.astype(np.float64)
     else:
         return None
+    return _blend(result, rgb, weight, Path(out_dir) / "overlay.png")
+
+
+def write_qc_overlay(result: SlideResult, out_dir: Path) -> Path | None:
+    """overlay-qc.png: the thumbnail with each artefact kind's colour where QC flagged tiles
+    (kept or excluded); tiles that passed are left as they are."""
+    if result.thumbnail is None or result.qc is None or not len(result.qc.classes):
+        return None
+    qc = result.qc
+    palette = {k: np.asarray(c, np.float64) for k, c in qc.colors.items()}
+    flagged = np.array([c in palette for c in qc.classes])
+    colours = np.array([palette.get(c, np.zeros(3)) for c in qc.classes]).reshape(-1, 3)
+    rgb, _ = rasterise(result, colours, qc.coords)
+    weight, _ = rasterise(result, flagged.astype(np.float64), qc.coords)
+    return _blend(result, rgb / np.maximum(weight, 1e-9)[..., None], weight, Path(out_dir) / "overlay-qc.png")
+
+
+def _blend(result: SlideResult, rgb: np.ndarray, weight: np.ndarray, path: Path) -> Path:
+    """The thumbnail with a heatmap-grid colour map blended in, OVERLAY_ALPHA × weight strong."""
     thumb = np.asarray(result.thumbnail, dtype=np.float32)[..., :3]
     th, tw = thumb.shape[:2]
     # Each thumbnail pixel looks up the heatmap pixel under its level-0 position (exact alignment).
@@ -150,4 +170,4 @@ def write_overlay(result: SlideResult, out_dir: Path, pca_colours: np.ndarray | 
     rows = np.minimum(((np.arange(th) + 0.5) * (h0 / th) // s).astype(np.int64), rgb.shape[0] - 1)
     a = (OVERLAY_ALPHA * weight.astype(np.float32))[np.ix_(rows, cols)][..., None]
     blended = thumb + (rgb.astype(np.float32)[np.ix_(rows, cols)] - thumb) * a
-    return save_png(np.round(blended).astype(np.uint8), Path(out_dir) / "overlay.png")
+    return save_png(np.round(blended).astype(np.uint8), path)

@@ -12,7 +12,7 @@ import numpy as np
 
 from pathapp.atomic import atomic_path
 from pathapp.results.embeddings import write_embeddings
-from pathapp.results.geojson import write_annotations_geojson, write_tiles_geojson
+from pathapp.results.geojson import qc_summary, write_annotations_geojson, write_tiles_geojson
 from pathapp.results.heatmap import (
     heatmap_scale,
     heatmap_shape,
@@ -20,6 +20,7 @@ from pathapp.results.heatmap import (
     write_class_heatmaps,
     write_overlay,
     write_pca,
+    write_qc_overlay,
 )
 from pathapp.results.result import SlideResult
 
@@ -48,6 +49,9 @@ def run_record(result: SlideResult, files: list[Path]) -> dict:
     if result.probs is not None and len(result):
         labels = np.argmax(result.probs, axis=1)
         counts.update({f"class: {c}": int(np.count_nonzero(labels == k)) for k, c in enumerate(result.class_names)})
+    qc = qc_summary(result)
+    if qc:
+        counts.update({f"qc: {k}": n for k, n in qc["tiles"].items()})
     rows, cols = heatmap_shape(result)
     return {
         "slide": result.slide_name,
@@ -69,6 +73,7 @@ def run_record(result: SlideResult, files: list[Path]) -> dict:
             "encoding": "heatmap-<class>.png: grey = round(255*prob), alpha 0 where no tile; "
             "pixel (i, j) covers level-0 [i*scale, (i+1)*scale) x [j*scale, (j+1)*scale)",
         },
+        **({"qc": qc} if qc else {}),
         "files": sorted(p.name for p in files),
         "versions": versions(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -76,8 +81,9 @@ def run_record(result: SlideResult, files: list[Path]) -> dict:
 
 
 def write_results(result: SlideResult, out_dir: str | Path, object_type: str = "tile") -> list[Path]:
-    """Write tiles.geojson, annotations.geojson, heatmaps, overlay, embeddings.h5, pca.png
-    (headless), run.json, then `.done`, into `out_dir` (the slide's own folder). Returns the paths.
+    """Write tiles.geojson, annotations.geojson, heatmaps, overlay, overlay-qc.png (when QC ran),
+    embeddings.h5, pca.png (headless), run.json, then `.done`, into `out_dir` (the slide's own
+    folder). Returns the paths.
 
     Any earlier `.done` is removed first, so a run interrupted while overwriting is not mistaken
     for a finished one."""
@@ -94,7 +100,8 @@ def write_results(result: SlideResult, out_dir: str | Path, object_type: str = "
     ]
     headless = result.probs is None and result.embeddings is not None and len(result) > 0
     pca = pca_rgb(result.embeddings) if headless else None
-    files += [p for p in (write_overlay(result, out, pca), write_embeddings(result, out / "embeddings.h5")) if p]
+    files += [p for p in (write_overlay(result, out, pca), write_qc_overlay(result, out),
+                          write_embeddings(result, out / "embeddings.h5")) if p]
     if headless:
         files += [p for p in [write_pca(result, out, pca)] if p]
     result.timings["write"] = time.perf_counter() - t0
