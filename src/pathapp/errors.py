@@ -21,6 +21,15 @@ class MissingMppError(PathappError):
         )
 
 
+def one_line(error: BaseException) -> str:
+    """An error's message as one line (its type when it has none). An error raised in a DataLoader
+    worker comes back from torch with the worker's traceback appended: keep only its own last line."""
+    text = str(error).strip()
+    if "Original Traceback" in text:
+        return text.splitlines()[-1].split(": ", 1)[-1]
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 DEBUG_ENV = "PATHAPP_DEBUG"  # set to 1 (or pass `pathapp --debug`) for tracebacks of unexpected errors
 
 
@@ -37,7 +46,7 @@ def describe(e: BaseException) -> str:
     if isinstance(e, PathappError):
         text = str(e)
     else:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        first = one_line(e) if str(e).strip() else ""
         text = f"{type(e).__name__}: {first}" if first else type(e).__name__
     return " ".join(text.split())
 

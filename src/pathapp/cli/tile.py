@@ -44,7 +44,8 @@ def tile(
     Writes OUT/<slide name>/tiles.geojson (one QuPath tile object per tile, with its tissue
     fraction; drag it onto the image in QuPath), tissue.geojson (the tissue outline) and
     thumbnail.png (tissue outline in green, tiles in blue), and prints one line per slide.
-    SLIDE is a slide file (SVS, NDPI, MRXS, OME-TIFF, DICOM, ...) or a DICOM-WSI series folder.
+    SLIDE is a slide file (SVS, NDPI, MRXS, OME-TIFF, DICOM, ...), a DICOM-WSI series folder, or a
+    DICOMweb address (a study means each of its slides; the folder is named by the series UID).
     A slide whose file has no µm/px needs --slide-mpp. Exit code 1 when a slide failed.
 
     \b
@@ -52,8 +53,10 @@ def tile(
       pathapp tile slide.svs --mpp 0.5 --tile-size 224 --out tiles/
       pathapp tile slide.svs --roi annotations.geojson --roi-class Tumor --out tiles/
       pathapp tile scan.tif --slide-mpp 0.25 --mpp 1.0 --out tiles/
+      pathapp tile dicomweb+https://pacs.example.org/dicom-web/studies/1.2.3 --out tiles/
     """
     from pathapp.errors import PathappError, describe, failure_line
+    from pathapp.slide import expand_slide_inputs
     from pathapp.tiles.export import tile_slide
 
     if overlap >= tile_size:
@@ -65,8 +68,11 @@ def tile(
         rois = read_rois(roi_path, roi_classes or None)
     elif roi_classes:
         raise click.BadParameter("needs --roi", param_hint="--roi-class")
-    failed = 0
-    for path in slides:
+    paths, errors = expand_slide_inputs(slides)
+    for message in errors:
+        click.echo(f"error: {message}", err=True)
+    failed = len(errors)
+    for path in paths:
         try:
             result = tile_slide(path, out, mpp=mpp, tile_size=tile_size, overlap=overlap, min_tissue=min_tissue,
                                 rois=rois, backend=backend, slide_mpp=slide_mpp)

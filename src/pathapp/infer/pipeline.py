@@ -160,6 +160,7 @@ def infer_slide(
         slide_outputs=slide_outputs,
         slide_task=bundle.task if slide_outputs else None,
         thumbnail=thumbnail,
+        dicom_headers=slide.dicom_headers(),
         model_name=rt.name,
         model_fingerprint=rt.fingerprint,
         params={

@@ -1,7 +1,8 @@
-"""Many slides: which inputs (slides, folders, QuPath projects), where each one's results go, what a
-previous run already finished (`.done` markers, which record the settings that made the results),
-and which torchrun rank runs what (input i -> rank i mod world size). One failing slide is reported
-in one line and the others still run; a slide without any tile is reported as empty, with why."""
+"""Many slides: which inputs (slides, folders, QuPath projects, DICOMweb addresses, worklists), where
+each one's results go, what a previous run already finished (`.done` markers, which record the
+settings that made the results), and which torchrun rank runs what (input i -> rank i mod world
+size). One failing slide is reported in one line and the others still run; a slide without any tile
+is reported as empty, with why."""
 
 from __future__ import annotations
 
@@ -20,9 +21,10 @@ from pathapp.infer.options import QC_MODES
 from pathapp.infer.pipeline import InferenceError, Runtime, check_tile_size, infer_slide, prepare_model, qc_slide
 from pathapp.models.loader import DEFAULT_MPP, load_model, model_label
 from pathapp.results import read_done, write_results
-from pathapp.slide import find_slides, open_slide, slide_name
+from pathapp.slide import expand_slide_inputs, find_slides, is_url, open_slide, slide_name
 
 RESULTS_FOLDER = "pathapp"  # results go to <slide folder>/pathapp/<slide name>/ unless --out is given
+WORKLIST_SUFFIX = ".txt"  # an infer input listing slides, one per line
 QC_TILE_SIZE = 224  # `pathapp qc` tiles, when no --tile-size: the default model's
 
 
@@ -31,7 +33,7 @@ class Job:
     """One image to run: where its pixels are and where its results go."""
 
     label: str  # what the user sees in messages
-    source: Path | None  # slide file or DICOM folder; None when a project entry's image is missing
+    source: Path | str | None  # slide file, DICOM folder or DICOMweb address; None when an image is missing
     out_dir: Path | None  # None only when the input cannot run (see error)
     entry_mpp: float | None = None  # µm/px recorded by QuPath, used when the file has none
     error: str | None = None  # why this input cannot run (reported, counted as failed)
@@ -62,11 +64,18 @@ class RunSummary:
 
 
 def expand_inputs(inputs: Sequence[str | Path], out: Path | None) -> list[Job]:
-    """Slides, folders of slides (a DICOM series folder is one slide) and QuPath projects, in order."""
+    """Slides, folders of slides (a DICOM series folder is one slide), QuPath projects, DICOMweb
+    addresses (a study is each of its slides) and worklists (.txt: one of those per line), in order."""
     from pathapp.qupath.project import is_project, read_project, results_dir
 
     jobs: list[Job] = []
-    for raw in inputs:
+    for raw in read_worklists(inputs):
+        if is_url(raw):
+            slides, errors = expand_slide_inputs([raw])
+            jobs += [Job(label=message.split(": ", 1)[0], source=None, out_dir=None, error=message)
+                     for message in errors]
+            jobs += [Job(label=str(s), source=s, out_dir=slide_out_dir(s, out)) for s in slides]
+            continue
         p = Path(raw)
         if is_project(p):  # project.qpproj, or the folder holding it
             project = read_project(p)
@@ -86,9 +95,28 @@ def expand_inputs(inputs: Sequence[str | Path], out: Path | None) -> list[Job]:
     return jobs
 
 
-def slide_out_dir(slide: Path, out: Path | None) -> Path:
-    """OUT/<slide name>/, or beside the slide in <slide folder>/pathapp/<slide name>/ without --out."""
-    return (out if out is not None else slide.parent / RESULTS_FOLDER) / slide_name(slide)
+def read_worklists(inputs: Sequence[str | Path]) -> list[str | Path]:
+    """`inputs` with each worklist (a .txt file: one slide, folder, project or DICOMweb address per
+    line; blank lines and # comments skipped) replaced by its lines. Paths in a worklist are relative
+    to its folder."""
+    items: list[str | Path] = []
+    for raw in inputs:
+        if is_url(raw) or Path(raw).suffix.lower() != WORKLIST_SUFFIX or not Path(raw).is_file():
+            items.append(raw)
+            continue
+        for line in Path(raw).read_text(encoding="utf-8").splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                items.append(line if is_url(line) else Path(raw).parent / line)
+    return items
+
+
+def slide_out_dir(slide: Path | str, out: Path | None) -> Path:
+    """OUT/<slide name>/, or without --out beside the slide in <slide folder>/pathapp/<slide name>/
+    (for a DICOMweb address, ./pathapp/<series UID>/)."""
+    if out is None:
+        out = (Path.cwd() if isinstance(slide, str) else slide.parent) / RESULTS_FOLDER
+    return out / slide_name(slide)
 
 
 def shard(jobs: list[Job]) -> list[Job]:
@@ -235,6 +263,13 @@ def _run_job(job: Job, rt: Runtime | None, o: InferOptions, rois: Any, settings:
                                  min_tissue=o.min_tissue, batch_size=o.batch_size, workers=o.workers, runtime=rt,
                                  progress=o.progress, log=echo, qc=o.qc, stain=stain)
     result.timings = {"open": t_open, **result.timings}
+    if o.dicom_out is not None or o.dicomweb_store is not None:  # before write_results marks the slide done
+        from pathapp.results.dicom import export_dicom
+
+        folder = Path(o.dicom_out) / result.slide_name if o.dicom_out is not None else out_dir / "dicom"
+        written = export_dicom(result, folder, o.dicomweb_store)
+        stored = "" if o.dicomweb_store is None else ", stored with STOW-RS"
+        echo(f"dicom: {job.label}: {', '.join(f.name for f in written)} in {folder}{stored}")
     files = write_results(result, out_dir, object_type=o.object_type, settings=settings)
     n, secs = len(result), result.timings["model" if rt is not None else "qc"]
     echo(f"done: {job.label}: {n} tiles in {secs:.1f} s ({n / max(secs, 1e-9):.1f} tiles/s) -> {out_dir}")
