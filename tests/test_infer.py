@@ -125,10 +125,10 @@ def test_end_to_end_real_slides(shared_data, bundle_path, tmp_path, rel, mpp):
         assert run["slide_size"] == list(s.size) and folder.name == s.name
     tiles = json.loads((folder / "tiles.geojson").read_text())["features"]
     assert {f["properties"]["objectType"] for f in tiles} == {"detection"}
-    # rerun: complete slides are skipped, nothing rewritten
+    # rerun with the same settings: complete slides are skipped, nothing rewritten
     stamp = (folder / "run.json").stat().st_mtime_ns
     code, out = run_cli("infer", str(src), "--model", str(bundle_path), "--mpp", mpp, "--out", str(tmp_path),
-                        "--workers", "0")
+                        "--workers", "0", "--object-type", "detection")
     assert code == 0 and "already complete" in out and (folder / "run.json").stat().st_mtime_ns == stamp
 
 
@@ -199,6 +199,7 @@ def test_qupath_project_entries_and_missing_image(shared_data, bundle_path, tmp_
     check_outputs(folder, load_bundle(bundle_path).class_names)
     assert not (tmp_path / "proj" / "pathapp" / "2").exists()
     assert "wrote QuPath GeoJSON" in out and str(folder / "tiles.geojson") in out
+    assert out.count("pip install 'pathapp[qupath]'") == 1, out  # the hint once, not twice
 
 
 def test_int8_embeddings_close_to_fp32(shared_data, bundle_path):

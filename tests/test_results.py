@@ -195,7 +195,7 @@ def test_run_json_done_marker_and_no_temp_files(tmp_path):
     res = grid_result()
     files = write_results(res, tmp_path)
     assert is_done(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([p.name for p in files] + [".done"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([p.name for p in files] + [".done", ".pathapp"])
     run = json.loads((tmp_path / "run.json").read_text())
     assert run["counts"]["tiles"] == len(res)
     assert sum(v for k, v in run["counts"].items() if k.startswith("class: ")) == len(res)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from pathapp.cli.options import slide_mpp_option, stain_options
+from pathapp.cli.options import COUNT, MAX_BATCH_SIZE, MPP, WORKERS, positive, slide_mpp_option, stain_options
 
 
 @click.command()
@@ -22,7 +22,7 @@ from pathapp.cli.options import slide_mpp_option, stain_options
               help="Start from random weights (none), the DINOv2 hub weights (dinov2; needs the Hugging Face "
                    "cache or internet), or a checkpoint FILE (.pth/.safetensors/.pathapp) — continued "
                    "pretraining, the usual pathology route.  [default: none]")
-@click.option("--mpp", "mpps", multiple=True, type=click.FloatRange(min=0, min_open=True), metavar="UM_PER_PX",
+@click.option("--mpp", "mpps", multiple=True, type=MPP, metavar="UM_PER_PX",
               help="Resolution tiles are sampled at, in µm/px; repeat for several (one is drawn per tile). "
                    "[default: 0.5]")
 @slide_mpp_option
@@ -30,14 +30,14 @@ from pathapp.cli.options import slide_mpp_option, stain_options
               help="Run folder: config.yaml, metrics.jsonl, checkpoint.pt, teacher.pathapp.")
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=str), default=None,
               help="YAML of hyper-parameters (any field of a run's config.yaml); options given here win.")
-@click.option("--batch-size", type=click.IntRange(min=2), default=None, help="Images per process per step.  [default: 64]")
-@click.option("--grad-accum", type=click.IntRange(min=1), default=None, help="Micro-batches per optimiser step.")
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="Total optimiser steps.")
-@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--batch-size", type=click.IntRange(2, MAX_BATCH_SIZE), default=None, help="Images per process per step.  [default: 64]")
+@click.option("--grad-accum", type=COUNT, default=None, help="Micro-batches per optimiser step.")
+@click.option("--steps", type=COUNT, default=None, help="Total optimiser steps.")
+@click.option("--epochs", type=positive(), default=None,
               help="Or total length in epochs of `epoch_length` steps (1250 by default).  [default: 100]")
-@click.option("--max-minutes", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--max-minutes", type=positive(), default=None,
               help="Stop (with a checkpoint and a bundle) after this many minutes; --resume continues.")
-@click.option("--workers", type=click.IntRange(min=0), default=None, help="Data-loading processes per GPU/process.")
+@click.option("--workers", type=WORKERS, default=None, help="Data-loading processes per GPU/process.")
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default=None,
               help="auto: bf16 autocast on GPU, fp32 on CPU; bf16 is also 1.5-2x faster on CPUs with AVX-512-BF16 "
                    "or AMX (AMD Zen 4, Intel Sapphire Rapids and later; benchmarks/bench_pretrain_speed.py).  [default: auto]")

@@ -6,20 +6,20 @@ import sys
 
 import click
 
-from pathapp.cli.options import slide_mpp_option
+from pathapp.cli.options import FRACTION, MAX_TILE_SIZE, MPP, WORKERS, slide_mpp_option
 
 
 @click.command(context_settings={"max_content_width": 100})
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True), metavar="INPUT...")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Output folder; results go to OUT/<slide name>/ (default: <slide folder>/pathapp/<slide name>/).")
-@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None, metavar="UM_PER_PX",
+@click.option("--mpp", type=MPP, default=None, metavar="UM_PER_PX",
               help="Resolution tiles are checked at, µm/px (default 0.5: as a model would read them).")
-@click.option("--tile-size", type=click.IntRange(min=16), default=None, metavar="PX", help="Tile side (default 224).")
+@click.option("--tile-size", type=click.IntRange(16, MAX_TILE_SIZE), default=None, metavar="PX", help="Tile side (default 224).")
 @slide_mpp_option
-@click.option("--min-tissue", type=click.FloatRange(0, 1), default=None,
+@click.option("--min-tissue", type=FRACTION, default=None,
               help="Tissue fraction a tile needs to be checked (default 0.1).")
-@click.option("--workers", type=click.IntRange(min=0), default=None, help="Tile-reading processes (default: up to 4).")
+@click.option("--workers", type=WORKERS, default=None, help="Tile-reading processes (default: up to 4).")
 @click.option("--overwrite", is_flag=True, help="Recheck slides whose results are already complete.")
 def qc(inputs: tuple[str, ...], out: str | None, mpp: float | None, tile_size: int | None, slide_mpp: float | None,
        min_tissue: float | None, workers: int | None, overwrite: bool) -> None:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from pathapp.cli.options import device_option, slide_mpp_option, stain_options
+from pathapp.cli.options import (BATCH_SIZE, COUNT, MAX_TILE_SIZE, MPP, FiniteRange, device_option, positive,
+                                  slide_mpp_option, stain_options)
 
 _data_option = click.option(
     "--data", "data", multiple=True, required=True, type=click.Path(exists=True, path_type=Path),
@@ -43,7 +44,7 @@ _target_option = click.option(
 _loss_option = click.option(
     "--loss", type=click.Choice(["huber", "mse"]), default="huber", show_default=True,
     help="--task regression: Huber (robust to outlying values) or squared error, on the standardised target.")
-_batch_option = click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+_batch_option = click.option("--batch-size", type=BATCH_SIZE, default=32, show_default=True)
 
 
 def _cache(cache: Path | None) -> Path:
@@ -69,24 +70,24 @@ def _cache(cache: Path | None) -> Path:
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="The bundle to write (e.g. model.pathapp); `pathapp infer --model` runs it.")
 @_group_option
-@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None, metavar="UM_PER_PX",
+@click.option("--mpp", type=MPP, default=None, metavar="UM_PER_PX",
               help="Resolution tiles are read at on slides (default: the base bundle's, else 0.5).")
-@click.option("--tile-size", type=click.IntRange(min=14), default=None, metavar="PX",
+@click.option("--tile-size", type=click.IntRange(14, MAX_TILE_SIZE), default=None, metavar="PX",
               help="Model input size in px (default: the backbone's, 224).")
 @slide_mpp_option
 @_cache_option
 @_embeddings_option
 @device_option
 @_batch_option
-@click.option("--lora-rank", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--lora-alpha", type=float, default=16.0, show_default=True)
+@click.option("--lora-rank", type=click.IntRange(1, 1024), default=8, show_default=True)
+@click.option("--lora-alpha", type=positive(1e6), default=16.0, show_default=True)
 @click.option("--lora-targets", default="qkv,proj,fc1,fc2", show_default=True,
               help="Comma-separated names of the ViT linear layers that get adapters.")
-@click.option("--epochs", type=click.IntRange(min=1), default=None,
+@click.option("--epochs", type=COUNT, default=None,
               help="LoRA epochs (default 10) / ABMIL epochs (default 40, with early stopping on a grouped "
               "validation split; `pathapp evaluate --folds` uses the same defaults).")
-@click.option("--max-steps", type=click.IntRange(min=1), default=None, help="LoRA: stop after this many steps.")
-@click.option("--lr", type=float, default=None,
+@click.option("--max-steps", type=COUNT, default=None, help="LoRA: stop after this many steps.")
+@click.option("--lr", type=positive(10.0), default=None,
               help="Learning rate (LoRA default 1e-3; ABMIL 2e-4 for classes, 1e-3 survival, 3e-3 regression).")
 @click.option("--checkpoint-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="LoRA: save a checkpoint here after each epoch.")
@@ -145,10 +146,10 @@ def train(data, slides, backbone, weights, model, method, out, group_by, mpp, ti
               help="The .pathapp bundle to evaluate (its backbone gives the embeddings).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Report folder: report.json, confusion.png, roc.png (and fewshot.png with --fewshot).")
-@click.option("--folds", type=click.IntRange(min=2), default=None,
+@click.option("--folds", type=click.IntRange(2, 1000), default=None,
               help="Cross-validate: re-fit the head on K grouped folds of --data (no slide or patient on "
               "both sides). Without it the bundle's head is scored as is on --data (use held-out data).")
-@click.option("--holdout", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+@click.option("--holdout", type=FiniteRange(0, 1, min_open=True, max_open=True), default=None,
               metavar="FRACTION", help="Instead of --folds: re-fit the head on one grouped part and score "
               "the held-out FRACTION of slides/patients (e.g. 0.2).")
 @click.option("--method", type=click.Choice(["linear", "knn", "prototype", "mlp", "abmil"]), default=None,
@@ -162,7 +163,7 @@ def train(data, slides, backbone, weights, model, method, out, group_by, mpp, ti
 @_embeddings_option
 @device_option
 @_batch_option
-@click.option("--bootstrap", type=click.IntRange(min=10), default=1000, show_default=True,
+@click.option("--bootstrap", type=click.IntRange(10, 10**6), default=1000, show_default=True,
               help="Bootstrap resamples (of whole groups) for the 95% confidence intervals.")
 @_task_option
 @_target_option

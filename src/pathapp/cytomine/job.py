@@ -24,7 +24,7 @@ import shapely
 from pathapp.cytomine.analyse import analyse_slide, load_runtime
 from pathapp.cytomine.client import BulkOutcome, CytomineClient, CytomineError
 from pathapp.cytomine.wkt import NO_SCALE, Scale, from_cytomine_wkt, scale_to_cytomine, to_cytomine_wkt
-from pathapp.errors import PathappError
+from pathapp.errors import PathappError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -104,12 +104,6 @@ def parse_term_mapping(text: str | None) -> dict[str, int]:
                                "e.g. Tumor=12,Stroma=34")
         out[name.strip()] = int(term)
     return out
-
-
-def one_line(e: BaseException) -> str:
-    """The first line of an error's message (its type when it has none), for a status comment."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 class JobStatus:

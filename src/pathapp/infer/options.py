@@ -32,6 +32,8 @@ class InferOptions:
     precision: str = "fp32"
     object_type: str = "tile"  # QuPath object type of the per-tile objects
     overwrite: bool = False
+    dicom_out: str | Path | None = None  # also write DICOM results (ANN + SEG) into DIR/<slide name>/
+    dicomweb_store: str | None = None  # STOW-RS them there; "" = the server the slide came from
     write_project: bool = False  # also add the objects to a .qpproj input (paquo + QuPath)
     progress: bool = True
     qc: str = "flag"  # QC_MODES

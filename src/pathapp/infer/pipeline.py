@@ -115,7 +115,7 @@ def infer_slide(
     tile_size = int(tile_size or bundle.tile_size)
     slide_mpp = slide.require_mpp()
     timings: dict[str, float] = {}
-    grid, thumbnail = plan_tiles(slide, mpp, tile_size, rois, min_tissue, timings)
+    grid, thumbnail, empty = plan_tiles(slide, mpp, tile_size, rois, min_tissue, timings)
     n_workers = default_workers(rt.device) if workers is None else workers
     normalize, stain_record = None, None
     if stain is not None and len(grid):
@@ -159,6 +159,7 @@ def infer_slide(
         slide_outputs=slide_outputs,
         slide_task=bundle.task if slide_outputs else None,
         thumbnail=thumbnail,
+        dicom_headers=slide.dicom_headers(),
         model_name=rt.name,
         model_fingerprint=rt.fingerprint,
         params={
@@ -177,6 +178,7 @@ def infer_slide(
             "slide_task": bundle.task if slide_outputs else None,
             "qc": qc,
             "stain": stain_record,
+            "empty": empty,
         },
         timings=timings,
         qc=tile_qc,
@@ -192,7 +194,7 @@ def qc_slide(slide: Slide, *, mpp: float, tile_size: int, rois: Any = None, min_
 
     slide_mpp = slide.require_mpp()
     timings: dict[str, float] = {}
-    grid, thumbnail = plan_tiles(slide, mpp, tile_size, rois, min_tissue, timings)
+    grid, thumbnail, empty = plan_tiles(slide, mpp, tile_size, rois, min_tissue, timings)
     n_workers = min(4, os.cpu_count() or 1) if workers is None else workers
     _, _, qc_rows = run_model(None, slide, grid, batch_size, n_workers, timings, progress=progress, log=log,
                               measure=TileMeasurer.for_geometry(grid.geometry))
@@ -203,15 +205,16 @@ def qc_slide(slide: Slide, *, mpp: float, tile_size: int, rois: Any = None, min_
         footprint=float(grid.footprint), tile_size=tile_size, mpp=mpp, slide_mpp=float(slide_mpp),
         slide_size=tuple(slide.size), extra=extra, thumbnail=thumbnail, model_name="(quality control only)",
         params={"batch_size": batch_size, "workers": n_workers, "level": grid.level, "read_size": grid.read_size,
-                "min_tissue": min_tissue, "rois": rois is not None, "qc": "flag"},
+                "min_tissue": min_tissue, "rois": rois is not None, "qc": "flag", "empty": empty},
         timings=timings, qc=tile_qc,
     )
 
 
 def plan_tiles(slide: Slide, mpp: float, tile_size: int, rois: Any, min_tissue: float | None,
-               timings: dict[str, float]) -> tuple[TileGrid, np.ndarray]:
-    """The tissue tiles to run and a thumbnail to draw results on (stage times into `timings`)."""
-    from pathapp.tiles import detect_tissue, make_grid
+               timings: dict[str, float]) -> tuple[TileGrid, np.ndarray, str | None]:
+    """The tissue tiles to run, a thumbnail to draw results on, and why there is no tile when there
+    is none (stage times into `timings`)."""
+    from pathapp.tiles import DEFAULT_MIN_TISSUE, detect_tissue, make_grid, why_empty
 
     t = time.perf_counter()
     tissue = detect_tissue(slide)
@@ -229,7 +232,8 @@ def plan_tiles(slide: Slide, mpp: float, tile_size: int, rois: Any, min_tissue: 
     else:
         thumbnail = slide.thumbnail(THUMBNAIL_PX)
     timings["thumbnail"] = time.perf_counter() - t
-    return grid, thumbnail
+    empty = None if len(grid) else why_empty(grid, tissue, rois, DEFAULT_MIN_TISSUE if min_tissue is None else min_tissue)
+    return grid, thumbnail, empty
 
 
 def run_model(rt: Runtime | None, slide: Slide, grid: TileGrid, batch_size: int, n_workers: int,

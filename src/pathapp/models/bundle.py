@@ -68,6 +68,11 @@ class Bundle:
             self.class_colors = default_colors(len(self.class_names))
         if len(self.class_colors) != len(self.class_names):
             raise BundleError(f"{len(self.class_names)} class names but {len(self.class_colors)} colours")
+        patch = int(self.spec.patch_size)
+        if self.tile_size % patch:  # timm's patch embedding asserts on it, on every slide
+            lo = max(patch, self.tile_size // patch * patch)
+            raise BundleError(f"tile size {self.tile_size} px is not a multiple of {self.spec.name}'s {patch} px "
+                              f"patches; use --tile-size {lo} or {lo + patch}")
         if self.head_kind:
             n = int(self.head_config.get("num_classes", len(self.class_names)))
             if self.class_names and n != len(self.class_names):
@@ -141,17 +146,32 @@ class Bundle:
         cached or written embeddings are reused only with the model that made them."""
         import hashlib
 
-        h = hashlib.sha256()
-        for k in sorted(self.backbone_state):
-            t = self.backbone_state[k].detach().cpu().contiguous()
-            h.update(k.encode())
-            h.update(t.view(-1).view(dtype=torch.uint8).numpy().tobytes())
+        h = _hash_tensors(hashlib.sha256(), self.backbone_state)
         h.update(repr((self.recipe, tuple(self.mean), tuple(self.std), self.tile_size)).encode())
+        return h.hexdigest()
+
+    def head_fingerprint(self) -> str:
+        """sha256 over the head (kind, config, tensors) and its classes and colours: with
+        `fingerprint()`, everything in the bundle that decides a slide's results."""
+        import hashlib
+
+        h = _hash_tensors(hashlib.sha256(), self.head_tensors)
+        h.update(json.dumps([self.head_kind, self.head_config, self.class_names, self.class_colors],
+                            sort_keys=True, default=str).encode())
         return h.hexdigest()
 
     def build(self, device: str | torch.device = "cpu") -> PathModel:
         """The runnable model (eval mode) on `device`."""
         return PathModel(self.build_backbone(), self.build_head(), self.mean, self.std, self.recipe).to(device).eval()
+
+
+def _hash_tensors(h: Any, state: dict[str, torch.Tensor]) -> Any:
+    """Feed named tensors into a hashlib object in name order (bytes exactly as stored)."""
+    for k in sorted(state):
+        t = state[k].detach().cpu().contiguous()
+        h.update(k.encode())
+        h.update(t.view(-1).view(dtype=torch.uint8).numpy().tobytes())
+    return h
 
 
 class PathModel(nn.Module):

@@ -307,7 +307,9 @@ def read_head_file(path: str | Path) -> tuple[str, dict[str, Any], dict[str, Ten
     except HeadError:
         raise
     except Exception as e:  # json, torch and safetensors each raise their own errors
-        raise HeadError(f"{path}: not a head file ({type(e).__name__}: {str(e).splitlines()[0][:150]}); expected "
+        from pathapp.models.weights import why_unreadable
+
+        raise HeadError(f"{path}: not a head file ({why_unreadable(e)}); expected "
                         f'{{"kind", "config", "tensors"}} in .json/.pt or a .safetensors head') from None
     build_head(kind, config, tensors)
     return kind, config, tensors, doc.get("class_names")

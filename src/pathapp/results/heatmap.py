@@ -179,9 +179,12 @@ def write_thumbnail(result: SlideResult, out_dir: Path) -> Path | None:
 
 def write_overlay(result: SlideResult, out_dir: Path, pca_colours: np.ndarray | None = None) -> Path | None:
     """overlay.png: the thumbnail with the class colours (or the PCA colours of a headless bundle)
-    blended in where tiles were scored, confident tiles stronger; a class legend and a scale bar."""
-    if result.thumbnail is None or len(result) == 0:
+    blended in where tiles were scored, confident tiles stronger; a class legend and a scale bar.
+    Without tiles it is the framed thumbnail, so that an empty result can be looked at to see why."""
+    if result.thumbnail is None:
         return None
+    if len(result) == 0:
+        return _figure(result, np.asarray(result.thumbnail)[..., :3], Path(out_dir) / "overlay.png", result.slide_name)
     legend = None
     if result.probs is not None:
         rgb, weight = class_colour_map(result)

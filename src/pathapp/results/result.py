@@ -45,6 +45,9 @@ class SlideResult:
     model_name: str = ""
     model_fingerprint: str = ""  # Bundle.fingerprint(): lets training reuse these embeddings safely
     params: dict = field(default_factory=dict)  # run parameters for run.json
+    # A DICOM-WSI source's level headers (Slide.dicom_headers: pydicom Datasets, level 0 first, no
+    # pixels), which DICOM results reference; None for other formats.
+    dicom_headers: list | None = None
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     qc: TileQC | None = None  # per-tile quality control, when it ran
 

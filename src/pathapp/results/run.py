@@ -1,5 +1,7 @@
 """Write every output of one slide into its folder, each file atomically, and mark the folder
-complete with `.done` last: a rerun trusts `.done` and nothing else."""
+complete with `.done` last: a rerun trusts `.done` and nothing else. `.done` holds the settings
+that decide the results (model fingerprint, µm/px, tile size, ROIs, ...), so a rerun can tell a
+finished run of the same settings from one of other settings."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pathapp.atomic import atomic_path
+from pathapp.atomic import atomic_path, atomic_write_text, mark_output_folder
 from pathapp.results.embeddings import write_embeddings
 from pathapp.results.geojson import class_regions, qc_summary, write_annotations_geojson, write_tiles_geojson
 from pathapp.results.heatmap import (
@@ -30,9 +32,38 @@ from pathapp.results.result import SlideResult
 DONE = ".done"
 
 
+# Files pathapp writes into a slide's folder whatever the model (heatmaps and the rest are listed in
+# run.json): with the previous run.json's list, what --overwrite replaces and nothing else.
+OWN_FILES = ("tiles.geojson", "annotations.geojson", "overlay.png", "pca.png", "embeddings.h5", "run.json")
+
+
 def is_done(out_dir: str | Path) -> bool:
     """True when a previous run finished writing this slide's folder."""
     return (Path(out_dir) / DONE).is_file()
+
+
+def read_done(out_dir: str | Path) -> dict | None:
+    """The settings a finished run recorded in `.done`; None when the folder is not complete, {} for
+    a `.done` that records none (a run of an earlier version, or an unreadable marker)."""
+    try:
+        text = (Path(out_dir) / DONE).read_text(encoding="utf-8")
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        settings = json.loads(text) if text.strip() else {}
+    except ValueError:
+        return {}
+    return settings if isinstance(settings, dict) else {}
+
+
+def previous_files(out_dir: Path) -> set[str]:
+    """Names of the files an earlier run wrote here: its run.json list, and the fixed names."""
+    names = set(OWN_FILES)
+    try:
+        names.update(json.loads((out_dir / "run.json").read_text(encoding="utf-8")).get("files", []))
+    except (OSError, ValueError, AttributeError):
+        pass
+    return {n for n in names if n and "/" not in n and n not in {"..", "."}}
 
 
 def versions() -> dict[str, str | None]:
@@ -84,15 +115,17 @@ def run_record(result: SlideResult, files: list[Path]) -> dict:
     }
 
 
-def write_results(result: SlideResult, out_dir: str | Path, object_type: str = "tile") -> list[Path]:
+def write_results(result: SlideResult, out_dir: str | Path, object_type: str = "tile",
+                  settings: dict | None = None) -> list[Path]:
     """Write tiles.geojson, annotations.geojson, heatmaps, thumbnail, overlay, overlay-qc.png (when QC
-    ran), embeddings.h5, pca.png (headless), run.json, report.html, then `.done`, into `out_dir` (the
-    slide's own folder). Returns the paths.
+    ran), embeddings.h5, pca.png (headless), run.json, report.html, then `.done` recording `settings`,
+    into `out_dir` (the slide's own folder). Returns the paths.
 
     Any earlier `.done` is removed first, so a run interrupted while overwriting is not mistaken
-    for a finished one."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    for a finished one; an earlier run's files that this run does not write again (a pca.png of an
+    embeddings-only run, another model's heatmaps) are removed once the new ones are in place."""
+    out = mark_output_folder(out_dir)
+    earlier = previous_files(out)
     (out / DONE).unlink(missing_ok=True)
     for stale in out.glob(".*.tmp*"):  # temporary files of a run that was killed while writing here
         stale.unlink(missing_ok=True)
@@ -115,6 +148,7 @@ def write_results(result: SlideResult, out_dir: str | Path, object_type: str = "
         tmp.write_text(json.dumps(record, indent=2, allow_nan=False, default=str))
     files.append(out / "run.json")
     files.append(write_report(result, out, files, regions, record))
-    with atomic_path(out / DONE) as tmp:
-        tmp.write_text("")
+    for stale in earlier - {p.name for p in files}:
+        (out / stale).unlink(missing_ok=True)
+    atomic_write_text(out / DONE, json.dumps(settings or {}, sort_keys=True, allow_nan=False))
     return files

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from pathapp.atomic import atomic_path, atomic_write_text
 from pathapp.errors import PathappError
@@ -136,7 +137,7 @@ def group_bootstrap(
     uniq, inv = np.unique(groups, return_inverse=True)
     members = [np.flatnonzero(inv == g) for g in range(len(uniq))]
     samples: dict[str, list] = {}
-    for _ in range(n_boot):
+    for _ in tqdm(range(n_boot), desc="bootstrap 95% CI", unit="resample", leave=False, mininterval=1.0):
         pick = rng.integers(0, len(uniq), len(uniq))
         for k, v in metrics(np.concatenate([members[g] for g in pick])).items():
             samples.setdefault(k, []).append(v)
@@ -181,7 +182,7 @@ def cross_validate(
     probs = np.zeros((len(y), n_classes), np.float64)
     fold_of = np.full(len(y), -1)
     per_fold = []
-    for f, (tr, te) in enumerate(folds):
+    for f, (tr, te) in enumerate(tqdm(folds, desc="cross-validation", unit="fold", leave=False)):
         predict = fit(X[tr], y[tr], groups[tr])
         probs[te] = predict(X[te])
         fold_of[te] = f
@@ -234,7 +235,7 @@ def fewshot_curve(
     folds = grouped_folds(y, groups, n_folds, seed)
     rng = np.random.default_rng(seed)
     curve = []
-    for n in shots:
+    for n in tqdm(shots, desc="few-shot curve", unit="point", leave=False):
         scores = []
         for tr, te in folds:
             for _ in range(1 if n is None else repeats):
