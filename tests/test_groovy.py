@@ -48,8 +48,8 @@ NOT_QUPATH = {
     "lastIndexOf", "isDirectory", "isFile", "exists", "replace", "getProperty", "contains", "execute", "trim",
     "join", "put", "environment", "redirectErrorStream", "start", "getMessage", "getInputStream", "withReader",
     "readLine", "add", "size", "removeFirst", "waitFor", "addAll", "toString", "File", "RuntimeException",
-    "LinkedList", "slideStem", "containerPath", "hostOrContainer", "isPathapp", "get", "if", "while", "catch",
-    "keySet", "movedBy",
+    "LinkedList", "slideStem", "containerPath", "hostOrContainer", "isPathapp", "isSaliency", "get", "if", "while",
+    "catch", "keySet", "movedBy",
 }
 
 
@@ -175,11 +175,17 @@ def _infer_args(image: Path, bundle: Path, out: Path, roi: Path | None) -> list[
 def test_cli_contract_the_launcher_relies_on(computed, tmp_path: Path) -> None:
     """Arguments, output file names, exit codes and log lines, as the script's ProcessBuilder sees them."""
     script = RUN.read_text()
-    help_text = subprocess.run([str(PATHAPP), "infer", "--help"], capture_output=True, text=True).stdout
+    helps = {c: subprocess.run([str(PATHAPP), c, "--help"], capture_output=True, text=True).stdout
+             for c in ("infer", "explain")}
     pathapp_args = script.split("// ---- the command")[1].split("def command")[0]  # not docker's own flags
-    assert "--model" in pathapp_args
-    for option in re.findall(r'"(--[a-z-]+)"', pathapp_args):
-        assert option in help_text, f"the launcher passes {option}, which `pathapp infer` lacks"
+    explain_only, rest = pathapp_args.split("if (explaining) {")[1].split("} else {")
+    infer_only, common = rest.split("}", 1)
+    assert "--model" in pathapp_args and "--method" in explain_only and "--overwrite" in infer_only
+    for part, commands in ((explain_only, ["explain"]), (infer_only, ["infer"]),
+                           (pathapp_args.split("if (explaining) {")[0] + common, ["infer", "explain"])):
+        for option in re.findall(r'"(--[a-z-]+)"', part):
+            for c in commands:
+                assert option in helps[c], f"the launcher passes {option}, which `pathapp {c}` lacks"
     assert '"tiles.geojson"' in script and '"annotations.geojson"' in script
     roi, out, proc = computed
     assert proc.returncode == 0, proc.stdout
@@ -212,9 +218,11 @@ def _hierarchy() -> list[dict]:
 
 
 def _run_stand_in(groovy: str, script: Path, tmp_path: Path, image: Path, settings: dict,
-                  env: dict | None = None, server_path: str | None = None) -> tuple[dict, str]:
+                  env: dict | None = None, hierarchy: list[dict] | None = None,
+                  server_path: str | None = None) -> tuple[dict, str]:
     config = {"settings": settings, "image": str(image), "project_dir": str(tmp_path / "proj"), "entry_id": 7,
-              "hierarchy": _hierarchy(), "state_out": str(tmp_path / "state.json"), "server_path": server_path}
+              "hierarchy": _hierarchy() if hierarchy is None else hierarchy, "state_out": str(tmp_path / "state.json"),
+              "server_path": server_path}
     (tmp_path / "proj").mkdir(exist_ok=True)
     (tmp_path / "config.json").write_text(json.dumps(config))
     proc = subprocess.run([groovy, str(HERE / "run_in_stand_in.groovy"), str(script), str(tmp_path / "config.json")],
@@ -255,6 +263,33 @@ def test_run_script_local(groovy: str, slide: Path, bundle: Path, tmp_path: Path
     assert heat["measurement"].startswith("prob: ") and heat["n"] == len(tiles)
     assert (heat["min"], heat["max"], heat["colorMap"]) == (0.0, 1.0, "Viridis colour map")
     assert heat["measurement"] in {m for f in tiles for m in f["properties"]["measurements"]}
+
+
+def test_run_script_explains_selected_tiles(groovy: str, computed, slide: Path, bundle: Path, tmp_path: Path) -> None:
+    """EXPLAIN set: the selected pathapp tiles go to `pathapp explain`, their patches come back as
+    saliency detections (replacing an earlier explanation, keeping the tiles) with a measurement map."""
+    tiles = json.loads((computed[1] / "my slide" / "tiles.geojson").read_text())["features"][:3]
+    for i, f in enumerate(tiles):
+        f["properties"]["name"] = "pathapp: " + f["properties"]["classification"]["name"]
+        f["properties"]["selected"] = i < 2
+    old = {"type": "Feature", "geometry": tiles[2]["geometry"],
+           "properties": {"objectType": "detection", "name": "pathapp: saliency vitcx"}}
+    state, log = _run_stand_in(groovy, RUN, tmp_path, slide, _settings(bundle, EXPLAIN="rollout"),
+                               hierarchy=_hierarchy()[:2] + tiles + [old])
+    assert state["error"] is None, state["error"] + log
+    out = tmp_path / "proj" / "pathapp" / "7" / "my slide"
+    patches = assert_qupath_conformant(out / "saliency-rollout.geojson")
+    assert len(patches) == 2 * 16  # two tiles of 4 x 4 patch tokens (56 px, ViT/14)
+    sel = shapely.union_all([shape(f["geometry"]) for f in tiles[:2]])
+    assert all(sel.contains(shape(f["geometry"]).centroid) for f in patches)
+    names = [o["name"] for o in state["objects"]]
+    assert names.count("pathapp: saliency rollout") == 32 and "pathapp: saliency vitcx" not in names
+    assert sum(n is not None and not n.startswith("pathapp: saliency") for n in names) == 3  # tiles kept
+    assert state["calls"][0] == "exportObjectsToGeoJson FEATURE_COLLECTION"
+    assert state["calls"][-4:] == ["removeObjects 1", "addObjects 32", "resolveHierarchy", "fireHierarchyUpdate"]
+    heat = state["heatmap"]
+    assert (heat["measurement"], heat["n"], heat["min"], heat["max"]) == ("saliency (0-1)", 32, 0.0, 1.0)
+    assert "saliency (0-1)" in patches[0]["properties"]["measurements"]
 
 
 def test_run_script_container_mode(groovy: str, slide: Path, bundle: Path, tmp_path: Path) -> None:

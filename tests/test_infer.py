@@ -26,6 +26,7 @@ from pathapp.infer import infer_slide
 from pathapp.models.bundle import load_bundle
 from pathapp.models.registry import create_backbone
 from pathapp.qupath.geojson import QuPathObject, write_objects
+from pathapp.results.pictures import image_box
 from pathapp.slide import open_slide
 from pathapp.tiles import detect_tissue, make_grid
 
@@ -33,7 +34,8 @@ SVS = "wsi/aperio/CMU-1-Small-Region.svs"
 LUNA = "wsi/aperio/luna-1065626.svs"
 NO_MPP = "wsi/aperio/tcga-cr-7395-01a-01-ts1.svs"
 DICOM = "dicom/cmu-1-small-region-wsi2dcm"
-OUTPUTS = {"tiles.geojson", "annotations.geojson", "overlay.png", "embeddings.h5", "run.json", ".done"}
+OUTPUTS = {"tiles.geojson", "annotations.geojson", "overlay.png", "thumbnail.png", "embeddings.h5", "run.json",
+           "report.html", ".done"}
 
 torch.set_num_threads(1)
 
@@ -69,9 +71,10 @@ def check_outputs(folder: Path, classes: list[str]) -> dict:
     with h5py.File(folder / "embeddings.h5") as f:
         assert f["features"].shape[0] == n and f["coords"].shape == (n, 2)
         assert np.isfinite(f["features"][()]).all()
-    w, h = Image.open(folder / "overlay.png").size
+    x, y, w, h = image_box(folder / "overlay.png")  # the slide inside the picture (legend and title beside it)
     sw, sh = run["slide_size"]
-    assert 512 <= max(w, h) <= 2048 and abs(w / h - sw / sh) < 0.02  # the whole slide, viewable
+    assert max(w, h) == min(1024, max(sw, sh)) and abs(w / h - sw / sh) < 0.02  # the whole slide, viewable
+    assert (folder / "report.html").is_file() and (folder.parent / "index.html").is_file()
     return run
 
 
@@ -256,9 +259,13 @@ def test_attention_mil_bundle_gives_slide_prediction_and_attention(shared_data, 
     assert attention.sum() == pytest.approx(1, abs=1e-4) and attention.std() > 0
     prediction = json.loads((folder / "run.json").read_text())["parameters"]["slide_prediction"]
     assert set(prediction) == {"Tumor", "Stroma"} and sum(prediction.values()) == pytest.approx(1, abs=1e-5)
-    heat = np.asarray(Image.open(folder / "heatmap-attention.png"))  # grey + alpha, one pixel per tile
-    shown = heat[..., 0][heat[..., 1] > 0]
-    assert len(shown) == len(tiles) and shown.max() == 255 and shown.min() == 0
+    with h5py.File(folder / "embeddings.h5") as f:  # the raw map: one cell per tile, NaN elsewhere
+        grid = f["heatmaps"]["attention"][()]
+    shown = grid[np.isfinite(grid)]
+    assert len(shown) == len(tiles) and sorted(shown) == pytest.approx(sorted(attention), abs=1e-6)
+    x, y, w, h = image_box(folder / "heatmap-attention.png")  # the picture: attention in colour over the slide
+    pic = np.asarray(Image.open(folder / "heatmap-attention.png").convert("RGB"))[y:y + h, x:x + w]
+    assert len(np.unique(pic.reshape(-1, 3), axis=0)) > 50
 
 
 def test_progress_lines_when_not_a_terminal(shared_data, bundle_path, monkeypatch):

@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "info": "pathapp.cli.slides:info",
     "tile": "pathapp.cli.tile:tile",
     "infer": "pathapp.cli.infer:infer",
+    "explain": "pathapp.cli.explain:explain",
     "qc": "pathapp.cli.qc:qc",
     "model": "pathapp.cli.model:model",
     "train": "pathapp.cli.train:train",
@@ -57,6 +58,7 @@ def cli(debug: bool) -> None:
       pathapp tile slide.svs --mpp 0.5 --out t/   tissue tiles as QuPath GeoJSON + picture
       pathapp infer slide.svs --model m.pathapp   run a model; results in pathapp/<slide>/ beside it
       pathapp infer project.qpproj --model m.pathapp   every image of a QuPath project
+      pathapp explain slide.svs --model m.pathapp --class Tumor   why: saliency maps of the top tiles
 
     Run `pathapp COMMAND --help` for each command's options.
     """

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from pathapp.cli.options import BATCH_SIZE, FRACTION, MPP, TILE_SIZE, WORKERS, qc_option, slide_mpp_option, stain_options
+from pathapp.cli.options import BATCH_SIZE, FRACTION, WORKERS, qc_option, slide_run_options, stain_options
 from pathapp.models.loader import DEFAULT_MODEL
 
 
@@ -17,18 +17,11 @@ from pathapp.models.loader import DEFAULT_MODEL
               "model list`) for embeddings only, with weights from --weights or the hub.")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Weights file for a backbone NAME: official DINOv2 .pth, timm .pth/.safetensors.")
-@click.option("--out", type=click.Path(file_okay=False), default=None,
-              help="Output folder; results go to OUT/<slide name>/. Default: beside each slide, in "
-              "<slide folder>/pathapp/<slide name>/; for a QuPath project <project dir>/pathapp/<entryID>/.")
-@click.option("--mpp", type=MPP, default=None, metavar="UM_PER_PX",
-              help="Resolution tiles are analysed at, µm/px (default: the bundle's, usually 0.5).")
-@click.option("--tile-size", type=TILE_SIZE, default=None, metavar="PX",
-              help="Tile side in pixels (default: the bundle's).")
+@slide_run_options
 @click.option("--roi", type=click.Path(exists=True, dir_okay=False), default=None,
               help="QuPath GeoJSON export of annotations; only tiles whose centre lies inside are run.")
 @click.option("--roi-class", multiple=True, metavar="NAME",
               help="Use only --roi annotations of this class (repeatable).")
-@slide_mpp_option
 @click.option("--min-tissue", type=FRACTION, default=None,
               help="Tissue fraction a tile needs to be analysed (default 0.1).")
 @click.option("--batch-size", type=BATCH_SIZE, default=32, show_default=True)

@@ -7,6 +7,8 @@ slide is opened or any file written."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -54,6 +56,36 @@ slide_mpp_option = click.option(
     help="The slide's own level-0 resolution in µm/px, for files that lack it or state it wrongly "
     "(distinct from --mpp, the resolution tiles are analysed at).",
 )
+
+_out_option = click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Output folder; results go to OUT/<slide name>/. Default: beside each slide, in "
+    "<slide folder>/pathapp/<slide name>/; for a QuPath project <project dir>/pathapp/<entryID>/.",
+)
+_mpp_option = click.option(
+    "--mpp",
+    type=MPP,
+    default=None,
+    metavar="UM_PER_PX",
+    help="Resolution tiles are analysed at, µm/px (default: the bundle's, usually 0.5).",
+)
+_tile_size_option = click.option(
+    "--tile-size",
+    type=TILE_SIZE,
+    default=None,
+    metavar="PX",
+    help="Tile side in pixels (default: the bundle's).",
+)
+device_option = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
+
+
+def slide_run_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--out, --mpp, --tile-size and --slide-mpp, as every command that runs a model over slides takes them."""
+    for option in (slide_mpp_option, _tile_size_option, _mpp_option, _out_option):  # last applied is listed first
+        command = option(command)
+    return command
 
 
 def stain_options(f):

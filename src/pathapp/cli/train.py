@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from pathapp.cli.options import (BATCH_SIZE, COUNT, MAX_TILE_SIZE, MPP, FiniteRange, positive, slide_mpp_option,
-                                  stain_options)
+from pathapp.cli.options import (BATCH_SIZE, COUNT, MAX_TILE_SIZE, MPP, FiniteRange, device_option, positive,
+                                  slide_mpp_option, stain_options)
 
 _data_option = click.option(
     "--data", "data", multiple=True, required=True, type=click.Path(exists=True, path_type=Path),
@@ -44,7 +44,6 @@ _target_option = click.option(
 _loss_option = click.option(
     "--loss", type=click.Choice(["huber", "mse"]), default="huber", show_default=True,
     help="--task regression: Huber (robust to outlying values) or squared error, on the standardised target.")
-_device_option = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
 _batch_option = click.option("--batch-size", type=BATCH_SIZE, default=32, show_default=True)
 
 
@@ -78,7 +77,7 @@ def _cache(cache: Path | None) -> Path:
 @slide_mpp_option
 @_cache_option
 @_embeddings_option
-@_device_option
+@device_option
 @_batch_option
 @click.option("--lora-rank", type=click.IntRange(1, 1024), default=8, show_default=True)
 @click.option("--lora-alpha", type=positive(1e6), default=16.0, show_default=True)
@@ -162,7 +161,7 @@ def train(data, slides, backbone, weights, model, method, out, group_by, mpp, ti
 @slide_mpp_option
 @_cache_option
 @_embeddings_option
-@_device_option
+@device_option
 @_batch_option
 @click.option("--bootstrap", type=click.IntRange(10, 10**6), default=1000, show_default=True,
               help="Bootstrap resamples (of whole groups) for the 95% confidence intervals.")

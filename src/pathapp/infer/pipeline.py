@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 
 PRECISIONS = ("fp32", "bf16", "int8")
 THUMBNAIL_PX = 1024
-MIN_THUMBNAIL_PX = 512
 PROGRESS_EVERY_S = 30.0  # interval of `progress:` lines when stderr is not a terminal
 
 
@@ -225,9 +224,10 @@ def plan_tiles(slide: Slide, mpp: float, tile_size: int, rois: Any, min_tissue: 
     grid = make_grid(slide, mpp, tile_size, tissue=tissue, rois=rois, **grid_kwargs)
     timings["grid"] = time.perf_counter() - t
     t = time.perf_counter()
-    # The tissue detector already decoded a low-resolution view; reuse it unless it is too small to look at.
+    # The tissue detector already decoded a low-resolution view; reuse it when it is as large as the
+    # pictures are drawn (THUMBNAIL_PX on the long side), else read one at that size from the pyramid.
     low_res = getattr(tissue, "rgb", None)
-    if low_res is not None and max(low_res.shape[:2]) >= MIN_THUMBNAIL_PX:
+    if low_res is not None and max(low_res.shape[:2]) >= min(THUMBNAIL_PX, max(slide.size)):
         thumbnail = low_res
     else:
         thumbnail = slide.thumbnail(THUMBNAIL_PX)

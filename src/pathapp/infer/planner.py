@@ -20,7 +20,7 @@ from pathapp.infer.options import InferOptions
 from pathapp.infer.options import QC_MODES
 from pathapp.infer.pipeline import InferenceError, Runtime, check_tile_size, infer_slide, prepare_model, qc_slide
 from pathapp.models.loader import DEFAULT_MPP, load_model, model_label
-from pathapp.results import read_done, write_results
+from pathapp.results import read_done, write_index, write_results
 from pathapp.slide import expand_slide_inputs, find_slides, is_url, open_slide, slide_name
 
 RESULTS_FOLDER = "pathapp"  # results go to <slide folder>/pathapp/<slide name>/ unless --out is given
@@ -119,6 +119,13 @@ def slide_out_dir(slide: Path | str, out: Path | None) -> Path:
     return out / slide_name(slide)
 
 
+def report_failure(job: Job, error: Exception, failed: list[tuple[str, str]], echo: Callable[[str], None]) -> None:
+    """One line for an input that failed (never a traceback unless debugging), its reason kept for the summary."""
+    line = failure_line(job.label, error)
+    failed.append((job.label, line.removeprefix("failed: ")))
+    echo(line)
+
+
 def shard(jobs: list[Job]) -> list[Job]:
     """This torchrun rank's share: input i goes to rank i mod world size (no process group needed)."""
     env = dist_env()
@@ -183,11 +190,13 @@ def run_inference(inputs: Sequence[str | Path], options: InferOptions | None = N
         try:
             status, path = _run_job(job, rt, o, rois, settings, echo, stain)
         except Exception as e:  # noqa: BLE001 - one bad slide must not stop the others; one line each
-            line = failure_line(job.label, e)
-            summary.failed.append((job.label, line.removeprefix("failed: ")))
-            echo(line)
+            report_failure(job, e, summary.failed, echo)
             continue
         getattr(summary, status).append(path)
+    for folder in sorted({p.parent for p in summary.done + summary.skipped}):
+        index = write_index(folder)  # every slide folder there, this run's and earlier ones
+        if index is not None:
+            echo(f"index: {index}")
     return summary
 
 

@@ -198,11 +198,14 @@ class PathModel(nn.Module):
     def slide_head(self) -> Head | None:
         return self.head if self.head is not None and self.head.kind in SLIDE_HEAD_KINDS else None
 
-    def embed(self, x: Tensor) -> Tensor:
+    def normalize(self, x: Tensor) -> Tensor:
+        """RGB uint8 or float 0..1 -> the backbone's input (the bundle's mean/std)."""
         if x.dtype == torch.uint8:
             x = x.float().div_(255)
-        x = (x.to(self.mean.dtype) - self.mean) / self.std
-        return embed(self.backbone, x, self.recipe)
+        return (x.to(self.mean.dtype) - self.mean) / self.std
+
+    def embed(self, x: Tensor) -> Tensor:
+        return embed(self.backbone, self.normalize(x), self.recipe)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         e = self.embed(x)

@@ -207,6 +207,20 @@ class ABMILHead(Head):
     def logits(self, bag: Tensor) -> Tensor:
         return self.attend(bag)[0]
 
+    def replace_one(self, bag: Tensor, index: int, candidates: Tensor) -> Tensor:
+        """Slide probabilities (B, C) when tile `index` of the bag takes each of the B `candidates`
+        embeddings in turn, the other tiles unchanged: how one tile's content moves the slide call."""
+        h = self.fc(self.prepare(bag))
+        scores = self.attn_w(torch.tanh(self.attn_v(h)) * torch.sigmoid(self.attn_u(h))).squeeze(-1)
+        hc = self.fc(self.prepare(candidates))
+        sc = self.attn_w(torch.tanh(self.attn_v(hc)) * torch.sigmoid(self.attn_u(hc))).squeeze(-1)
+        keep = torch.ones_like(scores, dtype=torch.bool)
+        keep[index] = False
+        top = torch.maximum(scores[keep].max() if keep.any() else sc.min(), sc.max())  # one shift: stable exp
+        w_rest, w_new = (scores[keep] - top).exp(), (sc - top).exp()
+        pooled = (w_rest @ h[keep] + w_new[:, None] * hc) / (w_rest.sum() + w_new)[:, None]
+        return self.classifier(pooled).softmax(dim=-1)
+
     def forward(self, bag: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         out, attention = self.attend(bag)
         if self.task == "classification":

@@ -12,8 +12,10 @@ from pathapp.atomic import atomic_path
 from pathapp.results.result import SlideResult
 
 
-def write_embeddings(result: SlideResult, path: Path) -> Path | None:
-    """Write features, coords and their attributes atomically; None when there are no embeddings."""
+def write_embeddings(result: SlideResult, path: Path, heatmaps: dict[str, np.ndarray] | None = None) -> Path | None:
+    """Write features, coords and their attributes atomically; None when there are no embeddings.
+    `heatmaps` (name -> float32 grid, NaN where no tile; `heatmap.raw_heatmaps`) go to the group
+    /heatmaps with the grid's scale, for programs that want the maps rather than the pictures."""
     if result.embeddings is None:
         return None
     features = np.asarray(result.embeddings, dtype=np.float32)  # (N, D), also when N = 0
@@ -44,6 +46,12 @@ def write_embeddings(result: SlideResult, path: Path) -> Path | None:
             f.attrs["class_names"] = list(result.class_names)
         if "attention" in result.extra:  # attention-MIL bundles: the pooling weights of the slide embedding
             f.create_dataset("attention", data=np.asarray(result.extra["attention"], dtype=np.float32))
+        if heatmaps:
+            group = f.create_group("heatmaps")
+            group.attrs["scale"] = float(result.footprint)  # level-0 px per grid cell
+            group.attrs["encoding"] = "cell (i, j) covers level-0 [j*scale, (j+1)*scale) x [i*scale, (i+1)*scale); NaN: no tile"
+            for name, grid in heatmaps.items():
+                group.create_dataset(name, data=grid, compression="gzip")
     return Path(path)
 
 

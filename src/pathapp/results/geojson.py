@@ -163,15 +163,16 @@ def slide_object(result: SlideResult) -> QuPathObject | None:
                         name=SLIDE_OBJECT_NAME)
 
 
-def region_objects(result: SlideResult) -> list[QuPathObject]:
+def region_objects(result: SlideResult, regions: dict[str, shapely.Geometry] | None = None) -> list[QuPathObject]:
     """One annotation per class with its area (µm²) and the mean probability of its tiles, and the
-    slide head's annotation (slide_object) when there is one."""
+    slide head's annotation (slide_object) when there is one; `regions`: class_regions(result), if
+    computed already."""
     slide = slide_object(result)
     objects = [slide] if slide is not None else []
     if result.probs is None:
         return objects
     labels = np.argmax(result.probs, axis=1)
-    for name, geom in class_regions(result).items():
+    for name, geom in (class_regions(result) if regions is None else regions).items():
         k = result.class_names.index(name)
         meas = {
             "Area µm^2": float(geom.area * result.slide_mpp**2),
@@ -213,8 +214,9 @@ def write_tiles_geojson(result: SlideResult, path: Path, object_type: str = "til
     return Path(path)
 
 
-def write_annotations_geojson(result: SlideResult, path: Path) -> Path:
+def write_annotations_geojson(result: SlideResult, path: Path,
+                              regions: dict[str, shapely.Geometry] | None = None) -> Path:
     """annotations.geojson: a FeatureCollection of one annotation per predicted class (and the slide
-    head's annotation) and one per artefact kind QC found."""
-    write_objects(path, region_objects(result) + qc_objects(result))
+    head's annotation) and one per artefact kind QC found; `regions`: class_regions(result), if computed."""
+    write_objects(path, region_objects(result, regions) + qc_objects(result))
     return Path(path)

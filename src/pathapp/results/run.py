@@ -14,16 +14,19 @@ import numpy as np
 
 from pathapp.atomic import atomic_path, atomic_write_text, mark_output_folder
 from pathapp.results.embeddings import write_embeddings
-from pathapp.results.geojson import qc_summary, write_annotations_geojson, write_tiles_geojson
+from pathapp.results.geojson import class_regions, qc_summary, write_annotations_geojson, write_tiles_geojson
 from pathapp.results.heatmap import (
     heatmap_scale,
     heatmap_shape,
     pca_rgb,
+    raw_heatmaps,
     write_class_heatmaps,
     write_overlay,
     write_pca,
     write_qc_overlay,
+    write_thumbnail,
 )
+from pathapp.results.report import write_report
 from pathapp.results.result import SlideResult
 
 DONE = ".done"
@@ -97,12 +100,13 @@ def run_record(result: SlideResult, files: list[Path]) -> dict:
         "parameters": result.params,
         "counts": counts,
         "timings": {k: round(v, 4) for k, v in result.timings.items()},
+        "qc": result.qc or None,
         "heatmap": {
             "scale": heatmap_scale(result),
             "width": cols,
             "height": rows,
-            "encoding": "heatmap-<class>.png: grey = round(255*prob), alpha 0 where no tile; "
-            "pixel (i, j) covers level-0 [i*scale, (i+1)*scale) x [j*scale, (j+1)*scale)",
+            "encoding": "embeddings.h5 /heatmaps/<name>: float32 grid, NaN where no tile; cell (i, j) covers "
+            "level-0 [j*scale, (j+1)*scale) x [i*scale, (i+1)*scale). heatmap-<name>.png are pictures of them",
         },
         **({"qc": qc} if qc else {}),
         "files": sorted(p.name for p in files),
@@ -113,9 +117,9 @@ def run_record(result: SlideResult, files: list[Path]) -> dict:
 
 def write_results(result: SlideResult, out_dir: str | Path, object_type: str = "tile",
                   settings: dict | None = None) -> list[Path]:
-    """Write tiles.geojson, annotations.geojson, heatmaps, overlay, overlay-qc.png (when QC ran),
-    embeddings.h5, pca.png (headless), run.json, then `.done` recording `settings`, into `out_dir` (the slide's own
-    folder). Returns the paths.
+    """Write tiles.geojson, annotations.geojson, heatmaps, thumbnail, overlay, overlay-qc.png (when QC
+    ran), embeddings.h5, pca.png (headless), run.json, report.html, then `.done` recording `settings`,
+    into `out_dir` (the slide's own folder). Returns the paths.
 
     Any earlier `.done` is removed first, so a run interrupted while overwriting is not mistaken
     for a finished one; an earlier run's files that this run does not write again (a pca.png of an
@@ -126,22 +130,24 @@ def write_results(result: SlideResult, out_dir: str | Path, object_type: str = "
     for stale in out.glob(".*.tmp*"):  # temporary files of a run that was killed while writing here
         stale.unlink(missing_ok=True)
     t0 = time.perf_counter()
+    regions = class_regions(result)
     files: list[Path] = [
         write_tiles_geojson(result, out / "tiles.geojson", object_type),
-        write_annotations_geojson(result, out / "annotations.geojson"),
+        write_annotations_geojson(result, out / "annotations.geojson", regions),
         *write_class_heatmaps(result, out),
     ]
     headless = result.probs is None and result.embeddings is not None and len(result) > 0
     pca = pca_rgb(result.embeddings) if headless else None
-    files += [p for p in (write_overlay(result, out, pca), write_qc_overlay(result, out),
-                          write_embeddings(result, out / "embeddings.h5")) if p]
+    files += [p for p in (write_thumbnail(result, out), write_overlay(result, out, pca), write_qc_overlay(result, out),
+                          write_embeddings(result, out / "embeddings.h5", raw_heatmaps(result))) if p]
     if headless:
         files += [p for p in [write_pca(result, out, pca)] if p]
     result.timings["write"] = time.perf_counter() - t0
     with atomic_path(out / "run.json") as tmp:
-        record = run_record(result, files + [out / "run.json"])
+        record = run_record(result, files + [out / "run.json", out / "report.html"])
         tmp.write_text(json.dumps(record, indent=2, allow_nan=False, default=str))
     files.append(out / "run.json")
+    files.append(write_report(result, out, files, regions, record))
     for stale in earlier - {p.name for p in files}:
         (out / stale).unlink(missing_ok=True)
     atomic_write_text(out / DONE, json.dumps(settings or {}, sort_keys=True, allow_nan=False))

@@ -143,7 +143,10 @@ class Slide(ABC):
 
         w0, h0 = self.size
         scale = max(max(w0, h0) / max_px, 1.0)
-        region, _ = self.read_low_res(scale)
+        # read at a whole-number reduction of the level that is no coarser than the thumbnail, then shrink
+        # once (antialiased): never enlarge a coarser read, which blurs
+        lv = self.levels[self.best_level_for_downsample(scale)]
+        region, _ = self.read_low_res(lv.downsample * max(1, int(scale / lv.downsample + 1e-9)))
         tw, th = max(1, min(round(w0 / scale), max_px)), max(1, min(round(h0 / scale), max_px))
         if (tw, th) == (region.shape[1], region.shape[0]):
             return region

@@ -68,7 +68,7 @@ def tile_slide(
             write_objects(out_dir / "tiles.geojson", tiles),
             write_objects(out_dir / "tissue.geojson", outline),
         ]
-        render_overview(out_dir / "thumbnail.png", tissue, grid, rois=rois)
+        render_overview(out_dir / "thumbnail.png", slide, tissue, grid, rois=rois)
         files.append(out_dir / "thumbnail.png")
         empty = None if len(grid) else why_empty(grid, tissue, rois, min_tissue)
         return TilingResult(slide.name, out_dir, grid, files, empty)
