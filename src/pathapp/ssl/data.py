@@ -68,6 +68,7 @@ class SlideTileSource:
     def __init__(self, slides: list, mpps: list[float], tile_size: int, min_tissue: float = 0.6,
                  max_tries: int = 10, balance: str = "slides") -> None:
         from pathapp.tiles import detect_tissue, tile_geometry
+        from pathapp.tiles.tissue import require_brightfield
 
         self.mpps = [float(m) for m in mpps]
         self.tile_size = tile_size
@@ -80,6 +81,7 @@ class SlideTileSource:
                 _warn(f"{slide.path}: smaller than one {tile_size}px tile at {max(self.mpps)} µm/px; skipped")
                 continue
             tm = detect_tissue(slide)
+            require_brightfield(slide, tm)
             if not tm.mask.any():
                 _warn(f"{slide.path}: no tissue detected; skipped")
                 continue
