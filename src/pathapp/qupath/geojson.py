@@ -42,7 +42,10 @@ class GeoJSONError(PathappError):
 
 @dataclass
 class QuPathObject:
-    """One QuPath object. `color` is the class colour, or the object's own colour when unclassified."""
+    """One QuPath object. `color` is the class colour, or the object's own colour when unclassified.
+
+    `parent` and `children` give QuPath's nesting where the source has it (a data.qpdata); they are
+    left out of comparisons and repr, which would otherwise walk the whole hierarchy."""
 
     geometry: BaseGeometry
     object_type: str = "annotation"
@@ -53,6 +56,8 @@ class QuPathObject:
     id: str | None = None
     nucleus_geometry: BaseGeometry | None = None
     locked: bool = False
+    parent: QuPathObject | None = field(default=None, repr=False, compare=False)
+    children: list[QuPathObject] = field(default_factory=list, repr=False, compare=False)
 
 
 # ---------------------------------------------------------------------------------------------- read
@@ -179,6 +184,9 @@ def _classification(value: Any) -> tuple[str | None, tuple[int, int, int] | None
     name = value.get("name")
     if not name and value.get("names"):
         name = ": ".join(str(n) for n in value["names"])
+    elif name and isinstance(value.get("parentClass"), Mapping):  # 0.2 wrote a derived class as a chain
+        parent, _ = _classification(value["parentClass"])
+        name = f"{parent}: {name}" if parent else name
     color = _rgb(value.get("color", value.get("colorRGB")))
     return (str(name) if name else None), color
 
