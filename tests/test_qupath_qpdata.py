@@ -12,6 +12,7 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import shapely
 
@@ -115,6 +116,38 @@ def test_btc_lab_entry_106_qupath051() -> None:
         assert o.geometry.geom_type in ("Polygon", "MultiPolygon") and o.geometry.is_valid
         assert o.geometry.area > 1e4 and image.contains(o.geometry)
         assert o.color is not None and o.id is not None
+
+
+_TYPES = {"PathAnnotationObject": "annotation", "PathDetectionObject": "detection", "PathTileObject": "tile",
+          "PathCellObject": "cell"}
+
+
+@pytest.mark.parametrize(("rel", "summary"), [(f"{BTC}/data/106/data.qpdata", "btc-lab-106.json"),
+                                             (f"{COSCIA}/data/1/data.qpdata", "coscia-1.json")])
+def test_real_files_read_as_qupath_reads_them(rel: str, summary: str) -> None:
+    """The real projects' data files against QuPath's own reading of them (the version that wrote
+    each, run by make_fixtures.sh): type, class and colour, name, lock, nesting, and the geometry's
+    area, length, bounds and (for WKB geometries) vertex count."""
+    data = read_qpdata(data_file(rel))
+    expected = json.loads((FIXTURES / "real" / summary).read_text(encoding="utf-8"))
+    assert len(data.objects) == len(expected)
+    for got, want in zip(data.objects, expected):
+        assert got.object_type == _TYPES[want["type"]]
+        assert (got.class_name, got.name, got.locked) == (want["class"], want["name"], want["locked"])
+        if want["class"] is not None:
+            assert list(got.color) == want["classColor"]
+        parent = data.objects.index(got.parent) if got.parent is not None else -1
+        assert parent == want["parent"]
+        if want["roiType"] == "GeometryROI":  # WKB: the very coordinates QuPath holds
+            assert shapely.get_num_coordinates(got.geometry) == want["numPoints"]
+            assert got.geometry.area == pytest.approx(want["area"], rel=1e-9)
+            assert got.geometry.length == pytest.approx(want["length"], rel=1e-9)
+        else:  # QuPath snaps other areas to its 0.01 px grid when it makes their geometry
+            assert abs(got.geometry.area - want["area"]) <= 0.01 * want["length"]
+            assert got.geometry.length == pytest.approx(want["length"], rel=1e-3)
+        assert np.allclose(got.geometry.bounds, want["bounds"], atol=0.01)
+        assert (got.nucleus_geometry is not None) == want["nucleus"]
+        assert len(got.measurements) == want["measurements"]
 
 
 def test_coscia_entry_1_matches_its_geojson_export() -> None:

@@ -14,6 +14,7 @@ from pathapp.errors import PathappError
 from pathapp.qupath.geojson import argb_to_rgb
 
 PROJECT_FILE = "project.qpproj"
+TAG = "pathapp"  # objects pathapp writes into a project are named "pathapp" or "pathapp: <class>"
 DICOM_SUFFIXES = (".dcm", ".dicom")
 # Top-level folders of a project that hold QuPath's (and pathapp's) own files, never images.
 _SKIP_DIRS = {"data", "classifiers", "scripts", "pathapp", ".git"}
@@ -94,6 +95,11 @@ def read_classes(project_dir: Path) -> dict[str, tuple[int, int, int]]:
         if isinstance(c, dict) and c.get("name"):
             out[str(c["name"])] = argb_to_rgb(int(c.get("color", 0)))
     return out
+
+
+def is_pathapp_object(name: str | None) -> bool:
+    """True for the objects an earlier pathapp run wrote into a project (see TAG)."""
+    return name is not None and (name == TAG or name.startswith(TAG + ":"))
 
 
 def results_dir(project: QuPathProject, entry: ProjectEntry) -> Path:

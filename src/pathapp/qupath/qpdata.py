@@ -45,7 +45,7 @@ from shapely.geometry.base import BaseGeometry
 
 from pathapp.errors import PathappError
 from pathapp.qupath.geojson import QuPathObject, argb_to_rgb
-from pathapp.qupath.project import ProjectEntry, QuPathProject, builder_metadata, metadata_mpp
+from pathapp.qupath.project import ProjectEntry, QuPathProject, builder_metadata, is_pathapp_object, metadata_mpp
 
 DATA_FILE = "data.qpdata"
 # QuPath releases whose data-file code this reader follows (checked source by source, see above).
@@ -130,16 +130,18 @@ def data_file(project: QuPathProject, entry: ProjectEntry) -> Path:
     return project.dir / "data" / str(entry.entry_id) / DATA_FILE
 
 
-def read_entry_objects(project: QuPathProject, entry: ProjectEntry) -> list[QuPathObject]:
-    """The objects QuPath saved for a project entry. An entry whose image was never saved in
-    QuPath has no data file: that raises QpdataError (one line), as does a bad file."""
+def read_entry_objects(project: QuPathProject, entry: ProjectEntry, *, include_pathapp: bool = False) -> list[QuPathObject]:
+    """The objects QuPath saved for a project entry, without those an earlier `pathapp infer
+    --write-project` added (named "pathapp: ...") unless asked. An entry whose image was never saved
+    in QuPath has no data file: that raises QpdataError (one line), as does a bad file."""
     path = data_file(project, entry)
     if not path.is_file():
         raise QpdataError(
             f"{project.path}: entry {entry.entry_id} ({entry.name}) has no data file ({path}): QuPath "
             "never saved objects for this image; open it in QuPath, annotate it and save"
         )
-    return read_qpdata(path).objects
+    objects = read_qpdata(path).objects
+    return objects if include_pathapp else [o for o in objects if not is_pathapp_object(o.name)]
 
 
 # ------------------------------------------------------------------------------------- the stream
