@@ -250,3 +250,13 @@ def test_nesting_does_not_change_equality_or_repr() -> None:
                          color=parent.color, measurements=parent.measurements, name=parent.name, id=parent.id,
                          locked=parent.locked)
     assert alone == parent
+
+
+def test_only_some_object_types() -> None:
+    """Keeping annotations only: the detections under them are read past, the nesting closes up."""
+    every = read_qpdata(FIXTURES / "v0.6.0" / "data.qpdata")
+    some = read_qpdata(FIXTURES / "v0.6.0" / "data.qpdata", {"annotation"})
+    assert [o.id for o in some.objects] == [o.id for o in every.objects if o.object_type == "annotation"]
+    inner = next(o for o in some.objects if o.class_name == "Tumor: Positive")
+    assert inner.parent is not None and inner.parent.name == "big rectangle"
+    assert [c.object_type for c in inner.parent.children] == ["annotation"]

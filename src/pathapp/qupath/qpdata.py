@@ -29,7 +29,7 @@ import math
 import os
 import struct
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,8 +90,10 @@ class QpData:
         return [o for o in self.objects if o.parent is None]
 
 
-def read_qpdata(path: str | os.PathLike) -> QpData:
-    """Parse one data file. Raises QpdataError with one line naming the file and what to do."""
+def read_qpdata(path: str | os.PathLike, object_types: Collection[str] | None = None) -> QpData:
+    """Parse one data file; `object_types` (e.g. {"annotation"}) keeps only those objects, which
+    saves building the geometry and measurements of every cell when only annotations are needed.
+    Raises QpdataError with one line naming the file and what to do."""
     path = Path(path)
     if not path.is_file():
         raise QpdataError(f"{path}: no QuPath data file here; open the image in QuPath and save it (File › Save)")
@@ -118,7 +120,7 @@ def read_qpdata(path: str | os.PathLike) -> QpData:
     data.image_type = next((str(c.value) for c in contents if isinstance(c, JavaEnum)), None)
     root = _field(hierarchy, "rootObject")
     try:
-        data.objects = list(_Decoder(path, data.qupath_version).objects(root))
+        data.objects = list(_Decoder(path, data.qupath_version, object_types).objects(root))
     except (_Malformed, EOFError, struct.error, KeyError, IndexError, TypeError, ValueError,
             shapely.errors.ShapelyError) as e:
         raise QpdataError(f"{path}: corrupt QuPath data file ({_one_line(e)}); save the image again in QuPath") from e
@@ -130,21 +132,39 @@ def data_file(project: QuPathProject, entry: ProjectEntry) -> Path:
     return project.dir / "data" / str(entry.entry_id) / DATA_FILE
 
 
-def read_entry_objects(project: QuPathProject, entry: ProjectEntry, *, include_pathapp: bool = False) -> list[QuPathObject]:
-    """The objects QuPath saved for a project entry, without those an earlier `pathapp infer
-    --write-project` added (named "pathapp: ...") unless asked. An entry whose image was never saved
-    in QuPath has no data file: that raises QpdataError (one line), as does a bad file."""
+def read_entry_objects(
+    project: QuPathProject, entry: ProjectEntry, object_types: Collection[str] | None = None, *,
+    include_pathapp: bool = False,
+) -> list[QuPathObject]:
+    """The objects QuPath saved for a project entry (of `object_types`, see read_qpdata), without
+    those an earlier `pathapp infer --write-project` added (named "pathapp: ...") unless asked. An
+    entry whose image was never saved in QuPath has no data file: that raises QpdataError (one
+    line), as does a bad file."""
     path = data_file(project, entry)
     if not path.is_file():
         raise QpdataError(
             f"{project.path}: entry {entry.entry_id} ({entry.name}) has no data file ({path}): QuPath "
             "never saved objects for this image; open it in QuPath, annotate it and save"
         )
-    objects = read_qpdata(path).objects
+    objects = read_qpdata(path, object_types).objects
     return objects if include_pathapp else [o for o in objects if not is_pathapp_object(o.name)]
 
 
 # ------------------------------------------------------------------------------------- the stream
+
+
+class _Packed:
+    """A primitive array's values. javaobj copies whatever load_array returns into a Python list
+    (JavaArray.__init__) and keeps the original as JavaArray.data: iterating as empty keeps that
+    copy (one Python float per vertex) from being made."""
+
+    __slots__ = ("values",)
+
+    def __init__(self, values: np.ndarray) -> None:
+        self.values = values
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(())
 
 
 class _NumpyArrays(ObjectTransformer):
@@ -156,7 +176,7 @@ class _NumpyArrays(ObjectTransformer):
         TypeCode.TYPE_SHORT: ">i2", TypeCode.TYPE_BOOLEAN: ">u1",
     }
 
-    def load_array(self, reader: Any, type_code: Any, size: int) -> np.ndarray | None:
+    def load_array(self, reader: Any, type_code: Any, size: int) -> _Packed | None:
         dtype = self._DTYPES.get(type_code)
         if dtype is None:
             return None
@@ -164,7 +184,7 @@ class _NumpyArrays(ObjectTransformer):
         buf = reader.file_descriptor.read(n)
         if len(buf) != n:
             raise EOFError("the stream ends inside an array")
-        return np.frombuffer(buf, dtype=dtype)
+        return _Packed(np.frombuffer(buf, dtype=dtype))
 
 
 class _Stream(JavaStreamParser):
@@ -331,9 +351,10 @@ class _Block:
 class _Decoder:
     """Turns the parsed hierarchy into QuPathObjects, following qupath-core's readExternal."""
 
-    def __init__(self, path: Path, version: str | None) -> None:
+    def __init__(self, path: Path, version: str | None, object_types: Collection[str] | None = None) -> None:
         self.path = path
         self.version = version
+        self.wanted = set(object_types) if object_types is not None else None
         self._classes: dict[int, tuple[str | None, tuple[int, int, int] | None]] = {}
 
     def objects(self, root: Any) -> Iterator[QuPathObject]:
@@ -342,7 +363,8 @@ class _Decoder:
         yield from self._walk(root, None)
 
     def _walk(self, instance: Any, parent: QuPathObject | None) -> Iterator[QuPathObject]:
-        """Depth first, parents before children, as QuPath stores them."""
+        """Depth first, parents before children, as QuPath stores them. Objects of types not wanted
+        are read past without building their geometry and measurements."""
         kind = _OBJECT_TYPES.get(_class_name(instance))
         if kind is None:
             raise QpdataError(
@@ -357,19 +379,19 @@ class _Decoder:
         obj = None
         if kind != "root":
             locked, class_name, class_color, roi = self._roi_fields(block)
-            nucleus = self._geometry(block.obj()) if kind == "cell" else None
+            nucleus = block.obj() if kind == "cell" else None
             if kind == "tma_core":
                 block.bool()  # isMissing
-            else:
+            elif self.wanted is None or kind in self.wanted:
                 obj = QuPathObject(
                     geometry=self._geometry(roi),
                     object_type=kind,
                     class_name=class_name,
                     color=class_color if class_name is not None else _rgb(own_color),
-                    measurements=measurements,
+                    measurements=_measurements(measurements) if measurements is not None else {},
                     name=name,
                     id=object_id or metadata.get("Object ID"),
-                    nucleus_geometry=nucleus,
+                    nucleus_geometry=self._geometry(nucleus),
                     locked=locked,
                     parent=parent,
                 )
@@ -379,10 +401,10 @@ class _Decoder:
         for child in children:
             yield from self._walk(child, obj if obj is not None else parent)
 
-    def _object_fields(self, block: _Block) -> tuple[dict[str, str], dict[str, float], str | None]:
-        """PathObject.readExternal after name and colour: (metadata, measurements, UUID)."""
+    def _object_fields(self, block: _Block) -> tuple[dict[str, str], Any, str | None]:
+        """PathObject.readExternal after name and colour: (metadata, measurement list, UUID)."""
         metadata: dict[str, str] = {}
-        measurements: dict[str, float] = {}
+        measurements = None
         object_id = None
         nxt = block.obj()
         if _class_name(nxt) == "java.util.UUID":  # data version 4
@@ -392,14 +414,12 @@ class _Decoder:
                 if _class_name(item) == _PKG + "objects.MetadataMap":
                     metadata = _metadata(item)
                 elif item is not None:
-                    measurements = _measurements(item)
+                    measurements = item
             return metadata, measurements, object_id
         if _class_name(nxt) == _PKG + "objects.MetadataMap":
             metadata = _metadata(nxt)
             nxt = block.obj()
-        if nxt is not None:
-            measurements = _measurements(nxt)
-        return metadata, measurements, object_id
+        return metadata, nxt, object_id
 
     def _roi_fields(self, block: _Block) -> tuple[bool, str | None, tuple[int, int, int] | None, Any]:
         """PathROIObject.readExternal: (locked, class name, class colour, ROI proxy); the class
@@ -502,7 +522,7 @@ def _points(roi: Any) -> BaseGeometry:
 def _legacy_area(roi: Any) -> BaseGeometry:
     """AreaROI: one float array per ring, as java.awt.geom.Area's path gives them (outer boundaries
     and holes that never cross), so the even-odd combination of the rings is the area."""
-    rings = [np.column_stack([_floats(rx), _floats(ry)]) for rx, ry in zip(_field(roi, "x"), _field(roi, "y"))]
+    rings = [np.column_stack([_floats(rx), _floats(ry)]) for rx, ry in zip(_values(_field(roi, "x")), _values(_field(roi, "y")))]
     out: BaseGeometry = shapely.Polygon()
     for ring in rings:
         out = shapely.symmetric_difference(out, _area(ring))
@@ -511,7 +531,7 @@ def _legacy_area(roi: Any) -> BaseGeometry:
 
 def _area(xy: np.ndarray) -> BaseGeometry:
     """A closed area from vertices; self-intersections resolved (QuPath goes through java.awt Area)."""
-    if len(np.unique(xy, axis=0)) < 3:
+    if len(xy) < 3:
         return shapely.Polygon()
     poly = shapely.Polygon(xy)
     if poly.is_valid:
@@ -522,9 +542,7 @@ def _area(xy: np.ndarray) -> BaseGeometry:
 
 
 def _wkb(roi: Any) -> BaseGeometry:
-    wkb = _field(roi, "wkb")
-    data = wkb.data if isinstance(wkb, JavaArray) else wkb
-    return shapely.from_wkb(np.asarray(data, dtype=np.int8).tobytes())
+    return shapely.from_wkb(np.asarray(_values(_field(roi, "wkb")), dtype=np.int8).tobytes())
 
 
 _ROI_BUILDERS = {
@@ -578,8 +596,14 @@ def _rgb(packed: int | None) -> tuple[int, int, int] | None:
 
 
 def _floats(array: Any) -> np.ndarray:
-    data = array.data if isinstance(array, JavaArray) else array
-    return np.asarray(data, dtype=np.float64)
+    return np.asarray(_values(array), dtype=np.float64)
+
+
+def _values(array: Any) -> Any:
+    """A Java array's elements: a numpy array for primitives (see _Packed), else a list."""
+    if isinstance(array, JavaArray):
+        return array.data.values if isinstance(array.data, _Packed) else list(array)
+    raise _Malformed(f"an array was expected, found {_class_name(array) or type(array).__name__}")
 
 
 def _uuid(value: Any) -> str:
@@ -594,7 +618,7 @@ def _metadata(instance: Any) -> dict[str, str]:
     if len(items) != 3:
         raise _Malformed("a MetadataMap without keys and values")
     _, keys, values = items
-    return {str(_string(k)): str(_string(v)) for k, v in zip(keys or [], values or [])}
+    return {str(_string(k)): str(_string(v)) for k, v in zip(_values(keys), _values(values))}
 
 
 def _measurements(instance: Any) -> dict[str, float]:
@@ -616,7 +640,9 @@ def _java_list(value: Any) -> list[Any]:
     """The elements of a serialised java.util.List, whichever implementation QuPath happened to use."""
     if value is None:
         return []
-    if isinstance(value, list):  # ArrayList, LinkedList (javaobj's JavaList), arrays
+    if isinstance(value, JavaArray):
+        return list(_values(value))
+    if isinstance(value, list):  # ArrayList, LinkedList (javaobj's JavaList)
         return list(value)
     name = _class_name(value) or ""
     if name == "java.util.CollSer":  # List.of / List.copyOf: an int count, then the elements
