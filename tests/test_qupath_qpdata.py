@@ -9,6 +9,8 @@ import json
 import math
 import random
 import shutil
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import pytest
 import shapely
 
 from conftest import data_file
+from qupath_rules import assert_qupath_conformant
 from pathapp.qupath.geojson import QuPathObject, read_objects
 from pathapp.qupath.project import read_project
 from pathapp.qupath.qpdata import QpdataError, data_file as entry_data_file, read_entry_objects, read_qpdata
@@ -260,3 +263,48 @@ def test_only_some_object_types() -> None:
     inner = next(o for o in some.objects if o.class_name == "Tumor: Positive")
     assert inner.parent is not None and inner.parent.name == "big rectangle"
     assert [c.object_type for c in inner.parent.children] == ["annotation"]
+
+
+def _pathapp(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pathapp", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_export_command_writes_what_qupath_exported(tmp_path: Path) -> None:
+    """`pathapp export` on the real projects: conformant QuPath GeoJSON, object for object what QuPath's
+    own export of the coscia entry holds, and btc-lab's 16 annotations with their classes."""
+    out = tmp_path / "out"
+    run = _pathapp("export", str(data_file(f"{COSCIA}/project.qpproj")), str(data_file(BTC)), "--out", str(out))
+    assert run.returncode == 0, run.stderr
+    coscia = out / "1_TD_01_verysmall_mIF.ome.geojson"
+    btc = out / "106_AS21057515 - 2024-05-07 19.34.42.geojson"
+    assert "131 objects" in run.stdout and "16 objects" in run.stdout and str(coscia) in run.stdout
+    assert len(assert_qupath_conformant(coscia)) == 131 and len(assert_qupath_conformant(btc)) == 16
+    ours = read_objects(coscia)
+    source = read_qpdata(data_file(f"{COSCIA}/data/1/data.qpdata")).objects
+    qupath = {o.id: o for o in read_objects(data_file("qupath/geojson/coscia_Single_cells.geojson"))}
+    for mine, original in zip(ours, source, strict=True):
+        want = qupath[original.id]  # the writer gives fresh ids; the order is the data file's
+        assert (mine.object_type, mine.class_name, mine.color, mine.name) == (
+            want.object_type, want.class_name, want.color, want.name)
+        assert _same_geometry(mine.geometry, want.geometry, tol=0.01)
+        assert _same_measurements(mine.measurements, {k: float(np.float32(v)) for k, v in want.measurements.items()})
+    assert Counter(o.class_name for o in read_objects(btc)) == {
+        "well differentiated tumor": 7, "undifferentiated tumor": 4, "normal tissue": 3, "possibly undifferentiated": 2}
+
+
+def test_export_goes_on_after_a_bad_entry(tmp_path: Path) -> None:
+    """Two entries, one without a data file and one truncated, and a good project: one line for each
+    bad entry, the good one written, exit code 1; --type keeps only annotations."""
+    proj = tmp_path / "proj"
+    shutil.copytree(data_file(COSCIA), proj)
+    (proj / "data" / "1" / "data.qpdata").write_bytes((proj / "data" / "1" / "data.qpdata").read_bytes()[:5000])
+    qpproj = json.loads((proj / "project.qpproj").read_text(encoding="utf-8"))
+    qpproj["images"].append({**qpproj["images"][0], "entryID": 2, "imageName": "never saved.tif"})
+    (proj / "project.qpproj").write_text(json.dumps(qpproj), encoding="utf-8")
+    out = tmp_path / "out"
+    run = _pathapp("export", str(proj), str(data_file(BTC)), "--type", "annotation", "--out", str(out))
+    assert run.returncode == 1
+    failed = [line for line in run.stderr.splitlines() if line.startswith("failed: ")]
+    assert len(failed) == 2 and "truncated" in failed[0] and "entry 2 (never saved.tif) has no data file" in failed[1]
+    assert "Traceback" not in run.stderr
+    assert [p.name for p in out.iterdir()] == ["106_AS21057515 - 2024-05-07 19.34.42.geojson"]

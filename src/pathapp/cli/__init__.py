@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "train": "pathapp.cli.train:train",
     "evaluate": "pathapp.cli.train:evaluate",
     "pretrain": "pathapp.cli.pretrain:pretrain",
+    "export": "pathapp.cli.export:export",
     "cytomine": "pathapp.cli.cytomine:cytomine",
 }
 

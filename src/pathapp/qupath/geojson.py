@@ -33,6 +33,7 @@ _LEGACY_IDS = {
     "PathCellObject": "cell",
 }
 GRID = 0.01  # QuPath 0.6 snaps every coordinate to this grid on import
+UNCLASSIFIED = "Unclassified"  # how QuPath names objects without a class (summary.json, the class list)
 _F32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -72,7 +73,8 @@ def read_objects(source: str | os.PathLike | Mapping | Sequence) -> list[QuPathO
 
 
 def read_rois(path: str | os.PathLike, classes: Iterable[str] | None = None) -> BaseGeometry:
-    """Union of the annotation areas in a QuPath export, optionally only those of `classes`.
+    """Union of the annotation areas in a QuPath export, optionally only those of `classes`
+    ("Unclassified" selects the annotations without a class, as QuPath names them).
 
     Points and lines are ignored (they have no area). Raises if nothing is left, so that a typo
     in a class name never silently means "the whole slide"."""
@@ -87,11 +89,11 @@ def rois_from_objects(
     areas = [
         _polygonal(shapely.make_valid(o.geometry))
         for o in objects
-        if o.object_type == "annotation" and (wanted is None or o.class_name in wanted)
+        if o.object_type == "annotation" and (wanted is None or (o.class_name or UNCLASSIFIED) in wanted)
     ]
     areas = [a for a in areas if not a.is_empty]
     if not areas:
-        present = sorted({str(o.class_name) for o in objects if o.object_type == "annotation"})
+        present = sorted({o.class_name or UNCLASSIFIED for o in objects if o.object_type == "annotation"})
         which = f" of class {', '.join(sorted(wanted))}" if wanted is not None else ""
         raise GeoJSONError(
             f"{label}: no annotation polygons{which} (annotation classes present: "
