@@ -3,7 +3,9 @@
 #  - <version>/data.qpdata, <version>/expected.json: WriteQpdata.java writes one data file per version
 #    through PathIO and exports what QuPath reads back from it as QuPath GeoJSON;
 #  - real/<name>.json: ReadQpdata.java's summary of what QuPath reads from the real projects in
-#    ../shared/data/qupath (btc-lab entry 106 with QuPath 0.5.1, coscia entry 1 with 0.6.0).
+#    ../shared/data/qupath (btc-lab entry 106 with QuPath 0.5.1, coscia entry 1 with 0.6.0);
+#  - cmu1-upper-lower.qpdata: two classified annotations (WriteAnnotations.java, QuPath 0.6.0) over
+#    ../shared/data/wsi/aperio/CMU-1-Small-Region.svs, for the train/infer/pretrain tests on a project.
 # Needs a JDK >= 21, a clone of github.com/qupath/qupath, and the jars of qupath-core's dependencies
 # (JTS, Gson, Guava, commons-math3, picocli, slf4j-api, ImageJ):
 #
@@ -27,7 +29,7 @@ build() {  # build VERSION: compile qupath-core at that tag with the two fixture
         python3 "$here/drop_opencv.py" "$java_src"
     fi
     "$JAVA_HOME/bin/javac" -nowarn -encoding UTF-8 --release 21 -implicit:class -sourcepath "$java_src:$here/java" \
-        -cp "$QUPATH_DEPS" -d "$src/classes" "$here/java/pathapp/WriteQpdata.java" "$here/java/pathapp/ReadQpdata.java"
+        -cp "$QUPATH_DEPS" -d "$src/classes" "$here"/java/pathapp/*.java
     cp -r "$src/qupath-core/src/main/resources/." "$src/classes/" 2>/dev/null || true
     printf '%s' "${version#v}" > "$src/classes/VERSION"  # what a QuPath build stores (or puts in its jar manifest)
 }
@@ -48,3 +50,5 @@ mkdir -p "$dest/real"
 run v0.5.1 ReadQpdata "$shared/btc-lab-he-project/data/106/data.qpdata" "$dest/real/btc-lab-106.json"
 run v0.6.0 ReadQpdata "$shared/coscia-demo-project/data/1/data.qpdata" "$dest/real/coscia-1.json"
 echo "wrote $dest/real"
+run v0.6.0 WriteAnnotations "$dest/cmu1-upper-lower.qpdata" "Upper:0,0,2220,1300" "Lower:0,1700,2220,1267"
+echo "wrote $dest/cmu1-upper-lower.qpdata"

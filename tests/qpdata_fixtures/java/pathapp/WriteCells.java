@@ -30,6 +30,7 @@ public class WriteCells {
 		PathObjectHierarchy hierarchy = new PathObjectHierarchy();
 		PathObject annotation = PathObjects.createAnnotationObject(ROIs.createRectangleROI(0, 0, side * 20.0, side * 20.0, WriteQpdata.PLANE), tumor);
 		hierarchy.insertPathObject(annotation, false);
+		var addChild = WriteQpdata.method(annotation.getClass(), new String[] {"addChildObject", "addPathObject"}, PathObject.class);
 		Object[] names = new Object[80];
 		for (int m = 0; m < 40; m++) {
 			names[2 * m] = "Cell: measurement " + m;
@@ -41,7 +42,7 @@ public class WriteCells {
 				names[2 * m + 1] = (double)((i * 31 + m * 7) % 1000) / 10.0;
 			var cell = PathObjects.createCellObject(ring(cx, cy, 8, 24), ring(cx, cy, 4, 16), i % 2 == 0 ? tumor : stroma,
 					WriteQpdata.list(MeasurementList.MeasurementListType.FLOAT, names));
-			annotation.addChildObject(cell);
+			addChild.invoke(annotation, cell);
 		}
 		var server = new WrappedBufferedImageServer("cells", new BufferedImage(64, 64, BufferedImage.TYPE_INT_RGB));
 		PathIO.writeImageData(new File(args[0]), new ImageData<BufferedImage>(server, hierarchy, ImageData.ImageType.BRIGHTFIELD_H_E));
