@@ -12,8 +12,9 @@ _data_option = click.option(
     "--data", "data", multiple=True, required=True, type=click.Path(exists=True, path_type=Path),
     help="Labelled data: a labels.csv (columns image,label[,case_prefix|patient|slide]), a folder holding "
     "one, an ImageFolder tree <class>/*.png; or a QuPath GeoJSON export of classified annotations "
-    "(repeat, one per --slides); or a QuPath project.qpproj (its entries' classified annotations, via "
-    "paquo + QuPath); or slides.csv (columns slide,label[,patient]) for --method abmil.")
+    "(repeat, one per --slides); or a QuPath project.qpproj (its entries' classified annotations, read "
+    "from the project's data files; no QuPath needed); or slides.csv (columns slide,label[,patient]) for "
+    "--method abmil.")
 _slides_option = click.option(
     "--slides", multiple=True, type=click.Path(exists=True, path_type=Path),
     help="The slide each GeoJSON --data annotates (repeat, same order).")
