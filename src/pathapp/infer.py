@@ -27,8 +27,11 @@ if TYPE_CHECKING:
     import torch
 
     from pathapp.models.bundle import Bundle, PathModel
+    from pathapp.qupath.project import ProjectEntry, QuPathProject
 
 PRECISIONS = ("fp32", "bf16", "int8")
+NEEDS_ANNOTATIONS = ("--roi-class selects annotations: those of --roi FILE, or without --roi each QuPath "
+                     "project image's own; give --roi FILE for slides outside a project")
 RESULTS_FOLDER = "pathapp"  # results go to <slide folder>/pathapp/<slide name>/ unless --out is given
 THUMBNAIL_PX = 1024
 MIN_THUMBNAIL_PX = 512
@@ -234,8 +237,8 @@ class Job:
     out_dir: Path | None  # None only when the input cannot run (see error)
     entry_mpp: float | None = None  # µm/px recorded by QuPath, used when the file has none
     error: str | None = None  # why this input cannot run (reported, counted as failed)
-    project: Path | None = None
-    entry_id: str | None = None
+    project: QuPathProject | None = None  # for a project entry: its project and entry
+    entry: ProjectEntry | None = None
 
 
 @dataclass
@@ -264,7 +267,7 @@ def expand_inputs(inputs: Sequence[str | Path], out: Path | None) -> list[Job]:
                 where = out / str(e.entry_id) if out is not None else results_dir(project, e)
                 jobs.append(Job(label=f"{p}: {e.name} (entry {e.entry_id})", source=e.image_path,
                                 out_dir=where, entry_mpp=e.mpp, error=e.error,
-                                project=project.path, entry_id=str(e.entry_id)))
+                                project=project, entry=e))
         elif p.is_dir():
             found = find_slides(p)
             if not found:
@@ -335,13 +338,14 @@ def run_inference(
         from pathapp.qupath.geojson import read_rois
 
         rois = read_rois(roi, classes=list(roi_class) if roi_class else None)
-    elif roi_class:
-        raise InferenceError("--roi-class filters the annotations of --roi FILE; give --roi too")
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
         rank, say = int(os.environ.get("RANK", 0)), echo
         echo = lambda m: say(f"[rank {rank}/{world}] {m}")  # noqa: E731
-    jobs = shard(expand_inputs(inputs, out_root))
+    jobs = expand_inputs(inputs, out_root)
+    if roi is None and roi_class and not any(j.project is not None for j in jobs):
+        raise InferenceError(NEEDS_ANNOTATIONS)
+    jobs = shard(jobs)
     summary = RunSummary()
     if not jobs:
         return summary
@@ -351,7 +355,7 @@ def run_inference(
     check_tile_size(rt, int(tile_size or bundle.tile_size))
     for job in jobs:
         try:
-            result_dir = _run_job(job, rt, rois=rois, mpp=mpp, tile_size=tile_size, slide_mpp=slide_mpp,
+            result_dir = _run_job(job, rt, rois=rois, roi_class=roi_class, mpp=mpp, tile_size=tile_size, slide_mpp=slide_mpp,
                                   min_tissue=min_tissue, batch_size=batch_size, workers=workers,
                                   object_type=object_type, overwrite=overwrite, write_project=write_project,
                                   progress=progress, echo=echo)
@@ -370,7 +374,7 @@ def run_inference(
     return summary
 
 
-def _run_job(job: Job, rt: Runtime, *, rois: Any, mpp: float | None, tile_size: int | None,
+def _run_job(job: Job, rt: Runtime, *, rois: Any, roi_class: Sequence[str] | None, mpp: float | None, tile_size: int | None,
              slide_mpp: float | None, min_tissue: float | None, batch_size: int, workers: int | None,
              object_type: str, overwrite: bool, write_project: bool, progress: bool,
              echo: Callable[[str], None]) -> tuple[bool, Path] | None:
@@ -380,6 +384,12 @@ def _run_job(job: Job, rt: Runtime, *, rois: Any, mpp: float | None, tile_size: 
     if job.out_dir is not None and is_done(job.out_dir) and not overwrite:
         echo(f"skip: {job.label}: complete in {job.out_dir} (use --overwrite to redo)")
         return True, job.out_dir
+    if rois is None and roi_class:  # no --roi: each project image's own annotations of those classes
+        if job.project is None:
+            raise InferenceError(f"{job.label}: {NEEDS_ANNOTATIONS}")
+        from pathapp.qupath.qpdata import read_entry_rois
+
+        rois = read_entry_rois(job.project, job.entry, roi_class)
     t0 = time.perf_counter()
     slide = open_slide(job.source, slide_mpp=slide_mpp)
     if slide.mpp is None and job.entry_mpp:
@@ -396,7 +406,7 @@ def _run_job(job: Job, rt: Runtime, *, rois: Any, mpp: float | None, tile_size: 
     if write_project and job.project is not None:
         from pathapp.qupath.paquo_bridge import write_geojson_to_project
 
-        message = write_geojson_to_project(job.project, job.entry_id, files)
+        message = write_geojson_to_project(job.project.path, job.entry.entry_id, files)
         if message:
             echo(message)
     return False, out_dir

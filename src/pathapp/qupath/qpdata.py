@@ -44,7 +44,7 @@ from javaobj.v2.transformers import DefaultObjectTransformer
 from shapely.geometry.base import BaseGeometry
 
 from pathapp.errors import PathappError
-from pathapp.qupath.geojson import QuPathObject, argb_to_rgb
+from pathapp.qupath.geojson import QuPathObject, argb_to_rgb, rois_from_objects
 from pathapp.qupath.project import ProjectEntry, QuPathProject, builder_metadata, is_pathapp_object, metadata_mpp
 
 DATA_FILE = "data.qpdata"
@@ -148,6 +148,13 @@ def read_entry_objects(
         )
     objects = read_qpdata(path, object_types).objects
     return objects if include_pathapp else [o for o in objects if not is_pathapp_object(o.name)]
+
+
+def read_entry_rois(project: QuPathProject, entry: ProjectEntry, classes: Collection[str] | None = None) -> BaseGeometry:
+    """The union of an entry's area annotations (of `classes`; "Unclassified" for those without a
+    class): the region to analyse. One-line QpdataError/GeoJSONError when there is none."""
+    objects = read_entry_objects(project, entry, {"annotation"})
+    return rois_from_objects(objects, classes, f"{project.path}: entry {entry.entry_id} ({entry.name})")
 
 
 # ------------------------------------------------------------------------------------- the stream
