@@ -143,7 +143,8 @@ def head_spread(cfg, run: Path, images: np.ndarray) -> dict[str, dict[str, float
     import torch.nn.functional as F
 
     from pathapp.ssl.meta_arch import backbone_tokens
-    from pathapp.ssl.train import DistInfo, _build_models
+    from pathapp.engine.distributed import DistInfo
+    from pathapp.ssl.train import _build_models
 
     cfg, _, _, teacher, _, _ = _build_models(cfg, DistInfo(0, 1, torch.device("cpu")))
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255)

@@ -33,7 +33,8 @@ def step_rate(cfg, batch: dict, precision: str, fused: bool, steps: int) -> floa
     """Median tiles/s of full optimiser steps (after two warm-up steps)."""
     import torch
 
-    from pathapp.ssl.train import Criterion, DistInfo, _autocast, _build_models, _unfuse_attention
+    from pathapp.engine.distributed import DistInfo
+    from pathapp.ssl.train import Criterion, _autocast, _build_models, _unfuse_attention
 
     info = DistInfo(0, 1, torch.device("cpu"))
     cfg = dataclasses.replace(cfg, precision=precision)

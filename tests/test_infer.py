@@ -260,9 +260,9 @@ def test_attention_mil_bundle_gives_slide_prediction_and_attention(shared_data, 
 
 def test_progress_lines_when_not_a_terminal(shared_data, bundle_path, monkeypatch):
     """Logs (QuPath's log window, torchrun) get plain `progress:` lines instead of a tqdm bar."""
-    import pathapp.infer
+    import pathapp.infer.pipeline
 
-    monkeypatch.setattr(pathapp.infer, "PROGRESS_EVERY_S", 0.0)
+    monkeypatch.setattr(pathapp.infer.pipeline, "PROGRESS_EVERY_S", 0.0)
     logged: list[str] = []
     res = infer_slide(open_slide(data_file(SVS)), load_bundle(bundle_path), mpp=4.0, batch_size=4, workers=0,
                       log=logged.append)

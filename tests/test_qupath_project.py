@@ -174,7 +174,7 @@ def test_infer_inside_each_entrys_own_annotations(bundle: Path, tmp_path: Path) 
     entries do not have, are one line each while the other entries go on."""
     from qupath_projects import annotated_project
 
-    from pathapp.infer import run_inference
+    from pathapp.infer import InferOptions, run_inference
 
     qpproj = annotated_project(tmp_path / "proj", entries=2, saved=1)
     code, out = _infer(str(qpproj), "--model", str(bundle), "--mpp", "4.0", "--roi-class", "Upper")
@@ -192,4 +192,4 @@ def test_infer_inside_each_entrys_own_annotations(bundle: Path, tmp_path: Path) 
     failed = [line for line in out.splitlines() if line.startswith("failed:")]
     assert code == 1 and len(failed) == 2 and "of class Tumour (annotation classes present: Lower, Upper)" in failed[0]
     with pytest.raises(PathappError, match="--roi-class selects annotations"):  # a slide has no annotations of its own
-        run_inference([data_file(SVS)], bundle, roi_class=["Upper"])
+        run_inference([data_file(SVS)], InferOptions(model=bundle, roi_class=["Upper"]))

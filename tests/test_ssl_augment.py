@@ -8,9 +8,10 @@ import torch
 from PIL import Image
 from skimage.color import hed2rgb, rgb2hed
 
-from pathapp.ssl.augment import (
-    ColorJitter, HEDJitter, MultiCrop, flip_rotate, grayscale, hed_to_rgb, rgb_to_hed, solarize, to_float_tensor,
+from pathapp.engine.augment import (
+    ColorJitter, HEDJitter, flip_rotate, grayscale, hed_to_rgb, rgb_to_hed, solarize, to_float_tensor,
 )
+from pathapp.ssl.augment import MultiCrop
 from pathapp.ssl.masking import BlockMasking
 from conftest import data_file
 from ssl_tiny import tiny_config

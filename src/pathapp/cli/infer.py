@@ -7,11 +7,12 @@ import sys
 import click
 
 from pathapp.cli.options import slide_mpp_option
+from pathapp.models.loader import DEFAULT_MODEL
 
 
 @click.command(context_settings={"max_content_width": 100})
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True), metavar="INPUT...")
-@click.option("--model", "model", default="dinov2_vits14", show_default=True, metavar="BUNDLE|NAME",
+@click.option("--model", "model", default=DEFAULT_MODEL, show_default=True, metavar="BUNDLE|NAME",
               help="A .pathapp bundle (classes, head, preprocessing), or a backbone name (see `pathapp "
               "model list`) for embeddings only, with weights from --weights or the hub.")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -44,7 +45,10 @@ from pathapp.cli.options import slide_mpp_option
 @click.option("--write-project", is_flag=True,
               help="For a .qpproj input, also add the objects to the QuPath project (needs paquo and "
               "QuPath; otherwise prints how to import the GeoJSON).")
-def infer(inputs: tuple[str, ...], model: str, **options: object) -> None:
+def infer(inputs: tuple[str, ...], model: str, weights: str | None, out: str | None, mpp: float | None,
+          tile_size: int | None, roi: str | None, roi_class: tuple[str, ...], slide_mpp: float | None,
+          min_tissue: float | None, batch_size: int, workers: int | None, device: str, precision: str,
+          object_type: str, overwrite: bool, write_project: bool) -> None:
     """Run MODEL over every slide in INPUT... and write QuPath-ready results.
 
     INPUT is a slide file, a folder of slides (a DICOM-WSI series folder counts as one slide), or a
@@ -62,9 +66,13 @@ def infer(inputs: tuple[str, ...], model: str, **options: object) -> None:
       pathapp infer slide.svs --model tumor.pathapp --roi rois.geojson --roi-class Tumor
       torchrun --nproc-per-node 4 -m pathapp infer slides/ --model tumor.pathapp   (one GPU per rank)
     """
-    from pathapp.infer import run_inference
+    from pathapp.infer import InferOptions, run_inference
 
-    summary = run_inference(list(inputs), model, **options)  # type: ignore[arg-type]
+    options = InferOptions(
+        model=model, weights=weights, out=out, mpp=mpp, tile_size=tile_size, roi=roi, roi_class=roi_class,
+        slide_mpp=slide_mpp, min_tissue=min_tissue, batch_size=batch_size, workers=workers, device=device,
+        precision=precision, object_type=object_type, overwrite=overwrite, write_project=write_project)
+    summary = run_inference(list(inputs), options)
     parts = [f"{len(summary.done)} written", f"{len(summary.skipped)} already complete"]
     if summary.failed:
         parts.append(f"{len(summary.failed)} failed")

@@ -8,7 +8,6 @@ embedding recipe) and provenance. No pickle, one file, memory-mappable.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone

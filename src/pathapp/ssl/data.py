@@ -7,7 +7,6 @@ independent, and shards across ranks by index (rank r of R takes micro-batches r
 
 from __future__ import annotations
 
-import pickle
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
+from pathapp.engine.workers import SlideHandle
 from pathapp.errors import PathappError
 from pathapp.slide import IMAGE_SUFFIXES
 from pathapp.ssl.augment import MultiCrop
@@ -30,11 +30,15 @@ def _warn(msg: str) -> None:
 
 @dataclass
 class _SlideEntry:
-    slide: object  # pathapp.slide.Slide (pickles as path + backend + slide µm/px, reopens in workers)
+    handle: SlideHandle  # the slide, opened once in each DataLoader worker
     geometries: list  # per µm/px: the tiles.grid.TileGeometry a tile is read with
     centres: list[np.ndarray]  # per µm/px: (M, 2) level-0 x, y of candidate tile centres
     cell: float  # level-0 px per tissue-mask pixel (positions are jittered within a cell)
     tissue_um2: float  # tissue area, for balance="tissue"
+
+    @property
+    def slide(self):
+        return self.handle.slide
 
 
 def _candidate_centres(mask: np.ndarray, cell: float, footprint: float, min_tissue: float) -> np.ndarray:
@@ -77,7 +81,7 @@ class SlideTileSource:
                 continue
             centres = [_candidate_centres(tm.mask, tm.scale, g.footprint, min_tissue) for g in geometries]
             area = float(tm.mask.sum()) * (tm.scale * slide.mpp) ** 2
-            self.entries.append(_SlideEntry(slide, geometries, centres, float(tm.scale), area))
+            self.entries.append(_SlideEntry(SlideHandle(slide), geometries, centres, float(tm.scale), area))
         if not self.entries:
             raise PathappError("no usable slide: each was too small for a tile or had no tissue; "
                                "check the slides or lower --mpp / tile_size")
@@ -86,11 +90,6 @@ class SlideTileSource:
 
     def __len__(self) -> int:
         return len(self.entries)
-
-    def reopen(self) -> None:
-        """Fresh file handles (call in each DataLoader worker: handles must not be shared after fork)."""
-        for e in self.entries:
-            e.slide = pickle.loads(pickle.dumps(e.slide))
 
     @staticmethod
     def read(entry: _SlideEntry, k: int, cx: float, cy: float) -> np.ndarray:
@@ -139,9 +138,6 @@ class TileFolderSource:
 
     def __len__(self) -> int:
         return len(self.files)
-
-    def reopen(self) -> None:
-        """Nothing to reopen: files are opened per sample."""
 
     def sample(self, rng: np.random.Generator) -> np.ndarray:
         from pathapp.tiles.tissue import to_rgb
@@ -211,17 +207,12 @@ class MicroBatchSampler(Sampler[int]):
         return 2**62
 
 
-def _worker_init(worker_id: int) -> None:
-    info = torch.utils.data.get_worker_info()
-    info.dataset.source.reopen()
-
-
 def make_loader(dataset: SSLDataset, start_microbatch: int, batch_size: int, rank: int, world_size: int,
                 num_workers: int) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size,
         sampler=MicroBatchSampler(start_microbatch, batch_size, rank, world_size),
-        num_workers=num_workers, collate_fn=collate, worker_init_fn=_worker_init if num_workers else None,
+        num_workers=num_workers, collate_fn=collate,
         persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
         # its own generator: creating the loader must not draw from the global RNG (exact resume)
         generator=torch.Generator().manual_seed(rank),

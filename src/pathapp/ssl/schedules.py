@@ -1,40 +1,16 @@
-"""Per-step schedules (cosine with linear warm-up) and the AdamW parameter groups of DINOv2:
-layer-wise lr decay, a smaller lr for the patch embedding, no weight decay on biases/norms/LayerScale,
-and the head's last layer flagged so it can be frozen during the first epoch."""
+"""DINOv2's per-step schedules (cosine with linear warm-up: `engine.schedules.CosineSchedule`) and its
+AdamW parameter groups: layer-wise lr decay, a smaller lr for the patch embedding, no weight decay on
+biases/norms/LayerScale, and the head's last layer flagged so it can be frozen during the first epoch."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
-
-@dataclass
-class CosineSchedule:
-    """`base` → `final` by a half cosine over `total` steps, after `warmup` linear steps from
-    `start_warmup` and `freeze` steps at 0. Indexing past the end returns `final`."""
-
-    base: float
-    final: float
-    total: int
-    warmup: int = 0
-    start_warmup: float = 0.0
-    freeze: int = 0
-
-    def __post_init__(self) -> None:
-        freeze = min(self.freeze, self.total)
-        warmup = min(self.warmup, self.total - freeze)
-        n = self.total - freeze - warmup
-        cos = self.final + 0.5 * (self.base - self.final) * (1 + np.cos(np.pi * np.arange(n) / max(n, 1)))
-        self._values = np.concatenate([
-            np.zeros(freeze), np.linspace(self.start_warmup, self.base, warmup, endpoint=False), cos,
-        ])
-
-    def __getitem__(self, step: int) -> float:
-        return float(self._values[step]) if step < len(self._values) else self.final
+from pathapp.engine.schedules import CosineSchedule
 
 
 @dataclass

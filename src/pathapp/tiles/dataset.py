@@ -5,12 +5,11 @@ start without torch)."""
 
 from __future__ import annotations
 
-import os
-import pickle
 from typing import Any, Callable
 
 import numpy as np
 
+from pathapp.engine.workers import SlideHandle
 from pathapp.slide import Slide
 from pathapp.tiles.grid import TileGrid, read_tile_at
 
@@ -25,16 +24,15 @@ class TileDataset:
     """Item i → (tile, i). Without a transform the tile is a uint8 tensor (3, tile_size, tile_size);
     with one, it is `transform(PIL.Image)` (torchvision-style transforms take PIL images).
 
-    Holds only the slide (which pickles as path + backend + µm/px override) and the grid's arrays,
-    and reopens the slide in a forked worker, so it is safe with num_workers > 0 (fork or spawn).
+    Holds the slide in an `engine.workers.SlideHandle` (each worker process opens its own copy,
+    once) and the grid's arrays, so it is safe with num_workers > 0 (fork or spawn).
     It is a map-style dataset by protocol (__len__, __getitem__), which DataLoader, Subset and
     ConcatDataset accept, rather than a torch Dataset subclass: importing it does not import torch."""
 
     def __init__(self, slide: Slide, grid: TileGrid, transform: Callable | None = None) -> None:
-        self.slide = slide
+        self.handle = SlideHandle(slide)
         self.grid = grid
         self.transform = transform
-        self._pid = os.getpid()
 
     def __len__(self) -> int:
         return len(self.grid)
@@ -44,9 +42,7 @@ class TileDataset:
 
         if not 0 <= i < len(self.grid):
             raise IndexError(i)
-        if self._pid != os.getpid():  # a forked worker: its inherited file handle is shared state
-            self.slide, self._pid = pickle.loads(pickle.dumps(self.slide)), os.getpid()
-        tile = read_tile(self.slide, self.grid, i)
+        tile = read_tile(self.handle.slide, self.grid, i)
         if self.transform is not None:
             from PIL import Image
 

@@ -47,17 +47,6 @@ class LoraConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def augment_batch(x, rng: np.random.Generator, hed_sigma: float):
-    """Per-tile flips, 90° rotations, HED jitter and mild colour jitter on float (B, 3, H, W) in 0..1."""
-    import torch
-
-    from pathapp.ssl.augment import ColorJitter, HEDJitter, flip_rotate
-
-    hed = HEDJitter(hed_sigma)
-    colour = ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1, hue=0.02, p=0.5)
-    return torch.stack([colour(hed(flip_rotate(t, rng), rng), rng) for t in x])
-
-
 def _batches(tiles, indices: np.ndarray, batch_size: int):
     import torch
 
@@ -89,7 +78,8 @@ def finetune_lora(
     from pathapp.models.bundle import Bundle
     from pathapp.models.heads import build_head, head_state
     from pathapp.models.lora import apply_lora, lora_parameters, lora_state_dict, merge_lora
-    from pathapp.ssl.schedules import CosineSchedule
+    from pathapp.engine.augment import augment_tiles
+    from pathapp.engine.schedules import CosineSchedule
     from pathapp.models.device import resolve_device
     from pathapp.train.evaluate import SplitError, holdout_split, point_metrics
     from pathapp.train.fit import class_weights
@@ -153,7 +143,7 @@ def finetune_lora(
             if state["step"] >= total:
                 break
             if cfg.augment:
-                x = augment_batch(x, rng, cfg.hed_sigma)
+                x = augment_tiles(x, rng, cfg.hed_sigma)
             for g in opt.param_groups:
                 g["lr"] = g.setdefault("initial_lr", g["lr"]) * schedule[state["step"]]
             emb = model.embed(x.to(dev))

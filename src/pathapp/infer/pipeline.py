@@ -1,0 +1,231 @@
+"""One slide through the model: tissue -> tile grid -> batches read by DataLoader workers -> model ->
+SlideResult. Only the per-tile results (coordinates, probabilities, embeddings) grow with the slide,
+never its pixels."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pathapp.engine.distributed import dist_env
+from pathapp.errors import PathappError
+from pathapp.models.device import resolve_device
+from pathapp.results import SlideResult
+from pathapp.slide import Slide
+
+if TYPE_CHECKING:
+    import torch
+
+    from pathapp.models.bundle import Bundle, PathModel
+    from pathapp.tiles import TileGrid
+
+PRECISIONS = ("fp32", "bf16", "int8")
+THUMBNAIL_PX = 1024
+MIN_THUMBNAIL_PX = 512
+PROGRESS_EVERY_S = 30.0  # interval of `progress:` lines when stderr is not a terminal
+
+
+class InferenceError(PathappError):
+    """Inputs or options that inference cannot use."""
+
+
+@dataclass
+class Runtime:
+    """Where and how the model runs: built once, reused for every slide of a run."""
+
+    bundle: Bundle
+    model: PathModel
+    device: torch.device
+    precision: str
+    name: str
+    fingerprint: str  # of the bundle, marked when the precision changes what embeddings are
+
+
+def prepare_model(bundle: Bundle, device: str = "auto", precision: str = "fp32", name: str = "") -> Runtime:
+    """Build the bundle's model on `device`; int8 = dynamic quantisation of the Linear layers (CPU)."""
+    if precision not in PRECISIONS:
+        raise InferenceError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    dev = resolve_device(device)
+    if precision == "int8":
+        if dev.type != "cpu":
+            raise InferenceError("--precision int8 runs on the CPU only; use --device cpu or --precision bf16")
+        from pathapp.models.quantize import quantize_int8
+
+        model = quantize_int8(bundle.build("cpu"))
+    else:
+        model = bundle.build(dev)
+    fingerprint = bundle.fingerprint() + ("" if precision == "fp32" else f":{precision}")
+    return Runtime(bundle, model, dev, precision, name or bundle.spec.name, fingerprint)
+
+
+def check_tile_size(rt: Runtime, tile_size: int) -> None:
+    """A ViT built for one input size takes another only if timm built it with dynamic size."""
+    backbone = rt.model.backbone
+    fixed = getattr(backbone, "patch_embed", None) is not None and not getattr(backbone, "dynamic_img_size", False)
+    if fixed and tile_size != rt.bundle.spec.img_size:
+        raise InferenceError(f"--tile-size {tile_size}: the model takes {rt.bundle.spec.img_size} px tiles; "
+                             f"choose --mpp to change the field of view instead")
+
+
+def default_workers(device: torch.device) -> int:
+    """DataLoader workers: enough to decode ahead of the model without starving its threads."""
+    import os
+
+    per_rank = max(1, (os.cpu_count() or 1) // dist_env().local_world_size)
+    return min(8, per_rank) if device.type == "cuda" else min(4, max(1, per_rank // 2))
+
+
+def infer_slide(
+    slide: Slide,
+    bundle: Bundle,
+    *,
+    mpp: float | None = None,
+    tile_size: int | None = None,
+    rois: Any = None,
+    min_tissue: float | None = None,
+    batch_size: int = 32,
+    workers: int | None = None,
+    device: str = "auto",
+    precision: str = "fp32",
+    runtime: Runtime | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> SlideResult:
+    """Tile `slide` at `mpp` (default: the bundle's) inside tissue (and `rois`, level-0 shapely),
+    run the model on every tile, and return the per-tile results. `runtime` reuses a built model.
+
+    Progress: a tqdm bar on a terminal; otherwise (a log file, QuPath's log window) a `progress:`
+    line through `log` every PROGRESS_EVERY_S seconds."""
+    import torch
+
+    rt = runtime or prepare_model(bundle, device, precision)
+    mpp = float(mpp or bundle.mpp)
+    tile_size = int(tile_size or bundle.tile_size)
+    slide_mpp = slide.require_mpp()
+    timings: dict[str, float] = {}
+    grid, thumbnail = plan_tiles(slide, mpp, tile_size, rois, min_tissue, timings)
+    n_workers = default_workers(rt.device) if workers is None else workers
+    embeddings, probs = run_model(rt, slide, grid, batch_size, n_workers, timings,
+                                  progress=progress, log=log)
+    extra: dict[str, np.ndarray] = {"tissue fraction": np.asarray(grid.tissue_fraction, np.float64)}
+    slide_probs = None
+    if rt.model.slide_head is not None and len(grid):
+        with torch.inference_mode():
+            sp, attention = rt.model.slide_head(torch.from_numpy(embeddings).to(rt.device))
+        slide_probs = sp.float().cpu().numpy()
+        extra["attention"] = attention.float().cpu().numpy()
+    env = dist_env()
+    return SlideResult(
+        slide_path=str(slide.path),
+        slide_name=slide.name,
+        coords=np.asarray(grid.coords, np.int64).reshape(-1, 2),
+        footprint=float(grid.footprint),
+        tile_size=tile_size,
+        mpp=mpp,
+        slide_mpp=float(slide_mpp),
+        slide_size=tuple(slide.size),
+        class_names=list(bundle.class_names) if probs is not None else [],
+        class_colors=list(bundle.class_colors) if probs is not None else [],
+        probs=probs,
+        embeddings=embeddings,
+        extra=extra,
+        thumbnail=thumbnail,
+        model_name=rt.name,
+        model_fingerprint=rt.fingerprint,
+        params={
+            "batch_size": batch_size,
+            "workers": n_workers,
+            "device": str(rt.device),
+            "precision": rt.precision,
+            "level": grid.level,
+            "read_size": grid.read_size,
+            "min_tissue": min_tissue,
+            "rois": rois is not None,
+            "torch_threads": torch.get_num_threads(),
+            "rank": env.rank,
+            "world_size": env.world_size,
+            "slide_prediction": None if slide_probs is None else dict(zip(bundle.class_names, map(float, slide_probs))),
+        },
+        timings=timings,
+    )
+
+
+def plan_tiles(slide: Slide, mpp: float, tile_size: int, rois: Any, min_tissue: float | None,
+               timings: dict[str, float]) -> tuple[TileGrid, np.ndarray]:
+    """The tissue tiles to run and a thumbnail to draw results on (stage times into `timings`)."""
+    from pathapp.tiles import detect_tissue, make_grid
+
+    t = time.perf_counter()
+    tissue = detect_tissue(slide)
+    timings["tissue"] = time.perf_counter() - t
+    t = time.perf_counter()
+    grid_kwargs = {} if min_tissue is None else {"min_tissue": min_tissue}
+    grid = make_grid(slide, mpp, tile_size, tissue=tissue, rois=rois, **grid_kwargs)
+    timings["grid"] = time.perf_counter() - t
+    t = time.perf_counter()
+    # The tissue detector already decoded a low-resolution view; reuse it unless it is too small to look at.
+    low_res = getattr(tissue, "rgb", None)
+    if low_res is not None and max(low_res.shape[:2]) >= MIN_THUMBNAIL_PX:
+        thumbnail = low_res
+    else:
+        thumbnail = slide.thumbnail(THUMBNAIL_PX)
+    timings["thumbnail"] = time.perf_counter() - t
+    return grid, thumbnail
+
+
+def run_model(rt: Runtime, slide: Slide, grid: TileGrid, batch_size: int, n_workers: int,
+              timings: dict[str, float], *, progress: bool = True,
+              log: Callable[[str], None] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(embeddings (N, D), per-tile probabilities (N, C) or None) of every tile of `grid`, read by
+    `n_workers` DataLoader workers; the model stage's times go into `timings`."""
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    from pathapp.tiles import TileDataset
+
+    n = len(grid)
+    embeddings = np.zeros((n, rt.bundle.embedding_dim), np.float32)
+    probs = np.zeros((n, rt.bundle.num_classes), np.float32) if rt.model.tile_head is not None else None
+    wait = compute = 0.0
+    t_model = time.perf_counter()
+    if n:
+        loader = DataLoader(
+            TileDataset(slide, grid),
+            batch_size=batch_size,
+            num_workers=n_workers,
+            pin_memory=rt.device.type == "cuda",
+            prefetch_factor=4 if n_workers else None,
+        )
+        autocast = torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=rt.precision == "bf16")
+        tty = sys.stderr.isatty()
+        bar = tqdm(total=n, unit="tile", desc=slide.name, disable=not (progress and tty), dynamic_ncols=True,
+                   leave=False)
+        log_lines = progress and not tty and log is not None
+        last_log, seen = t_model, 0
+        with torch.inference_mode(), bar:
+            t = time.perf_counter()
+            for x, idx in loader:
+                t1 = time.perf_counter()
+                wait += t1 - t
+                with autocast:
+                    emb, p = rt.model(x.to(rt.device, non_blocking=True))
+                i = idx.numpy()
+                embeddings[i] = emb.float().cpu().numpy()
+                if probs is not None and p is not None:
+                    probs[i] = p.float().cpu().numpy()
+                t = time.perf_counter()
+                compute += t - t1
+                bar.update(len(i))
+                seen += len(i)
+                if log_lines and t - last_log >= PROGRESS_EVERY_S:
+                    last_log = t
+                    log(f"progress: {slide.name}: {seen}/{n} tiles, {seen / (t - t_model):.1f} tiles/s")
+    timings["model"] = time.perf_counter() - t_model
+    timings["data_wait"], timings["compute"] = wait, compute
+    return embeddings, probs
