@@ -173,7 +173,7 @@ def _run_job(job: Job, rt: Runtime, o: InferOptions, rois: Any, echo: Callable[[
     if o.write_project and job.project is not None:
         from pathapp.qupath.paquo_bridge import write_geojson_to_project
 
-        message = write_geojson_to_project(job.project.path, job.entry.entry_id, files)
+        message = write_geojson_to_project(job.project.path, job.entry.entry_id, files, image_path=job.source)
         if message:
             echo(message)
     return False, out_dir
