@@ -9,6 +9,7 @@ from pathlib import Path
 from pathapp.models.loader import DEFAULT_MODEL
 
 OBJECT_TYPES = ("tile", "detection")
+QC_MODES = ("flag", "exclude", "off")  # measure and mark artefacts; also drop flagged tiles; neither
 
 
 @dataclass
@@ -31,5 +32,11 @@ class InferOptions:
     precision: str = "fp32"
     object_type: str = "tile"  # QuPath object type of the per-tile objects
     overwrite: bool = False
+    dicom_out: str | Path | None = None  # also write DICOM results (ANN + SEG) into DIR/<slide name>/
+    dicomweb_store: str | None = None  # STOW-RS them there; "" = the server the slide came from
     write_project: bool = False  # also add the objects to a .qpproj input (paquo + QuPath)
     progress: bool = True
+    qc: str = "flag"  # QC_MODES
+    qc_only: bool = False  # `pathapp qc`: measure and write QC, run no model
+    stain_norm: str | None = None  # "macenko" | "reinhard" | "vahadane": normalise onto stain_ref
+    stain_ref: str | Path | None = None  # a tile, a slide, or a saved target (.json, run.json)

@@ -16,17 +16,19 @@ from pathapp.engine.distributed import dist_env
 from pathapp.errors import PathappError
 from pathapp.models.device import resolve_device
 from pathapp.results import SlideResult
+from pathapp.results.result import TileQC
 from pathapp.slide import Slide
+from pathapp.tiles.qc import ARTEFACTS, MEASURES, OK, PREFIX, QCThresholds, TileMeasurer, columns, qc_classes
 
 if TYPE_CHECKING:
     import torch
 
     from pathapp.models.bundle import Bundle, PathModel
     from pathapp.tiles import TileGrid
+    from pathapp.tiles.stain import StainFit
 
 PRECISIONS = ("fp32", "bf16", "int8")
 THUMBNAIL_PX = 1024
-MIN_THUMBNAIL_PX = 512
 PROGRESS_EVERY_S = 30.0  # interval of `progress:` lines when stderr is not a terminal
 
 
@@ -95,9 +97,14 @@ def infer_slide(
     runtime: Runtime | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    qc: str = "flag",
+    stain: StainFit | None = None,
 ) -> SlideResult:
     """Tile `slide` at `mpp` (default: the bundle's) inside tissue (and `rois`, level-0 shapely),
     run the model on every tile, and return the per-tile results. `runtime` reuses a built model.
+    `qc`: "flag" measures every tile's artefacts beside the model's input, "exclude" also keeps
+    flagged tiles from the model and the results, "off" does neither. `stain`: a target every
+    tile is normalised onto, by one fit on this slide's tissue tiles.
 
     Progress: a tqdm bar on a terminal; otherwise (a log file, QuPath's log window) a `progress:`
     line through `log` every PROGRESS_EVERY_S seconds."""
@@ -108,22 +115,37 @@ def infer_slide(
     tile_size = int(tile_size or bundle.tile_size)
     slide_mpp = slide.require_mpp()
     timings: dict[str, float] = {}
-    grid, thumbnail = plan_tiles(slide, mpp, tile_size, rois, min_tissue, timings)
+    grid, thumbnail, empty = plan_tiles(slide, mpp, tile_size, rois, min_tissue, timings)
     n_workers = default_workers(rt.device) if workers is None else workers
-    embeddings, probs = run_model(rt, slide, grid, batch_size, n_workers, timings,
-                                  progress=progress, log=log)
-    extra: dict[str, np.ndarray] = {"tissue fraction": np.asarray(grid.tissue_fraction, np.float64)}
-    slide_probs = None
-    if rt.model.slide_head is not None and len(grid):
+    normalize, stain_record = None, None
+    if stain is not None and len(grid):
+        from pathapp.tiles.stain import slide_normalizer
+
+        t = time.perf_counter()
+        normalize, stain_record = slide_normalizer(slide, grid, stain)
+        timings["stain fit"] = time.perf_counter() - t
+        if normalize is None and log is not None:
+            log(f"stain: {slide.name}: {stain_record['fallback']}")
+    measure = None if qc == "off" else TileMeasurer.for_geometry(grid.geometry)
+    embeddings, probs, qc_rows = run_model(rt, slide, grid, batch_size, n_workers, timings, progress=progress,
+                                           log=log, measure=measure, normalize=normalize, exclude=qc == "exclude")
+    tile_qc, kept, extra = slide_qc(grid, qc_rows, exclude=qc == "exclude")
+    if tile_qc is not None and tile_qc.excluded and log is not None:
+        log(f"qc: {slide.name}: {int((~kept).sum())} of {len(grid)} tiles excluded ({excluded_counts(tile_qc)})")
+    extra["tissue fraction"] = np.asarray(grid.tissue_fraction, np.float64)[kept]
+    embeddings = embeddings[kept]
+    probs = None if probs is None else probs[kept]
+    slide_outputs: dict[str, float] = {}  # class probabilities, {"risk": r} or {target: value}
+    if rt.model.slide_head is not None and len(embeddings):  # none when --qc exclude dropped every tile
         with torch.inference_mode():
-            sp, attention = rt.model.slide_head(torch.from_numpy(embeddings).to(rt.device))
-        slide_probs = sp.float().cpu().numpy()
+            out, attention = rt.model.slide_head(torch.from_numpy(embeddings).to(rt.device))
+        slide_outputs = dict(zip(bundle.class_names, map(float, out.float().cpu().numpy())))
         extra["attention"] = attention.float().cpu().numpy()
     env = dist_env()
     return SlideResult(
         slide_path=str(slide.path),
         slide_name=slide.name,
-        coords=np.asarray(grid.coords, np.int64).reshape(-1, 2),
+        coords=np.asarray(grid.coords, np.int64).reshape(-1, 2)[kept],
         footprint=float(grid.footprint),
         tile_size=tile_size,
         mpp=mpp,
@@ -134,7 +156,10 @@ def infer_slide(
         probs=probs,
         embeddings=embeddings,
         extra=extra,
+        slide_outputs=slide_outputs,
+        slide_task=bundle.task if slide_outputs else None,
         thumbnail=thumbnail,
+        dicom_headers=slide.dicom_headers(),
         model_name=rt.name,
         model_fingerprint=rt.fingerprint,
         params={
@@ -149,16 +174,47 @@ def infer_slide(
             "torch_threads": torch.get_num_threads(),
             "rank": env.rank,
             "world_size": env.world_size,
-            "slide_prediction": None if slide_probs is None else dict(zip(bundle.class_names, map(float, slide_probs))),
+            "slide_prediction": slide_outputs or None,
+            "slide_task": bundle.task if slide_outputs else None,
+            "qc": qc,
+            "stain": stain_record,
+            "empty": empty,
         },
         timings=timings,
+        qc=tile_qc,
+    )
+
+
+def qc_slide(slide: Slide, *, mpp: float, tile_size: int, rois: Any = None, min_tissue: float | None = None,
+             batch_size: int = 32, workers: int | None = None, progress: bool = True,
+             log: Callable[[str], None] | None = None) -> SlideResult:
+    """Only quality control (no model): tile `slide` as inference would, measure every tile where
+    it is decoded, and return a SlideResult whose tiles carry their `qc: …` measures and QC class."""
+    import os
+
+    slide_mpp = slide.require_mpp()
+    timings: dict[str, float] = {}
+    grid, thumbnail, empty = plan_tiles(slide, mpp, tile_size, rois, min_tissue, timings)
+    n_workers = min(4, os.cpu_count() or 1) if workers is None else workers
+    _, _, qc_rows = run_model(None, slide, grid, batch_size, n_workers, timings, progress=progress, log=log,
+                              measure=TileMeasurer.for_geometry(grid.geometry))
+    tile_qc, _, extra = slide_qc(grid, qc_rows, exclude=False)
+    extra["tissue fraction"] = np.asarray(grid.tissue_fraction, np.float64)
+    return SlideResult(
+        slide_path=str(slide.path), slide_name=slide.name, coords=np.asarray(grid.coords, np.int64).reshape(-1, 2),
+        footprint=float(grid.footprint), tile_size=tile_size, mpp=mpp, slide_mpp=float(slide_mpp),
+        slide_size=tuple(slide.size), extra=extra, thumbnail=thumbnail, model_name="(quality control only)",
+        params={"batch_size": batch_size, "workers": n_workers, "level": grid.level, "read_size": grid.read_size,
+                "min_tissue": min_tissue, "rois": rois is not None, "qc": "flag", "empty": empty},
+        timings=timings, qc=tile_qc,
     )
 
 
 def plan_tiles(slide: Slide, mpp: float, tile_size: int, rois: Any, min_tissue: float | None,
-               timings: dict[str, float]) -> tuple[TileGrid, np.ndarray]:
-    """The tissue tiles to run and a thumbnail to draw results on (stage times into `timings`)."""
-    from pathapp.tiles import detect_tissue, make_grid
+               timings: dict[str, float]) -> tuple[TileGrid, np.ndarray, str | None]:
+    """The tissue tiles to run, a thumbnail to draw results on, and why there is no tile when there
+    is none (stage times into `timings`)."""
+    from pathapp.tiles import DEFAULT_MIN_TISSUE, detect_tissue, make_grid, why_empty
 
     t = time.perf_counter()
     tissue = detect_tissue(slide)
@@ -168,21 +224,26 @@ def plan_tiles(slide: Slide, mpp: float, tile_size: int, rois: Any, min_tissue: 
     grid = make_grid(slide, mpp, tile_size, tissue=tissue, rois=rois, **grid_kwargs)
     timings["grid"] = time.perf_counter() - t
     t = time.perf_counter()
-    # The tissue detector already decoded a low-resolution view; reuse it unless it is too small to look at.
+    # The tissue detector already decoded a low-resolution view; reuse it when it is as large as the
+    # pictures are drawn (THUMBNAIL_PX on the long side), else read one at that size from the pyramid.
     low_res = getattr(tissue, "rgb", None)
-    if low_res is not None and max(low_res.shape[:2]) >= MIN_THUMBNAIL_PX:
+    if low_res is not None and max(low_res.shape[:2]) >= min(THUMBNAIL_PX, max(slide.size)):
         thumbnail = low_res
     else:
         thumbnail = slide.thumbnail(THUMBNAIL_PX)
     timings["thumbnail"] = time.perf_counter() - t
-    return grid, thumbnail
+    empty = None if len(grid) else why_empty(grid, tissue, rois, DEFAULT_MIN_TISSUE if min_tissue is None else min_tissue)
+    return grid, thumbnail, empty
 
 
-def run_model(rt: Runtime, slide: Slide, grid: TileGrid, batch_size: int, n_workers: int,
-              timings: dict[str, float], *, progress: bool = True,
-              log: Callable[[str], None] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """(embeddings (N, D), per-tile probabilities (N, C) or None) of every tile of `grid`, read by
-    `n_workers` DataLoader workers; the model stage's times go into `timings`."""
+def run_model(rt: Runtime | None, slide: Slide, grid: TileGrid, batch_size: int, n_workers: int,
+              timings: dict[str, float], *, progress: bool = True, log: Callable[[str], None] | None = None,
+              measure: TileMeasurer | None = None, normalize: Callable | None = None,
+              exclude: bool = False) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(embeddings (N, D), per-tile probabilities (N, C) or None, QC measure rows (N, M) or None) of
+    every tile of `grid`, read once by `n_workers` DataLoader workers, which also measure QC
+    (`measure`). `normalize` maps each uint8 batch on the device before the model; `exclude` keeps
+    tiles QC flags from the model (their rows stay zero). Without `rt` (QC only) no model runs."""
     import torch
     from torch.utils.data import DataLoader
     from tqdm import tqdm
@@ -190,19 +251,22 @@ def run_model(rt: Runtime, slide: Slide, grid: TileGrid, batch_size: int, n_work
     from pathapp.tiles import TileDataset
 
     n = len(grid)
-    embeddings = np.zeros((n, rt.bundle.embedding_dim), np.float32)
-    probs = np.zeros((n, rt.bundle.num_classes), np.float32) if rt.model.tile_head is not None else None
+    dim = rt.bundle.embedding_dim if rt is not None else 0
+    embeddings = np.zeros((n, dim), np.float32)
+    probs = np.zeros((n, rt.bundle.num_classes), np.float32) if rt is not None and rt.model.tile_head is not None else None
+    qc_rows = np.zeros((n, len(MEASURES)), np.float32) if measure is not None else None
     wait = compute = 0.0
     t_model = time.perf_counter()
     if n:
+        device = rt.device if rt is not None else torch.device("cpu")
         loader = DataLoader(
-            TileDataset(slide, grid),
+            TileDataset(slide, grid, measure=measure),
             batch_size=batch_size,
             num_workers=n_workers,
-            pin_memory=rt.device.type == "cuda",
+            pin_memory=device.type == "cuda",
             prefetch_factor=4 if n_workers else None,
         )
-        autocast = torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=rt.precision == "bf16")
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=rt is not None and rt.precision == "bf16")
         tty = sys.stderr.isatty()
         bar = tqdm(total=n, unit="tile", desc=slide.name, disable=not (progress and tty), dynamic_ncols=True,
                    leave=False)
@@ -210,15 +274,25 @@ def run_model(rt: Runtime, slide: Slide, grid: TileGrid, batch_size: int, n_work
         last_log, seen = t_model, 0
         with torch.inference_mode(), bar:
             t = time.perf_counter()
-            for x, idx in loader:
+            for batch in loader:
+                x, idx = batch[0], batch[1]
                 t1 = time.perf_counter()
                 wait += t1 - t
-                with autocast:
-                    emb, p = rt.model(x.to(rt.device, non_blocking=True))
                 i = idx.numpy()
-                embeddings[i] = emb.float().cpu().numpy()
-                if probs is not None and p is not None:
-                    probs[i] = p.float().cpu().numpy()
+                if qc_rows is not None:
+                    qc_rows[i] = batch[2].numpy()
+                run = np.ones(len(i), bool)
+                if exclude and qc_rows is not None:
+                    run = qc_classes(columns(qc_rows[i])) == OK
+                if rt is not None and run.any():
+                    x = x[torch.from_numpy(run)].to(rt.device, non_blocking=True)
+                    if normalize is not None:
+                        x = normalize(x)
+                    with autocast:
+                        emb, p = rt.model(x)
+                    embeddings[i[run]] = emb.float().cpu().numpy()
+                    if probs is not None and p is not None:
+                        probs[i[run]] = p.float().cpu().numpy()
                 t = time.perf_counter()
                 compute += t - t1
                 bar.update(len(i))
@@ -226,6 +300,27 @@ def run_model(rt: Runtime, slide: Slide, grid: TileGrid, batch_size: int, n_work
                 if log_lines and t - last_log >= PROGRESS_EVERY_S:
                     last_log = t
                     log(f"progress: {slide.name}: {seen}/{n} tiles, {seen / (t - t_model):.1f} tiles/s")
-    timings["model"] = time.perf_counter() - t_model
+    timings["model" if rt is not None else "qc"] = time.perf_counter() - t_model
     timings["data_wait"], timings["compute"] = wait, compute
-    return embeddings, probs
+    return embeddings, probs, qc_rows
+
+
+def slide_qc(grid: TileGrid, qc_rows: np.ndarray | None, *, exclude: bool) -> tuple[TileQC | None, np.ndarray, dict]:
+    """The slide's TileQC, which tiles stay in the results, and the `qc: …` measurement columns of
+    those tiles (for SlideResult.extra)."""
+    n = len(grid)
+    if qc_rows is None:
+        return None, np.ones(n, bool), {}
+    measures = columns(qc_rows)
+    classes = qc_classes(measures)
+    kept = classes == OK if exclude else np.ones(n, bool)
+    tile_qc = TileQC(coords=np.asarray(grid.coords, np.int64).reshape(-1, 2), footprint=float(grid.footprint),
+                     classes=classes, kept=kept, colors=dict(ARTEFACTS), thresholds=QCThresholds().to_dict(),
+                     excluded=exclude)
+    return tile_qc, kept, {PREFIX + k: v[kept] for k, v in measures.items()}
+
+
+def excluded_counts(tile_qc: TileQC) -> str:
+    """'blur 3, pen 2' for a log line."""
+    kinds, counts = np.unique(tile_qc.classes[~tile_qc.kept], return_counts=True)
+    return ", ".join(f"{k} {c}" for k, c in zip(kinds, counts)) or "none"

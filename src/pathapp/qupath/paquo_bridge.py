@@ -51,7 +51,11 @@ INSTALL_HINT = (
 
 
 class QuPathNotAvailableError(PathappError):
-    """paquo or a QuPath installation is missing."""
+    """paquo or a QuPath installation is missing; `reason` says which, the message adds how to fix it."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"{reason}; {INSTALL_HINT}")
 
 
 def load_paquo() -> tuple[ModuleType, ModuleType]:
@@ -60,10 +64,10 @@ def load_paquo() -> tuple[ModuleType, ModuleType]:
         import paquo.classes
         import paquo.projects
     except ImportError as e:
-        raise QuPathNotAvailableError(f"paquo is not installed ({e}); {INSTALL_HINT}") from e
+        raise QuPathNotAvailableError(f"paquo is not installed ({e})") from e
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         where = os.environ.get("PAQUO_QUPATH_DIR") or "no PAQUO_QUPATH_DIR set"
-        raise QuPathNotAvailableError(f"no usable QuPath installation ({where}: {e}); {INSTALL_HINT}") from e
+        raise QuPathNotAvailableError(f"no usable QuPath installation ({where}: {e})") from e
     return paquo.projects, paquo.classes
 
 
@@ -251,7 +255,7 @@ def write_geojson_to_project(
     try:
         load_paquo()
     except QuPathNotAvailableError as e:
-        return f"{e}\n{import_instructions(geojson_files)}"
+        return f"{e.reason}\n{import_instructions(geojson_files)}"  # which ends with the install hint
     objects = [o for p in geojson_files for o in read_objects(p)]
     n = write_entry_objects(project_path, entry_id, objects, image_path)
     return f"added {n} objects to {project_path} entry {entry_id} (earlier pathapp objects replaced)"

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ from pathapp.ssl.masking import BlockMasking
 
 if TYPE_CHECKING:
     from shapely.geometry.base import BaseGeometry
+    from pathapp.tiles.stain import StainFit, StainNormalizer
 
 
 def _warn(msg: str) -> None:
@@ -40,6 +41,7 @@ class _SlideEntry:
     cell: float  # level-0 px per tissue-mask pixel (positions are jittered within a cell)
     tissue_um2: float  # tissue area (inside `roi`), for balance="tissue"
     roi: BaseGeometry | None = None  # level-0 region tile centres are drawn in (a project's annotations)
+    stain: StainNormalizer | None = None  # this slide's stains onto the run's target (one fit per slide)
 
     @property
     def slide(self):
@@ -109,7 +111,12 @@ class SlideTileSource:
         if not self.entries:
             raise PathappError("no usable slide: each was too small for a tile or had no tissue (inside its "
                                "annotations, with --roi-class); check the slides or lower --mpp / tile_size")
-        weights = np.array([e.tissue_um2 if balance == "tissue" else 1.0 for e in self.entries])
+        self.balance = balance
+        self._set_entries(self.entries)
+
+    def _set_entries(self, entries: list[_SlideEntry]) -> None:
+        self.entries = entries
+        weights = np.array([e.tissue_um2 if self.balance == "tissue" else 1.0 for e in entries])
         self.cumulative = np.cumsum(weights / weights.sum())
 
     def __len__(self) -> int:
@@ -146,10 +153,35 @@ class SlideTileSource:
             rgb = self.read(entry, k, cx, cy)
             frac = tissue_fraction_rgb(rgb, focus=False)  # the HSV check of DINOv2 pathology recipes
             if frac > self.min_tissue:
-                return rgb
+                best = rgb
+                break
             if frac > best_frac:
                 best, best_frac = rgb, frac
-        return best
+        return best if entry.stain is None else entry.stain.tile(best)
+
+    def normalise_onto(self, target: StainFit) -> dict[str, Any]:
+        """Fit each slide's stains once, on its tissue tiles at the first µm/px, to map its tiles onto
+        `target` as they are sampled (before the augmentations, which run per tile in the workers).
+        A slide whose fit fails is used as it is (warned); one of other stains than the reference's
+        (IHC against H&E) or a fluorescence slide is skipped (warned). Returns what stain.json records."""
+        from pathapp.tiles.stain import StainError, slide_normalizer
+
+        slides, kept = {}, []
+        for entry in self.entries:
+            try:
+                entry.stain, slides[str(entry.slide.path)] = slide_normalizer(
+                    entry.slide, None, target, mpp=self.mpps[0], tile_size=self.tile_size)
+            except StainError as e:
+                _warn(f"{e}; skipped")
+                continue
+            if entry.stain is None:
+                _warn(f"stain: {entry.slide.path}: {slides[str(entry.slide.path)]['fallback']}")
+            kept.append(entry)
+        if not kept:
+            raise PathappError(f"no slide can be normalised onto {target.source}; give a reference of the slides' "
+                               f"stain or drop --stain-norm")
+        self._set_entries(kept)
+        return {"method": target.method, "target": target.to_dict(), "slides": slides}
 
 
 class TileFolderSource:
@@ -163,9 +195,17 @@ class TileFolderSource:
             raise PathappError(f"{folder}: no image tiles found ({', '.join(sorted(IMAGE_SUFFIXES))}); "
                                f"give a folder of tiles or use --slides")
         self.tile_size = tile_size
+        self.target: StainFit | None = None
+        self._stains: dict[Path, StainNormalizer | None] = {}  # per worker process: each image fitted once
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def normalise_onto(self, target: StainFit) -> dict[str, Any]:
+        """Normalise each image onto `target` by a fit on its own pixels (an image is its own scan),
+        made the first time a worker draws it; an image whose fit fails is used as it is."""
+        self.target = target
+        return {"method": target.method, "target": target.to_dict(), "images": "each fitted on its own pixels"}
 
     def sample(self, rng: np.random.Generator) -> np.ndarray:
         from pathapp.tiles.tissue import to_rgb
@@ -176,12 +216,19 @@ class TileFolderSource:
                 rgb = to_rgb(np.asarray(im.convert("RGBA") if im.mode in ("RGBA", "LA", "P") else im.convert("RGB")))
         except OSError as e:
             raise PathappError(f"{path}: unreadable image ({e}); remove it from the tile folder") from e
+        stain = None
+        if self.target is not None:
+            from pathapp.tiles.stain import image_normalizer
+
+            if path not in self._stains:  # fitted on the whole image, applied to the crop
+                self._stains[path] = image_normalizer(rgb, self.target, str(path))
+            stain = self._stains[path]
         h, w = rgb.shape[:2]
         t = self.tile_size
         if h > t and w > t:
             y, x = int(rng.integers(0, h - t + 1)), int(rng.integers(0, w - t + 1))
             rgb = rgb[y:y + t, x:x + t]
-        return np.ascontiguousarray(rgb)
+        return np.ascontiguousarray(rgb) if stain is None else stain.tile(rgb)
 
 
 class SSLDataset(Dataset):
