@@ -23,7 +23,6 @@ from pathapp.models.loader import DEFAULT_MODEL
 @click.option("--roi-class", multiple=True, metavar="NAME",
               help="Use only annotations of this class (repeatable; Unclassified for those without "
               "one): of --roi, or without --roi each QuPath project image's own annotations.")
-@slide_mpp_option
 @click.option("--min-tissue", type=FRACTION, default=None,
               help="Tissue fraction a tile needs to be analysed (default 0.1).")
 @click.option("--batch-size", type=BATCH_SIZE, default=32, show_default=True)
