@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pathapp.tiles.grid import TileGeometry
+
 
 @dataclass
 class TileQC:
@@ -50,6 +52,7 @@ class SlideResult:
     dicom_headers: list | None = None
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     qc: TileQC | None = None  # per-tile quality control, when it ran
+    geometry: TileGeometry | None = None  # the grid's: exact tile starts for the drawn footprints
 
     def __len__(self) -> int:
         return int(len(self.coords))
