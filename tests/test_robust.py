@@ -25,7 +25,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+import yaml
+
 from conftest import data_file
+from ssl_tiny import TINY_SSL
 from vit_factory import tiny_bundle
 
 from pathapp.cli import COMMANDS, main
@@ -37,6 +40,8 @@ SVS = "wsi/aperio/CMU-1-Small-Region.svs"  # 2220 x 2967 px at 0.499 µm/px
 TINY_SLIDE = "wsi/aperio/openslide-python-small.svs"  # 16 x 16 px
 NO_MPP = "wsi/aperio/tcga-cr-7395-01a-01-ts1.svs"
 VECTRA = "wsi/qptiff/small_vectra.qptiff"  # 3-channel multiplex immunofluorescence
+NCT_TILES = "tiles/nct-crc-he-100k-nonorm-samples"
+UCSB = "labeled/ucsb-breast-cancer/labels.csv"  # 18 labelled images, 2 classes
 COSCIA = "qupath/coscia-demo-project"  # a QuPath 0.6 project of a 1000² 15-channel image (not shipped)
 MESSAGE = re.compile(r"^(error|failed|Error): ")
 
@@ -142,6 +147,14 @@ CASES = [
     ("qc a fluorescence QPTIFF", ["qc", "{vectra}", "--out", "{out}"], 1, ["failed:", "{vectra}", "fluorescence"]),
     ("pretrain on a fluorescence QPTIFF", ["pretrain", "--slides", "{vectra}", "--out", "{out}", "--steps", "1"], 2,
      ["{vectra}", "fluorescence"]),
+    # a batch that cannot fit in memory is refused before anything is written, with the largest that fits
+    ("pretrain --batch-size beyond memory", ["pretrain", "--tiles", "{tiles}", "--config", "{ssl}", "--batch-size",
+                                            "65536", "--steps", "1", "--out", "{out}"], 2,
+     ["pretrain: --batch-size 65536 needs about", "GiB allowed", "the largest that fits is --batch-size",
+      "--grad-accum"]),
+    ("train --method lora --batch-size beyond memory", ["train", "--data", "{ucsb}", "--model", "{bundle}", "--method",
+                                                        "lora", "--batch-size", "65536", "--out", "{tmp}/m.pathapp"],
+     2, ["train --method lora: --batch-size 65536 needs about", "the largest that fits is --batch-size"]),
 ]
 
 
@@ -160,10 +173,13 @@ def test_bad_input_gets_one_line(shared_data, bundle, evil, tmp_path, name, argv
     pixels = np.zeros((600, 800, 3), np.uint8)
     pixels[200:400, 300:500] = (40, 160, 90)
     Image.fromarray(pixels).save(dark)
+    ssl = tmp_path / "ssl.yaml"  # a small ViT whose iBOT head still takes megabytes per image
+    ssl.write_text(yaml.safe_dump({**TINY_SSL, "n_prototypes": 4096, "global_crop_size": 224, "tile_size": 224,
+                                   "backbone_overrides": {**TINY_SSL["backbone_overrides"], "img_size": 224}}))
     where = {"svs": data_file(SVS), "tiny": data_file(TINY_SLIDE), "nompp": data_file(NO_MPP), "bundle": bundle,
              "out": tmp_path / "out", "tmp": tmp_path, "evil": evil, "file": tmp_path / "notes.txt", "cut": cut,
              "project": project, "standin": project / "TD_01_verysmall_mIF.ome.tif", "vectra": data_file(VECTRA),
-             "dark": dark}
+             "dark": dark, "ssl": ssl, "tiles": data_file(NCT_TILES), "ucsb": data_file(UCSB)}
     got, _, err = pathapp(*(a.format(**where) for a in argv))
     assert got == code, err
     line = one_message(err)
@@ -281,6 +297,9 @@ def test_numeric_options_are_finite_and_in_range(shared_data, tmp_path, command,
     """Values in range parse; anything else (0, negatives, inf, nan, huge) is refused while parsing,
     before any work, with one line naming the option."""
     text = repr(value) if isinstance(value, float) else str(value)
+    ssl = tmp_path / "ssl.yaml"  # a small ViT whose iBOT head still takes megabytes per image
+    ssl.write_text(yaml.safe_dump({**TINY_SSL, "n_prototypes": 4096, "global_crop_size": 224, "tile_size": 224,
+                                   "backbone_overrides": {**TINY_SSL["backbone_overrides"], "img_size": 224}}))
     where = {"svs": data_file(SVS), "tmp": tmp_path}
     args = [a.format(**where) for a in required] + [option, text]
     integer_option = option in INT_OPTIONS or (command == "train" and option == "--epochs")
@@ -477,3 +496,31 @@ def test_edge_tissue_is_tiled_with_padding_and_exact_footprints(shared_data, tmp
     assert np.allclose(np.diff(xs), f, atol=0.011)  # exact starts i × footprint: no 0.45 px overlaps
     assert all(t.geometry.bounds[2] - t.geometry.bounds[0] == pytest.approx(f, abs=0.011) for t in tiles)
     assert union.area == pytest.approx(sum(t.geometry.area for t in tiles), rel=1e-5)
+
+
+def test_batch_size_is_measured_and_chosen_from_memory():
+    """Two probe steps give fixed and per-image memory (real peak RSS of this process); the batch is
+    the largest power of two inside the budget, a larger one asked for is refused naming the largest."""
+    from pathapp.engine.memory import BatchFit, choose_batch, memory_budget, probe
+    from pathapp.errors import PathappError
+
+    held = []
+
+    def step(b: int) -> None:  # 64 MiB per image, touched so it is resident, then freed
+        block = np.ones((b, 64 * 2**20), np.uint8)
+        held.append(int(block[:, ::4096].sum()))
+
+    fit = probe(step, torch.device("cpu"))
+    assert fit.per_image == pytest.approx(64 * 2**20, rel=0.15)
+    assert fit.budget == memory_budget(torch.device("cpu")) and fit.largest == int((fit.budget - fit.fixed) // fit.per_image)
+    gib = 2**30
+    fit = BatchFit(fixed=2 * gib, per_image=0.5 * gib, budget=10 * gib, largest=16)
+    assert choose_batch(fit, None, 64, smallest=2, what="x", fix="f") == 16
+    assert choose_batch(BatchFit(2 * gib, 0.4 * gib, 10 * gib, 20), None, 64, smallest=2, what="x", fix="f") == 16
+    assert choose_batch(BatchFit(0, 1, 10 * gib, 10**9), None, 64, smallest=2, what="x", fix="f") == 64
+    assert choose_batch(fit, 12, 64, smallest=2, what="x", fix="f") == 12
+    with pytest.raises(PathappError, match=r"^x: --batch-size 17 needs about 10.5 GiB at peak of the 10.0 GiB "
+                                           r"allowed; the largest that fits is --batch-size 16 \(f\)$"):
+        choose_batch(fit, 17, 64, smallest=2, what="x", fix="f")
+    with pytest.raises(PathappError, match="even a batch of 2 needs"):
+        choose_batch(BatchFit(11 * gib, gib, 10 * gib, 0), None, 64, smallest=2, what="x", fix="f")
