@@ -14,17 +14,19 @@ import numpy as np
 
 from pathapp.engine.distributed import dist_env
 from pathapp.errors import PathappError
-from pathapp.models.device import resolve_device
 from pathapp.results import SlideResult
 from pathapp.slide import Slide
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     import torch
 
     from pathapp.models.bundle import Bundle, PathModel
     from pathapp.tiles import TileGrid
 
-PRECISIONS = ("fp32", "bf16", "int8")
+PRECISIONS = ("auto", "fp32", "bf16", "int8")
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of CPUs with native bf16 matmuls
 THUMBNAIL_PX = 1024
 MIN_THUMBNAIL_PX = 512
 PROGRESS_EVERY_S = 30.0  # interval of `progress:` lines when stderr is not a terminal
@@ -41,16 +43,56 @@ class Runtime:
     bundle: Bundle
     model: PathModel
     device: torch.device
-    precision: str
+    precision: str  # fp32, bf16 or int8 ("auto" resolved)
     name: str
     fingerprint: str  # of the bundle, marked when the precision changes what embeddings are
+    channels_last: bool = False  # feed batches in channels-last layout (conv patch embedding on GPU)
+
+    def place(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch from the DataLoader on the model's device: asynchronous from pinned memory on GPU."""
+        import torch
+
+        fmt = torch.channels_last if self.channels_last else torch.preserve_format
+        return x.to(self.device, non_blocking=True, memory_format=fmt)
 
 
-def prepare_model(bundle: Bundle, device: str = "auto", precision: str = "fp32", name: str = "") -> Runtime:
-    """Build the bundle's model on `device`; int8 = dynamic quantisation of the Linear layers (CPU)."""
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto": bf16 weights and activations on CUDA and on CPUs with native bf16 (AVX-512-BF16, AMX),
+    where it is 2-3x faster than fp32 at embedding cosine > 0.999; fp32 elsewhere, where bf16 is
+    emulated and slower."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16"
+    return "bf16" if device.type == "cpu" and cpu_flags() & set(BF16_CPU_FLAGS) else "fp32"
+
+
+def prepare_model(bundle: Bundle, device: str = "auto", precision: str = "auto", name: str = "",
+                  channels_last: bool | None = None) -> Runtime:
+    """Build the bundle's model on `device` at `precision` (see `resolve_precision`). bf16 casts the
+    backbone's weights (inputs follow inside PathModel); the head stays fp32. int8 = dynamic
+    quantisation of the Linear layers (CPU). `channels_last` (default: on CUDA, where the patch
+    convolution is faster in that layout) converts the backbone and every batch."""
+    import torch
+
+    from pathapp.models.device import resolve_device
+
     if precision not in PRECISIONS:
         raise InferenceError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     dev = resolve_device(device)
+    precision = resolve_precision(precision, dev)
     if precision == "int8":
         if dev.type != "cpu":
             raise InferenceError("--precision int8 runs on the CPU only; use --device cpu or --precision bf16")
@@ -59,8 +101,13 @@ def prepare_model(bundle: Bundle, device: str = "auto", precision: str = "fp32",
         model = quantize_int8(bundle.build("cpu"))
     else:
         model = bundle.build(dev)
+        if precision == "bf16":
+            model.backbone.to(torch.bfloat16)
+    channels_last = dev.type == "cuda" if channels_last is None else channels_last
+    if channels_last:
+        model.backbone.to(memory_format=torch.channels_last)
     fingerprint = bundle.fingerprint() + ("" if precision == "fp32" else f":{precision}")
-    return Runtime(bundle, model, dev, precision, name or bundle.spec.name, fingerprint)
+    return Runtime(bundle, model, dev, precision, name or bundle.spec.name, fingerprint, channels_last)
 
 
 def check_tile_size(rt: Runtime, tile_size: int) -> None:
@@ -70,6 +117,15 @@ def check_tile_size(rt: Runtime, tile_size: int) -> None:
     if fixed and tile_size != rt.bundle.spec.img_size:
         raise InferenceError(f"--tile-size {tile_size}: the model takes {rt.bundle.spec.img_size} px tiles; "
                              f"choose --mpp to change the field of view instead")
+
+
+def _device(rt: Runtime | Future[Runtime], device: str) -> torch.device:
+    """The device a runtime (or the one still being built for `device`) runs on."""
+    if isinstance(rt, Runtime):
+        return rt.device
+    from pathapp.models.device import resolve_device
+
+    return resolve_device(device)
 
 
 def default_workers(device: torch.device) -> int:
@@ -91,13 +147,15 @@ def infer_slide(
     batch_size: int = 32,
     workers: int | None = None,
     device: str = "auto",
-    precision: str = "fp32",
-    runtime: Runtime | None = None,
+    precision: str = "auto",
+    runtime: Runtime | Future[Runtime] | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> SlideResult:
     """Tile `slide` at `mpp` (default: the bundle's) inside tissue (and `rois`, level-0 shapely),
-    run the model on every tile, and return the per-tile results. `runtime` reuses a built model.
+    run the model on every tile, and return the per-tile results. `runtime` reuses a built model; a
+Future of one (the planner builds it in a thread) is waited for only once the tiles are planned and
+the reading workers started, so the model builds while the slide is read.
 
     Progress: a tqdm bar on a terminal; otherwise (a log file, QuPath's log window) a `progress:`
     line through `log` every PROGRESS_EVERY_S seconds."""
@@ -109,9 +167,10 @@ def infer_slide(
     slide_mpp = slide.require_mpp()
     timings: dict[str, float] = {}
     grid, thumbnail = plan_tiles(slide, mpp, tile_size, rois, min_tissue, timings)
-    n_workers = default_workers(rt.device) if workers is None else workers
-    embeddings, probs = run_model(rt, slide, grid, batch_size, n_workers, timings,
-                                  progress=progress, log=log)
+    dev = _device(rt, device)
+    n_workers = default_workers(dev) if workers is None else workers
+    rt, embeddings, probs = run_model(rt, slide, grid, batch_size, n_workers, timings, device=dev,
+                                      progress=progress, log=log)
     extra: dict[str, np.ndarray] = {"tissue fraction": np.asarray(grid.tissue_fraction, np.float64)}
     slide_probs = None
     if rt.model.slide_head is not None and len(grid):
@@ -178,11 +237,12 @@ def plan_tiles(slide: Slide, mpp: float, tile_size: int, rois: Any, min_tissue: 
     return grid, thumbnail
 
 
-def run_model(rt: Runtime, slide: Slide, grid: TileGrid, batch_size: int, n_workers: int,
-              timings: dict[str, float], *, progress: bool = True,
-              log: Callable[[str], None] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """(embeddings (N, D), per-tile probabilities (N, C) or None) of every tile of `grid`, read by
-    `n_workers` DataLoader workers; the model stage's times go into `timings`."""
+def run_model(rt: Runtime | Future[Runtime], slide: Slide, grid: TileGrid, batch_size: int, n_workers: int,
+              timings: dict[str, float], *, device: torch.device | None = None, progress: bool = True,
+              log: Callable[[str], None] | None = None) -> tuple[Runtime, np.ndarray, np.ndarray | None]:
+    """(the runtime, embeddings (N, D), per-tile probabilities (N, C) or None) of every tile of `grid`,
+    read by `n_workers` DataLoader workers, which start reading before a runtime still being built is
+    waited for; the model stage's times go into `timings`."""
     import torch
     from torch.utils.data import DataLoader
     from tqdm import tqdm
@@ -190,19 +250,21 @@ def run_model(rt: Runtime, slide: Slide, grid: TileGrid, batch_size: int, n_work
     from pathapp.tiles import TileDataset
 
     n = len(grid)
+    t_model = time.perf_counter()
+    batches = None
+    if n:
+        on_gpu = (device or rt.device).type == "cuda"
+        loader = DataLoader(TileDataset(slide, grid), batch_size=batch_size, num_workers=n_workers,
+                            **loader_options(on_gpu, n_workers))
+        batches = iter(loader)  # forks the workers, which start reading now
+    if not isinstance(rt, Runtime):
+        t = time.perf_counter()
+        rt = rt.result()
+        timings["model_wait"] = time.perf_counter() - t
     embeddings = np.zeros((n, rt.bundle.embedding_dim), np.float32)
     probs = np.zeros((n, rt.bundle.num_classes), np.float32) if rt.model.tile_head is not None else None
     wait = compute = 0.0
-    t_model = time.perf_counter()
-    if n:
-        loader = DataLoader(
-            TileDataset(slide, grid),
-            batch_size=batch_size,
-            num_workers=n_workers,
-            pin_memory=rt.device.type == "cuda",
-            prefetch_factor=4 if n_workers else None,
-        )
-        autocast = torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=rt.precision == "bf16")
+    if batches is not None:
         tty = sys.stderr.isatty()
         bar = tqdm(total=n, unit="tile", desc=slide.name, disable=not (progress and tty), dynamic_ncols=True,
                    leave=False)
@@ -210,11 +272,10 @@ def run_model(rt: Runtime, slide: Slide, grid: TileGrid, batch_size: int, n_work
         last_log, seen = t_model, 0
         with torch.inference_mode(), bar:
             t = time.perf_counter()
-            for x, idx in loader:
+            for x, idx in batches:
                 t1 = time.perf_counter()
                 wait += t1 - t
-                with autocast:
-                    emb, p = rt.model(x.to(rt.device, non_blocking=True))
+                emb, p = rt.model(rt.place(x))
                 i = idx.numpy()
                 embeddings[i] = emb.float().cpu().numpy()
                 if probs is not None and p is not None:
@@ -228,4 +289,10 @@ def run_model(rt: Runtime, slide: Slide, grid: TileGrid, batch_size: int, n_work
                     log(f"progress: {slide.name}: {seen}/{n} tiles, {seen / (t - t_model):.1f} tiles/s")
     timings["model"] = time.perf_counter() - t_model
     timings["data_wait"], timings["compute"] = wait, compute
-    return embeddings, probs
+    return rt, embeddings, probs
+
+
+def loader_options(on_gpu: bool, n_workers: int) -> dict[str, Any]:
+    """DataLoader settings: pinned host memory on GPU (so `Runtime.place` copies asynchronously) and
+    four batches read ahead per worker."""
+    return {"pin_memory": on_gpu, "prefetch_factor": 4 if n_workers else None}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,13 @@ from torch import Tensor, nn
 from pathapp.atomic import atomic_path
 from pathapp.errors import PathappError
 from pathapp.models.heads import SLIDE_HEAD_KINDS, Head, build_head, head_state
-from pathapp.models.registry import DEFAULT_MPP, DEFAULT_TILE_SIZE, BackboneSpec, create_backbone, embed
+from pathapp.models.registry import (
+    DEFAULT_MPP,
+    DEFAULT_TILE_SIZE,
+    BackboneSpec,
+    create_backbone,
+    embed,
+)
 
 FORMAT = "pathapp.bundle"
 FORMAT_VERSION = 1
@@ -120,9 +126,17 @@ class Bundle:
 
     def build_backbone(self, **build_kwargs: Any) -> nn.Module:
         """The backbone with the bundle's weights; `build_kwargs` go to timm (e.g. drop_path_rate)."""
-        model = create_backbone(self.spec, **build_kwargs)
+        # Built on the meta device (no random init: it cost more than the whole model stage of a small
+        # slide), then filled with copies of the bundle's tensors. A model with non-persistent buffers
+        # (not in the state dict) is built for real, since those buffers would stay empty.
+        with torch.device("meta"):
+            model = create_backbone(self.spec, **build_kwargs)
+        assign = not set(dict(model.named_buffers())) - set(model.state_dict())
+        if not assign:
+            model = create_backbone(self.spec, **build_kwargs)
+        state = {k: v.clone() for k, v in self.backbone_state.items()} if assign else self.backbone_state
         try:
-            model.load_state_dict(self.backbone_state, strict=True)
+            model.load_state_dict(state, strict=True, assign=assign)
         except RuntimeError as e:
             first = str(e).strip().splitlines()
             raise BundleError(f"bundle weights do not fit its backbone spec {self.spec.name!r}: "
@@ -138,7 +152,7 @@ class Bundle:
         for k in sorted(self.backbone_state):
             t = self.backbone_state[k].detach().cpu().contiguous()
             h.update(k.encode())
-            h.update(t.view(-1).view(dtype=torch.uint8).numpy().tobytes())
+            h.update(memoryview(t.view(-1).view(dtype=torch.uint8).numpy()))  # no copy of the weights
         h.update(repr((self.recipe, tuple(self.mean), tuple(self.std), self.tile_size)).encode())
         return h.hexdigest()
 
@@ -174,8 +188,8 @@ class PathModel(nn.Module):
     def embed(self, x: Tensor) -> Tensor:
         if x.dtype == torch.uint8:
             x = x.float().div_(255)
-        x = (x.to(self.mean.dtype) - self.mean) / self.std
-        return embed(self.backbone, x, self.recipe)
+        x = (x.to(self.mean.dtype) - self.mean) / self.std  # normalised in fp32 whatever the backbone runs at
+        return embed(self.backbone, x.to(next(self.backbone.parameters()).dtype), self.recipe)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         e = self.embed(x)
@@ -196,7 +210,7 @@ def save_bundle(bundle: Bundle, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if "created" not in bundle.provenance:
-        bundle.provenance["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        bundle.provenance["created"] = datetime.now(UTC).isoformat(timespec="seconds")
     from pathapp import __version__
 
     bundle.provenance.setdefault("pathapp_version", __version__)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pathapp.atomic import atomic_path
+from pathapp.atomic import atomic_path, writer_alive
 from pathapp.results.embeddings import write_embeddings
 from pathapp.results.geojson import write_annotations_geojson, write_tiles_geojson
 from pathapp.results.heatmap import (
@@ -85,7 +85,8 @@ def write_results(result: SlideResult, out_dir: str | Path, object_type: str = "
     out.mkdir(parents=True, exist_ok=True)
     (out / DONE).unlink(missing_ok=True)
     for stale in out.glob(".*.tmp*"):  # temporary files of a run that was killed while writing here
-        stale.unlink(missing_ok=True)
+        if not writer_alive(stale):
+            stale.unlink(missing_ok=True)
     t0 = time.perf_counter()
     files: list[Path] = [
         write_tiles_geojson(result, out / "tiles.geojson", object_type),
