@@ -154,8 +154,8 @@ def infer_slide(
 ) -> SlideResult:
     """Tile `slide` at `mpp` (default: the bundle's) inside tissue (and `rois`, level-0 shapely),
     run the model on every tile, and return the per-tile results. `runtime` reuses a built model; a
-Future of one (the planner builds it in a thread) is waited for only once the tiles are planned and
-the reading workers started, so the model builds while the slide is read.
+    Future of one (the planner builds it in a thread) is waited for only once the tiles are planned
+    and the reading workers started, so the model builds while the slide is read.
 
     Progress: a tqdm bar on a terminal; otherwise (a log file, QuPath's log window) a `progress:`
     line through `log` every PROGRESS_EVERY_S seconds."""
@@ -169,8 +169,10 @@ the reading workers started, so the model builds while the slide is read.
     grid, thumbnail = plan_tiles(slide, mpp, tile_size, rois, min_tissue, timings)
     dev = _device(rt, device)
     n_workers = default_workers(dev) if workers is None else workers
-    rt, embeddings, probs = run_model(rt, slide, grid, batch_size, n_workers, timings, device=dev,
-                                      progress=progress, log=log)
+    embeddings, probs = run_model(rt, slide, grid, batch_size, n_workers, timings, device=dev,
+                                  progress=progress, log=log)
+    if not isinstance(rt, Runtime):
+        rt = rt.result()  # finished: run_model waited for it
     extra: dict[str, np.ndarray] = {"tissue fraction": np.asarray(grid.tissue_fraction, np.float64)}
     slide_probs = None
     if rt.model.slide_head is not None and len(grid):
@@ -239,8 +241,8 @@ def plan_tiles(slide: Slide, mpp: float, tile_size: int, rois: Any, min_tissue: 
 
 def run_model(rt: Runtime | Future[Runtime], slide: Slide, grid: TileGrid, batch_size: int, n_workers: int,
               timings: dict[str, float], *, device: torch.device | None = None, progress: bool = True,
-              log: Callable[[str], None] | None = None) -> tuple[Runtime, np.ndarray, np.ndarray | None]:
-    """(the runtime, embeddings (N, D), per-tile probabilities (N, C) or None) of every tile of `grid`,
+              log: Callable[[str], None] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(embeddings (N, D), per-tile probabilities (N, C) or None) of every tile of `grid`,
     read by `n_workers` DataLoader workers, which start reading before a runtime still being built is
     waited for; the model stage's times go into `timings`."""
     import torch
@@ -289,7 +291,7 @@ def run_model(rt: Runtime | Future[Runtime], slide: Slide, grid: TileGrid, batch
                     log(f"progress: {slide.name}: {seen}/{n} tiles, {seen / (t - t_model):.1f} tiles/s")
     timings["model"] = time.perf_counter() - t_model
     timings["data_wait"], timings["compute"] = wait, compute
-    return rt, embeddings, probs
+    return embeddings, probs
 
 
 def loader_options(on_gpu: bool, n_workers: int) -> dict[str, Any]:
