@@ -37,9 +37,9 @@ def torchrun_cmd(args: list[str]) -> list[str]:
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
-def lines(text: str, kind: str) -> list[tuple[int, str]]:
-    """(rank, slide) of each `[rank r/2] <kind>: <slide>: ...` line."""
-    found = re.findall(rf"^\[rank (\d)/2\] {kind}: (.+?): ", text, flags=re.MULTILINE)
+def lines(text: str, kind: str, tail: str = "") -> list[tuple[int, str]]:
+    """(rank, slide) of each `[rank r/2] <kind>: <slide>: ...<tail>` line."""
+    found = re.findall(rf"^\[rank (\d)/2\] {kind}: (.+?): .*{re.escape(tail)}$", text, flags=re.MULTILINE)
     return [(int(r), s) for r, s in found]
 
 
@@ -79,10 +79,10 @@ def test_torchrun_shards_once_and_resumes_after_a_kill(shared_data, tmp_path):
     second = subprocess.run(torchrun_cmd(args), capture_output=True, text=True, timeout=600, env=ENV)
     assert second.returncode == 0, second.stderr[-3000:]
     redone = lines(second.stderr, "done")
-    skipped = lines(second.stderr, "skip")
+    skipped = lines(second.stderr, "skip", "(use --overwrite to redo)")  # complete before this run
     todo = [s for s, n in zip(srcs, NAMES) if n not in complete]
     assert sorted(s for _, s in redone) == sorted(todo), second.stderr  # only the rest, each once
-    assert sorted(s for _, s in skipped) == sorted(set(srcs) - set(todo))
+    assert sorted(skipped) == sorted((r, s) for r in (0, 1) for s in set(srcs) - set(todo))  # seen by both ranks
     assert len({s for _, s in redone + first_done}) == len(redone + first_done)  # nothing computed twice
     for n in NAMES:
         run = json.loads((out / n / "run.json").read_text())
