@@ -1,14 +1,23 @@
 # pathapp: DINOv2 vision transformers on whole-slide images, as a container.
-# The same image is the CLI, the Cytomine app (descriptor.json job, descriptor.yml task) and the
-# QuPath launcher's "container" backend.
+# The same image is the CLI, the Cytomine app (descriptor.json job, descriptor.yml App Engine task)
+# and the QuPath launcher's "container" backend.
 #
-#   CPU (default):  docker build -t pathapp .
-#   NVIDIA GPU:     docker build -t pathapp:cuda --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130 .
+#   Bundle (required): put the model bundle in models/ and name it:
+#                   docker build --build-arg MODEL_BUNDLE=tumor.pathapp -t pathapp .
+#                   The App Engine mounts only /inputs and /outputs, so the task's model must be in
+#                   the image: it is /models/tumor.pathapp, the task's default model. The build
+#                   fails without MODEL_BUNDLE (in the last layers, so that a new bundle reuses
+#                   every cached layer before them). More bundles can be mounted at run time:
+#                   docker run -v /path/to/bundles:/models ... (this hides the baked one).
+#   NVIDIA GPU:     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130
 #                   (the CUDA wheels bring their own CUDA runtime; the host needs the driver and
 #                   the NVIDIA container toolkit: docker run --gpus all ...)
 #   Another base:   --build-arg BASE_IMAGE=...   (any Debian/Ubuntu image with Python 3.11 as `python`)
-#   Bake bundles:   put *.pathapp files in models/ (or --build-arg MODELS_SRC=other/dir); otherwise
-#                   mount them at run time: docker run -v /path/to/bundles:/models ...
+#   App Engine:     build with -t <namespace as a/b/c>:<version> --provenance=false --sbom=false,
+#                   docker save it as <namespace>-<version>.tar, then `pathapp cytomine bundle` (README).
+#
+# With no arguments the container runs the App Engine task (/inputs -> /outputs); with arguments
+# it is the pathapp CLI (docker/entrypoint.sh).
 #
 # Layers run from least to most often changed: torch, QuPath, dependencies, then our code.
 
@@ -20,7 +29,6 @@ ARG TORCH_VERSION=2.14.1
 ARG TORCHVISION_VERSION=0.29.1
 ARG PAQUO_VERSION=0.9.0
 ARG QUPATH_VERSION=0.6.0
-ARG MODELS_SRC=models
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -57,9 +65,16 @@ RUN pip install --no-cache-dir --no-deps . \
     && pathapp --version
 
 COPY descriptor.json descriptor.yml /app/
-COPY ${MODELS_SRC}/ /models/
+COPY docker/entrypoint.sh /usr/local/bin/pathapp-entrypoint
+# The bundle is declared here, after the dependency layers: changing it rebuilds only what follows.
+ARG MODEL_BUNDLE
+COPY models/ /models/
+RUN test -n "${MODEL_BUNDLE}" \
+    || { echo "error: name the model bundle to bake in: docker build --build-arg MODEL_BUNDLE=<file in models/> ." >&2; exit 1; }
+RUN test -f "/models/${MODEL_BUNDLE}" \
+    || { echo "error: models/${MODEL_BUNDLE} is not in the build context; put the bundle in models/" >&2; exit 1; }
+ENV PATHAPP_DEFAULT_MODEL=${MODEL_BUNDLE}
 
 USER 1000:1000
 WORKDIR /data
-ENTRYPOINT ["pathapp"]
-CMD ["--help"]
+ENTRYPOINT ["/usr/local/bin/pathapp-entrypoint"]

@@ -7,10 +7,13 @@
  *   RESULTS_ROOT/<image name>/            when RESULTS_ROOT is set (e.g. `pathapp infer slides/ --out DIR`)
  *   <project>/pathapp/<entry ID>/         `pathapp infer project.qpproj`
  *   <project>/pathapp/<entry ID>/<image name>/   pathapp_run.groovy
- * It replaces the objects an earlier pathapp import added (named "pathapp...") and keeps yours, then
- * resolves the hierarchy so your annotations count their tiles. An image without results is skipped
- * with a line in the log.
+ * It reads the results first, then replaces the objects an earlier pathapp import added (named
+ * "pathapp...") and keeps yours, and resolves the hierarchy so your annotations count their tiles.
+ * An image without results is skipped with a line in the log, and so is an image that QuPath shows
+ * rotated, cropped or affine-transformed (pathapp's results are in the file's own coordinates).
  */
+import static qupath.lib.gui.scripting.QPEx.*  // works with "Include default imports" switched off
+
 import qupath.lib.common.GeneralTools
 import qupath.lib.io.PathIO
 
@@ -32,9 +35,27 @@ def slideStem = { File f ->
     return dot > 0 ? name.substring(0, dot) : name
 }
 
+// QuPath shows some images moved: its RotatedImageServer, AffineTransformImageServer and
+// CroppedImageServer name themselves in the server's path (createID, QuPath 0.4.4-0.6.0).
+def movedBy = { String serverPath ->
+    def kinds = []
+    if (serverPath.contains("qupath.lib.images.servers.RotatedImageServer:") && serverPath =~ /\(Rotate=(90|180|270)\)/)
+        kinds << "rotated"
+    if (serverPath.contains("qupath.lib.images.servers.AffineTransformImageServer:"))
+        kinds << "affine-transformed"
+    if (serverPath.contains("qupath.lib.images.servers.CroppedImageServer:"))
+        kinds << "cropped"
+    return kinds
+}
+
 def entry = getProjectEntry()
 if (getCurrentImageData() == null || entry == null)
     throw new RuntimeException("pathapp: open a project and use Run > Run for project")
+def moved = movedBy(getCurrentServer().getPath())
+if (!moved.isEmpty()) {
+    println "pathapp: skipped entry " + entry.getID() + ": QuPath shows this image " + moved.join(" and ") + ", but pathapp's results are in the file's own coordinates and would land in the wrong place"
+    return
+}
 def uris = getCurrentServer().getURIs()
 def imagePath = uris.isEmpty() ? null : GeneralTools.toPath(uris.iterator().next())
 def stem = null
@@ -59,14 +80,16 @@ if (resultDir == null) {
 }
 
 def files = ["annotations.geojson", "tiles.geojson"].collect { new File(resultDir, it) }.findAll { it.isFile() }
-def previous = (getAnnotationObjects() + getDetectionObjects()).findAll { isPathapp(it) }
-removeObjects(previous, true)
 def imported = []
 files.each { f ->
     def objects = PathIO.readObjects(f)
     objects.each { it.setName(it.getPathClass() == null ? TAG : TAG + ": " + it.getPathClass().toString()) }
     imported.addAll(objects)
 }
+def previous = (getAnnotationObjects() + getDetectionObjects()).findAll { isPathapp(it) }
+// PathObjectHierarchy.removeObjects(objects, keepChildren): QP's removeObjects(objects, true) is
+// deprecated in 0.6, and its replacement removeObjects(objects) does not exist before 0.6.
+getCurrentHierarchy().removeObjects(previous, true)
 addObjects(imported)
 resolveHierarchy()
 fireHierarchyUpdate()

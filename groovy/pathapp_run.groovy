@@ -7,13 +7,18 @@
  *   2. runs `pathapp infer` out of process (a local install, or the pathapp container through
  *      docker), streaming pathapp's log into the QuPath log; a non-zero exit stops the script with
  *      an error that quotes pathapp's last lines;
- *   3. replaces the objects an earlier pathapp run added (named "pathapp...") with the new tiles
- *      and class regions, resolves the hierarchy so your annotations count their tiles, and turns on
- *      a measurement map (heatmap) of one class's probability.
+ *   3. reads the new tiles and class regions, then replaces the objects an earlier pathapp run added
+ *      (named "pathapp...") with them (a failed read leaves the earlier ones), resolves the hierarchy
+ *      so your annotations count their tiles, and turns on a measurement map (heatmap) of one
+ *      class's probability.
+ * Images that QuPath shows rotated, cropped or affine-transformed are refused: pathapp reads the
+ * file as stored, and its results would land in the wrong place there.
  * Results are kept in <project>/pathapp/<entry ID>/<image name>/ (or the system temp folder when no
  * project is open). Use pathapp_import.groovy to import results computed earlier, image by image.
  * Edit the settings below, then Run (Automate > Script editor).
  */
+import static qupath.lib.gui.scripting.QPEx.*  // works with "Include default imports" switched off
+
 import qupath.lib.color.ColorMaps
 import qupath.lib.common.GeneralTools
 import qupath.lib.gui.tools.MeasurementMapper
@@ -68,11 +73,34 @@ def containerPath = { File f ->
 }
 def hostOrContainer = { File f -> MODE == "container" ? containerPath(f) : f.getAbsolutePath() }
 
+// QuPath shows some images moved: its RotatedImageServer, AffineTransformImageServer and
+// CroppedImageServer name themselves in the server's path (createID, QuPath 0.4.4-0.6.0).
+def movedBy = { String serverPath ->
+    def kinds = []
+    if (serverPath.contains("qupath.lib.images.servers.RotatedImageServer:") && serverPath =~ /\(Rotate=(90|180|270)\)/)
+        kinds << "rotated"
+    if (serverPath.contains("qupath.lib.images.servers.AffineTransformImageServer:"))
+        kinds << "affine-transformed"
+    if (serverPath.contains("qupath.lib.images.servers.CroppedImageServer:"))
+        kinds << "cropped"
+    return kinds
+}
+
+// ---- settings that can be checked before any work
+def colorMap = ColorMaps.getColorMaps().get(HEATMAP_COLORMAP)
+if (colorMap == null)
+    throw new RuntimeException("pathapp: HEATMAP_COLORMAP \"" + HEATMAP_COLORMAP + "\" is not a QuPath colour map; use one of " + ColorMaps.getColorMaps().keySet().join(", "))
+
 // ---- the image and where its results go
 def imageData = getCurrentImageData()
 if (imageData == null)
     throw new RuntimeException("pathapp: open an image first")
+def moved = movedBy(getCurrentServer().getPath())
+if (!moved.isEmpty())
+    throw new RuntimeException("pathapp: QuPath shows this image " + moved.join(" and ") + ", but pathapp reads the file as stored, so its results would land in the wrong place; add the image again without rotation or crop")
 def uris = getCurrentServer().getURIs()
+if (uris.size() > 1)
+    throw new RuntimeException("pathapp: this image is made of " + uris.size() + " files (" + uris + "); pathapp needs one image file")
 def imagePath = uris.isEmpty() ? null : GeneralTools.toPath(uris.iterator().next())
 if (imagePath == null)
     throw new RuntimeException("pathapp: this image is not a local file (" + uris + "); pathapp needs the file")
@@ -159,13 +187,11 @@ def exitCode = process.waitFor()
 if (exitCode != 0)
     throw new RuntimeException("pathapp failed (exit code " + exitCode + "): " + lastLines.join(" / "))
 
-// ---- import: replace what an earlier run added, keep everything else
+// ---- import: read the new results, then replace what an earlier run added; keep everything else
 def resultDir = new File(outRoot, slideStem(imageFile))
 def files = ["annotations.geojson", "tiles.geojson"].collect { new File(resultDir, it) }.findAll { it.isFile() }
 if (files.isEmpty())
     throw new RuntimeException("pathapp: finished but found no tiles.geojson or annotations.geojson in " + resultDir)
-def previous = (getAnnotationObjects() + getDetectionObjects()).findAll { isPathapp(it) }
-removeObjects(previous, true)
 def imported = []
 files.each { f ->
     def objects = PathIO.readObjects(f)
@@ -173,6 +199,10 @@ files.each { f ->
     imported.addAll(objects)
     println "pathapp: " + objects.size() + " objects from " + f
 }
+def previous = (getAnnotationObjects() + getDetectionObjects()).findAll { isPathapp(it) }
+// PathObjectHierarchy.removeObjects(objects, keepChildren): QP's removeObjects(objects, true) is
+// deprecated in 0.6, and its replacement removeObjects(objects) does not exist before 0.6.
+getCurrentHierarchy().removeObjects(previous, true)
 addObjects(imported)
 resolveHierarchy()
 fireHierarchyUpdate()
@@ -186,7 +216,7 @@ if (!heatClass) {
 }
 def viewer = getCurrentViewer()
 if (viewer != null && heatClass && !tiles.isEmpty()) {
-    def mapper = new MeasurementMapper(ColorMaps.getColorMaps().get(HEATMAP_COLORMAP), "prob: " + heatClass, tiles)
+    def mapper = new MeasurementMapper(colorMap, "prob: " + heatClass, tiles)
     mapper.setDisplayMinValue(0.0d)
     mapper.setDisplayMaxValue(1.0d)
     viewer.getOverlayOptions().setMeasurementMapper(mapper)

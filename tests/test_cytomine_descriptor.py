@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from pathapp.cli.cytomine import job, task
-from pathapp.cytomine.wkt import flip_y, from_cytomine_wkt, to_cytomine_wkt
+from pathapp.cytomine.wkt import flip_y, from_cytomine_wkt, scale_to_cytomine, to_cytomine_wkt
 
 ROOT = Path(__file__).resolve().parents[1]
 ROUTER_TYPES = {"String", "Number", "Boolean", "Domain", "ListDomain", "Date", "List"}
@@ -169,6 +169,7 @@ def test_task_descriptor_matches_the_task(task_descriptor: dict) -> None:
     from pathapp.cytomine import task as task_module
 
     assert set(task_descriptor["inputs"]) == {"image", "model", "mpp", "tile_size", "min_prob"}
+    assert task_descriptor["inputs"]["model"]["optional"]  # empty: the bundle baked into the image
     assert task_descriptor["inputs"]["image"]["type"]["id"] == "image"
     outputs = task_descriptor["outputs"]
     assert set(outputs) == {"class_names", "class_regions"} | set(task_module.OUTPUT_FILES)
@@ -191,3 +192,102 @@ def test_wkt_flips_y_both_ways() -> None:
     assert back.exterior.is_ccw
     assert from_cytomine_wkt(wkt, height).equals(poly)
     assert flip_y(flip_y(poly, height), height).equals(poly)
+
+
+def test_wkt_between_a_file_and_cytomine_s_image_at_another_size() -> None:
+    """The file at half the size Cytomine shows: file px are scaled up, then flipped with
+    Cytomine's height; the way back undoes both. Another aspect ratio is refused."""
+    import shapely
+
+    from pathapp.errors import PathappError
+
+    scale = scale_to_cytomine((1110, 1500), (2220, 3000), "image 1")
+    assert scale == (2.0, 2.0) and scale_to_cytomine((5, 7), (5, 7), "x") == (1.0, 1.0)
+    poly = shapely.box(100, 200, 400, 250)
+    wkt = to_cytomine_wkt(poly, 3000, scale=scale)
+    assert shapely.from_wkt(wkt).equals(shapely.box(200, 3000 - 500, 800, 3000 - 400))
+    assert from_cytomine_wkt(wkt, 3000, scale).equals(poly)
+    with pytest.raises(PathappError, match=r"image 1: the file is 1110x1500 px but Cytomine shows .* 2220x1500 px"):
+        scale_to_cytomine((1110, 1500), (2220, 1500), "image 1")
+
+
+# ---------------------------------------------------------------- the App Engine bundle
+
+
+def docker_save_tar(path: Path, tags: list[str]) -> Path:
+    """An image archive in `docker save`'s layout: manifest.json naming the config and layer files."""
+    import io
+    import tarfile
+
+    layer = io.BytesIO()
+    with tarfile.open(fileobj=layer, mode="w") as t:
+        data = b"#!/bin/sh\n"
+        info = tarfile.TarInfo("usr/local/bin/pathapp-entrypoint")
+        info.size, info.mode = len(data), 0o755
+        t.addfile(info, io.BytesIO(data))
+    files = {
+        "manifest.json": json.dumps([{"Config": "config.json", "RepoTags": tags, "Layers": ["layer/layer.tar"]}]),
+        "config.json": json.dumps({"architecture": "amd64", "os": "linux",
+                                   "config": {"Entrypoint": ["/usr/local/bin/pathapp-entrypoint"]}}),
+        "layer/layer.tar": layer.getvalue(),
+    }
+    with tarfile.open(path, "w") as t:
+        for name, content in files.items():
+            raw = content.encode() if isinstance(content, str) else content
+            info = tarfile.TarInfo(name)
+            info.size = len(raw)
+            t.addfile(info, io.BytesIO(raw))
+    return path
+
+
+def test_bundle_is_what_the_app_engine_upload_reads(task_descriptor: dict, tmp_path: Path) -> None:
+    """The zip as `TaskService.uploadTask` reads it: a root entry whose whole name matches
+    descriptor.(yml|yaml), and a `.tar` entry whose name, split at its first '-', gives the
+    namespace (dots -> slashes) and version the image is pushed as."""
+    import tarfile
+    import zipfile
+
+    from click.testing import CliRunner
+
+    from pathapp.cli import cli
+
+    ns, version = task_descriptor["namespace"], task_descriptor["version"]
+    tar = docker_save_tar(tmp_path / "saved.tar", [f"{ns.replace('.', '/')}:{version}"])
+    res = CliRunner().invoke(cli, ["cytomine", "bundle", str(tar), "--descriptor", str(ROOT / "descriptor.yml"),
+                                   "--out", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "out" / f"{ns}-{version}.zip"
+    assert res.output.strip() == f"wrote {out}"
+    with zipfile.ZipFile(out) as z:
+        names = z.namelist()
+        descriptors = [n for n in names if re.fullmatch(r"descriptor\.(yml|yaml)", n.lower())]
+        images = [n for n in names if n.endswith(".tar")]
+        assert len(descriptors) == 1 and len(images) == 1 and len(names) == 2
+        assert yaml.safe_load(z.read(descriptors[0])) == task_descriptor
+        full = images[0][: -len(".tar")]
+        assert (full[: full.index("-")].replace(".", "/"), full[full.index("-") + 1 :]) == \
+            (ns.replace(".", "/"), version)
+        assert "/" + images[0] == task_descriptor["configuration"]["image"]["file"]
+        with z.open(images[0]) as f, tarfile.open(fileobj=f) as t:
+            assert json.load(t.extractfile("manifest.json"))[0]["RepoTags"] == [f"{ns.replace('.', '/')}:{version}"]
+
+
+def test_bundle_refuses_what_the_app_engine_would_misread(task_descriptor: dict, tmp_path: Path) -> None:
+    from pathapp.cytomine.bundle import write_task_bundle
+    from pathapp.errors import PathappError
+
+    wrong_tag = docker_save_tar(tmp_path / "t.tar", ["pathapp:latest"])
+    with pytest.raises(PathappError, match=r"tagged \['pathapp:latest'\], not 'org/pathapp/dinov2/tiles:0.1.0'"):
+        write_task_bundle(ROOT / "descriptor.yml", wrong_tag, tmp_path)
+    (tmp_path / "not.tar").write_bytes(b"not a tar")
+    with pytest.raises(PathappError, match="not an image saved by `docker save`"):
+        write_task_bundle(ROOT / "descriptor.yml", tmp_path / "not.tar", tmp_path)
+    dashed = dict(task_descriptor, namespace="org.path-app.tiles")
+    (tmp_path / "descriptor.yml").write_text(yaml.safe_dump(dashed))
+    with pytest.raises(PathappError, match="contains '-'"):
+        write_task_bundle(tmp_path / "descriptor.yml", wrong_tag, tmp_path)
+    moved = dict(task_descriptor, configuration={**task_descriptor["configuration"], "image": {"file": "/x.tar"}})
+    (tmp_path / "descriptor.yml").write_text(yaml.safe_dump(moved))
+    with pytest.raises(PathappError, match="expects '/org.pathapp.dinov2.tiles-0.1.0.tar'"):
+        write_task_bundle(tmp_path / "descriptor.yml", wrong_tag, tmp_path)
+    assert not list(tmp_path.glob("*.zip"))

@@ -1,11 +1,18 @@
 """`pathapp cytomine task`: the App Engine contract end to end on a real slide. Inputs are files in
 an inputs folder (as the App Engine writes them); every output declared in descriptor.yml must
-exist and parse as its declared type."""
+exist and parse as its declared type.
+
+The App Engine starts the task container with no command and no arguments (cytomine/cytomine
+app-engine `KubernetesScheduler`: the "task" container has an image and the two folders mounted,
+nothing else), so the image's entry point, docker/entrypoint.sh, is run here the same way."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +25,7 @@ from pathapp.cli import cli
 from pathapp.qupath.geojson import read_objects
 
 ROOT = Path(__file__).resolve().parents[1]
+ENTRYPOINT = ROOT / "docker" / "entrypoint.sh"
 HEIGHT = 2967
 
 
@@ -98,11 +106,17 @@ def test_task_bad_number_names_the_input(inputs: Path, models: Path, tmp_path: P
     assert str(inputs / "mpp") in str(res.exception) and "'half'" in str(res.exception)
 
 
-def test_task_missing_input_is_one_clear_error(inputs: Path, models: Path, tmp_path: Path) -> None:
+def test_task_without_model_input_uses_the_baked_bundle(inputs: Path, models: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """No model input: the image's bundle ($PATHAPP_DEFAULT_MODEL, set by the Dockerfile), else one line."""
     (inputs / "model").unlink()
+    monkeypatch.delenv("PATHAPP_DEFAULT_MODEL", raising=False)
     res = run_task(inputs, tmp_path / "o", models)
     assert res.exit_code != 0
-    assert "model" in str(res.exception) and "required task input missing" in str(res.exception)
+    assert "no model given and no default bundle" in str(res.exception) and "MODEL_BUNDLE" in str(res.exception)
+    monkeypatch.setenv("PATHAPP_DEFAULT_MODEL", "nope.pathapp")
+    res = run_task(inputs, tmp_path / "o", models)
+    assert "'nope.pathapp' not found" in str(res.exception) and "tiny.pathapp" in str(res.exception)
 
 
 def test_task_unknown_model_lists_available(inputs: Path, models: Path, tmp_path: Path) -> None:
@@ -129,3 +143,54 @@ def test_keep_confident_drops_uncertain_tiles() -> None:
     assert kept.probs.tolist() == probs[[0, 2]].tolist() and kept.embeddings.tolist() == [[0, 1], [4, 5]]
     assert kept.extra["tissue fraction"].tolist() == [1.0, 0.7] and kept.params["min_prob"] == 0.6
     assert len(result) == 3 and keep_confident(result, 0.0) is result
+
+
+def _entrypoint(args: list[str], env: dict[str, str], bin_dir: Path) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PATHAPP_")}
+    clean["PATH"] = f"{bin_dir}{os.pathsep}{clean['PATH']}"
+    return subprocess.run(["sh", str(ENTRYPOINT), *args], capture_output=True, text=True, env={**clean, **env},
+                          timeout=600)
+
+
+def test_entrypoint_runs_the_task_without_arguments_and_the_cli_with(tmp_path: Path) -> None:
+    """Which command the entry point starts: a `pathapp` that records its arguments stands in."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "argv.json"
+    (bin_dir / "pathapp").write_text(f"#!{sys.executable}\nimport json, sys\n"
+                                     f"json.dump(sys.argv[1:], open({str(record)!r}, 'w'))\n")
+    (bin_dir / "pathapp").chmod(0o755)
+    cfg = yaml.safe_load((ROOT / "descriptor.yml").read_text())["configuration"]
+    assert _entrypoint([], {}, bin_dir).returncode == 0
+    assert json.loads(record.read_text()) == ["cytomine", "task", "--inputs", cfg["input_folder"],
+                                              "--outputs", cfg["output_folder"]]
+    job_line = json.loads((ROOT / "descriptor.json").read_text())["command-line"].split()[:4]
+    for args in (["infer", "my slide.svs", "--model", "/models/x.pathapp"], job_line, ["--version"]):
+        assert _entrypoint(args, {}, bin_dir).returncode == 0
+        assert json.loads(record.read_text()) == args
+
+
+def test_entrypoint_without_arguments_runs_a_task_on_sample_inputs(models: Path, tmp_path: Path) -> None:
+    """The container's default command on an /inputs folder as the App Engine fills it (the image and
+    one optional input; no model input, so the bundle baked into the image is used), with the real
+    pathapp: every declared output is written and parses as its type."""
+    inputs, outputs = tmp_path / "inputs", tmp_path / "outputs"
+    inputs.mkdir()
+    outputs.mkdir()
+    shutil.copyfile(data_file("wsi/aperio/CMU-1-Small-Region.svs"), inputs / "image")
+    (inputs / "mpp").write_text("2")
+    env = {"PATHAPP_TASK_INPUTS": str(inputs), "PATHAPP_TASK_OUTPUTS": str(outputs),
+           "PATHAPP_MODELS": str(models), "PATHAPP_DEFAULT_MODEL": "tiny.pathapp"}
+    proc = _entrypoint([], env, Path(sys.executable).parent)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    declared = yaml.safe_load((ROOT / "descriptor.yml").read_text())["outputs"]
+    assert sorted(p.name for p in outputs.iterdir()) == sorted(declared)
+    values = {name: parse_value(outputs / name, spec["type"]) for name, spec in declared.items()}
+    assert values["class_names"] == ["Tumor", "Stroma"] and values["run"]["counts"]["tiles"] > 0
+    assert values["run"]["model"] == "tiny" and "tiles" in proc.stdout
+    # A failing task exits non-zero with one line, which is how the App Engine learns it failed.
+    (inputs / "mpp").write_text("half")
+    proc = _entrypoint([], env, Path(sys.executable).parent)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == \
+        [f"error: {inputs / 'mpp'}: cannot read 'half' as float; fix the input value"]

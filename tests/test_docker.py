@@ -118,7 +118,11 @@ def test_image_settings_agree_with_the_project() -> None:
     assert env["PAQUO_QUPATH_DIR"] == f"{install}/QuPath-{env['QUPATH_VERSION']}"
     user = [a for k, a in steps if k == "USER"]
     assert user and all(u.split(":")[0].isdigit() and int(u.split(":")[0]) > 0 for u in user)
-    assert steps[-2] == ("ENTRYPOINT", '["pathapp"]')
+    # The App Engine starts the container with no command: the entry point runs the task then.
+    assert steps[-1] == ("ENTRYPOINT", '["/usr/local/bin/pathapp-entrypoint"]')
+    assert ("COPY", "docker/entrypoint.sh /usr/local/bin/pathapp-entrypoint") in steps
+    assert not [k for k, _ in steps if k == "CMD"]
+    assert os.access(ROOT / "docker" / "entrypoint.sh", os.X_OK)
     assert env["PATHAPP_MODELS"] == "/models"
     descriptor_cmd = json.loads((ROOT / "descriptor.json").read_text())["command-line"]
     assert descriptor_cmd.split()[:2] == ["cytomine", "job"]  # run as: pathapp cytomine job ...
@@ -131,6 +135,30 @@ def run_commands() -> list[str]:
         if keyword == "RUN":
             cmds += [c.strip() for c in re.split(r"&&", substitute(args, env))]
     return cmds
+
+
+@pytest.mark.parametrize("bundle, error", [("", "--build-arg MODEL_BUNDLE="), ("nope.pathapp", "models/nope.pathapp is not"),
+                                          ("tiny.pathapp", None)])
+def test_build_needs_a_baked_bundle(tmp_path: Path, bundle: str, error: str | None) -> None:
+    """The App Engine mounts only /inputs and /outputs, so the image must hold the task's bundle: the
+    build's bundle steps, run with the build argument as given, stop with one line without one."""
+    steps = instructions()
+    assert ("ARG", "MODEL_BUNDLE") in steps, "MODEL_BUNDLE must have no default"
+    assert ("COPY", "models/ /models/") in steps and not dockerignored("models/tiny.pathapp")
+    env = {**variables(), "MODEL_BUNDLE": bundle}
+    assert substitute(next(a for k, a in steps if k == "ENV" and "PATHAPP_DEFAULT_MODEL" in a), env) == \
+        f"PATHAPP_DEFAULT_MODEL={bundle}"
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "tiny.pathapp").write_bytes(b"bundle")
+    checks = [substitute(a, env).replace("/models/", f"{tmp_path}/models/") for k, a in steps
+              if k == "RUN" and "${MODEL_BUNDLE}" in a]
+    assert len(checks) == 2
+    results = [subprocess.run(["sh", "-c", c], capture_output=True, text=True) for c in checks]
+    if error is None:
+        assert all(r.returncode == 0 for r in results), results
+    else:
+        failed = next(r for r in results if r.returncode != 0)
+        assert failed.stderr.startswith("error: ") and error in failed.stderr and failed.stderr.count("\n") == 1
 
 
 def test_every_run_command_exists_here() -> None:

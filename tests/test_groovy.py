@@ -36,8 +36,10 @@ SHIFT = 900  # moves that export's annotations (drawn on a 1000 px image) onto t
 
 # QuPath API the scripts may call: what INTEROP.md names, plus these core calls (QP and PathObject,
 # unchanged from 0.2 to 0.6) that selecting, replacing and naming objects cannot do without.
+# QP.getCurrentHierarchy() and PathObjectHierarchy.removeObjects(Collection, boolean) exist in
+# 0.4.4, 0.5.1 and 0.6.0, the latter not deprecated (QP.removeObjects(Collection, boolean) is, in 0.6).
 EXTRA_QUPATH_API = {"getSelectedObjects", "getAnnotationObjects", "removeObjects", "isAnnotation",
-                    "getName", "setName", "getPathClass"}
+                    "getName", "setName", "getPathClass", "getCurrentHierarchy"}
 # Groovy/JDK calls and the scripts' own closures.
 NOT_QUPATH = {
     "println", "collect", "findAll", "find", "each", "isEmpty", "iterator", "next", "toFile", "getParentFile",
@@ -46,6 +48,7 @@ NOT_QUPATH = {
     "join", "put", "environment", "redirectErrorStream", "start", "getMessage", "getInputStream", "withReader",
     "readLine", "add", "size", "removeFirst", "waitFor", "addAll", "toString", "File", "RuntimeException",
     "LinkedList", "slideStem", "containerPath", "hostOrContainer", "isPathapp", "get", "if", "while", "catch",
+    "keySet", "movedBy",
 }
 
 
@@ -101,6 +104,19 @@ def test_scripts_call_only_documented_qupath_api() -> None:
         for imp in re.findall(r"^import (qupath\.[\w.]+)", script.read_text(), flags=re.M):
             assert imp.rsplit(".", 1)[1] in text, f"{script.name} imports {imp}, not in INTEROP.md"
     assert "addPathObjects" not in RUN.read_text() + IMPORT.read_text()  # gone in 0.6
+
+
+def test_scripts_work_without_default_imports_and_deprecated_calls() -> None:
+    """QuPath's scripting helpers imported statically (the script editor's "Include default imports"
+    may be off), and objects removed through the hierarchy: QP.removeObjects(objects, true) is
+    deprecated in 0.6, and 0.6's removeObjects(objects) does not exist in 0.4."""
+    for script in (RUN, IMPORT):
+        text = script.read_text()
+        assert re.search(r"^import static qupath\.lib\.gui\.scripting\.QPEx\.\*", text, flags=re.M), script.name
+        calls = re.findall(r"([\w.()]*)removeObjects\(", re.sub(r"//[^\n]*", "", text))
+        assert calls == ["getCurrentHierarchy()."], (script.name, calls)
+    moved = re.search(r"(def movedBy = \{.*?\n\})", RUN.read_text(), flags=re.S).group(1)
+    assert moved in IMPORT.read_text()  # one rule for transformed images, in both scripts
 
 
 # ------------------------------------------------------------------------------- the CLI contract
@@ -195,9 +211,9 @@ def _hierarchy() -> list[dict]:
 
 
 def _run_stand_in(groovy: str, script: Path, tmp_path: Path, image: Path, settings: dict,
-                  env: dict | None = None) -> tuple[dict, str]:
+                  env: dict | None = None, server_path: str | None = None) -> tuple[dict, str]:
     config = {"settings": settings, "image": str(image), "project_dir": str(tmp_path / "proj"), "entry_id": 7,
-              "hierarchy": _hierarchy(), "state_out": str(tmp_path / "state.json")}
+              "hierarchy": _hierarchy(), "state_out": str(tmp_path / "state.json"), "server_path": server_path}
     (tmp_path / "proj").mkdir(exist_ok=True)
     (tmp_path / "config.json").write_text(json.dumps(config))
     proc = subprocess.run([groovy, str(HERE / "run_in_stand_in.groovy"), str(script), str(tmp_path / "config.json")],
@@ -301,3 +317,53 @@ def test_groovy_slide_stem_matches_pathapp(groovy: str, tmp_path: Path) -> None:
         with open_slide(tmp_path / n) as s:
             expected.append(s.name)
     assert proc.stdout.split("\n")[: len(names)] == expected
+
+
+# QuPath's server paths (createID of RotatedImageServer, CroppedImageServer, AffineTransformImageServer
+# and PyramidGeneratingImageServer, identical in 0.4.4 and 0.6.0) around a plain file's server path.
+def _server_paths(image: Path) -> dict[str, str | None]:
+    base = image.as_uri()
+    return {
+        "rotated": f"PyramidGeneratingImageServer:qupath.lib.images.servers.RotatedImageServer: {base} (Rotate=90)",
+        "cropped": f'qupath.lib.images.servers.CroppedImageServer: + {base} {{"x":10,"y":20,"width":100,"height":90}}',
+        "affine-transformed": f"qupath.lib.images.servers.AffineTransformImageServer: + {base} [1,0,0,1,5,5]",
+        None: f"qupath.lib.images.servers.RotatedImageServer: {base} (Rotate=0)",  # shown as stored
+    }
+
+
+def test_moved_by_reads_qupath_server_paths(groovy: str, tmp_path: Path) -> None:
+    """The scripts' rule for images QuPath shows moved, run on QuPath's own server paths."""
+    rule = re.search(r"(def movedBy = \{.*?\n\})", RUN.read_text(), flags=re.S).group(1)
+    paths = _server_paths(tmp_path / "my slide.svs")
+    probe = tmp_path / "probe.groovy"
+    probe.write_text(rule + "\n" + "".join(f"println movedBy({json.dumps(p)}).join(',')\n" for p in paths.values()))
+    proc = subprocess.run([groovy, str(probe)], capture_output=True, text=True, env=_groovy_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[: len(paths)] == [k or "" for k in paths]
+
+
+def test_scripts_refuse_images_shown_transformed(groovy: str, slide: Path, bundle: Path, tmp_path: Path) -> None:
+    """Rotated, cropped or affine-transformed in QuPath: the run script stops before pathapp runs,
+    the import script skips the image; both say why in one line. A misspelled colour map stops the
+    run script before any work too."""
+    paths = _server_paths(slide)
+    state, _ = _run_stand_in(groovy, RUN, tmp_path, slide, _settings(bundle), server_path=paths["rotated"])
+    assert state["error"].startswith("pathapp: QuPath shows this image rotated, but pathapp reads the file as stored")
+    assert state["calls"] == [] and not (tmp_path / "proj" / "pathapp").exists()
+    state, log = _run_stand_in(groovy, IMPORT, tmp_path, slide, {}, server_path=paths["cropped"])
+    assert state["error"] is None and state["calls"] == []
+    assert "pathapp: skipped entry 7: QuPath shows this image cropped" in log
+    state, _ = _run_stand_in(groovy, RUN, tmp_path, slide, _settings(bundle, HEATMAP_COLORMAP="Viridiss"))
+    assert state["error"] == 'pathapp: HEATMAP_COLORMAP "Viridiss" is not a QuPath colour map; use one of Viridis, Magma'
+    assert state["calls"] == [] and not (tmp_path / "proj" / "pathapp").exists()
+
+
+def test_import_reads_the_new_results_before_removing_the_old(groovy: str, computed, slide: Path,
+                                                              tmp_path: Path) -> None:
+    """A results file that cannot be read stops the import with the earlier pathapp objects kept."""
+    results = tmp_path / "results" / "my slide"
+    shutil.copytree(computed[1] / "my slide", results)
+    (results / "tiles.geojson").write_text('{"type": "FeatureCollection", "features": [')  # cut short
+    state, _ = _run_stand_in(groovy, IMPORT, tmp_path, slide, {"RESULTS_ROOT": str(results.parent)})
+    assert state["error"] is not None and state["calls"] == []
+    assert sorted(o["name"] or "" for o in state["objects"]) == ["", "", "pathapp", "pathapp: Tumor"]

@@ -1,4 +1,10 @@
-"""The paquo bridge: the guard everywhere, the real round trip where a QuPath installation exists."""
+"""The paquo bridge: the guard and the write decisions everywhere, the real round trip where a
+QuPath installation exists (PAQUO_QUPATH_DIR).
+
+What the write must get right, from paquo 0.9.0's source (projects.py, images.py): `entry.save()`
+skips an entry whose image is not at its URI with a log warning only; the project's context
+manager saves on exit even after an error; `save()` reads every entry's data; `hierarchy.add_*`
+adds under the root; paquo refuses ':' in class names, which QuPath splits into derived classes."""
 
 from __future__ import annotations
 
@@ -124,3 +130,150 @@ def test_write_project_without_qupath_explains_the_import(tmp_path: Path) -> Non
     assert "no usable QuPath installation" in out.stdout
     assert str(tmp_path / "tiles.geojson") in out.stdout and "run.json" not in out.stdout
     assert "pathapp_import.groovy" in out.stdout
+
+
+# ------------------------------------------------------------ write decisions (no QuPath needed)
+
+
+def test_class_names_split_as_qupath_reads_them() -> None:
+    """QuPath's PathClass.fromString splits at ':' and strips each part (0.4.4-0.6.0)."""
+    from pathapp.errors import PathappError
+    from pathapp.qupath.paquo_bridge import class_parts, qupath_class_id
+
+    assert class_parts("Tumor") == ["Tumor"]
+    assert class_parts("Tumor:Grade 3") == class_parts("Tumor: Grade 3") == ["Tumor", "Grade 3"]
+    assert qupath_class_id("Tumor:Grade 3: a") == "Tumor: Grade 3: a"
+    with pytest.raises(PathappError, match="empty part"):
+        class_parts("Tumor::x")
+
+
+def test_entry_uri_is_pointed_at_where_pathapp_found_the_image(tmp_path: Path) -> None:
+    from pathapp.errors import PathappError
+    from pathapp.qupath.paquo_bridge import entry_uri_update
+
+    here = tmp_path / "images" / "slide.svs"
+    here.parent.mkdir()
+    here.write_bytes(b"x")
+    assert entry_uri_update(here.as_uri(), here, "p: entry 1") is None  # in place: nothing to change
+    gone = (tmp_path / "old" / "slide.svs").as_uri()
+    assert entry_uri_update(gone, here, "p: entry 1") == here.resolve().as_uri()
+    with pytest.raises(PathappError, match=r"^p: entry 1: its image is not at .*old/slide.svs and was not found"):
+        entry_uri_update(gone, None, "p: entry 1")
+    # DICOM-WSI: pathapp opens the series folder; the entry names one file of it
+    series = tmp_path / "series"
+    series.mkdir()
+    (series / "1.dcm").write_bytes(b"x")
+    assert entry_uri_update((tmp_path / "moved" / "1.dcm").as_uri(), series, "w") == (series / "1.dcm").as_uri()
+    with pytest.raises(PathappError, match="nor at"):
+        entry_uri_update((tmp_path / "moved" / "2.dcm").as_uri(), series, "w")
+
+
+def test_restore_on_failure_puts_every_file_back(tmp_path: Path) -> None:
+    from pathapp.qupath.paquo_bridge import restore_on_failure
+
+    data, summary, fresh = tmp_path / "data.qpdata", tmp_path / "summary.json", tmp_path / "server.json"
+    data.write_bytes(b"old objects")
+    summary.write_text("old")
+    with pytest.raises(RuntimeError, match="half-way"):
+        with restore_on_failure([data, summary, fresh]):
+            data.write_bytes(b"new objects")
+            fresh.write_text("new")
+            raise RuntimeError("failed half-way")
+    assert data.read_bytes() == b"old objects" and summary.read_text() == "old" and not fresh.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.qpdata", "summary.json"]
+    with restore_on_failure([data, summary, fresh]):  # success keeps the new files
+        data.write_bytes(b"new objects")
+    assert data.read_bytes() == b"new objects"
+
+
+# ------------------------------------------------------------ writes through QuPath
+
+
+def _project_with(tmp_path: Path, images: list[Path]) -> tuple[Path, list[str]]:
+    """A QuPath project holding `images`, each with one user annotation (the ROI)."""
+    from paquo.images import QuPathImageType
+    from paquo.projects import QuPathProject
+
+    with QuPathProject(tmp_path / "proj", mode="x") as qp:
+        ids = []
+        for image in images:
+            entry = qp.add_image(image, image_type=QuPathImageType.BRIGHTFIELD_H_E)
+            entry.hierarchy.add_annotation(box(0, 0, 1000, 1000))
+            ids.append(entry.entry_id)
+    return tmp_path / "proj", ids
+
+
+def _results(tmp_path: Path) -> Path:
+    tiles = tile_objects(np.array([[0, 0, 224, 224], [224, 0, 448, 224]]),
+                         measurements={"prob: Tumor": np.float32([0.9, 0.2])}, class_names=["Tumor:Grade 3", "Stroma"],
+                         colors={"Tumor:Grade 3": (200, 0, 0)})
+    return write_objects(tmp_path / "tiles.geojson", tiles)
+
+
+@needs_qupath
+def test_write_follows_a_moved_image_and_nests_under_the_user_annotation(tmp_path: Path) -> None:
+    """The image moved since the project was saved: the entry's URI follows it (else paquo would
+    skip the save and the objects would be reported written but lost); tiles nest under the
+    user's annotation; the class name with ':' becomes QuPath's derived class."""
+    import shutil
+
+    from paquo.projects import QuPathProject
+
+    from pathapp.qupath import paquo_bridge as bridge
+
+    first = tmp_path / "first" / "slide.svs"
+    first.parent.mkdir()
+    shutil.copyfile(data_file("wsi/aperio/CMU-1-Small-Region.svs"), first)
+    proj, (entry_id,) = _project_with(tmp_path, [first])
+    moved = tmp_path / "moved" / "slide.svs"
+    moved.parent.mkdir()
+    first.rename(moved)
+    message = bridge.write_geojson_to_project(proj, entry_id, [_results(tmp_path)], image_path=moved)
+    assert message.startswith("added 2 objects")
+    with QuPathProject(proj, mode="r") as qp:
+        entry = qp.images[0]
+        assert Path(bridge.uri_to_path(entry.uri)) == moved.resolve()
+        (user,) = [a for a in entry.hierarchy.annotations if a.name is None]
+        children = [c for c in user.java_object.getChildObjects()]
+        assert len(children) == 2 and all(str(c.getName()).startswith("pathapp") for c in children)
+        assert {str(c.getPathClass()) for c in children} == {"Tumor: Grade 3", "Stroma"}
+
+
+@needs_qupath
+def test_write_is_all_or_nothing_and_touches_only_its_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure after QuPath wrote the entry's data puts the old data back; an unrelated entry
+    whose data is broken does not stop the write; an image found nowhere is refused before work."""
+    import shutil
+
+    from paquo.projects import QuPathProject
+
+    from pathapp.errors import PathappError
+    from pathapp.qupath import paquo_bridge as bridge
+
+    slides = []
+    for name in ("a.svs", "b.svs"):
+        slides.append(tmp_path / "img" / name)
+        slides[-1].parent.mkdir(exist_ok=True)
+        shutil.copyfile(data_file("wsi/aperio/CMU-1-Small-Region.svs"), slides[-1])
+    proj, (a, b) = _project_with(tmp_path, slides)
+    with QuPathProject(proj, mode="r") as qp:
+        entry_a, entry_b = (Path(e.entry_path) for e in qp.images)
+    (entry_b / "data.qpdata").write_bytes(b"broken")  # the other entry: unreadable
+    results = _results(tmp_path)
+    old = (entry_a / "data.qpdata").read_bytes()
+
+    def failing_save(self, images=True):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(QuPathProject, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        bridge.write_geojson_to_project(proj, a, [results], image_path=slides[0])
+    assert (entry_a / "data.qpdata").read_bytes() == old
+    monkeypatch.undo()
+    assert bridge.write_geojson_to_project(proj, a, [results], image_path=slides[0]).startswith("added 2")
+    assert len(bridge.read_entry_objects(proj, a, include_pathapp=True)) == 3
+    slides[1].unlink()
+    before = (entry_b / "data.qpdata").read_bytes()
+    with pytest.raises(PathappError, match="its image is not at .* and was not found elsewhere; relink"):
+        bridge.write_geojson_to_project(proj, b, [results], image_path=None)
+    assert (entry_b / "data.qpdata").read_bytes() == before

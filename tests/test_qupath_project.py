@@ -75,15 +75,21 @@ def test_relocation_rebase_search_nested_and_dicom(tmp_path: Path) -> None:
     (tmp_path / "proj" / "images").mkdir(parents=True)
     (tmp_path / "proj" / "images" / svs.name).symlink_to(svs)
     (tmp_path / "proj" / "images" / "series").symlink_to(series, target_is_directory=True)
-    rotated = {"builderType": "rotated", "rotation": "ROTATE_90", "builder": _server("file:/old/lab/slides/a%20b.svs")}
+    # QuPath's own wrappers (ImageServers builder types): one that keeps x and y, and one that moves them
+    pyramid = {"builderType": "pyramidize", "builder": _server("file:/old/lab/slides/a%20b.svs")}
     qpproj = _write_project(tmp_path / "proj", "file:/old/lab/proj/project.qpproj", [
         _server("file:/old/lab/slides/a%20b.svs"),
         _server(f"file:/elsewhere/{svs.name}", mpp=None),
-        rotated,
+        pyramid,
         _server("file:/scanner/out/level-0-frames-0-30.dcm"),
         _server("file:/old/lab/slides/gone.svs"),
         _server("https://omero.example.org/webclient/img_detail/5"),
         {"builderType": "sparse", "regions": []},
+        {"builderType": "pyramidize", "builder": {"builderType": "rotated", "rotation": "ROTATE_90",
+                                                  "builder": _server("file:/old/lab/slides/a%20b.svs")}},
+        {"builderType": "cropped", "region": {"x": 10, "y": 20, "width": 100, "height": 100},
+         "builder": _server("file:/old/lab/slides/a%20b.svs")},
+        {"builderType": "rotated", "rotation": "ROTATE_NONE", "builder": _server("file:/old/lab/slides/a%20b.svs")},
     ])
     assert is_project(qpproj) and is_project(qpproj.parent) and not is_project(svs)
     entries = read_project(qpproj).entries
@@ -94,6 +100,11 @@ def test_relocation_rebase_search_nested_and_dicom(tmp_path: Path) -> None:
     assert entries[4].image_path is None and "gone.svs" in entries[4].error and "entry 5" in entries[4].error
     assert "not a local file" in entries[5].error
     assert "sparse" in entries[6].error
+    # rotated under a pyramid, or cropped: results would land elsewhere than QuPath shows the image
+    assert entries[7].image_path is None and "shows this image rotated (ROTATE_90)" in entries[7].error
+    assert entries[8].image_path is None and "shows this image cropped" in entries[8].error
+    assert all("\n" not in e.error and "entry" in e.error for e in entries[7:9])
+    assert entries[9].error is None and entries[9].image_path == entries[0].image_path  # a 0° rotation
 
     from pathapp.slide import open_slide
 

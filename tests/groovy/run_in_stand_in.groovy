@@ -5,8 +5,11 @@
 //
 // Usage: groovy run_in_stand_in.groovy SCRIPT CONFIG.json
 // CONFIG: settings {NAME: value} replacing the script's `def NAME = ...` lines; image (path);
-// project_dir (or null); entry_id; hierarchy (GeoJSON features, properties.selected marks selection);
-// state_out (where to write the final hierarchy and the calls made).
+// server_path (optional: what the image server's getPath() answers; QuPath's transforming servers
+// name themselves there); project_dir (or null); entry_id; hierarchy (GeoJSON features,
+// properties.selected marks selection); state_out (where to write the final hierarchy and the calls).
+// Only QuPath's own calls are provided: a script calling QP.removeObjects(objects, true), deprecated
+// in 0.6, fails here (the hierarchy's removeObjects is provided instead).
 import groovy.json.JsonOutput
 import groovy.json.JsonSlurper
 
@@ -18,7 +21,7 @@ config.settings.each { name, value ->
     assert line.matcher(text).find(): "setting " + name + " not found in " + scriptPath
     text = line.matcher(text).replaceFirst(java.util.regex.Matcher.quoteReplacement("def " + name + " = " + toGroovy(value)))
 }
-text = text.readLines().findAll { !it.startsWith("import qupath.") }.join("\n")
+text = text.readLines().findAll { !(it ==~ /^import (static )?qupath\..*/) }.join("\n")
 
 static String toGroovy(value) {
     if (value == null) return "null"
@@ -45,7 +48,7 @@ class PathIO {
         }
     }
 }
-class ColorMaps { static Map getColorMaps() { [Viridis: "Viridis colour map"] } }
+class ColorMaps { static Map getColorMaps() { [Viridis: "Viridis colour map", Magma: "Magma colour map"] } }
 class MeasurementMapper {
     static List made = []
     def colorMap; String measurement; Collection objects; double min; double max
@@ -69,7 +72,7 @@ def imageUri = new File(config.image).toURI()
 def overlay = [mapper: null]
 def binding = new Binding([
     getCurrentImageData : { -> [imageData: true] },
-    getCurrentServer    : { -> [getURIs: { -> [imageUri] }] },
+    getCurrentServer    : { -> [getURIs: { -> [imageUri] }, getPath: { -> config.server_path ?: imageUri.toString() }] },
     getProject          : { -> projectDir == null ? null : [getPath: { -> new File(projectDir, "project.qpproj").toPath() }] },
     getProjectEntry     : { -> projectDir == null ? null : [getID: { -> config.entry_id.toString() }] },
     PROJECT_BASE_DIR    : "{%PROJECT}",
@@ -84,7 +87,9 @@ def binding = new Binding([
             properties: [objectType: o.objectType] + (o.className ? [classification: [name: o.className, color: [1, 2, 3]]] : [:])] }
         new File(path).text = JsonOutput.toJson([type: "FeatureCollection", features: feats])
     },
-    removeObjects       : { objs, boolean keepChildren -> calls << "removeObjects " + objs.size(); hierarchy.removeAll(objs) },
+    getCurrentHierarchy : { -> [removeObjects: { objs, boolean keepChildren ->
+                                   assert keepChildren
+                                   calls << "removeObjects " + objs.size(); hierarchy.removeAll(objs) }] },
     addObjects          : { objs -> calls << "addObjects " + objs.size(); hierarchy.addAll(objs) },
     resolveHierarchy    : { -> calls << "resolveHierarchy" },
     fireHierarchyUpdate : { -> calls << "fireHierarchyUpdate" },

@@ -16,8 +16,9 @@ def cytomine() -> None:
     """Run as a Cytomine app (inside the container, started by Cytomine).
 
     \b
-    job   legacy Cytomine (descriptor.json): talks to the server's REST API, uploads annotations
-    task  Cytomine App Engine (descriptor.yml): reads /inputs, writes /outputs, no network
+    job     legacy Cytomine (descriptor.json): talks to the server's REST API, uploads annotations
+    task    Cytomine App Engine (descriptor.yml): reads /inputs, writes /outputs, no network
+    bundle  pack descriptor.yml and the saved image into the zip the App Engine installs
     """
 
 
@@ -107,7 +108,9 @@ def task(inputs_dir: Path, outputs_dir: Path, models_dir: Path | None, device: s
     """Cytomine App Engine task: /inputs in, /outputs out (see descriptor.yml).
 
     \b
-    Inputs (files): image, model (bundle name), optional mpp, tile_size, min_prob.
+    The image runs this when started with no arguments, as the App Engine starts it.
+    Inputs (files): image, optional model (bundle name; default: the bundle baked into the image),
+    mpp, tile_size, min_prob.
     Outputs: class_names and class_regions (arrays; regions are GeoJSON geometries in Cytomine's
     bottom-left coordinates), annotations and tiles (QuPath GeoJSON files), run (run.json).
     """
@@ -116,3 +119,25 @@ def task(inputs_dir: Path, outputs_dir: Path, models_dir: Path | None, device: s
 
     summary = run_task(inputs_dir, outputs_dir, resolve_models_dir(models_dir), device=device)
     click.echo(summary)
+
+
+@cytomine.command("bundle")
+@click.argument("image_tar", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--descriptor", "descriptor_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=Path("descriptor.yml"), show_default=True, help="The task descriptor.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
+              show_default=True, help="Folder for <namespace>-<version>.zip.")
+def bundle(image_tar: Path, descriptor_path: Path, out_dir: Path) -> None:
+    """Make the App Engine task bundle from a `docker save` of the image.
+
+    \b
+    With descriptor.yml's namespace org.pathapp.dinov2.tiles and version 0.1.0:
+      docker build --provenance=false --sbom=false --build-arg MODEL_BUNDLE=tumor.pathapp \\
+          -t org/pathapp/dinov2/tiles:0.1.0 .
+      docker save org/pathapp/dinov2/tiles:0.1.0 -o org.pathapp.dinov2.tiles-0.1.0.tar
+      pathapp cytomine bundle org.pathapp.dinov2.tiles-0.1.0.tar
+    then upload org.pathapp.dinov2.tiles-0.1.0.zip in Cytomine (App Engine: install task).
+    """
+    from pathapp.cytomine.bundle import write_task_bundle
+
+    click.echo(f"wrote {write_task_bundle(descriptor_path, image_tar, out_dir)}")

@@ -15,6 +15,8 @@ from pathapp.results.result import SlideResult
 
 MODELS_ENV = "PATHAPP_MODELS"
 DEFAULT_MODELS_DIR = "/models"
+# The bundle baked into the image (Dockerfile build argument MODEL_BUNDLE): the task's default model.
+DEFAULT_MODEL_ENV = "PATHAPP_DEFAULT_MODEL"
 BUNDLE_SUFFIX = ".pathapp"
 
 
@@ -23,12 +25,16 @@ def models_dir(explicit: str | Path | None = None) -> Path:
     return Path(explicit or os.environ.get(MODELS_ENV) or DEFAULT_MODELS_DIR)
 
 
-def resolve_model(name: str, folder: Path) -> Path:
-    """A bundle path from a name ("tumor" -> folder/tumor.pathapp), a file name in `folder`, or a path."""
-    name = name.strip()
+def resolve_model(name: str | None, folder: Path) -> Path:
+    """A bundle path from a name ("tumor" -> folder/tumor.pathapp), a file name in `folder`, or a
+    path; no name means the image's baked-in bundle ($PATHAPP_DEFAULT_MODEL)."""
+    name = (name or os.environ.get(DEFAULT_MODEL_ENV) or "").strip()
+    if not name:
+        raise PathappError(f"no model given and no default bundle (${DEFAULT_MODEL_ENV}); give the model input, "
+                           "or build the image with --build-arg MODEL_BUNDLE=<bundle in models/>")
     candidates = [Path(name), folder / name, folder / f"{name}{BUNDLE_SUFFIX}"]
     for c in candidates:
-        if name and c.is_file():
+        if c.is_file():
             return c
     found = sorted(p.name for p in folder.glob(f"*{BUNDLE_SUFFIX}")) if folder.is_dir() else []
     have = ", ".join(found) if found else "none"
@@ -51,13 +57,13 @@ def keep_confident(result: SlideResult, min_prob: float) -> SlideResult:
     return dataclasses.replace(result, **subset)
 
 
-def load_runtime(model: str, folder: Path, device: str = "auto") -> Any:
+def load_runtime(model: str | None, folder: Path, device: str = "auto") -> Any:
     """The named bundle, built once on `device` (an `infer.Runtime`) for every image of a run."""
     from pathapp.infer import prepare_model
-    from pathapp.models.bundle import load_bundle
+    from pathapp.models.loader import load_model
 
     path = resolve_model(model, folder)
-    return prepare_model(load_bundle(path), device, name=path.stem)
+    return prepare_model(load_model(path), device, name=path.stem)
 
 
 def analyse_slide(slide: Any, runtime: Any, out_dir: Path, *, mpp: float | None = None,

@@ -11,8 +11,12 @@ module signs requests exactly as that client does (`cytomine/cytomine.py`, `Cyto
 
 JSON shapes (from Cytomine-core's RestController/ModelService): a list is
 `{"collection": [...], "size", "offset", "perPage", "totalPages"}`; a created or updated object is
-wrapped as `{"<domain>": {...}, "message": ...}`; a POSTed JSON array answers
-`{"message": "annotations 1,2,3 added"}` (200), or 206/400 with `errors`.
+wrapped as `{"<domain>": {...}, "message": ...}`. A POSTed JSON array goes through
+`ModelService.addMultiple`, which adds item by item and answers with the ids it created:
+`"algoannotations 1,2,3 added"` (all), `"Only part of the entries (algoannotations 1,2) added."`
+(206, with `errors`) or `"No entry saved"` (400). The Grails cores (<= 3.x) send that status as
+the HTTP status; the Spring cores (Cytomine CE 2023+, `RestCytomineController.responseSuccess`)
+answer HTTP 200 with `{"data": {"message", ...}, "status": 200|206|400}`. `BulkOutcome` reads both.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import hmac
 import re
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +43,43 @@ JSON = dict[str, Any]
 
 
 class CytomineError(PathappError):
-    """The Cytomine server refused a request or could not be reached."""
+    """The Cytomine server refused a request (`status`: its HTTP status) or could not be reached."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class BulkOutcome:
+    """What the server made of a POSTed JSON array: the ids it created, in the order of the items
+    it accepted, and its messages for the items it refused (the ids do not say which those were)."""
+
+    ids: list[int]
+    status: int
+    message: str
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return self.status == 200
+
+
+def bulk_outcome(r: requests.Response, what: str) -> BulkOutcome:
+    """Read an `addMultiple` answer from a Grails core (HTTP status) or a Spring core (the status
+    inside an HTTP 200 body); anything else raises CytomineError."""
+    body = r.json()
+    data, status = body, r.status_code
+    if isinstance(body, Mapping) and isinstance(body.get("data"), Mapping) and "status" in body:
+        data, status = body["data"], int(body["status"])
+    message = str(data.get("message", "")) if isinstance(data, Mapping) else ""
+    if status not in (200, 206, 400):
+        raise CytomineError(f"Cytomine POST {what}: HTTP {status}: {message or str(body)[:200]}", status)
+    m = re.search(r"\b[a-z]+s ((?:\d+,)*\d+)", message)
+    ids = [int(i) for i in m.group(1).split(",")] if m else []
+    raw_errors = (data.get("errors") or data.get("error") or []) if isinstance(data, Mapping) else []
+    errors = [str(e.get("message", e)) if isinstance(e, Mapping) else str(e) for e in raw_errors]
+    return BulkOutcome(ids, status, message, errors)
 
 
 def cytomine_date() -> str:
@@ -94,17 +135,18 @@ class CytomineClient:
     # -- transport ----------------------------------------------------------------------------
     def request(self, method: str, path: str, *, params: Mapping[str, Any] | None = None,
                 json: Any = None, files: Any = None, stream: bool = False,
-                ok: Iterable[int] = (200,)) -> requests.Response:
+                ok: Iterable[int] = (200,), allow_redirects: bool = True) -> requests.Response:
         """One signed request to `/api/<path>`; a status outside `ok` raises CytomineError."""
         headers = {"accept": "application/json, */*", "X-Requested-With": "XMLHttpRequest"}
         url = self.base_url + path.lstrip("/")
         try:
             r = self.session.request(method, url, params=params, json=json, files=files, headers=headers,
-                                     auth=self.auth, timeout=self.timeout, stream=stream)
+                                     auth=self.auth, timeout=self.timeout, stream=stream,
+                                     allow_redirects=allow_redirects)
         except requests.RequestException as e:
             raise CytomineError(f"Cytomine {method} {url}: cannot reach the server ({e}); check --cytomine_host") from e
         if r.status_code not in set(ok):
-            raise CytomineError(f"Cytomine {method} /api/{path}: HTTP {r.status_code}: {_error_text(r)}")
+            raise CytomineError(f"Cytomine {method} /api/{path}: HTTP {r.status_code}: {_error_text(r)}", r.status_code)
         return r
 
     def get(self, path: str, **params: Any) -> JSON:
@@ -153,27 +195,33 @@ class CytomineClient:
             params["term"] = term_id
         return self.collection("annotation.json", **params)
 
-    def add_annotation(self, location: str, image_id: int, term_ids: list[int]) -> JSON:
-        return self.post("annotation.json", {"location": location, "image": image_id, "term": term_ids})["annotation"]
+    def annotation(self, annotation_id: int) -> JSON:
+        return self.get(f"annotation/{annotation_id}.json")
 
-    def add_annotations(self, items: list[JSON]) -> list[int]:
-        """POST a JSON array of annotations at once; returns their ids in order, read from the
-        server's `"annotations 1,2,3 added"` message (Cytomine-core ModelService.addMultiple)."""
-        r = self.request("POST", "annotation.json", json=items)
-        message = str(r.json().get("message", ""))
-        m = re.search(r"([\d,]+) added", message)
-        ids = [int(i) for i in m.group(1).split(",") if i] if m else []
-        if len(ids) != len(items):
-            raise CytomineError(f"Cytomine POST /api/annotation.json: expected {len(items)} ids, got {message!r}")
-        return ids
+    def add_annotations(self, items: list[JSON]) -> BulkOutcome:
+        """POST a JSON array of annotations at once (`annotation.json`, every core)."""
+        r = self.request("POST", "annotation.json", json=items, ok=(200, 206, 400))
+        return bulk_outcome(r, "/api/annotation.json")
 
-    def add_property(self, domain_class: str, domain_id: int, key: str, value: Any) -> JSON:
-        """A key/value property on an annotation (`annotation/{id}/property.json`) or any other
-        domain (`domain/{class}/{id}/property.json`)."""
-        body = {"domainClassName": domain_class, "domainIdent": domain_id, "key": key, "value": str(value)}
-        if "annotation" in domain_class.lower():
-            return self.post(f"annotation/{domain_id}/property.json", body)["property"]
-        return self.post(f"domain/{domain_class}/{domain_id}/property.json", body)["property"]
+    def add_properties(self, domain_class: str, items: list[tuple[int, str, str]]) -> BulkOutcome:
+        """(domain id, key, value) properties, many domain objects in one POSTed array.
+
+        The route is `domain/{class}/{id}/property.json`, the official client's: every core accepts
+        it, while the Spring cores map `annotation/{id}/property.json` for GET only. A JSON array
+        goes to `addMultiple` on both (Grails `RestPropertyController.addPropertyDomain`, Spring
+        `RestPropertyController.addProperty`); each item names its own domain object, which both
+        keep, so the URL's id is only the route's."""
+        body = [{"domainClassName": domain_class, "domainIdent": i, "key": k, "value": v} for i, k, v in items]
+        path = f"domain/{domain_class}/{items[0][0]}/property.json"
+        return bulk_outcome(self.request("POST", path, json=body, ok=(200, 206, 400)), f"/api/{path}")
+
+    def download_status(self, image_id: int) -> int:
+        """The status the server gives this user for an image's download, read from the answer's
+        headers only (nothing is downloaded): a 403 means the right is missing."""
+        r = self.request("GET", f"imageinstance/{image_id}/download", params={"parent": "false"}, stream=True,
+                         ok=range(200, 600), allow_redirects=False)
+        r.close()
+        return r.status_code
 
     def attach_file(self, path: Path, domain_class: str, domain_id: int, name: str | None = None) -> JSON:
         """Upload a file as an AttachedFile of a domain object (here: the job)."""

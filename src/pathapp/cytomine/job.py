@@ -2,9 +2,14 @@
 the container with the user job's keys; we report status to the server, analyse each selected
 image, and upload class regions and/or tiles as annotations with their measurements as properties.
 
+Only the Grails cores (<= 3.x) have the software router and its job endpoints; the Spring cores
+(Cytomine CE 2023+) run apps through the App Engine (`task.py`, descriptor.yml) instead.
+
 Job status codes are Cytomine's `Job` model: RUNNING = 2, TERMINATED (success) = 3, FAILED = 4;
-`statusComment` holds at most 255 characters. A failing image is recorded and the job goes on with
-the next one; the job ends FAILED, naming the images that failed, if any did.
+`statusComment` holds at most 255 characters. The rights the job needs are checked before any
+image is analysed (downloading the images, creating missing ontology terms), each failing check
+stopping the job with one line. A failing image is recorded and the job goes on with the next one;
+the job ends FAILED, naming the images that failed, if any did.
 """
 
 from __future__ import annotations
@@ -17,8 +22,8 @@ from typing import Any
 import shapely
 
 from pathapp.cytomine.analyse import analyse_slide, load_runtime
-from pathapp.cytomine.client import CytomineClient, CytomineError
-from pathapp.cytomine.wkt import from_cytomine_wkt, to_cytomine_wkt
+from pathapp.cytomine.client import BulkOutcome, CytomineClient, CytomineError
+from pathapp.cytomine.wkt import NO_SCALE, Scale, from_cytomine_wkt, scale_to_cytomine, to_cytomine_wkt
 from pathapp.errors import PathappError
 
 log = logging.getLogger(__name__)
@@ -26,9 +31,8 @@ log = logging.getLogger(__name__)
 RUNNING, TERMINATED, FAILED = 2, 3, 4
 COMMENT_MAX = 255
 UPLOAD_CHOICES = ("regions", "tiles", "both")
-TILE_CHUNK = 100  # annotations per POST of a JSON array, as the Python client chunks them
-# What the server makes of an annotation a job posts (its user is a UserJob).
-ALGO_ANNOTATION = "be.cytomine.ontology.AlgoAnnotation"
+ANNOTATION_CHUNK = 100  # annotations per POSTed JSON array
+PROPERTY_CHUNK = 1000  # properties per POSTed JSON array (about ten per tile)
 
 
 @dataclass
@@ -60,6 +64,14 @@ class JobOutcome:
 
     annotations: dict[int, int] = field(default_factory=dict)
     failed: dict[int, str] = field(default_factory=dict)
+
+
+@dataclass
+class Upload:
+    """Annotations created for one image, and what the server refused (annotations or properties)."""
+
+    created: int = 0
+    refused: list[str] = field(default_factory=list)
 
 
 def parse_id_list(text: str) -> list[int]:
@@ -123,16 +135,24 @@ def connect_job(client: CytomineClient) -> JobStatus:
     if not user.get("algo") or not user.get("job"):
         raise PathappError(
             f"{client.base_url}: the keys given belong to user {user.get('username', '?')!r}, not to a job; "
-            "launch this app from the Cytomine project's Analysis page so the server creates the job"
+            "launch this app from the project's Analysis page of a Cytomine with the software router (core <= 3.x); "
+            "on Cytomine CE 2023+ install descriptor.yml as an App Engine task instead"
         )
-    return JobStatus(client, client.job(int(user["job"])))
+    try:
+        job = client.job(int(user["job"]))
+    except CytomineError as e:
+        if e.status != 404:
+            raise
+        raise PathappError(f"{client.base_url}: this Cytomine has no job {user['job']} (no software router: "
+                           "Cytomine CE 2023+); install descriptor.yml as an App Engine task instead") from None
+    return JobStatus(client, job)
 
 
 def run_job(params: JobParams, client: CytomineClient | None = None) -> JobOutcome:
     """Run the whole job; the server's job ends TERMINATED or FAILED whatever happens here."""
     client = client or CytomineClient(params.host, params.public_key, params.private_key)
     status = connect_job(client)
-    status.update(RUNNING, 0, "Loading the model")
+    status.update(RUNNING, 0, "Checking rights and loading the model")
     try:
         outcome = _run(params, client, status)
     except BaseException as e:  # noqa: BLE001 - the server must learn the job died, whatever killed it
@@ -155,9 +175,11 @@ def _run(params: JobParams, client: CytomineClient, status: JobStatus) -> JobOut
         raise PathappError(f"--upload {params.upload!r}: choose one of {', '.join(UPLOAD_CHOICES)}")
     if not params.image_ids:
         raise PathappError("--cytomine_id_images is empty: select at least one image")
-    runtime = load_runtime(params.model, params.models_dir, params.device)
     project = client.project(params.project_id)
+    check_download_right(client, project, params.image_ids)
+    runtime = load_runtime(params.model, params.models_dir, params.device)
     terms = TermResolver(client, project.get("ontology"), params.term_mapping)
+    terms.prepare(runtime.bundle.class_names, runtime.bundle.class_colors)
     outcome = JobOutcome()
     n = len(params.image_ids)
     for k, image_id in enumerate(params.image_ids):
@@ -170,6 +192,24 @@ def _run(params: JobParams, client: CytomineClient, status: JobStatus) -> JobOut
     return outcome
 
 
+def check_download_right(client: CytomineClient, project: dict[str, Any], image_ids: list[int]) -> None:
+    """Stop before any work when the job may not download the images.
+
+    `imageinstance/{id}/download` answers 403 unless the project allows downloads (its
+    `areImagesDownloadable`, off by default) or the user manages the project (Cytomine-core
+    `RestImageInstanceController.download`: `checkIsAdminContainer`), so a contributor's job would
+    fail on every image. The check asks the server itself, reading only the answer's headers."""
+    for image_id in image_ids:
+        if client.download_status(image_id) == 403:
+            setting = "off" if not project.get("areImagesDownloadable") else "on"
+            raise PathappError(
+                f"project {project.get('id')} ({project.get('name', '?')}): the job may not download image "
+                f"{image_id} (HTTP 403; 'Allow images download' is {setting} and the job's user does not "
+                "manage the project); turn that setting on in the project's configuration, or have a "
+                "project manager run the job"
+            )
+
+
 def _one_image(params: JobParams, client: CytomineClient, status: JobStatus, runtime: Any,
                terms: TermResolver, image_id: int) -> int:
     """Download, analyse and upload one image; returns the number of annotations created."""
@@ -180,59 +220,88 @@ def _one_image(params: JobParams, client: CytomineClient, status: JobStatus, run
     folder = params.work_dir / str(image_id)
     name = Path(str(info.get("originalFilename") or info.get("instanceFilename") or image_id)).name
     path = client.download_image(image_id, folder / name)
-    server_mpp = info.get("physicalSizeX") or info.get("resolution")
     slide = open_slide(path)
-    if slide.file_mpp is None and server_mpp:
-        slide.calibrate(float(server_mpp))
     try:
-        rois = _rois(client, image_id, params.roi_term, height) if params.roi_term else None
+        scale = scale_to_cytomine(slide.size, (int(info["width"]), height), f"image {image_id} ({name})")
+        server_mpp = info.get("physicalSizeX") or info.get("resolution")
+        if slide.file_mpp is None and server_mpp:  # Cytomine's µm/px is per Cytomine px
+            slide.calibrate(float(server_mpp) * scale[0])
+        rois = _rois(client, image_id, params.roi_term, height, scale) if params.roi_term else None
         result, _ = analyse_slide(slide, runtime, folder / "out", mpp=params.mpp, tile_size=params.tile_size,
                                   rois=rois, batch_size=params.batch_size, min_prob=params.min_prob)
     finally:
         slide.close()
     out = folder / "out"
-    created = _upload(client, terms, image_id, height, out, params.upload)
+    upload = _upload(client, terms, image_id, height, scale, out, params.upload)
     job_class = status.job.get("class", "be.cytomine.processing.Job")
     for f in (out / "run.json", out / "overlay.png"):
         if f.is_file():
             client.attach_file(f, job_class, status.job["id"], name=f"{image_id}-{f.name}")
-    log.info("image %s: %d tiles, %d annotations uploaded", image_id, len(result), created)
-    return created
+    log.info("image %s: %d tiles, %d annotations uploaded", image_id, len(result), upload.created)
+    if upload.refused:
+        raise CytomineError(f"the server refused part of the upload ({upload.created} annotation(s) created): "
+                            + "; ".join(upload.refused))
+    return upload.created
 
 
-def _upload(client: CytomineClient, terms: TermResolver, image_id: int, height: int, out: Path, upload: str) -> int:
-    """Post the written regions and/or tiles as annotations with their measurements as properties."""
+def _upload(client: CytomineClient, terms: TermResolver, image_id: int, height: int, scale: Scale, out: Path,
+            upload: str) -> Upload:
+    """Post the written regions and/or tiles as annotations (JSON arrays), then their measurements
+    as properties (JSON arrays)."""
     from pathapp.qupath.geojson import read_objects
 
-    created = 0
+    objects = []
     if upload in ("regions", "both"):
-        for obj in read_objects(out / "annotations.geojson"):
-            wkt = to_cytomine_wkt(obj.geometry, height)
-            ann = client.add_annotation(wkt, image_id, terms.ids(obj.class_name, obj.color))
-            _add_properties(client, ann.get("class", ALGO_ANNOTATION), ann["id"], obj.measurements)
-            created += 1
+        objects += read_objects(out / "annotations.geojson")
     if upload in ("tiles", "both"):
-        tiles = read_objects(out / "tiles.geojson")
-        for start in range(0, len(tiles), TILE_CHUNK):
-            chunk = tiles[start : start + TILE_CHUNK]
-            ids = client.add_annotations([{"location": to_cytomine_wkt(t.geometry, height), "image": image_id,
-                                           "term": terms.ids(t.class_name, t.color)} for t in chunk])
-            for ann_id, t in zip(ids, chunk):
-                _add_properties(client, ALGO_ANNOTATION, ann_id, t.measurements)
-            created += len(ids)
-    return created
+        objects += read_objects(out / "tiles.geojson")
+    done = Upload()
+    properties: list[tuple[int, str, str]] = []
+    domain_class = None
+    for start in range(0, len(objects), ANNOTATION_CHUNK):
+        chunk = objects[start : start + ANNOTATION_CHUNK]
+        items = [{"location": to_cytomine_wkt(o.geometry, height, scale=scale), "image": image_id,
+                  "term": terms.ids(o.class_name)} for o in chunk]
+        outcome = client.add_annotations(items)
+        pairs = list(zip(outcome.ids, range(len(items)))) if outcome.complete else \
+            match_created(client, outcome.ids, items)
+        _note_refusals(done, outcome, "annotations", len(items))
+        if pairs and domain_class is None:  # AlgoAnnotation for a job's user: ask, not assume
+            domain_class = str(client.annotation(pairs[0][0])["class"])
+        properties += [(ann_id, key, f"{value:.6g}") for ann_id, k in pairs
+                       for key, value in chunk[k].measurements.items()]
+        done.created += len(pairs)
+    for start in range(0, len(properties), PROPERTY_CHUNK):
+        part = properties[start : start + PROPERTY_CHUNK]
+        _note_refusals(done, client.add_properties(str(domain_class), part), "properties", len(part))
+    return done
 
 
-def _add_properties(client: CytomineClient, domain_class: str, ann_id: int,
-                    measurements: dict[str, float]) -> None:
-    for key, value in measurements.items():
-        client.add_property(domain_class, ann_id, key, f"{value:.6g}")
+def _note_refusals(done: Upload, outcome: BulkOutcome, what: str, sent: int) -> None:
+    if not outcome.complete:
+        why = outcome.errors[0] if outcome.errors else outcome.message
+        done.refused.append(f"{sent - len(outcome.ids)} of {sent} {what} refused ({why})")
 
 
-def _rois(client: CytomineClient, image_id: int, term_id: int, height: int) -> Any:
-    """The union of the image's annotations of the ROI term, in top-left level-0 px."""
+def match_created(client: CytomineClient, ids: list[int], items: list[dict[str, Any]]) -> list[tuple[int, int]]:
+    """(annotation id, item index) after a partial (206) answer: the server lists the ids it
+    created, but not which items those were (its `errors` need not name every refused item), so
+    each created annotation is read back and matched to the item nearest its location."""
+    if not ids:
+        return []
+    sent = shapely.from_wkt([it["location"] for it in items])
+    tree = shapely.STRtree(sent)
+    pairs = []
+    for ann_id in ids:
+        got = shapely.from_wkt(client.annotation(ann_id)["location"])
+        pairs.append((ann_id, int(tree.nearest(got.representative_point()))))
+    return pairs
+
+
+def _rois(client: CytomineClient, image_id: int, term_id: int, height: int, scale: Scale = NO_SCALE) -> Any:
+    """The union of the image's annotations of the ROI term, in the file's top-left level-0 px."""
     anns = client.annotations(image_id, term_id)
-    geoms = [from_cytomine_wkt(a["location"], height) for a in anns if a.get("location")]
+    geoms = [from_cytomine_wkt(a["location"], height, scale) for a in anns if a.get("location")]
     if not geoms:
         raise PathappError(f"image {image_id} has no annotation with the ROI term {term_id}; "
                            "draw one or leave the ROI term empty")
@@ -241,26 +310,44 @@ def _rois(client: CytomineClient, image_id: int, term_id: int, height: int) -> A
 
 class TermResolver:
     """Class name -> ontology term id: the user's mapping first, then a term of the same name in
-    the project's ontology, else a new term created with the class colour."""
+    the project's ontology, else a new term created with the class colour. `prepare` settles every
+    class before any image is analysed, so a missing right stops the job before the work."""
 
     def __init__(self, client: CytomineClient, ontology_id: int | None, mapping: dict[str, int]) -> None:
         self.client, self.ontology_id = client, ontology_id
         self.by_name: dict[str, int] = dict(mapping)
         self.existing = {t["name"]: int(t["id"]) for t in client.ontology_terms(ontology_id)} if ontology_id else {}
 
-    def ids(self, class_name: str | None, color: tuple[int, int, int] | None = None) -> list[int]:
+    def prepare(self, names: list[str], colors: list[tuple[int, int, int]]) -> None:
+        """Find or create the term of every class the model can output.
+
+        Creating a term needs write rights on the ontology (Cytomine-core `TermService.add`:
+        `securityACLService.check(json.ontology, Ontology, WRITE)`), which a contributor's job lacks."""
+        unknown = sorted(n for n, t in self.by_name.items() if self.existing and t not in self.existing.values())
+        if unknown:
+            raise PathappError(f"--term_mapping: the term ids of {', '.join(unknown)} are not in the project's "
+                               f"ontology {self.ontology_id}; use ids from that ontology")
+        missing = [(n, c) for n, c in zip(names, colors) if n not in self.by_name and n not in self.existing]
+        if missing and not self.ontology_id:
+            raise PathappError(f"project has no ontology to hold the classes {', '.join(n for n, _ in missing)}: "
+                               "attach an ontology to the project or pass --term_mapping")
+        for name, (r, g, b) in missing:
+            try:
+                term = self.client.create_term(name, f"#{r:02x}{g:02x}{b:02x}", int(self.ontology_id))  # type: ignore[arg-type]
+            except CytomineError as e:
+                if e.status != 403:
+                    raise
+                raise PathappError(
+                    f"ontology {self.ontology_id}: the job may not add the term(s) "
+                    f"{', '.join(repr(n) for n, _ in missing)} (HTTP 403: creating terms needs write rights on the "
+                    "ontology); ask its owner to add them, or map the classes to existing terms with --term_mapping"
+                ) from None
+            self.by_name[name] = int(term["id"])
+        self.by_name.update({n: t for n, t in self.existing.items() if n in names and n not in self.by_name})
+
+    def ids(self, class_name: str | None) -> list[int]:
         if not class_name:
             return []
         if class_name not in self.by_name:
-            if class_name in self.existing:
-                self.by_name[class_name] = self.existing[class_name]
-            elif self.ontology_id:
-                from pathapp.qupath.geojson import class_color
-
-                r, g, b = color or class_color(class_name)
-                term = self.client.create_term(class_name, f"#{r:02x}{g:02x}{b:02x}", self.ontology_id)
-                self.by_name[class_name] = int(term["id"])
-            else:
-                raise CytomineError(f"project has no ontology to hold the class {class_name!r}: attach an "
-                                    "ontology to the project or pass --term_mapping")
+            raise PathappError(f"class {class_name!r} is not among the model's classes the job prepared terms for")
         return [self.by_name[class_name]]

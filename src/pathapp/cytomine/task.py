@@ -29,13 +29,10 @@ T = TypeVar("T")
 OUTPUT_FILES = {"annotations": "annotations.geojson", "tiles": "tiles.geojson", "run": "run.json"}
 
 
-def read_input(inputs: Path, name: str, cast: Callable[[str], T], default: T | None = None,
-               required: bool = False) -> T | None:
+def read_input(inputs: Path, name: str, cast: Callable[[str], T], default: T | None = None) -> T | None:
     """An input value from its file, cast to its type; a missing optional input gives `default`."""
     path = inputs / name
     if not path.is_file():
-        if required:
-            raise PathappError(f"{path}: required task input missing; the App Engine writes one file per input")
         return default
     text = path.read_text(encoding="utf-8").strip()
     try:
@@ -78,11 +75,11 @@ def run_task(inputs: Path, outputs: Path, models_dir: Path, device: str = "auto"
     image = inputs / "image"
     if not image.exists():
         raise PathappError(f"{image}: the task's image input is missing")
-    model = read_input(inputs, "model", str, required=True)
+    model = read_input(inputs, "model", str)
     mpp = read_input(inputs, "mpp", float)
     tile_size = read_input(inputs, "tile_size", int)
     min_prob = read_input(inputs, "min_prob", float, default=0.0)
-    runtime = load_runtime(str(model), models_dir, device)
+    runtime = load_runtime(model, models_dir, device)
     outputs.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".pathapp-", dir=outputs) as tmp:
         slide = open_slide(image)

@@ -238,6 +238,6 @@ def _run_job(job: Job, lease: Lease, build: _ModelBuild, o: InferOptions, rois: 
     if o.write_project and job.project is not None:
         from pathapp.qupath.paquo_bridge import write_geojson_to_project
 
-        message = write_geojson_to_project(job.project, job.entry_id, files)
+        message = write_geojson_to_project(job.project, job.entry_id, files, image_path=job.source)
         if message:
             echo(message)

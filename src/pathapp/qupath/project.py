@@ -17,6 +17,13 @@ PROJECT_FILE = "project.qpproj"
 DICOM_SUFFIXES = (".dcm", ".dicom")
 # Top-level folders of a project that hold QuPath's (and pathapp's) own files, never images.
 _SKIP_DIRS = {"data", "classifiers", "scripts", "pathapp", ".git"}
+# Wrapping server builders that move pixels (QuPath's ImageServers registers them under these
+# builderType names in 0.4.4-0.6.0: RotatedImageServer, AffineTransformImageServer,
+# CroppedImageServer). QuPath shows and annotates the image in the moved space; pathapp reads the
+# file as stored, so its results would land in the wrong place. The other wrappers (channels,
+# color, pyramidize, swapRedBlue, color_deconvolved, normalized, typeConvert, sliced, z_projected)
+# keep x and y.
+MOVING_BUILDERS = {"rotated": "rotated", "affine": "affine-transformed", "cropped": "cropped"}
 
 
 class ProjectError(PathappError):
@@ -119,11 +126,17 @@ def _entry(raw: dict, index: int, qpproj: Path, old_uri: str | None, finder: _Fi
         args=[str(a) for a in base.get("args", [])],
     )
     where = f"{qpproj}: entry {entry_id} ({name})"
+    moved = moving_transforms(chain)
+    if moved:
+        entry.error = (f"{where}: QuPath shows this image {' and '.join(moved)}, but pathapp reads the file as "
+                       "stored, so results would land in the wrong place; add the image to a project again "
+                       "without rotation or crop to analyse it")
+        return entry
     if not entry.uri:
         kinds = " > ".join(str(b.get("builderType")) for b in chain) or "none"
         entry.error = f"{where}: its image server ({kinds}) has no single image file; pathapp cannot open it"
         return entry
-    stored = _uri_to_path(entry.uri)
+    stored = uri_to_path(entry.uri)
     if stored is None:
         entry.error = f"{where}: image {entry.uri} is not a local file; copy it locally and relink it in QuPath"
         return entry
@@ -142,6 +155,18 @@ def _entry(raw: dict, index: int, qpproj: Path, old_uri: str | None, finder: _Fi
     is_dicom = found.suffix.lower() in DICOM_SUFFIXES or "dicom" in (entry.provider or "").lower()
     entry.image_path = found.parent if is_dicom else found
     return entry
+
+
+def moving_transforms(chain: list[dict]) -> list[str]:
+    """How the builders of `chain` move the image, e.g. ["rotated (ROTATE_90)"]; [] when none does."""
+    out = []
+    for b in chain:
+        kind = b.get("builderType")
+        if kind == "rotated" and b.get("rotation", "ROTATE_NONE") == "ROTATE_NONE":
+            continue
+        if kind in MOVING_BUILDERS:
+            out.append(MOVING_BUILDERS[kind] + (f" ({b['rotation']})" if kind == "rotated" else ""))
+    return out
 
 
 def _builder_chain(builder: dict) -> list[dict]:
@@ -163,7 +188,7 @@ def _mpp(meta: dict) -> float | None:
     return float(value)
 
 
-def _uri_to_path(uri: str) -> PurePath | None:
+def uri_to_path(uri: str) -> PurePath | None:
     """A file: URI as a path, Windows ones (file:/C:/...) as PureWindowsPath; None if not a file."""
     parsed = urlparse(uri)
     if parsed.scheme not in ("file", ""):
@@ -178,7 +203,7 @@ def _uri_to_path(uri: str) -> PurePath | None:
 
 def _rebase(image: PurePath, old_project_uri: str | None, new_dir: Path) -> Path | None:
     """The image's path relative to the project's old folder, applied to its new folder (as QuPath)."""
-    old = _uri_to_path(old_project_uri) if old_project_uri else None
+    old = uri_to_path(old_project_uri) if old_project_uri else None
     if old is None or type(old) is not type(image):
         return None
     old_parts, img_parts = old.parent.parts, image.parts
