@@ -11,6 +11,10 @@
  *      (named "pathapp...") with them (a failed read leaves the earlier ones), resolves the hierarchy
  *      so your annotations count their tiles, and turns on a measurement map (heatmap) of one
  *      class's probability.
+ * With EXPLAIN set (e.g. "vitcx"), it runs `pathapp explain` instead: on the pathapp tiles you selected
+ * (or, none selected, the EXPLAIN_TOP tiles with the highest probability of HEATMAP_CLASS), and shows
+ * the saliency of every patch of those tiles as a measurement map ("saliency (0-1)"). Run it once
+ * without EXPLAIN to get the tiles, select some, then run it with EXPLAIN.
  * Images that QuPath shows rotated, cropped or affine-transformed are refused: pathapp reads the
  * file as stored, and its results would land in the wrong place there.
  * Results are kept in <project>/pathapp/<entry ID>/<image name>/ (or the system temp folder when no
@@ -50,6 +54,10 @@ def HEATMAP_CLASS = ""
 def HEATMAP_COLORMAP = "Viridis"
 // Anything else for `pathapp infer`, e.g. ["--device", "cuda", "--batch-size", "64"]
 def EXTRA_ARGS = []
+// Explain instead of classify: "vitcx" (ViT-CX), "rollout" or "attention"; "" = classify (pathapp infer)
+def EXPLAIN = ""
+// With EXPLAIN and no pathapp tiles selected: how many top tiles of HEATMAP_CLASS to explain
+def EXPLAIN_TOP = 8
 // -------------------------------------------------------------------------- end of settings
 
 def TAG = "pathapp"
@@ -116,27 +124,38 @@ else
 mkdirs(outRoot.getAbsolutePath())
 
 // ---- the regions to analyse
+def explaining = EXPLAIN != ""
+def isSaliency = { obj -> obj.getName() != null && obj.getName().startsWith(TAG + ": saliency") }
 def rois = []
-if (ROI_MODE == "selected" || ROI_MODE == "auto")
+if (explaining) {
+    rois = getSelectedObjects().findAll { isPathapp(it) && !it.isAnnotation() && !isSaliency(it) }
+    println "pathapp: explaining " + (rois.isEmpty() ? "the top " + EXPLAIN_TOP + " tiles" : rois.size() + " selected tile(s)")
+} else if (ROI_MODE == "selected" || ROI_MODE == "auto")
     rois = getSelectedObjects().findAll { it.isAnnotation() && !isPathapp(it) }
-if (rois.isEmpty() && (ROI_MODE == "all" || ROI_MODE == "auto"))
+if (!explaining && rois.isEmpty() && (ROI_MODE == "all" || ROI_MODE == "auto"))
     rois = getAnnotationObjects().findAll { !isPathapp(it) }
-if (rois.isEmpty() && ROI_MODE in ["selected", "all"])
+if (!explaining && rois.isEmpty() && ROI_MODE in ["selected", "all"])
     throw new RuntimeException("pathapp: no annotations to analyse (ROI_MODE = " + ROI_MODE + "); draw or select some, or set ROI_MODE = \"image\"")
 def roiFile = null
 if (!rois.isEmpty()) {
     roiFile = new File(outRoot, "rois.geojson")
     exportObjectsToGeoJson(rois, roiFile.getAbsolutePath(), "FEATURE_COLLECTION")
-    println "pathapp: analysing inside " + rois.size() + " annotation(s)"
-} else {
+    println "pathapp: analysing inside " + rois.size() + " object(s)"
+} else if (!explaining) {
     println "pathapp: no annotations: analysing the whole image (tissue only)"
 }
 
 // ---- the command
 def modelFile = new File(MODEL)
-def args = ["infer", hostOrContainer(imageFile),
+def args = [explaining ? "explain" : "infer", hostOrContainer(imageFile),
             "--model", (MODE == "container" && !modelFile.exists()) ? MODEL : hostOrContainer(modelFile),
-            "--out", hostOrContainer(outRoot), "--object-type", OBJECT_TYPE, "--overwrite"]
+            "--out", hostOrContainer(outRoot)]
+if (explaining) {
+    args += ["--method", EXPLAIN]
+    if (roiFile == null) args += ["--top", EXPLAIN_TOP.toString()] + (HEATMAP_CLASS ? ["--class", HEATMAP_CLASS] : [])
+} else {
+    args += ["--object-type", OBJECT_TYPE, "--overwrite"]
+}
 if (MPP != null) args += ["--mpp", MPP.toString()]
 if (TILE_SIZE != null) args += ["--tile-size", TILE_SIZE.toString()]
 if (roiFile != null) args += ["--roi", hostOrContainer(roiFile)]
@@ -187,19 +206,24 @@ def exitCode = process.waitFor()
 if (exitCode != 0)
     throw new RuntimeException("pathapp failed (exit code " + exitCode + "): " + lastLines.join(" / "))
 
-// ---- import: read the new results, then replace what an earlier run added; keep everything else
+// ---- import: read the new results, then replace what an earlier run added (an explanation: an earlier
+// explanation); keep everything else
 def resultDir = new File(outRoot, slideStem(imageFile))
-def files = ["annotations.geojson", "tiles.geojson"].collect { new File(resultDir, it) }.findAll { it.isFile() }
+def names = explaining ? ["saliency-" + EXPLAIN + ".geojson"] : ["annotations.geojson", "tiles.geojson"]
+def files = names.collect { new File(resultDir, it) }.findAll { it.isFile() }
 if (files.isEmpty())
-    throw new RuntimeException("pathapp: finished but found no tiles.geojson or annotations.geojson in " + resultDir)
+    throw new RuntimeException("pathapp: finished but found no " + names.join(" or ") + " in " + resultDir)
 def imported = []
 files.each { f ->
     def objects = PathIO.readObjects(f)
-    objects.each { it.setName(it.getPathClass() == null ? TAG : TAG + ": " + it.getPathClass().toString()) }
+    if (explaining)
+        objects.each { it.setName(TAG + ": saliency " + EXPLAIN) }
+    else
+        objects.each { it.setName(it.getPathClass() == null ? TAG : TAG + ": " + it.getPathClass().toString()) }
     imported.addAll(objects)
     println "pathapp: " + objects.size() + " objects from " + f
 }
-def previous = (getAnnotationObjects() + getDetectionObjects()).findAll { isPathapp(it) }
+def previous = (getAnnotationObjects() + getDetectionObjects()).findAll { explaining ? isSaliency(it) : isPathapp(it) }
 // PathObjectHierarchy.removeObjects(objects, keepChildren): QP's removeObjects(objects, true) is
 // deprecated in 0.6, and its replacement removeObjects(objects) does not exist before 0.6.
 getCurrentHierarchy().removeObjects(previous, true)
@@ -207,19 +231,23 @@ addObjects(imported)
 resolveHierarchy()
 fireHierarchyUpdate()
 
-// ---- heatmap: colour the tiles by one class's probability
-def tiles = getDetectionObjects().findAll { isPathapp(it) }
-def heatClass = HEATMAP_CLASS
-if (!heatClass) {
-    def first = tiles.find { it.getPathClass() != null }
-    heatClass = first == null ? "" : first.getPathClass().toString()
+// ---- heatmap: colour the tiles by one class's probability, or the patches by their saliency
+def tiles = getDetectionObjects().findAll { explaining ? isSaliency(it) : (isPathapp(it) && !isSaliency(it)) }
+def measurement = "saliency (0-1)"
+if (!explaining) {
+    def heatClass = HEATMAP_CLASS
+    if (!heatClass) {
+        def first = tiles.find { it.getPathClass() != null }
+        heatClass = first == null ? "" : first.getPathClass().toString()
+    }
+    measurement = heatClass ? "prob: " + heatClass : ""
 }
 def viewer = getCurrentViewer()
-if (viewer != null && heatClass && !tiles.isEmpty()) {
-    def mapper = new MeasurementMapper(colorMap, "prob: " + heatClass, tiles)
+if (viewer != null && measurement && !tiles.isEmpty()) {
+    def mapper = new MeasurementMapper(colorMap, measurement, tiles)
     mapper.setDisplayMinValue(0.0d)
     mapper.setDisplayMaxValue(1.0d)
     viewer.getOverlayOptions().setMeasurementMapper(mapper)
-    println "pathapp: measurement map \"prob: " + heatClass + "\" on " + tiles.size() + " tiles"
+    println "pathapp: measurement map \"" + measurement + "\" on " + tiles.size() + " objects"
 }
 println "pathapp: done; removed " + previous.size() + " earlier pathapp objects, added " + imported.size()

@@ -39,3 +39,32 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory):
+    """A real Orthanc + DICOMweb plugin on loopback for the whole session, holding (by name):
+    cmu1 (the 12-file wsi2dcm pyramid), svs (CMU-1-Small-Region.svs converted by OrthancWSIDicomizer),
+    bone (uncompressed wsi2dcm), nonconformant (a WSI instance without ImageType: no levels) and
+    ct (pydicom's CT_small.dcm: a study without slides). All uploaded through STOW-RS."""
+    import shutil
+
+    from orthanc_server import DICOMWEB_PLUGIN, dicomize_svs, start_orthanc
+
+    missing = [name for name, ok in (("Orthanc", shutil.which("Orthanc")), ("the DICOMweb plugin", DICOMWEB_PLUGIN.exists()),
+                                     ("OrthancWSIDicomizer", shutil.which("OrthancWSIDicomizer"))) if not ok]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed (Debian: apt-get install orthanc orthanc-dicomweb orthanc-wsi)")
+    import pydicom.data
+
+    work = tmp_path_factory.mktemp("orthanc")
+    server = start_orthanc(work)
+    try:
+        server.store("cmu1", sorted(data_file("dicom/cmu-1-small-region-wsi2dcm").glob("*.dcm")))
+        server.store("svs", dicomize_svs(data_file("wsi/aperio/CMU-1-Small-Region.svs"), work / "svs-dicom"))
+        server.store("bone", [data_file("dicom/wsi2dcm-bone/raw.dicom")])
+        server.store("nonconformant", [data_file("dicom/pathml-nonconformant/small_dicom.dcm")])
+        server.store("ct", [Path(pydicom.data.get_testdata_file("CT_small.dcm"))])
+        yield server
+    finally:
+        server.stop()

@@ -42,6 +42,7 @@ from click.testing import CliRunner
 
 from conftest import data_file
 from pathapp.cli import cli
+from pathapp.tiles.qc import ARTEFACTS
 from pathapp.cytomine.client import CytomineClient, CytomineError
 from pathapp.qupath.geojson import read_objects
 
@@ -351,7 +352,11 @@ def test_job_uploads_flipped_annotations_with_properties(server, models, tmp_pat
     # Properties carry the measurements.
     region_props = [state.properties[a["id"]] for a in state.annotations.values()
                     if "Mean prob" in state.properties[a["id"]]]
-    assert sorted(float(p["Tiles"]) for p in region_props) == sorted(r.measurements["Tiles"] for r in regions)
+    class_regions = [r for r in regions if not r.class_name.startswith("QC: ")]  # QC regions overlap them
+    assert sorted(float(p["Tiles"]) for p in region_props) == sorted(r.measurements["Tiles"] for r in class_regions)
+    qc_terms = {t["name"] for t in state.terms if t["name"].startswith("QC: ")}  # prepared with the classes
+    qc_found = {r.class_name for r in regions} - {r.class_name for r in class_regions}
+    assert qc_found and qc_found <= qc_terms == {"QC: " + k for k in ARTEFACTS}  # each region under its term above
     tile_props = [p for p in state.properties.values() if "max prob" in p]
     assert len(tile_props) == len(tiles)
     for p in tile_props:

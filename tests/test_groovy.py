@@ -28,6 +28,7 @@ from vit_factory import tiny_bundle
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "groovy" / "pathapp_run.groovy"
 IMPORT = ROOT / "groovy" / "pathapp_import.groovy"
+SEARCH = ROOT / "groovy" / "pathapp_search.groovy"
 HERE = Path(__file__).resolve().parent / "groovy"
 PATHAPP = Path(sys.executable).with_name("pathapp")
 SVS = "wsi/aperio/CMU-1-Small-Region.svs"
@@ -47,8 +48,8 @@ NOT_QUPATH = {
     "lastIndexOf", "isDirectory", "isFile", "exists", "replace", "getProperty", "contains", "execute", "trim",
     "join", "put", "environment", "redirectErrorStream", "start", "getMessage", "getInputStream", "withReader",
     "readLine", "add", "size", "removeFirst", "waitFor", "addAll", "toString", "File", "RuntimeException",
-    "LinkedList", "slideStem", "containerPath", "hostOrContainer", "isPathapp", "get", "if", "while", "catch",
-    "keySet", "movedBy",
+    "LinkedList", "slideStem", "containerPath", "hostOrContainer", "isPathapp", "isSaliency", "get", "if", "while",
+    "catch", "keySet", "movedBy",
 }
 
 
@@ -76,7 +77,7 @@ def _parse(groovy: str, *files: Path) -> subprocess.CompletedProcess:
 
 
 def test_scripts_parse(groovy: str, tmp_path: Path) -> None:
-    out = _parse(groovy, RUN, IMPORT)
+    out = _parse(groovy, RUN, IMPORT, SEARCH)
     assert out.returncode == 0, out.stdout + out.stderr
     broken = tmp_path / "broken.groovy"
     broken.write_text(RUN.read_text().replace("if (exitCode != 0)", "if (exitCode != 0", 1))
@@ -110,7 +111,7 @@ def test_scripts_work_without_default_imports_and_deprecated_calls() -> None:
     """QuPath's scripting helpers imported statically (the script editor's "Include default imports"
     may be off), and objects removed through the hierarchy: QP.removeObjects(objects, true) is
     deprecated in 0.6, and 0.6's removeObjects(objects) does not exist in 0.4."""
-    for script in (RUN, IMPORT):
+    for script in (RUN, IMPORT, SEARCH):
         text = script.read_text()
         assert re.search(r"^import static qupath\.lib\.gui\.scripting\.QPEx\.\*", text, flags=re.M), script.name
         calls = re.findall(r"([\w.()]*)removeObjects\(", re.sub(r"//[^\n]*", "", text))
@@ -174,11 +175,17 @@ def _infer_args(image: Path, bundle: Path, out: Path, roi: Path | None) -> list[
 def test_cli_contract_the_launcher_relies_on(computed, tmp_path: Path) -> None:
     """Arguments, output file names, exit codes and log lines, as the script's ProcessBuilder sees them."""
     script = RUN.read_text()
-    help_text = subprocess.run([str(PATHAPP), "infer", "--help"], capture_output=True, text=True).stdout
+    helps = {c: subprocess.run([str(PATHAPP), c, "--help"], capture_output=True, text=True).stdout
+             for c in ("infer", "explain")}
     pathapp_args = script.split("// ---- the command")[1].split("def command")[0]  # not docker's own flags
-    assert "--model" in pathapp_args
-    for option in re.findall(r'"(--[a-z-]+)"', pathapp_args):
-        assert option in help_text, f"the launcher passes {option}, which `pathapp infer` lacks"
+    explain_only, rest = pathapp_args.split("if (explaining) {")[1].split("} else {")
+    infer_only, common = rest.split("}", 1)
+    assert "--model" in pathapp_args and "--method" in explain_only and "--overwrite" in infer_only
+    for part, commands in ((explain_only, ["explain"]), (infer_only, ["infer"]),
+                           (pathapp_args.split("if (explaining) {")[0] + common, ["infer", "explain"])):
+        for option in re.findall(r'"(--[a-z-]+)"', part):
+            for c in commands:
+                assert option in helps[c], f"the launcher passes {option}, which `pathapp {c}` lacks"
     assert '"tiles.geojson"' in script and '"annotations.geojson"' in script
     roi, out, proc = computed
     assert proc.returncode == 0, proc.stdout
@@ -211,9 +218,11 @@ def _hierarchy() -> list[dict]:
 
 
 def _run_stand_in(groovy: str, script: Path, tmp_path: Path, image: Path, settings: dict,
-                  env: dict | None = None, server_path: str | None = None) -> tuple[dict, str]:
+                  env: dict | None = None, hierarchy: list[dict] | None = None,
+                  server_path: str | None = None) -> tuple[dict, str]:
     config = {"settings": settings, "image": str(image), "project_dir": str(tmp_path / "proj"), "entry_id": 7,
-              "hierarchy": _hierarchy(), "state_out": str(tmp_path / "state.json"), "server_path": server_path}
+              "hierarchy": _hierarchy() if hierarchy is None else hierarchy, "state_out": str(tmp_path / "state.json"),
+              "server_path": server_path}
     (tmp_path / "proj").mkdir(exist_ok=True)
     (tmp_path / "config.json").write_text(json.dumps(config))
     proc = subprocess.run([groovy, str(HERE / "run_in_stand_in.groovy"), str(script), str(tmp_path / "config.json")],
@@ -254,6 +263,33 @@ def test_run_script_local(groovy: str, slide: Path, bundle: Path, tmp_path: Path
     assert heat["measurement"].startswith("prob: ") and heat["n"] == len(tiles)
     assert (heat["min"], heat["max"], heat["colorMap"]) == (0.0, 1.0, "Viridis colour map")
     assert heat["measurement"] in {m for f in tiles for m in f["properties"]["measurements"]}
+
+
+def test_run_script_explains_selected_tiles(groovy: str, computed, slide: Path, bundle: Path, tmp_path: Path) -> None:
+    """EXPLAIN set: the selected pathapp tiles go to `pathapp explain`, their patches come back as
+    saliency detections (replacing an earlier explanation, keeping the tiles) with a measurement map."""
+    tiles = json.loads((computed[1] / "my slide" / "tiles.geojson").read_text())["features"][:3]
+    for i, f in enumerate(tiles):
+        f["properties"]["name"] = "pathapp: " + f["properties"]["classification"]["name"]
+        f["properties"]["selected"] = i < 2
+    old = {"type": "Feature", "geometry": tiles[2]["geometry"],
+           "properties": {"objectType": "detection", "name": "pathapp: saliency vitcx"}}
+    state, log = _run_stand_in(groovy, RUN, tmp_path, slide, _settings(bundle, EXPLAIN="rollout"),
+                               hierarchy=_hierarchy()[:2] + tiles + [old])
+    assert state["error"] is None, state["error"] + log
+    out = tmp_path / "proj" / "pathapp" / "7" / "my slide"
+    patches = assert_qupath_conformant(out / "saliency-rollout.geojson")
+    assert len(patches) == 2 * 16  # two tiles of 4 x 4 patch tokens (56 px, ViT/14)
+    sel = shapely.union_all([shape(f["geometry"]) for f in tiles[:2]])
+    assert all(sel.contains(shape(f["geometry"]).centroid) for f in patches)
+    names = [o["name"] for o in state["objects"]]
+    assert names.count("pathapp: saliency rollout") == 32 and "pathapp: saliency vitcx" not in names
+    assert sum(n is not None and not n.startswith("pathapp: saliency") for n in names) == 3  # tiles kept
+    assert state["calls"][0] == "exportObjectsToGeoJson FEATURE_COLLECTION"
+    assert state["calls"][-4:] == ["removeObjects 1", "addObjects 32", "resolveHierarchy", "fireHierarchyUpdate"]
+    heat = state["heatmap"]
+    assert (heat["measurement"], heat["n"], heat["min"], heat["max"]) == ("saliency (0-1)", 32, 0.0, 1.0)
+    assert "saliency (0-1)" in patches[0]["properties"]["measurements"]
 
 
 def test_run_script_container_mode(groovy: str, slide: Path, bundle: Path, tmp_path: Path) -> None:
@@ -367,3 +403,66 @@ def test_import_reads_the_new_results_before_removing_the_old(groovy: str, compu
     state, _ = _run_stand_in(groovy, IMPORT, tmp_path, slide, {"RESULTS_ROOT": str(results.parent)})
     assert state["error"] is not None and state["calls"] == []
     assert sorted(o["name"] or "" for o in state["objects"]) == ["", "", "pathapp", "pathapp: Tumor"]
+
+
+# ---------------------------------------------------------------------------- pathapp_search.groovy
+
+# Beyond the launcher's calls: ImageJ 1.x (bundled with QuPath 0.4-0.6) to show the mosaic, Groovy's
+# JSON reader, java.io.File, and the script's own closure.
+SEARCH_EXTRA = {"openImage", "show", "JsonSlurper", "parse", "getCanonicalFile", "isSearchHit"}
+
+
+def test_search_script_calls_only_documented_api() -> None:
+    text = (DATA.parent / "docs" / "INTEROP.md").read_text() if (DATA.parent / "docs" / "INTEROP.md").exists() else None
+    if text is None:
+        (pytest.fail if IN_CI else pytest.skip)("INTEROP.md missing")
+    named = set(re.findall(r"\b([A-Za-z_]\w*)\b", text))
+    unknown = _calls(SEARCH) - named - EXTRA_QUPATH_API - NOT_QUPATH - SEARCH_EXTRA
+    assert not unknown, f"pathapp_search.groovy calls QuPath API not in INTEROP.md: {sorted(unknown)}"
+    for imp in re.findall(r"^import (qupath\.[\w.]+)", SEARCH.read_text(), flags=re.M):
+        assert imp.rsplit(".", 1)[1] in text, f"pathapp_search.groovy imports {imp}, not in INTEROP.md"
+    help_text = subprocess.run([str(PATHAPP), "search", "--help"], capture_output=True, text=True).stdout
+    for option in re.findall(r'"(--[a-z-]+)"', SEARCH.read_text()):
+        assert option in help_text, f"the search script passes {option}, which `pathapp search` lacks"
+
+
+def test_search_script_streams_pathapp_like_the_launcher() -> None:
+    """One way to run pathapp and stream its log, written in both scripts (QuPath scripts cannot share code)."""
+    block = re.compile(r"^def lastLines = .*?pathapp failed \(exit code .*?$", flags=re.S | re.M)
+    assert block.search(RUN.read_text())[0] == block.search(SEARCH.read_text())[0]
+
+
+@pytest.fixture(scope="module")
+def search_index(tmp_path_factory, bundle: Path) -> tuple[Path, Path]:
+    """An index holding the slide the stand-in has open (embedded on the way), and that slide."""
+    folder = tmp_path_factory.mktemp("search")
+    slide = _link_slide(folder)
+    proc = subprocess.run([str(PATHAPP), "index", "add", str(folder / "idx"), str(slide), "--model", str(bundle),
+                           "--mpp", "1.0", "--out", str(folder / "res"), "--workers", "0"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout
+    return folder / "idx", slide
+
+
+def test_search_script_shows_mosaic_and_adds_hits_in_this_image(groovy: str, search_index, tmp_path: Path) -> None:
+    index, slide = search_index
+    settings = {"PATHAPP": str(PATHAPP), "INDEX": str(index), "K": 6, "LEVEL": "tile"}
+    state, log = _run_stand_in(groovy, SEARCH, tmp_path, slide, settings)
+    assert state["error"] is None, state["error"]
+    out = tmp_path / "proj" / "pathapp" / "7" / "search"
+    query = json.loads((out / "query.geojson").read_text())["features"]
+    assert len(query) == 1  # the selected annotation only
+    assert f"IJ.openImage {out / 'mosaic.png'}" in log and f"IJ.show {out / 'mosaic.png'}" in log
+    assert (out / "mosaic.png").stat().st_size > 10_000
+    hits = [o for o in state["objects"] if (o["name"] or "").startswith("pathapp search #")]
+    assert len(hits) == 6 and all(o["objectType"] == "detection" for o in hits)  # all hits lie in this slide
+    assert state["calls"][-4:] == ["removeObjects 0", "addObjects 6", "resolveHierarchy", "fireHierarchyUpdate"]
+    assert re.search(r"^pathapp \| search: \d+ query tile", log, flags=re.M), log
+    assert sum(1 for o in state["objects"] if o["name"] is None) == 2  # the user's annotations stay
+
+
+def test_search_script_fails_visibly(groovy: str, search_index, tmp_path: Path) -> None:
+    _, slide = search_index
+    state, log = _run_stand_in(groovy, SEARCH, tmp_path, slide, {"PATHAPP": str(PATHAPP), "INDEX": str(tmp_path / "none")})
+    assert state["error"].startswith("pathapp failed (exit code 2)") and "no index here" in state["error"]
+    assert "removeObjects" not in " ".join(state["calls"])  # nothing removed on failure

@@ -26,6 +26,7 @@ from pathapp.infer import infer_slide
 from pathapp.models.bundle import load_bundle
 from pathapp.models.registry import create_backbone
 from pathapp.qupath.geojson import QuPathObject, write_objects
+from pathapp.results.pictures import image_box
 from pathapp.slide import open_slide
 from pathapp.tiles import detect_tissue, make_grid
 
@@ -33,7 +34,8 @@ SVS = "wsi/aperio/CMU-1-Small-Region.svs"
 LUNA = "wsi/aperio/luna-1065626.svs"
 NO_MPP = "wsi/aperio/tcga-cr-7395-01a-01-ts1.svs"
 DICOM = "dicom/cmu-1-small-region-wsi2dcm"
-OUTPUTS = {"tiles.geojson", "annotations.geojson", "overlay.png", "embeddings.h5", "run.json", ".done"}
+OUTPUTS = {"tiles.geojson", "annotations.geojson", "overlay.png", "thumbnail.png", "embeddings.h5", "run.json",
+           "report.html", ".done"}
 
 torch.set_num_threads(1)
 
@@ -64,13 +66,15 @@ def check_outputs(folder: Path, classes: list[str]) -> dict:
     assert len(tiles) == n
     assert {f["properties"]["classification"]["name"] for f in tiles} <= set(classes)
     regions = assert_qupath_conformant(folder / "annotations.geojson")
-    assert sum(f["properties"]["measurements"]["Tiles"] for f in regions) == n
+    classified = [f for f in regions if not f["properties"]["classification"]["name"].startswith("QC: ")]
+    assert sum(f["properties"]["measurements"]["Tiles"] for f in classified) == n  # QC regions overlap them
     with h5py.File(folder / "embeddings.h5") as f:
         assert f["features"].shape[0] == n and f["coords"].shape == (n, 2)
         assert np.isfinite(f["features"][()]).all()
-    w, h = Image.open(folder / "overlay.png").size
+    x, y, w, h = image_box(folder / "overlay.png")  # the slide inside the picture (legend and title beside it)
     sw, sh = run["slide_size"]
-    assert 512 <= max(w, h) <= 2048 and abs(w / h - sw / sh) < 0.02  # the whole slide, viewable
+    assert max(w, h) == min(1024, max(sw, sh)) and abs(w / h - sw / sh) < 0.02  # the whole slide, viewable
+    assert (folder / "report.html").is_file() and (folder.parent / "index.html").is_file()
     return run
 
 
@@ -121,10 +125,10 @@ def test_end_to_end_real_slides(shared_data, bundle_path, tmp_path, rel, mpp):
         assert run["slide_size"] == list(s.size) and folder.name == s.name
     tiles = json.loads((folder / "tiles.geojson").read_text())["features"]
     assert {f["properties"]["objectType"] for f in tiles} == {"detection"}
-    # rerun: complete slides are skipped, nothing rewritten
+    # rerun with the same settings: complete slides are skipped, nothing rewritten
     stamp = (folder / "run.json").stat().st_mtime_ns
     code, out = run_cli("infer", str(src), "--model", str(bundle_path), "--mpp", mpp, "--out", str(tmp_path),
-                        "--workers", "0")
+                        "--workers", "0", "--object-type", "detection")
     assert code == 0 and "already complete" in out and (folder / "run.json").stat().st_mtime_ns == stamp
 
 
@@ -159,7 +163,8 @@ def test_headless_backbone_name_with_weights_file(shared_data, tmp_path):
     assert "pca.png" in names and not any(n.startswith("heatmap-") for n in names)
     tiles = assert_qupath_conformant(folder / "tiles.geojson")
     assert tiles and all("classification" not in f["properties"] for f in tiles)
-    assert json.loads((folder / "annotations.geojson").read_text())["features"] == []
+    regions = json.loads((folder / "annotations.geojson").read_text())["features"]
+    assert all(f["properties"]["classification"]["name"].startswith("QC: ") for f in regions)  # no class regions
     with h5py.File(folder / "embeddings.h5") as f:
         assert f["features"].shape == (len(tiles), 384) and f.attrs["model"] == "dinov2_vits14"
 
@@ -194,6 +199,7 @@ def test_qupath_project_entries_and_missing_image(shared_data, bundle_path, tmp_
     check_outputs(folder, load_bundle(bundle_path).class_names)
     assert not (tmp_path / "proj" / "pathapp" / "2").exists()
     assert "wrote QuPath GeoJSON" in out and str(folder / "tiles.geojson") in out
+    assert out.count("pip install 'pathapp[qupath]'") == 1, out  # the hint once, not twice
 
 
 def test_int8_embeddings_close_to_fp32(shared_data, bundle_path):
@@ -253,9 +259,13 @@ def test_attention_mil_bundle_gives_slide_prediction_and_attention(shared_data, 
     assert attention.sum() == pytest.approx(1, abs=1e-4) and attention.std() > 0
     prediction = json.loads((folder / "run.json").read_text())["parameters"]["slide_prediction"]
     assert set(prediction) == {"Tumor", "Stroma"} and sum(prediction.values()) == pytest.approx(1, abs=1e-5)
-    heat = np.asarray(Image.open(folder / "heatmap-attention.png"))  # grey + alpha, one pixel per tile
-    shown = heat[..., 0][heat[..., 1] > 0]
-    assert len(shown) == len(tiles) and shown.max() == 255 and shown.min() == 0
+    with h5py.File(folder / "embeddings.h5") as f:  # the raw map: one cell per tile, NaN elsewhere
+        grid = f["heatmaps"]["attention"][()]
+    shown = grid[np.isfinite(grid)]
+    assert len(shown) == len(tiles) and sorted(shown) == pytest.approx(sorted(attention), abs=1e-6)
+    x, y, w, h = image_box(folder / "heatmap-attention.png")  # the picture: attention in colour over the slide
+    pic = np.asarray(Image.open(folder / "heatmap-attention.png").convert("RGB"))[y:y + h, x:x + w]
+    assert len(np.unique(pic.reshape(-1, 3), axis=0)) > 50
 
 
 def test_progress_lines_when_not_a_terminal(shared_data, bundle_path, monkeypatch):

@@ -17,6 +17,7 @@ from shapely.geometry import shape
 from pathapp.results import SlideResult, is_done, write_results
 from pathapp.results.geojson import class_regions
 from pathapp.results.heatmap import heatmap_scale, tile_cells
+from pathapp.results.pictures import image_box
 from qupath_rules import assert_qupath_conformant
 
 SLIDE_W, SLIDE_H, SLIDE_MPP = 2220, 2967, 0.499  # CMU-1-Small-Region.svs
@@ -94,10 +95,10 @@ def test_detection_objects_and_headless_bundle(tmp_path):
     assert all(not any(k.startswith("prob") for k in f["properties"].get("measurements", {})) for f in feats)
     assert "pca.png" in files and {n for n in files if n.startswith("heatmap-")} == {"heatmap-attention.png"}
     assert json.loads((tmp_path / "headless" / "annotations.geojson").read_text())["features"] == []
-    pca = np.asarray(Image.open(tmp_path / "headless" / "pca.png"))
-    rows, cols = tile_cells(res)
-    rgb = pca[rows, cols, :3].astype(float)
-    assert pca[rows, cols, 3].min() == 255 and rgb.std(axis=0).min() > 10  # tiles differ in colour
+    pca, scale = slide_area(tmp_path / "headless" / "pca.png")
+    centres = ((res.coords + res.footprint / 2) / scale).astype(int)
+    rgb = pca[centres[:, 1], centres[:, 0]].astype(float)
+    assert rgb.std(axis=0).min() > 10  # tiles differ in colour
 
 
 def test_annotations_valid_after_rounding_with_holes_and_areas(tmp_path):
@@ -130,28 +131,50 @@ def test_touching_squares_stay_valid_after_rounding():
         assert g.is_valid and shapely.set_precision(g, 0.01, mode="pointwise").is_valid
 
 
+def slide_area(path) -> tuple[np.ndarray, float]:
+    """The slide image inside a picture (placed 1:1, located by the PNG's own text chunks), and its
+    scale in level-0 px per pixel."""
+    x, y, w, h = image_box(path)
+    with Image.open(path) as im:
+        scale = float(im.text["pathapp:scale"])
+        return np.asarray(im.convert("RGB"))[y:y + h, x:x + w], scale
+
+
 def test_heatmaps_align_with_tiles_and_overlay_is_visible(tmp_path):
+    from matplotlib import colormaps
+
     res = grid_result()
     write_results(res, tmp_path)
     run = json.loads((tmp_path / "run.json").read_text())
     assert run["heatmap"]["scale"] == pytest.approx(heatmap_scale(res))
     rows, cols = tile_cells(res)
-    for k, c in enumerate(CLASSES):
-        hm = np.asarray(Image.open(tmp_path / f"heatmap-{c}.png"))
-        assert hm.shape == (run["heatmap"]["height"], run["heatmap"]["width"], 2)
-        assert hm.shape[1] == math.ceil(SLIDE_W / run["heatmap"]["scale"])
-        np.testing.assert_allclose(hm[rows, cols, 0], np.round(res.probs[:, k] * 255), atol=1)
-        assert (hm[..., 1] > 0).sum() == len(res)
-    overlay = np.asarray(Image.open(tmp_path / "overlay.png"))
+    centres = res.coords + res.footprint / 2
+    with h5py.File(tmp_path / "embeddings.h5") as f:  # the raw maps, for programs
+        assert f["heatmaps"].attrs["scale"] == pytest.approx(res.footprint)
+        for k, c in enumerate(CLASSES):
+            grid = f["heatmaps"][c][()]
+            assert grid.shape == (run["heatmap"]["height"], run["heatmap"]["width"])
+            assert grid.shape[1] == math.ceil(SLIDE_W / run["heatmap"]["scale"])
+            np.testing.assert_allclose(grid[rows, cols], res.probs[:, k], atol=1e-6)
+            assert np.isfinite(grid).sum() == len(res)
+    for k, c in enumerate(CLASSES):  # the pictures: thumbnail resolution, viridis, colour bar beside
+        pic, scale = slide_area(tmp_path / f"heatmap-{c}.png")
+        assert pic.shape == res.thumbnail.shape and scale == pytest.approx(SLIDE_W / res.thumbnail.shape[1], rel=1e-4)
+        px = pic[(centres[:, 1] / scale).astype(int), (centres[:, 0] / scale).astype(int)].astype(float)
+        expected = 0.2 * (140 + 0.45 * 230) + 0.8 * colormaps["viridis"](res.probs[:, k])[:, :3] * 255
+        np.testing.assert_allclose(px, expected, atol=3)
+        assert (pic[-2, pic.shape[1] // 2] == round(140 + 0.45 * 230)).all()  # untiled strip: greyed slide
+        with Image.open(tmp_path / f"heatmap-{c}.png") as im:
+            panel = np.asarray(im.convert("RGB"))[:, pic.shape[1]:]
+        assert len(np.unique(panel.reshape(-1, 3), axis=0)) > 100  # the colour bar is drawn
+    overlay, scale = slide_area(tmp_path / "overlay.png")
     assert overlay.shape == res.thumbnail.shape
     # The Tumor centre of the slide shows red; the untiled bottom strip stays the thumbnail grey.
-    th, tw = overlay.shape[:2]
-    scale_y = SLIDE_H / th
-    cy = int((res.coords[:, 1].max() + res.footprint) / 2 / scale_y)
-    cx = int((res.coords[:, 0].max() + res.footprint) / 2 / (SLIDE_W / tw))
+    cy = int((res.coords[:, 1].max() + res.footprint) / 2 / scale)
+    cx = int((res.coords[:, 0].max() + res.footprint) / 2 / scale)
     r, g, b = overlay[cy, cx].astype(int)
     assert r > g + 40 and r > b + 40
-    assert (overlay[-2, :] == 230).all()
+    assert (overlay[-2, overlay.shape[1] // 2:] == 230).all()  # (the scale bar sits bottom left)
 
 
 def test_embeddings_h5_layout(tmp_path):
@@ -172,7 +195,7 @@ def test_run_json_done_marker_and_no_temp_files(tmp_path):
     res = grid_result()
     files = write_results(res, tmp_path)
     assert is_done(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([p.name for p in files] + [".done"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([p.name for p in files] + [".done", ".pathapp"])
     run = json.loads((tmp_path / "run.json").read_text())
     assert run["counts"]["tiles"] == len(res)
     assert sum(v for k, v in run["counts"].items() if k.startswith("class: ")) == len(res)
@@ -204,3 +227,29 @@ def test_slide_without_tiles_still_completes(tmp_path):
     assert assert_qupath_conformant(tmp_path / "tiles.geojson") == []
     with h5py.File(tmp_path / "embeddings.h5") as f:
         assert f["features"].shape == (0, 16) and f["coords"].shape == (0, 2)
+
+
+@pytest.mark.parametrize("task,outputs", [("classification", {"benign": 0.3, "malignant": 0.7}),
+                                          ("survival", {"risk": -0.42}), ("regression", {"tils": 12.5})])
+def test_slide_head_prediction_is_one_annotation_over_the_tissue(tmp_path, task, outputs):
+    """A slide head's prediction (ABMIL: classes, a Cox risk or a value) becomes one QuPath annotation
+    named "slide" covering every analysed tile (rings with holes included), with the prediction as
+    measurements; a headless result has none."""
+    res = grid_result(headless=True)
+    res.coords[40] = (0, 2700)  # a tile detached from the others (below the grid): the union has two parts
+    res.slide_outputs, res.slide_task = outputs, task
+    write_results(res, tmp_path)
+    feats = assert_qupath_conformant(tmp_path / "annotations.geojson")
+    assert [f["properties"]["name"] for f in feats] == ["slide"]
+    p = feats[0]["properties"]
+    geom = shape(feats[0]["geometry"])
+    assert geom.geom_type == "MultiPolygon" and len(geom.geoms) == 2
+    assert geom.area == pytest.approx(len(res) * res.footprint**2, rel=1e-3)
+    assert p["measurements"]["Tiles"] == len(res)
+    assert p["measurements"]["Area µm^2"] == pytest.approx(geom.area * SLIDE_MPP**2, rel=1e-6)
+    if task == "classification":
+        assert p["classification"]["name"] == "malignant"
+        assert p["measurements"]["prob: malignant"] == pytest.approx(0.7)
+    else:
+        assert "classification" not in p
+        assert p["measurements"][next(iter(outputs))] == pytest.approx(next(iter(outputs.values())))

@@ -49,3 +49,28 @@ def test_abmil_cross_validation_over_bags():
     X[:] = bags
     res = cross_validate(X, y, np.arange(len(y)), 2, abmil_fitter(2, epochs=15, lr=1e-3), n_folds=3, n_boot=50)
     assert res.metrics["balanced_accuracy"] > 0.75
+
+
+def test_abmil_regression_head_predicts_in_the_targets_units():
+    """A value carried by a few key tiles per bag (their count): the head learns it on standardised
+    targets and the bundle's head answers in the target's own units and offset."""
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+
+    def bags(n):
+        out, y = [], []
+        for _ in range(n):
+            b = rng.normal(size=(30, 16)).astype(np.float32)
+            k = int(rng.integers(0, 11))
+            b[:k, 0] += 4.0
+            out.append(b)
+            y.append(1000.0 + 50.0 * k)  # far from 0 and 1: a head that forgot the scaling is far off
+        return out, np.asarray(y)
+
+    train_bags, y = bags(80)
+    head = fit_abmil(train_bags, y, task="regression", loss="mse", epochs=30)
+    assert head.config["task"] == "regression" and head.info["loss"] == "mse"
+    test_bags, ty = bags(40)
+    pred = predict_bags(head, test_bags)[0][:, 0]
+    assert np.corrcoef(pred, ty)[0, 1] > 0.8
+    assert abs(pred.mean() - ty.mean()) < 0.5 * ty.std()

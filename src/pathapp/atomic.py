@@ -22,6 +22,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
     try:
         yield tmp
+        if tmp.exists():  # some writers (safetensors) create private files; ours follow the umask
+            os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -59,3 +61,28 @@ def writer_alive(tmp: Path) -> bool:
     leftovers must not delete the files a live (if slow) writer is still writing."""
     found = re.search(r"\.tmp(\d+)", tmp.name)
     return found is not None and pid_alive(int(found.group(1)))
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it; set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+OUTPUT_MARKER = ".pathapp"  # in every folder pathapp writes results into: outputs are never inputs
+
+
+def mark_output_folder(folder: str | Path) -> Path:
+    """Create `folder` and mark it as pathapp's output, so that folder discovery (find_slides) never
+    takes its PNGs and TIFFs for slides on the next run."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / OUTPUT_MARKER
+    if not marker.exists():
+        atomic_write_text(marker, "pathapp output folder: results, not inputs; pathapp never reads slides here\n")
+    return folder
+
+
+def is_output_folder(folder: str | Path) -> bool:
+    return (Path(folder) / OUTPUT_MARKER).is_file()

@@ -21,7 +21,7 @@ config.settings.each { name, value ->
     assert line.matcher(text).find(): "setting " + name + " not found in " + scriptPath
     text = line.matcher(text).replaceFirst(java.util.regex.Matcher.quoteReplacement("def " + name + " = " + toGroovy(value)))
 }
-text = text.readLines().findAll { !(it ==~ /^import (static )?qupath\..*/) }.join("\n")
+text = text.readLines().findAll { !(it ==~ /^import (static )?(qupath|ij)\..*/) }.join("\n")
 
 static String toGroovy(value) {
     if (value == null) return "null"
@@ -48,6 +48,10 @@ class PathIO {
         }
     }
 }
+class IJ {  // ImageJ 1.x, bundled with QuPath: says what it would open
+    static def openImage(String path) { println "IJ.openImage " + path; return new IJImage(path: path) }
+}
+class IJImage { String path; void show() { println "IJ.show " + path } }
 class ColorMaps { static Map getColorMaps() { [Viridis: "Viridis colour map", Magma: "Magma colour map"] } }
 class MeasurementMapper {
     static List made = []

@@ -5,23 +5,31 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
+import traceback
 
 import click
 
 from pathapp import __version__
-from pathapp.errors import PathappError
+from pathapp.errors import DEBUG_ENV, PathappError, debug_enabled, describe, failure_line
 
 # name -> "module:attribute" of a click command; imported only when that command runs or is listed.
 COMMANDS: dict[str, str] = {
     "info": "pathapp.cli.slides:info",
     "tile": "pathapp.cli.tile:tile",
     "infer": "pathapp.cli.infer:infer",
+    "explain": "pathapp.cli.explain:explain",
+    "qc": "pathapp.cli.qc:qc",
     "model": "pathapp.cli.model:model",
     "train": "pathapp.cli.train:train",
     "evaluate": "pathapp.cli.train:evaluate",
     "pretrain": "pathapp.cli.pretrain:pretrain",
+    "export": "pathapp.cli.export:export",
     "cytomine": "pathapp.cli.cytomine:cytomine",
+    "index": "pathapp.cli.index:index",
+    "search": "pathapp.cli.search:search",
+    "evaluate-search": "pathapp.cli.search:evaluate_search",
 }
 
 
@@ -41,7 +49,8 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="pathapp")
-def cli() -> None:
+@click.option("--debug", is_flag=True, help=f"Print the traceback of unexpected errors (or set {DEBUG_ENV}=1).")
+def cli(debug: bool) -> None:
     """DINOv2 vision transformers on whole-slide pathology images.
 
     \b
@@ -50,17 +59,23 @@ def cli() -> None:
       pathapp tile slide.svs --mpp 0.5 --out t/   tissue tiles as QuPath GeoJSON + picture
       pathapp infer slide.svs --model m.pathapp   run a model; results in pathapp/<slide>/ beside it
       pathapp infer project.qpproj --model m.pathapp   every image of a QuPath project
+      pathapp explain slide.svs --model m.pathapp --class Tumor   why: saliency maps of the top tiles
 
     Run `pathapp COMMAND --help` for each command's options.
     """
+    if debug:
+        os.environ[DEBUG_ENV] = "1"  # read where slides fail, deep below the CLI
 
 
 def main() -> None:
-    """Console entry point: user errors become one line on stderr and exit code 2."""
+    """Console entry point: user errors become one line on stderr and exit code 2; anything else
+    (a bug, a full disk) one `failed: pathapp COMMAND: ...` line and exit code 1."""
     try:
         code = cli.main(standalone_mode=False)
     except PathappError as e:
-        click.echo(f"error: {e}", err=True)
+        if debug_enabled():
+            traceback.print_exception(e)
+        click.echo(f"error: {describe(e)}", err=True)
         sys.exit(2)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
@@ -70,4 +85,8 @@ def main() -> None:
         sys.exit(e.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
+    except Exception as e:  # noqa: BLE001 - the last resort: one line, the traceback only on request
+        command = next((a for a in sys.argv[1:] if a in COMMANDS), None)
+        click.echo(failure_line(f"pathapp {command}" if command else "pathapp", e), err=True)
+        sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from pathapp.cli.options import BATCH_SIZE, FRACTION, MAX_MPP, MAX_TILE_SIZE, FiniteRange
 from pathapp.cytomine.analyse import DEFAULT_MODELS_DIR, MODELS_ENV
 
 
@@ -51,14 +52,14 @@ device_option = click.option("--device", default="auto", show_default=True, help
 @click.option("--cytomine_id_roi_term", default="", metavar="TERM_ID",
               help="Analyse only inside annotations of this term (empty: whole tissue).")
 @click.option("--model", required=True, help="Bundle name in --models-dir (tumor -> tumor.pathapp) or a path.")
-@click.option("--mpp", type=click.FloatRange(min=0), default=0, show_default=True,
+@click.option("--mpp", type=FiniteRange(0, MAX_MPP), default=0, show_default=True,
               help="Tile resolution in µm/px; 0 = the bundle's.")
-@click.option("--tile_size", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--tile_size", type=click.IntRange(0, MAX_TILE_SIZE), default=0, show_default=True,
               help="Model input px; 0 = the bundle's.")
-@click.option("--batch_size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--batch_size", type=BATCH_SIZE, default=32, show_default=True)
 @click.option("--upload", type=click.Choice(["regions", "tiles", "both"]), default="regions", show_default=True,
               help="Annotations to create: one region per class, one per tile, or both.")
-@click.option("--min_prob", type=click.FloatRange(0, 1), default=0, show_default=True,
+@click.option("--min_prob", type=FRACTION, default=0, show_default=True,
               help="Drop tiles whose top probability is lower.")
 @click.option("--term_mapping", default="", metavar="CLASS=ID,...",
               help="Map classes to existing term ids; others use (or create) the term of the same name.")

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from pathapp.cli.options import MPP, TILE_SIZE
+
 
 @click.group("model")
 def model() -> None:
@@ -47,9 +49,9 @@ def _parse_colors(text: str | None) -> list[tuple[int, int, int]] | None:
               "whose head is taken. Without a head the bundle yields embeddings only.")
 @click.option("--classes", metavar="A,B,...", help="Class names in the head's output order, comma separated.")
 @click.option("--colors", metavar="R,G,B;...", help="Class colours, e.g. '200,0,0;150,200,150' (default: a palette).")
-@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), metavar="UM_PER_PX",
+@click.option("--mpp", type=MPP, metavar="UM_PER_PX",
               help="Resolution tiles are analysed at, µm/px [default: 0.5, or the source bundle's].")
-@click.option("--tile-size", type=click.IntRange(min=1), metavar="PX",
+@click.option("--tile-size", type=TILE_SIZE, metavar="PX",
               help="Tile size in pixels fed to the model [default: the backbone's input size, 224].")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.pathapp",
               help="Bundle to write (atomically).")

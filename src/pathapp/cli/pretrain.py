@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from pathapp.cli.options import slide_mpp_option
+from pathapp.cli.options import COUNT, MAX_BATCH_SIZE, MPP, WORKERS, positive, slide_mpp_option, stain_options
 
 
 @click.command()
@@ -22,22 +22,25 @@ from pathapp.cli.options import slide_mpp_option
               help="Start from random weights (none), the DINOv2 hub weights (dinov2; needs the Hugging Face "
                    "cache or internet), or a checkpoint FILE (.pth/.safetensors/.pathapp) — continued "
                    "pretraining, the usual pathology route.  [default: none]")
-@click.option("--mpp", "mpps", multiple=True, type=click.FloatRange(min=0, min_open=True), metavar="UM_PER_PX",
+@click.option("--mpp", "mpps", multiple=True, type=MPP, metavar="UM_PER_PX",
               help="Resolution tiles are sampled at, in µm/px; repeat for several (one is drawn per tile). "
                    "[default: 0.5]")
 @slide_mpp_option
+@click.option("--roi-class", "roi_classes", multiple=True, metavar="NAME",
+              help="With --slides project.qpproj: sample tiles only inside each image's own annotations of "
+                   "this class (repeat for several; Unclassified for annotations without a class).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=str), required=True,
               help="Run folder: config.yaml, metrics.jsonl, checkpoint.pt, teacher.pathapp.")
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=str), default=None,
               help="YAML of hyper-parameters (any field of a run's config.yaml); options given here win.")
-@click.option("--batch-size", type=click.IntRange(min=2), default=None, help="Images per process per step.  [default: 64]")
-@click.option("--grad-accum", type=click.IntRange(min=1), default=None, help="Micro-batches per optimiser step.")
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="Total optimiser steps.")
-@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--batch-size", type=click.IntRange(2, MAX_BATCH_SIZE), default=None, help="Images per process per step.  [default: 64]")
+@click.option("--grad-accum", type=COUNT, default=None, help="Micro-batches per optimiser step.")
+@click.option("--steps", type=COUNT, default=None, help="Total optimiser steps.")
+@click.option("--epochs", type=positive(), default=None,
               help="Or total length in epochs of `epoch_length` steps (1250 by default).  [default: 100]")
-@click.option("--max-minutes", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--max-minutes", type=positive(), default=None,
               help="Stop (with a checkpoint and a bundle) after this many minutes; --resume continues.")
-@click.option("--workers", type=click.IntRange(min=0), default=None, help="Data-loading processes per GPU/process.")
+@click.option("--workers", type=WORKERS, default=None, help="Data-loading processes per GPU/process.")
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default=None,
               help="auto: bf16 autocast on GPU, fp32 on CPU; bf16 is also 1.5-2x faster on CPUs with AVX-512-BF16 "
                    "or AMX (AMD Zen 4, Intel Sapphire Rapids and later; benchmarks/bench_pretrain_speed.py).  [default: auto]")
@@ -45,23 +48,29 @@ from pathapp.cli.options import slide_mpp_option
 @click.option("--resume", is_flag=True, default=False,
               help="Continue the run in --out from its checkpoint, with its saved config.yaml.")
 @click.option("--quiet", is_flag=True, default=False, help="No progress bar.")
+@stain_options
 def pretrain(slides: str | None, tiles: str | None, backbone: str | None, init: str | None, mpps: tuple[float, ...],
-             slide_mpp: float | None, out: str, config_path: str | None, batch_size: int | None,
+             slide_mpp: float | None, roi_classes: tuple[str, ...], out: str, config_path: str | None, batch_size: int | None,
              grad_accum: int | None, steps: int | None, epochs: float | None, max_minutes: float | None,
-             workers: int | None, precision: str | None, fsdp: bool, resume: bool, quiet: bool) -> None:
+             workers: int | None, precision: str | None, fsdp: bool, resume: bool, quiet: bool,
+             stain_norm: str | None, stain_ref: str | None) -> None:
     """Pretrain a DINOv2 ViT on unlabelled tissue (DINO + iBOT + KoLeo, EMA teacher) and export the
     teacher backbone as OUT/teacher.pathapp for `pathapp infer` and `pathapp train`.
 
     Every hyper-parameter (crops, HED stain jitter, losses, schedules, ...) is in OUT/config.yaml;
     copy and edit it, then pass it with --config. Metrics (loss parts, lr, momentum, tiles/s) go to
     OUT/metrics.jsonl; a checkpoint is written every `checkpoint_every` steps and at the end.
+    With --stain-norm, each slide is fitted once on its tissue and every sampled tile normalised
+    before the augmentations; the fits go to OUT/stain.json.
 
     \b
     Examples:
       pathapp pretrain --slides slides/ --backbone dinov2_vits14 --init dinov2 --mpp 0.5 --out run/
       pathapp pretrain --slides project.qpproj --mpp 0.5 --mpp 1.0 --max-minutes 60 --out run/
+      pathapp pretrain --slides project.qpproj --roi-class Tumor --roi-class Stroma --out run/
       pathapp pretrain --slides slides.csv --mpp 1.0 --precision bf16 --out run/
       pathapp pretrain --tiles tiles/ --config cfg.yaml --out run/
+      pathapp pretrain --slides slides/ --stain-norm macenko --stain-ref ref.png --out run/
       pathapp pretrain --out run/ --resume
       torchrun --nproc-per-node 4 -m pathapp pretrain --slides slides/ --out run/   (one process per GPU)
     """
@@ -82,9 +91,11 @@ def pretrain(slides: str | None, tiles: str | None, backbone: str | None, init: 
     else:
         cfg = SSLConfig.load(config_path) if config_path else SSLConfig()
         changes = {"slides": slides, "tiles": tiles, "backbone": backbone, "init": init,
-                   "mpp": list(mpps) if mpps else None, "slide_mpp": slide_mpp, "batch_size": batch_size,
+                   "mpp": list(mpps) if mpps else None, "slide_mpp": slide_mpp,
+                   "roi_class": list(roi_classes) if roi_classes else None, "batch_size": batch_size,
                    "grad_accum": grad_accum, "steps": steps, "max_minutes": max_minutes, "num_workers": workers,
-                   "precision": precision, "distributed": "fsdp" if fsdp else None}
+                   "precision": precision, "distributed": "fsdp" if fsdp else None, "stain_norm": stain_norm,
+                   "stain_ref": str(Path(stain_ref).resolve()) if stain_ref else None}
         if epochs is not None:
             changes.update(epochs=epochs)
         if slides and tiles:

@@ -6,18 +6,18 @@ import sys
 
 import click
 
-from pathapp.cli.options import backend_option, slide_mpp_option
+from pathapp.cli.options import FRACTION, MAX_TILE_SIZE, MPP, TILE_SIZE, backend_option, slide_mpp_option
 
 
 @click.command()
 @click.argument("slides", nargs=-1, required=True, type=click.Path(path_type=str))
-@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=0.5, show_default=True,
+@click.option("--mpp", type=MPP, default=0.5, show_default=True,
               metavar="UM_PER_PX", help="Resolution the tiles are made at, in µm per pixel (0.5 ≈ 20×).")
-@click.option("--tile-size", type=click.IntRange(min=1), default=224, show_default=True, metavar="PX",
+@click.option("--tile-size", type=TILE_SIZE, default=224, show_default=True, metavar="PX",
               help="Tile side in pixels at --mpp.")
-@click.option("--overlap", type=click.IntRange(min=0), default=0, show_default=True, metavar="PX",
+@click.option("--overlap", type=click.IntRange(0, MAX_TILE_SIZE), default=0, show_default=True, metavar="PX",
               help="Pixels (at --mpp) shared by neighbouring tiles; must be smaller than --tile-size.")
-@click.option("--min-tissue", type=click.FloatRange(0, 1), default=0.1, show_default=True, metavar="FRACTION",
+@click.option("--min-tissue", type=FRACTION, default=0.1, show_default=True, metavar="FRACTION",
               help="Keep a tile when at least this fraction of it is tissue (0 keeps every tile).")
 @click.option("--roi", "roi_path", type=click.Path(dir_okay=False, path_type=str), default=None,
               help="QuPath GeoJSON export of annotations: keep only tiles whose centre is inside them.")
@@ -44,7 +44,8 @@ def tile(
     Writes OUT/<slide name>/tiles.geojson (one QuPath tile object per tile, with its tissue
     fraction; drag it onto the image in QuPath), tissue.geojson (the tissue outline) and
     thumbnail.png (tissue outline in green, tiles in blue), and prints one line per slide.
-    SLIDE is a slide file (SVS, NDPI, MRXS, OME-TIFF, DICOM, ...) or a DICOM-WSI series folder.
+    SLIDE is a slide file (SVS, NDPI, MRXS, OME-TIFF, DICOM, ...), a DICOM-WSI series folder, or a
+    DICOMweb address (a study means each of its slides; the folder is named by the series UID).
     A slide whose file has no µm/px needs --slide-mpp. Exit code 1 when a slide failed.
 
     \b
@@ -52,8 +53,10 @@ def tile(
       pathapp tile slide.svs --mpp 0.5 --tile-size 224 --out tiles/
       pathapp tile slide.svs --roi annotations.geojson --roi-class Tumor --out tiles/
       pathapp tile scan.tif --slide-mpp 0.25 --mpp 1.0 --out tiles/
+      pathapp tile dicomweb+https://pacs.example.org/dicom-web/studies/1.2.3 --out tiles/
     """
-    from pathapp.errors import PathappError
+    from pathapp.errors import PathappError, describe, failure_line
+    from pathapp.slide import expand_slide_inputs
     from pathapp.tiles.export import tile_slide
 
     if overlap >= tile_size:
@@ -65,15 +68,23 @@ def tile(
         rois = read_rois(roi_path, roi_classes or None)
     elif roi_classes:
         raise click.BadParameter("needs --roi", param_hint="--roi-class")
-    failed = 0
-    for path in slides:
+    paths, errors = expand_slide_inputs(slides)
+    for message in errors:
+        click.echo(f"error: {message}", err=True)
+    failed = len(errors)
+    for path in paths:
         try:
             result = tile_slide(path, out, mpp=mpp, tile_size=tile_size, overlap=overlap, min_tissue=min_tissue,
                                 rois=rois, backend=backend, slide_mpp=slide_mpp)
         except PathappError as e:
             failed += 1
-            click.echo(f"error: {e}", err=True)
-            continue
-        click.echo(result.summary())
+            click.echo(f"error: {describe(e)}", err=True)
+        except Exception as e:  # noqa: BLE001 - one slide (or a full disk) must not stop the others
+            failed += 1
+            click.echo(failure_line(path, e), err=True)
+        else:
+            click.echo(result.summary())
+            if result.empty:
+                click.echo(f"warning: {path}: no tiles: {result.empty}", err=True)
     if failed:
         sys.exit(1)

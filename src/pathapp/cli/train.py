@@ -6,14 +6,17 @@ from pathlib import Path
 
 import click
 
-from pathapp.cli.options import slide_mpp_option
+from pathapp.cli.options import (BATCH_SIZE, COUNT, MAX_TILE_SIZE, MPP, FiniteRange, device_option, positive,
+                                  slide_mpp_option, stain_options)
 
 _data_option = click.option(
     "--data", "data", multiple=True, required=True, type=click.Path(exists=True, path_type=Path),
     help="Labelled data: a labels.csv (columns image,label[,case_prefix|patient|slide]), a folder holding "
     "one, an ImageFolder tree <class>/*.png; or a QuPath GeoJSON export of classified annotations "
-    "(repeat, one per --slides); or a QuPath project.qpproj (its entries' classified annotations, via "
-    "paquo + QuPath); or slides.csv (columns slide,label[,patient]) for --method abmil.")
+    "(repeat, one per --slides); or a QuPath project.qpproj (its entries' classified annotations, read "
+    "from the project's data files; no QuPath needed); or slides.csv for --method abmil: columns slide,label (classes), "
+    "slide,time,event (--task survival) or slide,value (--task regression), and optionally patient; slide "
+    "paths relative to the CSV.")
 _slides_option = click.option(
     "--slides", multiple=True, type=click.Path(exists=True, path_type=Path),
     help="The slide each GeoJSON --data annotates (repeat, same order).")
@@ -30,8 +33,18 @@ _embeddings_option = click.option(
     "--embeddings", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
     help="A `pathapp infer --out` folder run with the same model: slides' embeddings are read from its "
     "<slide>/embeddings.h5 instead of being recomputed.")
-_device_option = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
-_batch_option = click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+_task_option = click.option(
+    "--task", type=click.Choice(["classification", "survival", "regression"]), default=None,
+    help="What slides.csv gives per slide: a class (default), a survival outcome (follow-up time >= 0 and "
+    "event 1 = observed / 0 = censored: a Cox model, risk score per slide) or a number (regression). "
+    "evaluate: default the bundle head's task.")
+_target_option = click.option(
+    "--target", default=None, metavar="COLUMN[,COLUMN]",
+    help="slides.csv column(s) holding the target: default label, time,event (survival) or value (regression).")
+_loss_option = click.option(
+    "--loss", type=click.Choice(["huber", "mse"]), default="huber", show_default=True,
+    help="--task regression: Huber (robust to outlying values) or squared error, on the standardised target.")
+_batch_option = click.option("--batch-size", type=BATCH_SIZE, default=32, show_default=True)
 
 
 def _cache(cache: Path | None) -> Path:
@@ -57,27 +70,35 @@ def _cache(cache: Path | None) -> Path:
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="The bundle to write (e.g. model.pathapp); `pathapp infer --model` runs it.")
 @_group_option
-@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None, metavar="UM_PER_PX",
+@click.option("--mpp", type=MPP, default=None, metavar="UM_PER_PX",
               help="Resolution tiles are read at on slides (default: the base bundle's, else 0.5).")
-@click.option("--tile-size", type=click.IntRange(min=14), default=None, metavar="PX",
+@click.option("--tile-size", type=click.IntRange(14, MAX_TILE_SIZE), default=None, metavar="PX",
               help="Model input size in px (default: the backbone's, 224).")
 @slide_mpp_option
 @_cache_option
 @_embeddings_option
-@_device_option
+@device_option
 @_batch_option
-@click.option("--lora-rank", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--lora-alpha", type=float, default=16.0, show_default=True)
+@click.option("--lora-rank", type=click.IntRange(1, 1024), default=8, show_default=True)
+@click.option("--lora-alpha", type=positive(1e6), default=16.0, show_default=True)
 @click.option("--lora-targets", default="qkv,proj,fc1,fc2", show_default=True,
               help="Comma-separated names of the ViT linear layers that get adapters.")
-@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True, help="LoRA / ABMIL epochs.")
-@click.option("--max-steps", type=click.IntRange(min=1), default=None, help="LoRA: stop after this many steps.")
-@click.option("--lr", type=float, default=None, help="Learning rate (LoRA default 1e-3, ABMIL 2e-4).")
+@click.option("--epochs", type=COUNT, default=None,
+              help="LoRA epochs (default 10) / ABMIL epochs (default 40, with early stopping on a grouped "
+              "validation split; `pathapp evaluate --folds` uses the same defaults).")
+@click.option("--max-steps", type=COUNT, default=None, help="LoRA: stop after this many steps.")
+@click.option("--lr", type=positive(10.0), default=None,
+              help="Learning rate (LoRA default 1e-3; ABMIL 2e-4 for classes, 1e-3 survival, 3e-3 regression).")
 @click.option("--checkpoint-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="LoRA: save a checkpoint here after each epoch.")
 @click.option("--resume", is_flag=True, help="LoRA: continue from --checkpoint-dir/last.pt.")
+@_task_option
+@_target_option
+@_loss_option
+@stain_options
 def train(data, slides, backbone, weights, model, method, out, group_by, mpp, tile_size, slide_mpp, cache, embeddings,
-          device, batch_size, lora_rank, lora_alpha, lora_targets, epochs, max_steps, lr, checkpoint_dir, resume) -> None:
+          device, batch_size, lora_rank, lora_alpha, lora_targets, epochs, max_steps, lr, checkpoint_dir, resume, task,
+          target, loss, stain_norm, stain_ref) -> None:
     """Train a classifier from labelled tiles or slides and write a bundle for `pathapp infer`.
 
     \b
@@ -87,6 +108,10 @@ def train(data, slides, backbone, weights, model, method, out, group_by, mpp, ti
       pathapp train --data regions.geojson --slides slide.svs --model base.pathapp --method knn --out m.pathapp
       pathapp train --data tiles/ --backbone dinov2_vits14 --method lora --epochs 5 --out lora.pathapp
       pathapp train --data slides.csv --model base.pathapp --method abmil --out mil.pathapp
+      pathapp train --data cohort.csv --model base.pathapp --method abmil --task survival --out cox.pathapp
+      pathapp train --data cohort.csv --model base.pathapp --method abmil --task regression --target tils --out tils.pathapp
+      pathapp train --data tiles/ --model base.pathapp --method linear --stain-norm macenko --stain-ref ref.png \
+          --out normed.pathapp
 
     GeoJSON labels: a tile takes class C when ≥ 50% of it lies in C's annotations and < 10% in any
     other class's; other tiles are left out. Then check it with `pathapp evaluate`.
@@ -98,17 +123,20 @@ def train(data, slides, backbone, weights, model, method, out, group_by, mpp, ti
     lora = None
     if method == "lora":
         lora = LoraConfig(rank=lora_rank, alpha=lora_alpha, targets=tuple(t for t in lora_targets.split(",") if t),
-                          epochs=epochs, max_steps=max_steps, batch_size=min(batch_size, 32), lr=lr or 1e-3)
+                          epochs=epochs or 10, max_steps=max_steps, batch_size=min(batch_size, 32), lr=lr or 1e-3)
     elif method == "abmil":
-        options = {"epochs": epochs, **({"lr": lr} if lr else {})}
+        options = {**({"epochs": epochs} if epochs else {}), **({"lr": lr} if lr else {}),
+                   **({"loss": loss} if task == "regression" else {})}
     path, info = train_model(list(data), out, method, backbone=backbone, weights=weights, model=model,
                              slides=list(slides), group_by=group_by, mpp=mpp, tile_size=tile_size,
                              slide_mpp=slide_mpp, cache=_cache(cache), device=device, batch_size=batch_size,
                              lora=lora, checkpoint_dir=checkpoint_dir, resume=resume, options=options,
-                             embeddings=embeddings)
+                             embeddings=embeddings, task=task or "classification", target=target,
+                             stain_norm=stain_norm, stain_ref=stain_ref)
     n = info.get("n_tiles", info.get("n_slides"))
+    what = {"survival": f"survival, {info.get('n_events')} events", "regression": f"regression of {info.get('target')}"}
     click.echo(f"train: {method} on {n} labelled {'tiles' if 'n_tiles' in info else 'slides'} "
-               f"({', '.join(info['classes'])}) -> {path}", err=True)
+               f"({what.get(info.get('task'), ', '.join(info['classes']))}) -> {path}", err=True)
 
 
 @click.command(context_settings={"max_content_width": 100})
@@ -118,10 +146,10 @@ def train(data, slides, backbone, weights, model, method, out, group_by, mpp, ti
               help="The .pathapp bundle to evaluate (its backbone gives the embeddings).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Report folder: report.json, confusion.png, roc.png (and fewshot.png with --fewshot).")
-@click.option("--folds", type=click.IntRange(min=2), default=None,
+@click.option("--folds", type=click.IntRange(2, 1000), default=None,
               help="Cross-validate: re-fit the head on K grouped folds of --data (no slide or patient on "
               "both sides). Without it the bundle's head is scored as is on --data (use held-out data).")
-@click.option("--holdout", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+@click.option("--holdout", type=FiniteRange(0, 1, min_open=True, max_open=True), default=None,
               metavar="FRACTION", help="Instead of --folds: re-fit the head on one grouped part and score "
               "the held-out FRACTION of slides/patients (e.g. 0.2).")
 @click.option("--method", type=click.Choice(["linear", "knn", "prototype", "mlp", "abmil"]), default=None,
@@ -133,19 +161,33 @@ def train(data, slides, backbone, weights, model, method, out, group_by, mpp, ti
 @slide_mpp_option
 @_cache_option
 @_embeddings_option
-@_device_option
+@device_option
 @_batch_option
-@click.option("--bootstrap", type=click.IntRange(min=10), default=1000, show_default=True,
+@click.option("--bootstrap", type=click.IntRange(10, 10**6), default=1000, show_default=True,
               help="Bootstrap resamples (of whole groups) for the 95% confidence intervals.")
+@_task_option
+@_target_option
+@_loss_option
+@click.option("--horizons", default=None, metavar="T1,T2,...",
+              help="Survival: times (in the CSV's units) for the time-dependent AUC; the last one truncates "
+              "Uno's C. Default: the quartiles of the observed event times.")
+@stain_options
 def evaluate(data, slides, model, out, folds, holdout, method, fewshot, group_by, slide_mpp, cache, embeddings, device,
-             batch_size, bootstrap) -> None:
+             batch_size, bootstrap, task, target, loss, horizons, stain_norm, stain_ref) -> None:
     """Measure a model on labelled data: accuracy, balanced accuracy, macro-F1, per-class
     sensitivity/specificity and AUROC with 95% CIs, plus confusion-matrix and ROC pictures.
+    Slide outcomes (--task survival): Harrell's and Uno's C-index, time-dependent AUC, Kaplan-Meier
+    curves of the predicted high/low-risk groups with the log-rank p (km.png); (--task regression):
+    R², Pearson and Spearman (scatter.png). Every score has a 95% CI over patients and floors from
+    the same folds.
 
     \b
     Examples:
       pathapp evaluate --data test/labels.csv --model crc.pathapp --out report/
       pathapp evaluate --data labeled/ebhi-seg --model base.pathapp --method linear --folds 5 --fewshot --out cv/
+      pathapp evaluate --data cohort.csv --model base.pathapp --task survival --folds 5 --horizons 12,36,60 --out cv/
+      pathapp evaluate --data test_cohort.csv --model cox.pathapp --out heldout/
+      pathapp evaluate --data labels.csv --model base.pathapp --folds 5 --stain-norm reinhard --stain-ref ref.png --out cv/
     """
     import json
 
@@ -153,10 +195,40 @@ def evaluate(data, slides, model, out, folds, holdout, method, fewshot, group_by
 
     if fewshot and not folds:
         raise click.UsageError("--fewshot needs --folds K")
+    try:
+        times = [float(h) for h in horizons.split(",")] if horizons else None
+    except ValueError:
+        raise click.UsageError(f"--horizons takes numbers separated by commas, not {horizons!r}") from None
     path = evaluate_model(list(data), model, out, folds=folds, holdout=holdout, method=method, fewshot=fewshot, slides=list(slides),
                           group_by=group_by, slide_mpp=slide_mpp, cache=_cache(cache), device=device,
-                          batch_size=batch_size, n_boot=bootstrap, embeddings=embeddings)
-    m = json.loads(path.read_text())["metrics"]
-    lo, hi = (v if v is not None else float("nan") for v in m["ci95"]["balanced_accuracy"])
-    click.echo(f"evaluate: balanced accuracy {m['balanced_accuracy']:.3f} (95% CI {lo:.3f}-{hi:.3f}), "
-               f"accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f} -> {path}", err=True)
+                          batch_size=batch_size, n_boot=bootstrap, embeddings=embeddings, task=task, target=target,
+                          horizons=times, loss=loss, stain_norm=stain_norm, stain_ref=stain_ref)
+    report = json.loads(path.read_text())
+    click.echo(f"evaluate: {summary_line(report)} -> {path}", err=True)
+
+
+def _with_ci(m: dict, key: str) -> str:
+    def f(v) -> str:
+        return "nan" if v is None else f"{v:.3f}"
+
+    lo, hi = m["ci95"][key]
+    return f"{f(m[key])} (95% CI {f(lo)}-{f(hi)})"
+
+
+def summary_line(report: dict) -> str:
+    """The one line `pathapp evaluate` prints: the split rule, the headline scores with their CIs and
+    the floors."""
+    m = report["metrics"]
+    task = report.get("task", "classification")
+    if task == "classification":
+        return (f"{report['mode']}: balanced accuracy {_with_ci(m, 'balanced_accuracy')}, "
+                f"accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}")
+    floor = report["floors"].get("tile_count")
+    if task == "survival":
+        line = f"{report['mode']}: Harrell's C {_with_ci(m, 'c_index')}, Uno's C {_with_ci(m, 'c_index_uno')}"
+        p = m["risk_groups"]["logrank_p"]
+        line += f", log-rank p {'nan' if p is None else f'{p:.2g}'} (high vs low risk)"
+        return line + (f"; floor (tile count) C {_with_ci(floor, 'c_index')}" if floor else "; floor: C = 0.5")
+    line = (f"{report['mode']}: R² {_with_ci(m, 'r2')}, Spearman {_with_ci(m, 'spearman')}, "
+            f"Pearson {_with_ci(m, 'pearson')}")
+    return line + (f"; floor (tile count) R² {_with_ci(floor, 'r2')}" if floor else "; floor: R² = 0")

@@ -24,7 +24,7 @@ import shapely
 from pathapp.cytomine.analyse import analyse_slide, load_runtime
 from pathapp.cytomine.client import BulkOutcome, CytomineClient, CytomineError
 from pathapp.cytomine.wkt import NO_SCALE, Scale, from_cytomine_wkt, scale_to_cytomine, to_cytomine_wkt
-from pathapp.errors import PathappError
+from pathapp.errors import PathappError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -106,12 +106,6 @@ def parse_term_mapping(text: str | None) -> dict[str, int]:
     return out
 
 
-def one_line(e: BaseException) -> str:
-    """The first line of an error's message (its type when it has none), for a status comment."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 class JobStatus:
     """The job object on the server; every change is PUT back at once so the UI follows along."""
 
@@ -180,6 +174,7 @@ def _run(params: JobParams, client: CytomineClient, status: JobStatus) -> JobOut
     runtime = load_runtime(params.model, params.models_dir, params.device)
     terms = TermResolver(client, project.get("ontology"), params.term_mapping)
     terms.prepare(runtime.bundle.class_names, runtime.bundle.class_colors)
+    terms.prepare_qc()
     outcome = JobOutcome()
     n = len(params.image_ids)
     for k, image_id in enumerate(params.image_ids):
@@ -315,7 +310,9 @@ class TermResolver:
 
     def __init__(self, client: CytomineClient, ontology_id: int | None, mapping: dict[str, int]) -> None:
         self.client, self.ontology_id = client, ontology_id
+        self.mapping = dict(mapping)  # the user's --term_mapping
         self.by_name: dict[str, int] = dict(mapping)
+        self.qc_without_terms = False  # the job may not add QC terms: QC regions go up without one
         self.existing = {t["name"]: int(t["id"]) for t in client.ontology_terms(ontology_id)} if ontology_id else {}
 
     def prepare(self, names: list[str], colors: list[tuple[int, int, int]]) -> None:
@@ -323,7 +320,7 @@ class TermResolver:
 
         Creating a term needs write rights on the ontology (Cytomine-core `TermService.add`:
         `securityACLService.check(json.ontology, Ontology, WRITE)`), which a contributor's job lacks."""
-        unknown = sorted(n for n, t in self.by_name.items() if self.existing and t not in self.existing.values())
+        unknown = sorted(n for n, t in self.mapping.items() if self.existing and t not in self.existing.values())
         if unknown:
             raise PathappError(f"--term_mapping: the term ids of {', '.join(unknown)} are not in the project's "
                                f"ontology {self.ontology_id}; use ids from that ontology")
@@ -345,8 +342,22 @@ class TermResolver:
             self.by_name[name] = int(term["id"])
         self.by_name.update({n: t for n, t in self.existing.items() if n in names and n not in self.by_name})
 
+    def prepare_qc(self) -> None:
+        """Terms for the QC artefact regions (`QC: blur`, …) where the job may have them; where it may
+        not, those regions go up without a term (the model's classes are what the job must label)."""
+        from pathapp.results.geojson import QC_CLASS
+        from pathapp.tiles.qc import ARTEFACTS
+
+        try:
+            self.prepare([QC_CLASS + k for k in ARTEFACTS], list(ARTEFACTS.values()))
+        except PathappError as e:
+            log.warning("QC regions are uploaded without a term: %s", e)
+            self.qc_without_terms = True
+
     def ids(self, class_name: str | None) -> list[int]:
-        if not class_name:
+        from pathapp.results.geojson import QC_CLASS
+
+        if not class_name or (self.qc_without_terms and class_name.startswith(QC_CLASS) and class_name not in self.by_name):
             return []
         if class_name not in self.by_name:
             raise PathappError(f"class {class_name!r} is not among the model's classes the job prepared terms for")

@@ -68,6 +68,10 @@ class Lease:
         with _locked(self.path.parent):
             if self._owned():
                 self.path.unlink(missing_ok=True)
+            if is_done(self.path.parent):
+                # A finished folder is never claimed again (whoever takes this lock next, or a new one,
+                # sees `.done` first), so its lock file goes: results folders hold results only.
+                (self.path.parent / LOCK).unlink(missing_ok=True)
 
 
 def _read(path: Path) -> dict:
@@ -110,6 +114,7 @@ def claim(folder: str | Path, ttl: float = DEFAULT_TTL_S, done_before: float | N
     folder.mkdir(parents=True, exist_ok=True)
     with _locked(folder):
         if is_done(folder) and (done_before is None or (folder / ".done").stat().st_mtime >= done_before):
+            (folder / LOCK).unlink(missing_ok=True)  # see Lease.release
             return "done"
         if holder(folder, ttl) is not None:
             return "busy"

@@ -10,6 +10,7 @@ from pathapp.infer.lease import DEFAULT_TTL_S
 from pathapp.models.loader import DEFAULT_MODEL
 
 OBJECT_TYPES = ("tile", "detection")
+QC_MODES = ("flag", "exclude", "off")  # measure and mark artefacts; also drop flagged tiles; neither
 
 
 @dataclass
@@ -23,7 +24,7 @@ class InferOptions:
     mpp: float | None = None
     tile_size: int | None = None
     roi: str | Path | None = None  # QuPath GeoJSON of annotations: only tiles whose centre is inside
-    roi_class: Sequence[str] = ()  # only --roi annotations of these classes
+    roi_class: Sequence[str] = ()  # only annotations of these classes: of --roi, or each project image's own
     slide_mpp: float | None = None
     min_tissue: float | None = None
     batch_size: int = 32
@@ -32,6 +33,12 @@ class InferOptions:
     precision: str = "auto"  # bf16 where the hardware has it (CUDA, AVX-512-BF16/AMX CPUs), else fp32
     object_type: str = "tile"  # QuPath object type of the per-tile objects
     overwrite: bool = False
+    dicom_out: str | Path | None = None  # also write DICOM results (ANN + SEG) into DIR/<slide name>/
+    dicomweb_store: str | None = None  # STOW-RS them there; "" = the server the slide came from
     write_project: bool = False  # also add the objects to a .qpproj input (paquo + QuPath)
     progress: bool = True
     lease_seconds: float = DEFAULT_TTL_S  # a slide whose process stops heartbeating this long is taken over
+    qc: str = "flag"  # QC_MODES
+    qc_only: bool = False  # `pathapp qc`: measure and write QC, run no model
+    stain_norm: str | None = None  # "macenko" | "reinhard" | "vahadane": normalise onto stain_ref
+    stain_ref: str | Path | None = None  # a tile, a slide, or a saved target (.json, run.json)

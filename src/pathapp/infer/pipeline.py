@@ -15,7 +15,9 @@ import numpy as np
 from pathapp.engine.distributed import dist_env
 from pathapp.errors import PathappError
 from pathapp.results import SlideResult
+from pathapp.results.result import TileQC
 from pathapp.slide import Slide
+from pathapp.tiles.qc import ARTEFACTS, MEASURES, OK, PREFIX, QCThresholds, TileMeasurer, columns, qc_classes
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
@@ -24,11 +26,11 @@ if TYPE_CHECKING:
 
     from pathapp.models.bundle import Bundle, PathModel
     from pathapp.tiles import TileGrid
+    from pathapp.tiles.stain import StainFit
 
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of CPUs with native bf16 matmuls
 THUMBNAIL_PX = 1024
-MIN_THUMBNAIL_PX = 512
 PROGRESS_EVERY_S = 30.0  # interval of `progress:` lines when stderr is not a terminal
 
 
@@ -46,6 +48,7 @@ class Runtime:
     precision: str  # fp32, bf16 or int8 ("auto" resolved)
     name: str
     fingerprint: str  # of the bundle, marked when the precision changes what embeddings are
+    bundle_fingerprint: str  # of the bundle alone
     channels_last: bool = False  # feed batches in channels-last layout (conv patch embedding on GPU)
 
     def place(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,8 +109,9 @@ def prepare_model(bundle: Bundle, device: str = "auto", precision: str = "auto",
     channels_last = dev.type == "cuda" if channels_last is None else channels_last
     if channels_last:
         model.backbone.to(memory_format=torch.channels_last)
-    fingerprint = bundle.fingerprint() + ("" if precision == "fp32" else f":{precision}")
-    return Runtime(bundle, model, dev, precision, name or bundle.spec.name, fingerprint, channels_last)
+    base = bundle.fingerprint()
+    fingerprint = base + ("" if precision == "fp32" else f":{precision}")
+    return Runtime(bundle, model, dev, precision, name or bundle.spec.name, fingerprint, base, channels_last)
 
 
 def check_tile_size(rt: Runtime, tile_size: int) -> None:
@@ -151,11 +155,16 @@ def infer_slide(
     runtime: Runtime | Future[Runtime] | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    qc: str = "flag",
+    stain: StainFit | None = None,
 ) -> SlideResult:
     """Tile `slide` at `mpp` (default: the bundle's) inside tissue (and `rois`, level-0 shapely),
     run the model on every tile, and return the per-tile results. `runtime` reuses a built model; a
     Future of one (the planner builds it in a thread) is waited for only once the tiles are planned
     and the reading workers started, so the model builds while the slide is read.
+    `qc`: "flag" measures every tile's artefacts beside the model's input, "exclude" also keeps
+    flagged tiles from the model and the results, "off" does neither. `stain`: a target every
+    tile is normalised onto, by one fit on this slide's tissue tiles.
 
     Progress: a tqdm bar on a terminal; otherwise (a log file, QuPath's log window) a `progress:`
     line through `log` every PROGRESS_EVERY_S seconds."""
@@ -166,25 +175,41 @@ def infer_slide(
     tile_size = int(tile_size or bundle.tile_size)
     slide_mpp = slide.require_mpp()
     timings: dict[str, float] = {}
-    grid, thumbnail = plan_tiles(slide, mpp, tile_size, rois, min_tissue, timings)
+    grid, thumbnail, empty = plan_tiles(slide, mpp, tile_size, rois, min_tissue, timings)
     dev = _device(rt, device)
     n_workers = default_workers(dev) if workers is None else workers
-    embeddings, probs = run_model(rt, slide, grid, batch_size, n_workers, timings, device=dev,
-                                  progress=progress, log=log)
+    normalize, stain_record = None, None
+    if stain is not None and len(grid):
+        from pathapp.tiles.stain import slide_normalizer
+
+        t = time.perf_counter()
+        normalize, stain_record = slide_normalizer(slide, grid, stain)
+        timings["stain fit"] = time.perf_counter() - t
+        if normalize is None and log is not None:
+            log(f"stain: {slide.name}: {stain_record['fallback']}")
+    measure = None if qc == "off" else TileMeasurer.for_geometry(grid.geometry)
+    embeddings, probs, qc_rows = run_model(rt, slide, grid, batch_size, n_workers, timings, device=dev,
+                                           progress=progress, log=log, measure=measure, normalize=normalize,
+                                           exclude=qc == "exclude")
     if not isinstance(rt, Runtime):
         rt = rt.result()  # finished: run_model waited for it
-    extra: dict[str, np.ndarray] = {"tissue fraction": np.asarray(grid.tissue_fraction, np.float64)}
-    slide_probs = None
-    if rt.model.slide_head is not None and len(grid):
+    tile_qc, kept, extra = slide_qc(grid, qc_rows, exclude=qc == "exclude")
+    if tile_qc is not None and tile_qc.excluded and log is not None:
+        log(f"qc: {slide.name}: {int((~kept).sum())} of {len(grid)} tiles excluded ({excluded_counts(tile_qc)})")
+    extra["tissue fraction"] = np.asarray(grid.tissue_fraction, np.float64)[kept]
+    embeddings = embeddings[kept]
+    probs = None if probs is None else probs[kept]
+    slide_outputs: dict[str, float] = {}  # class probabilities, {"risk": r} or {target: value}
+    if rt.model.slide_head is not None and len(embeddings):  # none when --qc exclude dropped every tile
         with torch.inference_mode():
-            sp, attention = rt.model.slide_head(torch.from_numpy(embeddings).to(rt.device))
-        slide_probs = sp.float().cpu().numpy()
+            out, attention = rt.model.slide_head(torch.from_numpy(embeddings).to(rt.device))
+        slide_outputs = dict(zip(bundle.class_names, map(float, out.float().cpu().numpy())))
         extra["attention"] = attention.float().cpu().numpy()
     env = dist_env()
     return SlideResult(
         slide_path=str(slide.path),
         slide_name=slide.name,
-        coords=np.asarray(grid.coords, np.int64).reshape(-1, 2),
+        coords=np.asarray(grid.coords, np.int64).reshape(-1, 2)[kept],
         footprint=float(grid.footprint),
         tile_size=tile_size,
         mpp=mpp,
@@ -195,7 +220,10 @@ def infer_slide(
         probs=probs,
         embeddings=embeddings,
         extra=extra,
+        slide_outputs=slide_outputs,
+        slide_task=bundle.task if slide_outputs else None,
         thumbnail=thumbnail,
+        dicom_headers=slide.dicom_headers(),
         model_name=rt.name,
         model_fingerprint=rt.fingerprint,
         params={
@@ -210,16 +238,47 @@ def infer_slide(
             "torch_threads": torch.get_num_threads(),
             "rank": env.rank,
             "world_size": env.world_size,
-            "slide_prediction": None if slide_probs is None else dict(zip(bundle.class_names, map(float, slide_probs))),
+            "slide_prediction": slide_outputs or None,
+            "slide_task": bundle.task if slide_outputs else None,
+            "qc": qc,
+            "stain": stain_record,
+            "empty": empty,
         },
         timings=timings,
+        qc=tile_qc,
+    )
+
+
+def qc_slide(slide: Slide, *, mpp: float, tile_size: int, rois: Any = None, min_tissue: float | None = None,
+             batch_size: int = 32, workers: int | None = None, progress: bool = True,
+             log: Callable[[str], None] | None = None) -> SlideResult:
+    """Only quality control (no model): tile `slide` as inference would, measure every tile where
+    it is decoded, and return a SlideResult whose tiles carry their `qc: …` measures and QC class."""
+    import os
+
+    slide_mpp = slide.require_mpp()
+    timings: dict[str, float] = {}
+    grid, thumbnail, empty = plan_tiles(slide, mpp, tile_size, rois, min_tissue, timings)
+    n_workers = min(4, os.cpu_count() or 1) if workers is None else workers
+    _, _, qc_rows = run_model(None, slide, grid, batch_size, n_workers, timings, progress=progress, log=log,
+                              measure=TileMeasurer.for_geometry(grid.geometry))
+    tile_qc, _, extra = slide_qc(grid, qc_rows, exclude=False)
+    extra["tissue fraction"] = np.asarray(grid.tissue_fraction, np.float64)
+    return SlideResult(
+        slide_path=str(slide.path), slide_name=slide.name, coords=np.asarray(grid.coords, np.int64).reshape(-1, 2),
+        footprint=float(grid.footprint), tile_size=tile_size, mpp=mpp, slide_mpp=float(slide_mpp),
+        slide_size=tuple(slide.size), extra=extra, thumbnail=thumbnail, model_name="(quality control only)",
+        params={"batch_size": batch_size, "workers": n_workers, "level": grid.level, "read_size": grid.read_size,
+                "min_tissue": min_tissue, "rois": rois is not None, "qc": "flag", "empty": empty},
+        timings=timings, qc=tile_qc,
     )
 
 
 def plan_tiles(slide: Slide, mpp: float, tile_size: int, rois: Any, min_tissue: float | None,
-               timings: dict[str, float]) -> tuple[TileGrid, np.ndarray]:
-    """The tissue tiles to run and a thumbnail to draw results on (stage times into `timings`)."""
-    from pathapp.tiles import detect_tissue, make_grid
+               timings: dict[str, float]) -> tuple[TileGrid, np.ndarray, str | None]:
+    """The tissue tiles to run, a thumbnail to draw results on, and why there is no tile when there
+    is none (stage times into `timings`)."""
+    from pathapp.tiles import DEFAULT_MIN_TISSUE, detect_tissue, make_grid, why_empty
 
     t = time.perf_counter()
     tissue = detect_tissue(slide)
@@ -229,22 +288,28 @@ def plan_tiles(slide: Slide, mpp: float, tile_size: int, rois: Any, min_tissue: 
     grid = make_grid(slide, mpp, tile_size, tissue=tissue, rois=rois, **grid_kwargs)
     timings["grid"] = time.perf_counter() - t
     t = time.perf_counter()
-    # The tissue detector already decoded a low-resolution view; reuse it unless it is too small to look at.
+    # The tissue detector already decoded a low-resolution view; reuse it when it is as large as the
+    # pictures are drawn (THUMBNAIL_PX on the long side), else read one at that size from the pyramid.
     low_res = getattr(tissue, "rgb", None)
-    if low_res is not None and max(low_res.shape[:2]) >= MIN_THUMBNAIL_PX:
+    if low_res is not None and max(low_res.shape[:2]) >= min(THUMBNAIL_PX, max(slide.size)):
         thumbnail = low_res
     else:
         thumbnail = slide.thumbnail(THUMBNAIL_PX)
     timings["thumbnail"] = time.perf_counter() - t
-    return grid, thumbnail
+    empty = None if len(grid) else why_empty(grid, tissue, rois, DEFAULT_MIN_TISSUE if min_tissue is None else min_tissue)
+    return grid, thumbnail, empty
 
 
-def run_model(rt: Runtime | Future[Runtime], slide: Slide, grid: TileGrid, batch_size: int, n_workers: int,
+def run_model(rt: Runtime | Future[Runtime] | None, slide: Slide, grid: TileGrid, batch_size: int, n_workers: int,
               timings: dict[str, float], *, device: torch.device | None = None, progress: bool = True,
-              log: Callable[[str], None] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """(embeddings (N, D), per-tile probabilities (N, C) or None) of every tile of `grid`,
-    read by `n_workers` DataLoader workers, which start reading before a runtime still being built is
-    waited for; the model stage's times go into `timings`."""
+              log: Callable[[str], None] | None = None, measure: TileMeasurer | None = None,
+              normalize: Callable | None = None,
+              exclude: bool = False) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(embeddings (N, D), per-tile probabilities (N, C) or None, QC measure rows (N, M) or None) of
+    every tile of `grid`, read once by `n_workers` DataLoader workers, which also measure QC
+    (`measure`) and start reading before a runtime still being built is waited for. `normalize` maps
+    each uint8 batch on the device before the model; `exclude` keeps tiles QC flags from the model
+    (their rows stay zero). Without `rt` (QC only) no model runs. Stage times go into `timings`."""
     import torch
     from torch.utils.data import DataLoader
     from tqdm import tqdm
@@ -253,18 +318,21 @@ def run_model(rt: Runtime | Future[Runtime], slide: Slide, grid: TileGrid, batch
 
     n = len(grid)
     t_model = time.perf_counter()
+    if device is None:
+        device = rt.device if isinstance(rt, Runtime) else torch.device("cpu")
     batches = None
     if n:
-        on_gpu = (device or rt.device).type == "cuda"
-        loader = DataLoader(TileDataset(slide, grid), batch_size=batch_size, num_workers=n_workers,
-                            **loader_options(on_gpu, n_workers))
+        loader = DataLoader(TileDataset(slide, grid, measure=measure), batch_size=batch_size, num_workers=n_workers,
+                            **loader_options(device.type == "cuda", n_workers))
         batches = iter(loader)  # forks the workers, which start reading now
-    if not isinstance(rt, Runtime):
+    if rt is not None and not isinstance(rt, Runtime):
         t = time.perf_counter()
         rt = rt.result()
         timings["model_wait"] = time.perf_counter() - t
-    embeddings = np.zeros((n, rt.bundle.embedding_dim), np.float32)
-    probs = np.zeros((n, rt.bundle.num_classes), np.float32) if rt.model.tile_head is not None else None
+    dim = rt.bundle.embedding_dim if rt is not None else 0
+    embeddings = np.zeros((n, dim), np.float32)
+    probs = np.zeros((n, rt.bundle.num_classes), np.float32) if rt is not None and rt.model.tile_head is not None else None
+    qc_rows = np.zeros((n, len(MEASURES)), np.float32) if measure is not None else None
     wait = compute = 0.0
     if batches is not None:
         tty = sys.stderr.isatty()
@@ -274,14 +342,24 @@ def run_model(rt: Runtime | Future[Runtime], slide: Slide, grid: TileGrid, batch
         last_log, seen = t_model, 0
         with torch.inference_mode(), bar:
             t = time.perf_counter()
-            for x, idx in batches:
+            for batch in batches:
+                x, idx = batch[0], batch[1]
                 t1 = time.perf_counter()
                 wait += t1 - t
-                emb, p = rt.model(rt.place(x))
                 i = idx.numpy()
-                embeddings[i] = emb.float().cpu().numpy()
-                if probs is not None and p is not None:
-                    probs[i] = p.float().cpu().numpy()
+                if qc_rows is not None:
+                    qc_rows[i] = batch[2].numpy()
+                run = np.ones(len(i), bool)
+                if exclude and qc_rows is not None:
+                    run = qc_classes(columns(qc_rows[i])) == OK
+                if rt is not None and run.any():
+                    x = rt.place(x if run.all() else x[torch.from_numpy(run)])
+                    if normalize is not None:
+                        x = normalize(x)
+                    emb, p = rt.model(x)
+                    embeddings[i[run]] = emb.float().cpu().numpy()
+                    if probs is not None and p is not None:
+                        probs[i[run]] = p.float().cpu().numpy()
                 t = time.perf_counter()
                 compute += t - t1
                 bar.update(len(i))
@@ -289,12 +367,33 @@ def run_model(rt: Runtime | Future[Runtime], slide: Slide, grid: TileGrid, batch
                 if log_lines and t - last_log >= PROGRESS_EVERY_S:
                     last_log = t
                     log(f"progress: {slide.name}: {seen}/{n} tiles, {seen / (t - t_model):.1f} tiles/s")
-    timings["model"] = time.perf_counter() - t_model
+    timings["model" if rt is not None else "qc"] = time.perf_counter() - t_model
     timings["data_wait"], timings["compute"] = wait, compute
-    return embeddings, probs
+    return embeddings, probs, qc_rows
 
 
 def loader_options(on_gpu: bool, n_workers: int) -> dict[str, Any]:
     """DataLoader settings: pinned host memory on GPU (so `Runtime.place` copies asynchronously) and
     four batches read ahead per worker."""
     return {"pin_memory": on_gpu, "prefetch_factor": 4 if n_workers else None}
+
+
+def slide_qc(grid: TileGrid, qc_rows: np.ndarray | None, *, exclude: bool) -> tuple[TileQC | None, np.ndarray, dict]:
+    """The slide's TileQC, which tiles stay in the results, and the `qc: …` measurement columns of
+    those tiles (for SlideResult.extra)."""
+    n = len(grid)
+    if qc_rows is None:
+        return None, np.ones(n, bool), {}
+    measures = columns(qc_rows)
+    classes = qc_classes(measures)
+    kept = classes == OK if exclude else np.ones(n, bool)
+    tile_qc = TileQC(coords=np.asarray(grid.coords, np.int64).reshape(-1, 2), footprint=float(grid.footprint),
+                     classes=classes, kept=kept, colors=dict(ARTEFACTS), thresholds=QCThresholds().to_dict(),
+                     excluded=exclude)
+    return tile_qc, kept, {PREFIX + k: v[kept] for k, v in measures.items()}
+
+
+def excluded_counts(tile_qc: TileQC) -> str:
+    """'blur 3, pen 2' for a log line."""
+    kinds, counts = np.unique(tile_qc.classes[~tile_qc.kept], return_counts=True)
+    return ", ".join(f"{k} {c}" for k, c in zip(kinds, counts)) or "none"

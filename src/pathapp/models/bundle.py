@@ -74,6 +74,11 @@ class Bundle:
             self.class_colors = default_colors(len(self.class_names))
         if len(self.class_colors) != len(self.class_names):
             raise BundleError(f"{len(self.class_names)} class names but {len(self.class_colors)} colours")
+        patch = int(self.spec.patch_size)
+        if self.tile_size % patch:  # timm's patch embedding asserts on it, on every slide
+            lo = max(patch, self.tile_size // patch * patch)
+            raise BundleError(f"tile size {self.tile_size} px is not a multiple of {self.spec.name}'s {patch} px "
+                              f"patches; use --tile-size {lo} or {lo + patch}")
         if self.head_kind:
             n = int(self.head_config.get("num_classes", len(self.class_names)))
             if self.class_names and n != len(self.class_names):
@@ -106,6 +111,12 @@ class Bundle:
         return self.head_kind is not None
 
     @property
+    def task(self) -> str | None:
+        """What the head predicts: "classification", or for a slide head "survival" / "regression"
+        (heads.SLIDE_TASKS); None without a head."""
+        return str(self.head_config.get("task", "classification")) if self.head_kind else None
+
+    @property
     def embedding_dim(self) -> int:
         return self.spec.embed_dim * (2 if self.recipe == "cls+mean" else 1)
 
@@ -114,6 +125,7 @@ class Bundle:
         return {
             "backbone": self.spec.to_dict(),
             "head": {"kind": self.head_kind, "config": self.head_config} if self.head_kind else None,
+            "task": self.task,
             "classes": [{"name": n, "color": list(c)} for n, c in zip(self.class_names, self.class_colors)],
             "preprocessing": {"mpp": self.mpp, "tile_size": self.tile_size, "mean": list(self.mean),
                               "std": list(self.std), "recipe": self.recipe, "input": "RGB float 0..1 or uint8"},
@@ -148,17 +160,32 @@ class Bundle:
         cached or written embeddings are reused only with the model that made them."""
         import hashlib
 
-        h = hashlib.sha256()
-        for k in sorted(self.backbone_state):
-            t = self.backbone_state[k].detach().cpu().contiguous()
-            h.update(k.encode())
-            h.update(memoryview(t.view(-1).view(dtype=torch.uint8).numpy()))  # no copy of the weights
+        h = _hash_tensors(hashlib.sha256(), self.backbone_state)
         h.update(repr((self.recipe, tuple(self.mean), tuple(self.std), self.tile_size)).encode())
+        return h.hexdigest()
+
+    def head_fingerprint(self) -> str:
+        """sha256 over the head (kind, config, tensors) and its classes and colours: with
+        `fingerprint()`, everything in the bundle that decides a slide's results."""
+        import hashlib
+
+        h = _hash_tensors(hashlib.sha256(), self.head_tensors)
+        h.update(json.dumps([self.head_kind, self.head_config, self.class_names, self.class_colors],
+                            sort_keys=True, default=str).encode())
         return h.hexdigest()
 
     def build(self, device: str | torch.device = "cpu") -> PathModel:
         """The runnable model (eval mode) on `device`."""
         return PathModel(self.build_backbone(), self.build_head(), self.mean, self.std, self.recipe).to(device).eval()
+
+
+def _hash_tensors(h: Any, state: dict[str, torch.Tensor]) -> Any:
+    """Feed named tensors into a hashlib object in name order (bytes exactly as stored)."""
+    for k in sorted(state):
+        t = state[k].detach().cpu().contiguous()
+        h.update(k.encode())
+        h.update(memoryview(t.view(-1).view(dtype=torch.uint8).numpy()))  # no copy of the weights
+    return h
 
 
 class PathModel(nn.Module):
@@ -185,11 +212,14 @@ class PathModel(nn.Module):
     def slide_head(self) -> Head | None:
         return self.head if self.head is not None and self.head.kind in SLIDE_HEAD_KINDS else None
 
-    def embed(self, x: Tensor) -> Tensor:
+    def normalize(self, x: Tensor) -> Tensor:
+        """RGB uint8 or float 0..1 -> the backbone's input (the bundle's mean/std)."""
         if x.dtype == torch.uint8:
             x = x.float().div_(255)
-        x = (x.to(self.mean.dtype) - self.mean) / self.std  # normalised in fp32 whatever the backbone runs at
-        return embed(self.backbone, x.to(next(self.backbone.parameters()).dtype), self.recipe)
+        return (x.to(self.mean.dtype) - self.mean) / self.std  # in fp32 whatever the backbone runs at
+
+    def embed(self, x: Tensor) -> Tensor:
+        return embed(self.backbone, self.normalize(x).to(next(self.backbone.parameters()).dtype), self.recipe)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         e = self.embed(x)

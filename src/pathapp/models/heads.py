@@ -5,7 +5,8 @@ config + named tensors), so training code can fit a head any way it likes (sciki
 hand over plain arrays. With empty `tensors` a head starts from random init, ready to train.
 
 Tile heads map embeddings (B, D) -> probabilities (B, C) and expose `logits`. The "abmil" head is a
-slide head: a bag (N, D) -> (probabilities (C,), attention (N,)).
+slide head: a bag (N, D) -> (slide output, attention (N,)); its config `task` says what the slide
+output is (`SLIDE_TASKS`): class probabilities (C,), a Cox risk score (1,) or a value (1,).
 
 Optional input preparation shared by all heads (config keys): `"l2_normalize": true` divides each
 embedding by its norm; `"standardize": true` subtracts tensor `input_mean` and divides by `input_std`
@@ -26,6 +27,7 @@ from pathapp.errors import PathappError
 
 HEAD_KINDS: tuple[str, ...] = ("linear", "mlp", "prototype", "knn", "abmil")
 SLIDE_HEAD_KINDS: tuple[str, ...] = ("abmil",)
+SLIDE_TASKS: tuple[str, ...] = ("classification", "survival", "regression")
 
 
 class HeadError(PathappError):
@@ -167,13 +169,23 @@ class KNNHead(Head):
 class ABMILHead(Head):
     """Gated attention MIL (Ilse et al. 2018) over a bag of tile embeddings.
 
-    Config `hidden_dim` (256), `attn_dim` (128), `dropout`. forward(bag (N, D)) ->
-    (probs (C,), attention (N,) summing to 1)."""
+    Config `hidden_dim` (256), `attn_dim` (128), `dropout`, and `task`:
+    - "classification" (default): forward -> (probabilities (C,), attention (N,) summing to 1);
+    - "survival": one output, the Cox log relative hazard minus `risk_offset` (the median over the
+      training slides), so a risk above 0 means a worse prognosis than the median training slide;
+    - "regression": one output, the value in the target's units (the head learns standardised
+      targets; `target_mean` and `target_std` undo it).
+    `logits` is always the raw output, what training losses see."""
 
     kind = "abmil"
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__(config)
+        self.task = str(config.get("task", "classification"))
+        if self.task not in SLIDE_TASKS:
+            raise HeadError(f"abmil head task {self.task!r} is not one of {', '.join(SLIDE_TASKS)}")
+        if self.task != "classification" and self.num_classes != 1:
+            raise HeadError(f"an abmil {self.task} head has one output, not num_classes={self.num_classes}")
         hidden, attn = int(config.get("hidden_dim", 256)), int(config.get("attn_dim", 128))
         drop = float(config.get("dropout", 0.0))
         self.fc = nn.Sequential(nn.Linear(self.in_dim, hidden), nn.ReLU(), nn.Dropout(drop))
@@ -182,19 +194,40 @@ class ABMILHead(Head):
         self.attn_w = nn.Linear(attn, 1)
         self.classifier = nn.Linear(hidden, self.num_classes)
 
-    def attend(self, bag: Tensor) -> tuple[Tensor, Tensor]:
-        """(slide logits (C,), attention (N,))."""
+    def attend(self, bag: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(raw slide output (C,), attention (N,)) for a bag (N, D); or, for bags padded to (B, N, D)
+        with `mask` (B, N) true where a tile is (training several bags at once), (B, C) and (B, N)."""
         h = self.fc(self.prepare(bag))
         scores = self.attn_w(torch.tanh(self.attn_v(h)) * torch.sigmoid(self.attn_u(h))).squeeze(-1)
-        attention = scores.softmax(dim=0)
-        return self.classifier(attention @ h), attention
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        attention = scores.softmax(dim=-1)
+        return self.classifier((attention.unsqueeze(-2) @ h).squeeze(-2)), attention
 
     def logits(self, bag: Tensor) -> Tensor:
         return self.attend(bag)[0]
 
+    def replace_one(self, bag: Tensor, index: int, candidates: Tensor) -> Tensor:
+        """Slide probabilities (B, C) when tile `index` of the bag takes each of the B `candidates`
+        embeddings in turn, the other tiles unchanged: how one tile's content moves the slide call."""
+        h = self.fc(self.prepare(bag))
+        scores = self.attn_w(torch.tanh(self.attn_v(h)) * torch.sigmoid(self.attn_u(h))).squeeze(-1)
+        hc = self.fc(self.prepare(candidates))
+        sc = self.attn_w(torch.tanh(self.attn_v(hc)) * torch.sigmoid(self.attn_u(hc))).squeeze(-1)
+        keep = torch.ones_like(scores, dtype=torch.bool)
+        keep[index] = False
+        top = torch.maximum(scores[keep].max() if keep.any() else sc.min(), sc.max())  # one shift: stable exp
+        w_rest, w_new = (scores[keep] - top).exp(), (sc - top).exp()
+        pooled = (w_rest @ h[keep] + w_new[:, None] * hc) / (w_rest.sum() + w_new)[:, None]
+        return self.classifier(pooled).softmax(dim=-1)
+
     def forward(self, bag: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        logits, attention = self.attend(bag)
-        return logits.softmax(dim=-1), attention
+        out, attention = self.attend(bag)
+        if self.task == "classification":
+            return out.softmax(dim=-1), attention
+        if self.task == "survival":
+            return out - float(self.config.get("risk_offset", 0.0)), attention
+        return out * float(self.config.get("target_std", 1.0)) + float(self.config.get("target_mean", 0.0)), attention
 
 
 _KINDS: dict[str, type[Head]] = {c.kind: c for c in (LinearHead, MLPHead, PrototypeHead, KNNHead, ABMILHead)}
@@ -274,7 +307,9 @@ def read_head_file(path: str | Path) -> tuple[str, dict[str, Any], dict[str, Ten
     except HeadError:
         raise
     except Exception as e:  # json, torch and safetensors each raise their own errors
-        raise HeadError(f"{path}: not a head file ({type(e).__name__}: {str(e).splitlines()[0][:150]}); expected "
+        from pathapp.models.weights import why_unreadable
+
+        raise HeadError(f"{path}: not a head file ({why_unreadable(e)}); expected "
                         f'{{"kind", "config", "tensors"}} in .json/.pt or a .safetensors head') from None
     build_head(kind, config, tensors)
     return kind, config, tensors, doc.get("class_names")

@@ -102,6 +102,21 @@ def hub_weights_file(spec: BackboneSpec) -> Path:
         f"pass --weights FILE with a local checkpoint")
 
 
+def why_unreadable(e: BaseException) -> str:
+    """Why torch or safetensors could not read a file, in one whole sentence: torch's own messages
+    about refused pickles run to paragraphs, and cut short they stop mid-sentence."""
+    import pickle
+
+    text = " ".join(str(e).split())
+    found = re.search(r"(?:unsupported|Unsupported global:) GLOBAL ([\w.]+)", text)
+    if found or isinstance(e, pickle.UnpicklingError):
+        what = f" ({found.group(1)})" if found else ""
+        return (f"it holds pickled Python code{what} besides tensors, which pathapp never runs; re-save it with "
+                f"tensors only (torch.save(model.state_dict(), path)) or as .safetensors")
+    first = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0] if text else ""
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """Tensors of a checkpoint file, unwrapped and with the backbone's prefix removed."""
     import torch
@@ -118,7 +133,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # each reader raises its own types; all mean "not a checkpoint we read"
         raise WeightsError(f"{path}: not a readable checkpoint (.pth/.bin/.safetensors with tensors only): "
-                           f"{str(e).splitlines()[0][:200]}") from None
+                           f"{why_unreadable(e)}") from None
     state = _unwrap(obj)
     if not state:
         raise WeightsError(f"{path}: holds no tensors")

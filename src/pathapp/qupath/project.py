@@ -14,6 +14,7 @@ from pathapp.errors import PathappError
 from pathapp.qupath.geojson import argb_to_rgb
 
 PROJECT_FILE = "project.qpproj"
+TAG = "pathapp"  # objects pathapp writes into a project are named "pathapp" or "pathapp: <class>"
 DICOM_SUFFIXES = (".dcm", ".dicom")
 # Top-level folders of a project that hold QuPath's (and pathapp's) own files, never images.
 _SKIP_DIRS = {"data", "classifiers", "scripts", "pathapp", ".git"}
@@ -103,6 +104,11 @@ def read_classes(project_dir: Path) -> dict[str, tuple[int, int, int]]:
     return out
 
 
+def is_pathapp_object(name: str | None) -> bool:
+    """True for the objects an earlier pathapp run wrote into a project (see TAG)."""
+    return name is not None and (name == TAG or name.startswith(TAG + ":"))
+
+
 def results_dir(project: QuPathProject, entry: ProjectEntry) -> Path:
     """Where pathapp's results for an entry go: <project dir>/pathapp/<entryID>/."""
     return project.dir / "pathapp" / str(entry.entry_id)
@@ -113,13 +119,13 @@ def _entry(raw: dict, index: int, qpproj: Path, old_uri: str | None, finder: _Fi
     name = raw.get("imageName") or f"entry {entry_id}"
     chain = _builder_chain(raw.get("serverBuilder") or {})
     base = chain[-1] if chain else {}
-    meta = next((b["metadata"] for b in chain if isinstance(b.get("metadata"), dict)), {})
+    meta = builder_metadata(raw.get("serverBuilder") or {})
     entry = ProjectEntry(
         entry_id=entry_id,
         name=name,
         uri=base.get("uri"),
         image_path=None,
-        mpp=_mpp(meta),
+        mpp=metadata_mpp(meta),
         width=meta.get("width"),
         height=meta.get("height"),
         provider=base.get("providerClassName"),
@@ -179,7 +185,14 @@ def _builder_chain(builder: dict) -> list[dict]:
     return chain
 
 
-def _mpp(meta: dict) -> float | None:
+def builder_metadata(builder: dict) -> dict:
+    """The image metadata (width, height, pixelCalibration, ...) of a server builder: the first one
+    stored along its chain of wrappers. QuPath writes the same JSON into project.qpproj and data.qpdata."""
+    return next((b["metadata"] for b in _builder_chain(builder) if isinstance(b.get("metadata"), dict)), {})
+
+
+def metadata_mpp(meta: dict) -> float | None:
+    """µm/px from a server's metadata, or None when it has no calibration in µm."""
     cal = meta.get("pixelCalibration") or {}
     width = cal.get("pixelWidth") or {}
     value, unit = width.get("value"), str(width.get("unit", "µm"))

@@ -12,8 +12,10 @@ from pathapp.atomic import atomic_path
 from pathapp.results.result import SlideResult
 
 
-def write_embeddings(result: SlideResult, path: Path) -> Path | None:
-    """Write features, coords and their attributes atomically; None when there are no embeddings."""
+def write_embeddings(result: SlideResult, path: Path, heatmaps: dict[str, np.ndarray] | None = None) -> Path | None:
+    """Write features, coords and their attributes atomically; None when there are no embeddings.
+    `heatmaps` (name -> float32 grid, NaN where no tile; `heatmap.raw_heatmaps`) go to the group
+    /heatmaps with the grid's scale, for programs that want the maps rather than the pictures."""
     if result.embeddings is None:
         return None
     features = np.asarray(result.embeddings, dtype=np.float32)  # (N, D), also when N = 0
@@ -42,6 +44,14 @@ def write_embeddings(result: SlideResult, path: Path) -> Path | None:
         if result.probs is not None:
             f.create_dataset("probs", data=np.asarray(result.probs, dtype=np.float32))
             f.attrs["class_names"] = list(result.class_names)
+        if "attention" in result.extra:  # attention-MIL bundles: the pooling weights of the slide embedding
+            f.create_dataset("attention", data=np.asarray(result.extra["attention"], dtype=np.float32))
+        if heatmaps:
+            group = f.create_group("heatmaps")
+            group.attrs["scale"] = float(result.footprint)  # level-0 px per grid cell
+            group.attrs["encoding"] = "cell (i, j) covers level-0 [j*scale, (j+1)*scale) x [i*scale, (i+1)*scale); NaN: no tile"
+            for name, grid in heatmaps.items():
+                group.create_dataset(name, data=grid, compression="gzip")
     return Path(path)
 
 
@@ -49,3 +59,10 @@ def read_embeddings(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
     """features, coords and attributes of an embeddings.h5 (ours, CLAM's or TRIDENT's)."""
     with h5py.File(path, "r") as f:
         return f["features"][()], f["coords"][()], dict(f.attrs)
+
+
+def read_tile_extras(path: str | Path) -> dict[str, np.ndarray]:
+    """The optional per-tile datasets of an embeddings.h5: `probs` (with the `class_names`
+    attribute) and `attention`, where the writing model had them."""
+    with h5py.File(path, "r") as f:
+        return {k: f[k][()] for k in ("probs", "attention") if k in f}

@@ -1,20 +1,23 @@
-"""Pictures of a SlideResult: per-class heatmaps on a tile-stride grid aligned with level 0, an
-overlay on the thumbnail for people, and the classic DINOv2 PCA picture for a headless bundle.
+"""Pictures of a SlideResult, at the thumbnail's resolution: per-class heatmaps (and attention), an
+overlay of the predicted classes, and the classic DINOv2 PCA picture for a headless bundle.
 
-Heatmap pixel (i, j) covers level-0 [i*scale, (i+1)*scale) × [j*scale, (j+1)*scale) with
-scale = the tile footprint; run.json records it so the maps can be put back on the slide."""
+The per-tile values are first put on the heatmap grid, one cell per tile footprint: cell (i, j)
+covers level-0 [j*scale, (j+1)*scale) × [i*scale, (i+1)*scale) with scale = the footprint; run.json
+records it. Those raw grids go to embeddings.h5 for programs (`raw_heatmaps`); the pictures look
+each thumbnail pixel up in them."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from pathapp.atomic import atomic_path
+from pathapp.results.pictures import ColourBar, blend, colourise, muted, save_figure
 from pathapp.results.result import SlideResult
 
-OVERLAY_ALPHA = 0.45  # weight of the map over the thumbnail where a tile was scored
+OVERLAY_ALPHA = 0.45  # weight of the class colours over the thumbnail where a tile was scored
+HEATMAP_ALPHA = 0.8  # weight of the colour map over the greyed slide
+PROB_LABEL = "prob: "  # as the QuPath measurement (results.geojson.PROB_PREFIX)
 
 
 def heatmap_scale(result: SlideResult) -> float:
@@ -29,23 +32,24 @@ def heatmap_shape(result: SlideResult) -> tuple[int, int]:
     return max(1, int(np.ceil(h / s))), max(1, int(np.ceil(w / s)))
 
 
-def tile_cells(result: SlideResult) -> tuple[np.ndarray, np.ndarray]:
-    """Row and column of the heatmap pixel holding each tile's centre."""
+def tile_cells(result: SlideResult, coords: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column of the heatmap pixel holding each tile's centre (of `coords`, default the result's)."""
     s = heatmap_scale(result)
     rows, cols = heatmap_shape(result)
-    centre = result.coords.astype(np.float64) + result.footprint / 2
+    centre = np.asarray(result.coords if coords is None else coords, dtype=np.float64) + result.footprint / 2
     c = np.clip((centre[:, 0] // s).astype(np.int64), 0, cols - 1)
     r = np.clip((centre[:, 1] // s).astype(np.int64), 0, rows - 1)
     return r, c
 
 
-def rasterise(result: SlideResult, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def rasterise(result: SlideResult, values: np.ndarray, coords: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per-pixel mean of `values` ((N,) or (N, K)) over the tiles in each heatmap pixel, and the
-    mask of pixels that hold a tile (overlapping tiles can share a pixel)."""
+    mask of pixels that hold a tile (overlapping tiles can share a pixel). `coords`: the tiles'
+    level-0 corners, default the result's."""
     rows, cols = heatmap_shape(result)
     values = np.asarray(values, dtype=np.float64)
     flat = values.reshape(len(values), -1)
-    r, c = tile_cells(result)
+    r, c = tile_cells(result, coords)
     idx = r * cols + c
     total = np.zeros((rows * cols, flat.shape[1]))
     np.add.at(total, idx, flat)
@@ -55,42 +59,78 @@ def rasterise(result: SlideResult, values: np.ndarray) -> tuple[np.ndarray, np.n
     return total.reshape(rows, cols, *values.shape[1:]), mask.reshape(rows, cols)
 
 
-def save_png(img: np.ndarray, path: Path) -> Path:
-    """Write a uint8 array as PNG atomically."""
-    with atomic_path(path) as tmp:
-        Image.fromarray(img).save(tmp, format="PNG", compress_level=1)  # 3x faster than default, ~same size
-    return Path(path)
-
-
 # per-tile model outputs besides class probabilities that get a map (tissue fraction and the like do not)
 HEATMAP_EXTRAS = {"attention"}
-
-
-def write_class_heatmaps(result: SlideResult, out_dir: Path) -> list[Path]:
-    """heatmap-<class>.png: grey value = round(255 × mean probability), alpha 0 where no tile; and
-    heatmap-<name>.png for each of HEATMAP_EXTRAS present (attention), min-max scaled."""
-    if len(result) == 0:
-        return []
-    maps: dict[str, np.ndarray] = {}
-    if result.probs is not None:
-        maps.update({name: result.probs[:, k] for k, name in enumerate(result.class_names)})
-    for name in HEATMAP_EXTRAS.intersection(result.extra):
-        v = np.asarray(result.extra[name], dtype=np.float64)
-        span = float(v.max() - v.min()) if len(v) else 0.0
-        maps.setdefault(name, (v - v.min()) / span if span > 0 else np.zeros_like(v))
-    paths = []
-    for name, values in maps.items():
-        grid, mask = rasterise(result, values)
-        grey = np.round(np.clip(grid, 0, 1) * 255).astype(np.uint8)
-        alpha = np.where(mask, 255, 0).astype(np.uint8)
-        paths.append(save_png(np.dstack([grey, alpha]), Path(out_dir) / f"heatmap-{safe_name(name)}.png"))
-    return paths
 
 
 def safe_name(name: str) -> str:
     """A class name usable in a file name on every OS."""
     keep = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name.strip())
     return keep or "class"
+
+
+def heatmap_values(result: SlideResult) -> dict[str, tuple[np.ndarray, ColourBar]]:
+    """Per map name, the per-tile values and how to colour them: each class's probability on a fixed
+    0..1 scale, and each of HEATMAP_EXTRAS present (attention) between its own min and max."""
+    if len(result) == 0:
+        return {}
+    maps: dict[str, tuple[np.ndarray, ColourBar]] = {}
+    if result.probs is not None:
+        for k, name in enumerate(result.class_names):
+            maps[name] = (result.probs[:, k], ColourBar(f"{PROB_LABEL}{name}", 0.0, 1.0, "viridis"))
+    for name in sorted(HEATMAP_EXTRAS.intersection(result.extra)):
+        v = np.asarray(result.extra[name], dtype=np.float64)
+        finite = v[np.isfinite(v)]
+        lo, hi = (float(finite.min()), float(finite.max())) if len(finite) else (0.0, 1.0)
+        maps.setdefault(name, (v, ColourBar(name, lo, hi, "inferno")))
+    return maps
+
+
+def raw_heatmaps(result: SlideResult) -> dict[str, np.ndarray]:
+    """The maps for programs: float32 (rows, cols) on the heatmap grid, NaN where no tile."""
+    out = {}
+    for name, (values, _) in heatmap_values(result).items():
+        grid, mask = rasterise(result, values)
+        out[name] = np.where(mask, grid, np.nan).astype(np.float32)
+    return out
+
+
+def thumbnail_um_per_px(result: SlideResult) -> float:
+    """µm per thumbnail pixel (the thumbnail spans the whole slide)."""
+    return float(result.slide_size[0] / result.thumbnail.shape[1] * result.slide_mpp)
+
+
+def on_thumbnail(result: SlideResult, grid: np.ndarray) -> np.ndarray:
+    """A heatmap-grid array looked up at every thumbnail pixel: each pixel takes the heatmap pixel
+    under its level-0 centre (exact alignment, nothing interpolated)."""
+    th, tw = result.thumbnail.shape[:2]
+    w0, h0 = result.slide_size
+    s = heatmap_scale(result)
+    cols = np.minimum(((np.arange(tw) + 0.5) * (w0 / tw) // s).astype(np.int64), grid.shape[1] - 1)
+    rows = np.minimum(((np.arange(th) + 0.5) * (h0 / th) // s).astype(np.int64), grid.shape[0] - 1)
+    return grid[np.ix_(rows, cols)]
+
+
+def _figure(result: SlideResult, image: np.ndarray, path: Path, title: str, **kwargs) -> Path:
+    note = f"{result.slide_name} · {result.model_name} · {result.mpp:g} µm/px · {len(result)} tiles"
+    return save_figure(path, image, um_per_px=thumbnail_um_per_px(result),
+                       scale=result.slide_size[0] / result.thumbnail.shape[1], title=title, note=note, **kwargs)
+
+
+def write_class_heatmaps(result: SlideResult, out_dir: Path) -> list[Path]:
+    """heatmap-<name>.png per class probability (and attention): the map at the thumbnail's
+    resolution over the greyed slide, perceptual colour map, colour bar, scale bar."""
+    if result.thumbnail is None:
+        return []
+    paths = []
+    base = muted(result.thumbnail)
+    for name, (values, bar) in heatmap_values(result).items():
+        grid, mask = rasterise(result, values)
+        colour = colourise(on_thumbnail(result, grid), bar)
+        shown = on_thumbnail(result, mask & np.isfinite(grid))
+        img = blend(base, colour, np.where(shown, HEATMAP_ALPHA, 0.0))
+        paths.append(_figure(result, img, Path(out_dir) / f"heatmap-{safe_name(name)}.png", bar.label, bar=bar))
+    return paths
 
 
 def class_colour_map(result: SlideResult) -> tuple[np.ndarray, np.ndarray]:
@@ -121,33 +161,61 @@ def pca_rgb(embeddings: np.ndarray) -> np.ndarray:
 
 
 def write_pca(result: SlideResult, out_dir: Path, colours: np.ndarray | None = None) -> Path | None:
-    """pca.png on the heatmap grid, transparent where no tile. `colours`: pca_rgb, if computed."""
-    if result.embeddings is None or len(result) == 0:
+    """pca.png: the first three principal components of the embeddings as RGB at the thumbnail's
+    resolution, over the greyed slide. `colours`: pca_rgb, if computed."""
+    if result.embeddings is None or len(result) == 0 or result.thumbnail is None:
         return None
     rgb, mask = rasterise(result, pca_rgb(result.embeddings) if colours is None else colours)
-    img = np.dstack([np.round(rgb).astype(np.uint8), np.where(mask, 255, 0).astype(np.uint8)])
-    return save_png(img, Path(out_dir) / "pca.png")
+    img = blend(muted(result.thumbnail), on_thumbnail(result, rgb), np.where(on_thumbnail(result, mask), 1.0, 0.0))
+    return _figure(result, img, Path(out_dir) / "pca.png", "embeddings: first 3 principal components as RGB")
+
+
+def write_thumbnail(result: SlideResult, out_dir: Path) -> Path | None:
+    """thumbnail.png: the slide as inference saw it, with a scale bar."""
+    if result.thumbnail is None:
+        return None
+    return _figure(result, np.asarray(result.thumbnail)[..., :3], Path(out_dir) / "thumbnail.png", result.slide_name)
 
 
 def write_overlay(result: SlideResult, out_dir: Path, pca_colours: np.ndarray | None = None) -> Path | None:
     """overlay.png: the thumbnail with the class colours (or the PCA colours of a headless bundle)
-    blended in where tiles were scored; confident tiles show stronger."""
-    if result.thumbnail is None or len(result) == 0:
+    blended in where tiles were scored, confident tiles stronger; a class legend and a scale bar.
+    Without tiles it is the framed thumbnail, so that an empty result can be looked at to see why."""
+    if result.thumbnail is None:
         return None
+    if len(result) == 0:
+        return _figure(result, np.asarray(result.thumbnail)[..., :3], Path(out_dir) / "overlay.png", result.slide_name)
+    legend = None
     if result.probs is not None:
         rgb, weight = class_colour_map(result)
+        legend = [(n, tuple(c)) for n, c in zip(result.class_names, result.class_colors)]
     elif result.embeddings is not None:
         rgb, mask = rasterise(result, pca_rgb(result.embeddings) if pca_colours is None else pca_colours)
         weight = mask.astype(np.float64)
     else:
         return None
+    title = "predicted class (opacity = probability)" if legend else "embeddings: PCA colours"
+    return _blend(result, rgb, weight, Path(out_dir) / "overlay.png", title, legend)
+
+
+def write_qc_overlay(result: SlideResult, out_dir: Path) -> Path | None:
+    """overlay-qc.png: the thumbnail with each artefact kind's colour where QC flagged tiles
+    (kept or excluded); tiles that passed are left as they are."""
+    if result.thumbnail is None or result.qc is None or not len(result.qc.classes):
+        return None
+    qc = result.qc
+    palette = {k: np.asarray(c, np.float64) for k, c in qc.colors.items()}
+    flagged = np.array([c in palette for c in qc.classes])
+    colours = np.array([palette.get(c, np.zeros(3)) for c in qc.classes]).reshape(-1, 3)
+    rgb, _ = rasterise(result, colours, qc.coords)
+    weight, _ = rasterise(result, flagged.astype(np.float64), qc.coords)
+    return _blend(result, rgb / np.maximum(weight, 1e-9)[..., None], weight, Path(out_dir) / "overlay-qc.png",
+                  "quality control: tiles flagged", [(k, tuple(int(v) for v in c)) for k, c in qc.colors.items()])
+
+
+def _blend(result: SlideResult, rgb: np.ndarray, weight: np.ndarray, path: Path, title: str,
+           legend: list[tuple[str, tuple[int, int, int]]] | None = None) -> Path:
+    """The thumbnail with a heatmap-grid colour map blended in, OVERLAY_ALPHA × weight strong."""
     thumb = np.asarray(result.thumbnail, dtype=np.float32)[..., :3]
-    th, tw = thumb.shape[:2]
-    # Each thumbnail pixel looks up the heatmap pixel under its level-0 position (exact alignment).
-    w0, h0 = result.slide_size
-    s = heatmap_scale(result)
-    cols = np.minimum(((np.arange(tw) + 0.5) * (w0 / tw) // s).astype(np.int64), rgb.shape[1] - 1)
-    rows = np.minimum(((np.arange(th) + 0.5) * (h0 / th) // s).astype(np.int64), rgb.shape[0] - 1)
-    a = (OVERLAY_ALPHA * weight.astype(np.float32))[np.ix_(rows, cols)][..., None]
-    blended = thumb + (rgb.astype(np.float32)[np.ix_(rows, cols)] - thumb) * a
-    return save_png(np.round(blended).astype(np.uint8), Path(out_dir) / "overlay.png")
+    img = blend(thumb, on_thumbnail(result, rgb), OVERLAY_ALPHA * on_thumbnail(result, weight))
+    return _figure(result, img, path, title, legend=legend)

@@ -8,6 +8,20 @@ import numpy as np
 
 
 @dataclass
+class TileQC:
+    """The QC of every tile the grid held, kept in the results or excluded from them: writers draw
+    and count artefacts from it. Measures of kept tiles travel in SlideResult.extra (`qc: …`)."""
+
+    coords: np.ndarray  # (M, 2) level-0 top-left x, y of every measured tile
+    footprint: float  # level-0 px per tile side (the SlideResult's)
+    classes: np.ndarray  # (M,) str: "ok" or the artefact kind of each tile
+    kept: np.ndarray  # (M,) bool: the tile is in the SlideResult (in its order)
+    colors: dict[str, tuple[int, int, int]]  # artefact kind -> display colour
+    thresholds: dict[str, float]
+    excluded: bool = False  # flagged tiles were dropped from the model and the results (--qc exclude)
+
+
+@dataclass
 class SlideResult:
     """Per-tile results for one slide. Writers only format these numbers; none recomputes them."""
 
@@ -24,11 +38,18 @@ class SlideResult:
     probs: np.ndarray | None = None  # (N, C) float32, rows sum to 1; None for a headless bundle
     embeddings: np.ndarray | None = None  # (N, D) float32
     extra: dict[str, np.ndarray] = field(default_factory=dict)  # more per-tile measurements (N,)
+    # a slide head's prediction for the whole slide: class probabilities, {"risk": r} or {target: value}
+    slide_outputs: dict[str, float] = field(default_factory=dict)
+    slide_task: str | None = None  # "classification" | "survival" | "regression" when slide_outputs is set
     thumbnail: np.ndarray | None = None  # RGB uint8, for heatmap overlays
     model_name: str = ""
     model_fingerprint: str = ""  # Bundle.fingerprint(): lets training reuse these embeddings safely
     params: dict = field(default_factory=dict)  # run parameters for run.json
+    # A DICOM-WSI source's level headers (Slide.dicom_headers: pydicom Datasets, level 0 first, no
+    # pixels), which DICOM results reference; None for other formats.
+    dicom_headers: list | None = None
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    qc: TileQC | None = None  # per-tile quality control, when it ran
 
     def __len__(self) -> int:
         return int(len(self.coords))

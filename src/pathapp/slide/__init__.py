@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import logging
 import warnings
 
-from pathapp.errors import SlideOpenError
+from pathapp.atomic import OUTPUT_MARKER
+from pathapp.errors import SlideOpenError, one_line
 from pathapp.slide.base import Level, Slide, slide_name
 
-__all__ = ["BACKENDS", "IMAGE_SUFFIXES", "Level", "Slide", "find_slides", "is_slide_file", "open_slide", "detect_backend", "slide_name"]
+__all__ = ["BACKENDS", "IMAGE_SUFFIXES", "Level", "Slide", "detect_backend", "expand_slide_inputs", "find_slides",
+           "is_slide_file", "is_url", "open_slide", "slide_name"]
 
 # Library chatter (tifffile's damaged-file log lines, pydicom's over-long UID warnings) would bury the
 # one-line message the user needs; failures still surface as SlideOpenError.
 logging.getLogger("tifffile").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", module="pydicom")
 
-BACKENDS = ("openslide", "wsidicom", "tifffile", "pil")
+BACKENDS = ("openslide", "wsidicom", "tifffile", "pil")  # file readers; "dicomweb" is chosen by the address
 
 # Plain image files (labelled tiles, tile folders, PNG/JPEG "slides"): one list for every reader of them.
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"})
@@ -77,6 +83,8 @@ def _backend_class(name: str) -> type[Slide]:
         from pathapp.slide.tiff_backend import TiffSlide as cls
     elif name == "pil":
         from pathapp.slide.pil_backend import PilSlide as cls
+    elif name == "dicomweb":
+        from pathapp.slide.dicomweb_backend import DicomWebSlide as cls
     else:
         raise SlideOpenError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     return cls
@@ -86,7 +94,10 @@ def open_slide(path: str | Path, backend: str | None = None, slide_mpp: float | 
     """Open a slide. `backend` forces one of BACKENDS; `slide_mpp` overrides the file's own µm/px
     (`--slide-mpp`; the resolution tiles are analysed at is always called `mpp`).
 
+    `path` may also be a DICOMweb address, `dicomweb+http(s)://host/<root>/studies/<UID>/series/<UID>`.
     Every failure becomes a SlideOpenError whose one-line message names the file."""
+    if is_url(path):
+        return _open_url(str(path), backend, slide_mpp)
     p = Path(path)
     if not p.exists():
         raise SlideOpenError(f"{p}: no such file or folder")
@@ -101,12 +112,57 @@ def open_slide(path: str | Path, backend: str | None = None, slide_mpp: float | 
     except SlideOpenError:
         raise
     except Exception as e:  # noqa: BLE001 - each library raises its own types; the user needs one line
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = one_line(e)
         raise SlideOpenError(
             f"{p}: cannot be read by the {name} backend ({reason[:200]}); check that the file is "
             f"complete and a slide, or force another reader with --backend"
         ) from e
     return slide
+
+
+def is_url(path: str | Path) -> bool:
+    """A web address rather than a file: only strings can be (a Path folds the '//')."""
+    return isinstance(path, str) and re.match(r"^[a-z][a-z0-9+.-]*://", path.strip().lower()) is not None
+
+
+def _open_url(url: str, backend: str | None, slide_mpp: float | None) -> Slide:
+    from pathapp.slide.dicomweb_backend import DicomWebSlide, is_dicomweb_url, redact
+
+    if not is_dicomweb_url(url):
+        raise SlideOpenError(f"{redact(url)}: pathapp reads slides over the web from DICOMweb servers only; "
+                             f"write the address as dicomweb+http(s)://host/<root>/studies/<UID>[/series/<UID>]")
+    if backend not in (None, "dicomweb"):
+        raise SlideOpenError(f"{redact(url)}: --backend {backend} reads files; drop it for a DICOMweb address")
+    if slide_mpp is not None and not slide_mpp > 0:
+        raise SlideOpenError(f"{redact(url)}: --slide-mpp must be a positive number of µm per pixel, got {slide_mpp}")
+    try:
+        return DicomWebSlide(url, slide_mpp)
+    except SlideOpenError:
+        raise
+    except Exception as e:  # noqa: BLE001 - wsidicom rejects odd metadata with its own types
+        reason = one_line(e)
+        raise SlideOpenError(f"{redact(url)}: cannot be read as a whole-slide image over DICOMweb "
+                             f"({redact(reason)[:200]})") from e
+
+
+def expand_slide_inputs(inputs: Iterable[str | Path]) -> tuple[list[str | Path], list[str]]:
+    """The slides that command-line inputs name, and a one-line error for each input that names none:
+    a DICOMweb study gives each of its whole-slide series (one address each); anything else is
+    itself (opening it reports its own errors)."""
+    slides: list[str | Path] = []
+    errors: list[str] = []
+    for item in inputs:
+        if is_url(item):
+            from pathapp.slide.dicomweb_backend import is_dicomweb_url, wsi_series
+
+            if is_dicomweb_url(str(item)):
+                try:
+                    slides += wsi_series(str(item))
+                except SlideOpenError as e:
+                    errors.append(str(e))
+                continue
+        slides.append(item)
+    return slides, errors
 
 
 def is_slide_file(path: Path) -> bool:
@@ -120,13 +176,17 @@ def is_slide_file(path: Path) -> bool:
 
 def find_slides(folder: str | Path) -> list[Path]:
     """Slides under `folder`, sorted. The files of one DICOM series count as one slide: the folder
-    when it holds just that series, else the series' first file (open_slide gathers the rest)."""
+    when it holds just that series, else the series' first file (open_slide gathers the rest).
+    Folders pathapp wrote results into (marked with OUTPUT_MARKER) are skipped with all below them."""
     import pydicom
 
     from pathapp.slide.dicom_backend import is_dicom_file
 
     found: list[Path] = []
-    for d, _, names in os.walk(folder):
+    for d, subdirs, names in os.walk(folder):
+        if OUTPUT_MARKER in names:  # pathapp's own results (PNG heatmaps are not slides)
+            subdirs.clear()
+            continue
         here = Path(d)
         files = sorted(here / n for n in names)
         dicom = [f for f in files if f.suffix.lower() in {".dcm", ".dicom", ""} and is_dicom_file(f)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,12 @@ READ_BLOCK = 1024  # level pixels per side read at once: bounds peak memory what
 
 def slide_name(path: str | Path) -> str:
     """A slide's name for output folders, known without opening it: the file stem (without
-    .ome.tif[f]), or the folder name of a DICOM series folder."""
+    .ome.tif[f]), the folder name of a DICOM series folder, or the series (else study) UID of a
+    DICOMweb address."""
+    if isinstance(path, str) and path.lower().startswith("dicomweb+"):
+        from pathapp.slide.dicomweb_backend import parse_dicomweb_url
+
+        return parse_dicomweb_url(path).name
     p = Path(path)
     for suffix in (".ome.tiff", ".ome.tif"):
         if p.name.lower().endswith(suffix):
@@ -90,6 +96,10 @@ class Slide(ABC):
             out[y0 - ly : y1 - ly, x0 - lx : x1 - lx] = self._read_level(x0, y0, x1 - x0, y1 - y0, level)
         return out
 
+    def prefetch(self, regions: Sequence[tuple[int, int, int, int]], level: int = 0) -> None:
+        """Get ready to `read` each (x, y, w, h) region (x, y level-0 px, w × h px at `level`) soon.
+        A no-op for files; a DICOMweb slide fetches all their missing frames in one request."""
+
     @abstractmethod
     def _read_level(self, x: int, y: int, w: int, h: int, level: int) -> np.ndarray:
         """RGB uint8 (h, w, 3) at `level`, x, y in that level's pixels, the region inside the image."""
@@ -133,11 +143,19 @@ class Slide(ABC):
 
         w0, h0 = self.size
         scale = max(max(w0, h0) / max_px, 1.0)
-        region, _ = self.read_low_res(scale)
+        # read at a whole-number reduction of the level that is no coarser than the thumbnail, then shrink
+        # once (antialiased): never enlarge a coarser read, which blurs
+        lv = self.levels[self.best_level_for_downsample(scale)]
+        region, _ = self.read_low_res(lv.downsample * max(1, int(scale / lv.downsample + 1e-9)))
         tw, th = max(1, min(round(w0 / scale), max_px)), max(1, min(round(h0 / scale), max_px))
         if (tw, th) == (region.shape[1], region.shape[0]):
             return region
         return np.asarray(Image.fromarray(region).resize((tw, th), Image.BILINEAR))
+
+    def dicom_headers(self) -> list | None:
+        """For a DICOM-WSI slide, each pyramid level's header (pydicom Datasets, level 0 first, no
+        pixel data), which DICOM results must reference; None for every other format."""
+        return None
 
     def close(self) -> None:
         """Release file handles."""

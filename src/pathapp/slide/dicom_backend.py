@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pathapp.slide.base import Level, Slide
 
+if TYPE_CHECKING:
+    from pydicom import Dataset
+    from wsidicom import WsiDicom
+
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
+PIXEL_DATA_TAG = 0x7FE00010
 
 
 def is_dicom_file(path: Path) -> bool:
@@ -56,35 +62,38 @@ def _jfif_mislabelled_as_rgb(encoded_tile: bytes, photometric: str, transfer_syn
     return "jfif" in img.info and not signals_rgb
 
 
-class DicomSlide(Slide):
+class WsiDicomSlide(Slide):
+    """What every wsidicom-backed slide shares, wherever its frames come from (files or DICOMweb)."""
+
     backend = "wsidicom"
 
-    def __init__(self, path: str | Path, slide_mpp: float | None = None) -> None:
-        import pydicom
-        from wsidicom import WsiDicom
+    def _adopt(self, wsi: WsiDicom, photometric: str, transfer_syntax: str) -> None:
+        """Take the pyramid, µm/px, vendor and colour handling from an opened `wsi`."""
         from wsidicom.errors import WsiDicomNoResolutionError
 
-        super().__init__(path, slide_mpp)
-        files = series_files(self.path)
-        self._wsi = WsiDicom.open(files)
-        self._files = files
-        base = self._wsi.levels[0]
-        self.levels = [
-            Level(lv.size.width, lv.size.height, base.size.width / lv.size.width)
-            for lv in self._wsi.levels
-        ]
-        self._level_ids = [lv.level for lv in self._wsi.levels]
+        self._wsi = wsi
+        base = wsi.levels[0]
+        self.levels = [Level(lv.size.width, lv.size.height, base.size.width / lv.size.width) for lv in wsi.levels]
+        self._level_ids = [lv.level for lv in wsi.levels]
         try:
-            mpp = self._wsi.mpp.width * 1.0
+            mpp = wsi.mpp.width * 1.0
             self.file_mpp = mpp if mpp > 0 else None
         except (WsiDicomNoResolutionError, AttributeError, TypeError):
             self.file_mpp = None
-        header = pydicom.dcmread(files[0], stop_before_pixels=True)
-        self.vendor = str(header.get("Manufacturer", "")) or None
-        tile = self._wsi.read_encoded_tile(self._level_ids[0], (0, 0))
-        self._ycbcr_fix = _jfif_mislabelled_as_rgb(
-            tile, str(header.get("PhotometricInterpretation", "")), str(header.file_meta.TransferSyntaxUID)
-        )
+        self.vendor = str(base.datasets[0].as_dataset().get("Manufacturer", "")) or None
+        tile = wsi.read_encoded_tile(self._level_ids[0], (0, 0))
+        self._ycbcr_fix = _jfif_mislabelled_as_rgb(tile, photometric, transfer_syntax)
+
+    def dicom_headers(self) -> list[Dataset]:
+        """Header of each pyramid level's first instance (level 0 first), without pixel data: what a
+        DICOM result object needs to reference this series."""
+        from pydicom import Dataset
+
+        headers = []
+        for lv in self._wsi.levels:
+            ds = lv.datasets[0].as_dataset()
+            headers.append(Dataset({e.tag: e for e in ds if e.tag < PIXEL_DATA_TAG}))
+        return headers
 
     @property
     def associated_images(self) -> list[str]:
@@ -105,3 +114,17 @@ class DicomSlide(Slide):
 
     def close(self) -> None:
         self._wsi.close()
+
+
+class DicomSlide(WsiDicomSlide):
+    """DICOM-WSI files on disk."""
+
+    def __init__(self, path: str | Path, slide_mpp: float | None = None) -> None:
+        import pydicom
+        from wsidicom import WsiDicom
+
+        super().__init__(path, slide_mpp)
+        files = series_files(self.path)
+        header = pydicom.dcmread(files[0], stop_before_pixels=True)
+        self._adopt(WsiDicom.open(files), str(header.get("PhotometricInterpretation", "")),
+                    str(header.file_meta.TransferSyntaxUID))

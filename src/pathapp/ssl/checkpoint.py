@@ -71,7 +71,9 @@ def export_bundle(teacher_state: dict[str, torch.Tensor], spec, cfg: SSLConfig, 
     bundle = Bundle(spec=spec, backbone_state=state, mpp=float(cfg.mpp[0]), tile_size=cfg.global_crop_size,
                     mean=tuple(cfg.mean), std=tuple(cfg.std),
                     provenance={"source": "pathapp pretrain (DINOv2 teacher)", "step": step,
-                                "init": cfg.init, "data": cfg.slides or cfg.tiles})
+                                "init": cfg.init, "data": cfg.slides or cfg.tiles,
+                                "stain_norm": None if cfg.stain_norm is None else
+                                {"method": cfg.stain_norm, "reference": cfg.stain_ref}})
     return save_bundle(bundle, out / BUNDLE)
 
 

@@ -15,7 +15,7 @@ from pathapp.atomic import atomic_write_text
 from pathapp.errors import PathappError
 
 
-_LIST_FIELDS = {"mpp"}  # list-valued settings; every other YAML list is a tuple
+_LIST_FIELDS = {"mpp", "roi_class"}  # list-valued settings; every other YAML list is a tuple
 
 
 @dataclass
@@ -37,6 +37,9 @@ class SSLConfig:
     min_tissue: float = 0.6  # HSV tissue fraction a sampled tile must exceed
     slide_mpp: float | None = None  # µm/px applied to every slide (for files that do not say)
     balance: str = "slides"  # draw each slide equally often ("slides") or in proportion to its tissue area ("tissue")
+    roi_class: list[str] = field(default_factory=list)  # a QuPath project's images: sample only inside these annotation classes
+    stain_norm: str | None = None  # "macenko" | "reinhard" | "vahadane": normalise every tile onto stain_ref
+    stain_ref: str | None = None  # a tile, a slide, or a saved target (.json, a run's stain.json)
     num_workers: int = 2
     # --- multi-crop and augmentation ----------------------------------------------------------
     global_crop_size: int = 224
@@ -161,6 +164,10 @@ class SSLConfig:
             (0 <= self.min_tissue < 1, "min_tissue must be in [0, 1)"),
             (self.n_local_crops >= 0, "n_local_crops must be >= 0"),
             (0 <= self.mask_ratio[0] <= self.mask_ratio[1] < 1, "mask_ratio must be (low, high) in [0, 1)"),
+            ((self.stain_norm is None) == (self.stain_ref is None),
+             "stain_norm and stain_ref go together (a method and a reference tile, slide or .json)"),
+            (self.stain_norm in {None, "macenko", "reinhard", "vahadane"},
+             "stain_norm must be macenko, reinhard or vahadane"),
             (self.init in {"none", "dinov2"} or Path(self.init).is_file(),
              f"init {self.init!r} is neither none, dinov2 nor an existing weights file"),
         ]

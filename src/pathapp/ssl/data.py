@@ -8,8 +8,10 @@ independent, and shards across ranks by index (rank r of R takes micro-batches r
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,6 +24,9 @@ from pathapp.slide import IMAGE_SUFFIXES
 from pathapp.ssl.augment import MultiCrop
 from pathapp.ssl.masking import BlockMasking
 
+if TYPE_CHECKING:
+    from shapely.geometry.base import BaseGeometry
+    from pathapp.tiles.stain import StainFit, StainNormalizer
 
 
 def _warn(msg: str) -> None:
@@ -34,22 +39,37 @@ class _SlideEntry:
     geometries: list  # per µm/px: the tiles.grid.TileGeometry a tile is read with
     centres: list[np.ndarray]  # per µm/px: (M, 2) level-0 x, y of candidate tile centres
     cell: float  # level-0 px per tissue-mask pixel (positions are jittered within a cell)
-    tissue_um2: float  # tissue area, for balance="tissue"
+    tissue_um2: float  # tissue area (inside `roi`), for balance="tissue"
+    roi: BaseGeometry | None = None  # level-0 region tile centres are drawn in (a project's annotations)
+    stain: StainNormalizer | None = None  # this slide's stains onto the run's target (one fit per slide)
 
     @property
     def slide(self):
         return self.handle.slide
 
 
-def _candidate_centres(mask: np.ndarray, cell: float, footprint: float, min_tissue: float) -> np.ndarray:
-    """Centres (level-0 x, y) of mask pixels around which a tile of `footprint` level-0 px is mostly
-    tissue in the low-res mask (all tissue pixels when none is), so few sampled tiles are rejected."""
+def _inside(mask: np.ndarray, cell: float, roi: BaseGeometry) -> np.ndarray:
+    """The tissue mask pixels whose centre lies inside `roi` (level-0 geometry)."""
+    import shapely
+
+    ys, xs = np.nonzero(mask)
+    out = np.zeros_like(mask)
+    out[ys, xs] = shapely.contains_xy(roi, (xs + 0.5) * cell, (ys + 0.5) * cell)
+    return out
+
+
+def _candidate_centres(mask: np.ndarray, cell: float, footprint: float, min_tissue: float,
+                       region: np.ndarray | None = None) -> np.ndarray:
+    """Centres (level-0 x, y) of mask pixels (of `region` when given: the tissue inside annotations)
+    around which a tile of `footprint` level-0 px is mostly tissue in the low-res mask (all of them
+    when none is), so few sampled tiles are rejected."""
     from scipy import ndimage as ndi
 
     size = max(1, int(round(footprint / cell)))
     frac = ndi.uniform_filter(mask.astype(np.float32), size=size, mode="constant")
-    good = mask & (frac > min_tissue)
-    ys, xs = np.nonzero(good if good.any() else mask)
+    region = mask if region is None else region
+    good = region & (frac > min_tissue)
+    ys, xs = np.nonzero(good if good.any() else region)
     return np.column_stack(((xs + 0.5) * cell, (ys + 0.5) * cell)).astype(np.float64)
 
 
@@ -59,10 +79,12 @@ class SlideTileSource:
     equally often, so a tiny crop is not drawn as often as a whole slide), a µm/px from `mpps`, a
     random point of the slide's tissue mask, moved inwards so the tile lies inside the slide; the
     tile is kept when its HSV tissue fraction exceeds `min_tissue`, else another point is tried (the
-    best of `max_tries` is used, so sampling never stalls)."""
+    best of `max_tries` is used, so sampling never stalls). `rois` (one level-0 geometry or None per
+    slide) keeps tile centres inside each slide's region, as `make_grid` does for inference."""
 
     def __init__(self, slides: list, mpps: list[float], tile_size: int, min_tissue: float = 0.6,
-                 max_tries: int = 10, balance: str = "slides") -> None:
+                 max_tries: int = 10, balance: str = "slides",
+                 rois: Sequence[BaseGeometry | None] | None = None) -> None:
         from pathapp.tiles import detect_tissue, tile_geometry
 
         self.mpps = [float(m) for m in mpps]
@@ -70,7 +92,7 @@ class SlideTileSource:
         self.min_tissue = min_tissue
         self.max_tries = max_tries
         self.entries: list[_SlideEntry] = []
-        for slide in slides:
+        for slide, roi in zip(slides, rois or [None] * len(slides), strict=True):
             geometries = [tile_geometry(slide, m, tile_size) for m in self.mpps]
             if max(g.footprint for g in geometries) > min(slide.size):
                 _warn(f"{slide.path}: smaller than one {tile_size}px tile at {max(self.mpps)} µm/px; skipped")
@@ -79,13 +101,22 @@ class SlideTileSource:
             if not tm.mask.any():
                 _warn(f"{slide.path}: no tissue detected; skipped")
                 continue
-            centres = [_candidate_centres(tm.mask, tm.scale, g.footprint, min_tissue) for g in geometries]
-            area = float(tm.mask.sum()) * (tm.scale * slide.mpp) ** 2
-            self.entries.append(_SlideEntry(SlideHandle(slide), geometries, centres, float(tm.scale), area))
+            region = None if roi is None else _inside(tm.mask, tm.scale, roi)
+            if region is not None and not region.any():
+                _warn(f"{slide.path}: no tissue detected inside its annotations; skipped")
+                continue
+            centres = [_candidate_centres(tm.mask, tm.scale, g.footprint, min_tissue, region) for g in geometries]
+            area = float((tm.mask if region is None else region).sum()) * (tm.scale * slide.mpp) ** 2
+            self.entries.append(_SlideEntry(SlideHandle(slide), geometries, centres, float(tm.scale), area, roi))
         if not self.entries:
-            raise PathappError("no usable slide: each was too small for a tile or had no tissue; "
-                               "check the slides or lower --mpp / tile_size")
-        weights = np.array([e.tissue_um2 if balance == "tissue" else 1.0 for e in self.entries])
+            raise PathappError("no usable slide: each was too small for a tile or had no tissue (inside its "
+                               "annotations, with --roi-class); check the slides or lower --mpp / tile_size")
+        self.balance = balance
+        self._set_entries(self.entries)
+
+    def _set_entries(self, entries: list[_SlideEntry]) -> None:
+        self.entries = entries
+        weights = np.array([e.tissue_um2 if self.balance == "tissue" else 1.0 for e in entries])
         self.cumulative = np.cumsum(weights / weights.sum())
 
     def __len__(self) -> int:
@@ -104,6 +135,8 @@ class SlideTileSource:
         return min(int(np.searchsorted(self.cumulative, rng.random(), side="right")), len(self.entries) - 1)
 
     def sample(self, rng: np.random.Generator) -> np.ndarray:
+        import shapely
+
         from pathapp.tiles.tissue import tissue_fraction_rgb
 
         entry = self.entries[self.pick(rng)]
@@ -113,15 +146,42 @@ class SlideTileSource:
         lo, hi = np.full(2, half), np.asarray(entry.slide.size, dtype=np.float64) - half
         best, best_frac = None, -1.0
         for _ in range(self.max_tries):
-            point = centres[int(rng.integers(len(centres)))] + rng.uniform(-0.5, 0.5, 2) * entry.cell
-            cx, cy = np.clip(point, lo, hi)
+            centre = centres[int(rng.integers(len(centres)))]
+            cx, cy = np.clip(centre + rng.uniform(-0.5, 0.5, 2) * entry.cell, lo, hi)
+            if entry.roi is not None and not shapely.contains_xy(entry.roi, cx, cy):
+                cx, cy = np.clip(centre, lo, hi)  # the jitter left the annotation: its mask cell's centre
             rgb = self.read(entry, k, cx, cy)
             frac = tissue_fraction_rgb(rgb, focus=False)  # the HSV check of DINOv2 pathology recipes
             if frac > self.min_tissue:
-                return rgb
+                best = rgb
+                break
             if frac > best_frac:
                 best, best_frac = rgb, frac
-        return best
+        return best if entry.stain is None else entry.stain.tile(best)
+
+    def normalise_onto(self, target: StainFit) -> dict[str, Any]:
+        """Fit each slide's stains once, on its tissue tiles at the first µm/px, to map its tiles onto
+        `target` as they are sampled (before the augmentations, which run per tile in the workers).
+        A slide whose fit fails is used as it is (warned); one of other stains than the reference's
+        (IHC against H&E) or a fluorescence slide is skipped (warned). Returns what stain.json records."""
+        from pathapp.tiles.stain import StainError, slide_normalizer
+
+        slides, kept = {}, []
+        for entry in self.entries:
+            try:
+                entry.stain, slides[str(entry.slide.path)] = slide_normalizer(
+                    entry.slide, None, target, mpp=self.mpps[0], tile_size=self.tile_size)
+            except StainError as e:
+                _warn(f"{e}; skipped")
+                continue
+            if entry.stain is None:
+                _warn(f"stain: {entry.slide.path}: {slides[str(entry.slide.path)]['fallback']}")
+            kept.append(entry)
+        if not kept:
+            raise PathappError(f"no slide can be normalised onto {target.source}; give a reference of the slides' "
+                               f"stain or drop --stain-norm")
+        self._set_entries(kept)
+        return {"method": target.method, "target": target.to_dict(), "slides": slides}
 
 
 class TileFolderSource:
@@ -135,9 +195,17 @@ class TileFolderSource:
             raise PathappError(f"{folder}: no image tiles found ({', '.join(sorted(IMAGE_SUFFIXES))}); "
                                f"give a folder of tiles or use --slides")
         self.tile_size = tile_size
+        self.target: StainFit | None = None
+        self._stains: dict[Path, StainNormalizer | None] = {}  # per worker process: each image fitted once
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def normalise_onto(self, target: StainFit) -> dict[str, Any]:
+        """Normalise each image onto `target` by a fit on its own pixels (an image is its own scan),
+        made the first time a worker draws it; an image whose fit fails is used as it is."""
+        self.target = target
+        return {"method": target.method, "target": target.to_dict(), "images": "each fitted on its own pixels"}
 
     def sample(self, rng: np.random.Generator) -> np.ndarray:
         from pathapp.tiles.tissue import to_rgb
@@ -148,12 +216,19 @@ class TileFolderSource:
                 rgb = to_rgb(np.asarray(im.convert("RGBA") if im.mode in ("RGBA", "LA", "P") else im.convert("RGB")))
         except OSError as e:
             raise PathappError(f"{path}: unreadable image ({e}); remove it from the tile folder") from e
+        stain = None
+        if self.target is not None:
+            from pathapp.tiles.stain import image_normalizer
+
+            if path not in self._stains:  # fitted on the whole image, applied to the crop
+                self._stains[path] = image_normalizer(rgb, self.target, str(path))
+            stain = self._stains[path]
         h, w = rgb.shape[:2]
         t = self.tile_size
         if h > t and w > t:
             y, x = int(rng.integers(0, h - t + 1)), int(rng.integers(0, w - t + 1))
             rgb = rgb[y:y + t, x:x + t]
-        return np.ascontiguousarray(rgb)
+        return np.ascontiguousarray(rgb) if stain is None else stain.tile(rgb)
 
 
 class SSLDataset(Dataset):
@@ -244,13 +319,17 @@ def read_slide_list(path: Path, slide_mpp: float | None = None) -> list[tuple[Pa
 
 def open_sources(slides: str | Path | None = None, tiles: str | Path | None = None, *, mpps: list[float],
                  tile_size: int, min_tissue: float, slide_mpp: float | None = None,
-                 balance: str = "slides") -> SlideTileSource | TileFolderSource:
+                 balance: str = "slides", roi_class: Sequence[str] = ()) -> SlideTileSource | TileFolderSource:
     """A tile source from `--slides` (a folder, one slide, a slides.csv or a QuPath .qpproj) or
     `--tiles` (a folder). Slides without µm/px (and no --slide-mpp) or that fail to open are skipped
-    with a warning."""
+    with a warning. `roi_class` (a .qpproj only) samples inside each image's own annotations of those
+    classes; an image without them (or without a data file) is skipped with a warning."""
     if (slides is None) == (tiles is None):
         raise PathappError("give exactly one of --slides (folder, slide, slides.csv or project.qpproj) "
                            "or --tiles (folder)")
+    if roi_class and Path(slides or tiles).suffix != ".qpproj":
+        raise PathappError(f"{slides or tiles}: --roi-class samples inside a QuPath project's own annotations; "
+                           "give --slides project.qpproj")
     if tiles is not None:
         if not Path(tiles).is_dir():
             raise PathappError(f"{tiles}: not a folder; --tiles needs a folder of image tiles")
@@ -263,29 +342,42 @@ def open_sources(slides: str | Path | None = None, tiles: str | Path | None = No
         raise PathappError(f"{src}: no such file or folder; --slides takes a folder of slides, a slide, "
                            f"a slides.csv or a .qpproj")
     entries: list[tuple[Path, float | None]] = []  # (slide, µm/px override)
+    rois: list[BaseGeometry | None] = []  # per entry: the region tiles are drawn in (None: all tissue)
     if src.suffix == ".qpproj":
         from pathapp.qupath.project import read_project
+        from pathapp.qupath.qpdata import read_entry_rois
 
-        for e in read_project(src).entries:
+        project = read_project(src)
+        for e in project.entries:
             if e.image_path is None or not Path(e.image_path).exists():
                 _warn(f"{src}: image {e.name!r} not found ({e.error or e.uri}); skipped")
-            else:  # the pixel calibration QuPath shows (it may fix a file without µm/px)
-                entries.append((Path(e.image_path), slide_mpp or e.mpp))
+                continue
+            try:  # the entry's own annotations of those classes; without --roi-class all its tissue
+                rois.append(read_entry_rois(project, e, roi_class) if roi_class else None)
+            except PathappError as err:  # no data file, a bad one, or no annotation of those classes
+                _warn(f"{err}; skipped")
+                continue
+            entries.append((Path(e.image_path), slide_mpp or e.mpp))  # the µm/px QuPath shows
     elif src.suffix.lower() == ".csv":
         entries = read_slide_list(src, slide_mpp)
     else:
         entries = [(p, slide_mpp) for p in (find_slides(src) if src.is_dir() else [src])]
-    opened = []
-    for p, own_mpp in entries:
+    rois = rois or [None] * len(entries)
+    opened, opened_rois = [], []
+    for (p, own_mpp), roi in zip(entries, rois, strict=True):
         try:
             s = open_slide(p, slide_mpp=own_mpp)
             s.require_mpp()
             opened.append(s)
+            opened_rois.append(roi)
         except MissingMppError:
             _warn(f"{p}: no µm/px in the file; skipped "
                   f"(pass --slide-mpp, or list it in a slides.csv with an mpp column)")
         except SlideOpenError as e:
             _warn(f"{e}; skipped")
+    if not opened and roi_class:
+        raise PathappError(f"{src}: no image with annotations of class {', '.join(roi_class)} could be opened "
+                           "(see the warnings above); fix --roi-class, or annotate and save the images in QuPath")
     if not opened:
         raise PathappError(f"{src}: no slide with a known µm/px could be opened; pass --slide-mpp or another folder")
-    return SlideTileSource(opened, mpps, tile_size, min_tissue, balance=balance)
+    return SlideTileSource(opened, mpps, tile_size, min_tissue, balance=balance, rois=opened_rois)

@@ -26,6 +26,7 @@ from pathapp.ssl.schedules import apply_schedules, build_schedules, param_groups
 
 METRICS = "metrics.jsonl"
 CONFIG = "config.yaml"
+STAIN = "stain.json"  # the stain target and each slide's fit (with its OD matrix), as run.json records them
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -129,7 +130,14 @@ def pretrain(cfg: SSLConfig, out: str | Path, *, resume: bool = False, progress:
         raise PathappError(f"{ckpt_path}: no checkpoint to resume from; drop --resume to start a new run")
     cfg.validate()
     source = open_sources(cfg.slides, cfg.tiles, mpps=cfg.mpp, tile_size=cfg.tile_size,
-                          min_tissue=cfg.min_tissue, slide_mpp=cfg.slide_mpp, balance=cfg.balance)  # bad data fails before any write
+                          min_tissue=cfg.min_tissue, slide_mpp=cfg.slide_mpp, balance=cfg.balance,
+                          roi_class=cfg.roi_class)  # bad data fails before any write
+    stain = None
+    if cfg.stain_norm is not None:
+        from pathapp.tiles.stain import stain_target
+
+        target = stain_target(cfg.stain_norm, cfg.stain_ref, mpp=cfg.mpp[0], tile_size=cfg.tile_size)
+        stain = {"stain": source.normalise_onto(target)}  # the fits, before any write; reusable as --stain-ref
 
     cfg, spec, student, teacher, wrapped, optimizer = _build_models(cfg, info)
     criterion = Criterion.build(cfg, info.device)
@@ -143,6 +151,8 @@ def pretrain(cfg: SSLConfig, out: str | Path, *, resume: bool = False, progress:
         if info.is_main:
             out.mkdir(parents=True, exist_ok=True)
             cfg.save(out / CONFIG)
+    if info.is_main and stain is not None:
+        atomic_write_text(out / STAIN, json.dumps(stain, indent=1))
     if info.is_main:
         _truncate_metrics(out / METRICS, start_step)
 

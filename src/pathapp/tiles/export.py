@@ -7,8 +7,9 @@ from pathlib import Path
 
 from shapely.geometry.base import BaseGeometry
 
+from pathapp.atomic import mark_output_folder
 from pathapp.slide import open_slide
-from pathapp.tiles.grid import TileGrid, make_grid, tile_boxes
+from pathapp.tiles.grid import TileGrid, make_grid, tile_boxes, why_empty
 from pathapp.tiles.render import render_overview
 from pathapp.tiles.tissue import DEFAULT_MIN_TISSUE, detect_tissue
 
@@ -23,6 +24,7 @@ class TilingResult:
     out_dir: Path
     grid: TileGrid
     files: list[Path]
+    empty: str | None = None  # why there is no tile, when there is none
 
     def summary(self) -> str:
         g = self.grid
@@ -57,7 +59,7 @@ def tile_slide(
         slide.require_mpp()  # fail on a missing µm/px before spending time on tissue detection
         tissue = detect_tissue(slide)
         grid = make_grid(slide, mpp, tile_size, overlap=overlap, tissue=tissue, rois=rois, min_tissue=min_tissue)
-        out_dir = Path(out) / slide.name
+        out_dir = mark_output_folder(Path(out) / slide.name)
         tiles = tile_objects(tile_boxes(grid), measurements={"tissue fraction": grid.tissue_fraction})
         outline = [] if tissue.geometry.is_empty else [
             QuPathObject(geometry=tissue.geometry, class_name=TISSUE_CLASS[0], color=TISSUE_CLASS[1])
@@ -66,6 +68,7 @@ def tile_slide(
             write_objects(out_dir / "tiles.geojson", tiles),
             write_objects(out_dir / "tissue.geojson", outline),
         ]
-        render_overview(out_dir / "thumbnail.png", tissue, grid, rois=rois)
+        render_overview(out_dir / "thumbnail.png", slide, tissue, grid, rois=rois)
         files.append(out_dir / "thumbnail.png")
-        return TilingResult(slide.name, out_dir, grid, files)
+        empty = None if len(grid) else why_empty(grid, tissue, rois, min_tissue)
+        return TilingResult(slide.name, out_dir, grid, files, empty)

@@ -197,3 +197,23 @@ def tile_polygons(tiles: Tiled) -> list[Polygon]:
     """Each tile's level-0 footprint as a shapely box."""
     b = tile_boxes(tiles)
     return list(shapely.box(b[:, 0], b[:, 1], b[:, 2], b[:, 3]))
+
+
+def why_empty(grid: TileGrid, tissue: TissueMask, rois: BaseGeometry | None = None,
+              min_tissue: float = DEFAULT_MIN_TISSUE) -> str:
+    """Why `grid` has no tile, in words a user can act on (an empty result must not pass for success)."""
+    w, h = grid.slide_size
+    f = grid.footprint
+    if f > w or f > h:
+        return (f"a tile ({grid.tile_size} px at {grid.mpp:g} µm/px = {f:.0f} level-0 px) is larger than the slide "
+                f"({w}×{h} px at {grid.slide_mpp:g} µm/px); use a smaller --tile-size or --mpp")
+    if rois is not None and not rois.intersects(shapely.box(0, 0, w, h)):
+        b = ", ".join(f"{v:.0f}" for v in rois.bounds)
+        return (f"the --roi annotations (level-0 bounds {b}) lie outside the slide ({w}×{h} px); "
+                f"export them from this image")
+    if tissue.geometry.is_empty:
+        return "no tissue detected (see the picture); --min-tissue 0 keeps every tile"
+    if rois is not None:
+        return (f"no tile with at least {min_tissue:g} tissue has its centre inside the --roi annotations; "
+                f"lower --min-tissue or check the ROIs")
+    return f"no tile has at least {min_tissue:g} tissue; lower --min-tissue"

@@ -8,6 +8,7 @@ import numpy as np
 from shapely.geometry.base import BaseGeometry
 
 from pathapp.atomic import atomic_path
+from pathapp.slide import Slide
 from pathapp.tiles.grid import TileGrid
 from pathapp.tiles.tissue import TissueMask
 
@@ -28,25 +29,22 @@ def _rings(geom: BaseGeometry) -> list[np.ndarray]:
 
 def render_overview(
     path: str | os.PathLike,
+    slide: Slide,
     tissue: TissueMask,
     grid: TileGrid | None = None,
     *,
     rois: BaseGeometry | None = None,
     max_px: int = 1200,
 ) -> float:
-    """Write a PNG of the working-resolution image with the tissue outline (green), optional ROIs
-    (orange) and tile squares (blue). Returns its scale in level-0 px per PNG px, which is also
-    stored in the PNG's text chunk "pathapp:scale" so the picture can be mapped back to the slide."""
+    """Write a PNG of the slide, read from its pyramid at the picture's own size (never an enlarged
+    low-resolution image), with the tissue outline (green), optional ROIs (orange) and tile squares
+    (blue). Returns its scale in level-0 px per PNG px, which is also stored in the PNG's text chunk
+    "pathapp:scale" so the picture can be mapped back to the slide."""
     from PIL import Image, ImageDraw
     from PIL.PngImagePlugin import PngInfo
 
-    if tissue.rgb is None:
-        raise ValueError("render_overview needs a TissueMask computed by detect_tissue (it carries the image)")
-    img = Image.fromarray(tissue.rgb)
-    factor = max_px / max(img.size)  # small masks are enlarged too, so that tile squares stay visible
-    if factor != 1.0:
-        img = img.resize((max(1, round(img.width * factor)), max(1, round(img.height * factor))), Image.BILINEAR)
-    scale = tissue.scale * tissue.rgb.shape[1] / img.width
+    img = Image.fromarray(slide.thumbnail(max_px))
+    scale = slide.size[0] / img.width
     draw = ImageDraw.Draw(img)
     if grid is not None and len(grid):
         side = grid.footprint / scale

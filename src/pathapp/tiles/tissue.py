@@ -49,8 +49,9 @@ def to_rgb(image: np.ndarray) -> np.ndarray:
     return a[..., :3].astype(np.uint8)
 
 
-def _hue_saturation(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """HSV hue (degrees) and saturation in float32 (skimage's rgb2hsv is float64: 2× the memory)."""
+def hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """HSV hue (degrees), saturation and value (0-1) in float32 (skimage's rgb2hsv is float64:
+    2× the memory)."""
     f = rgb.astype(np.float32)
     r, g, b = f[..., 0], f[..., 1], f[..., 2]
     mx = f.max(axis=2)
@@ -59,22 +60,29 @@ def _hue_saturation(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     sat = np.where(mx > 0, delta / np.maximum(mx, 1.0), 0.0).astype(np.float32)
     d = np.maximum(delta, 1e-6)
     hue = np.where(mx == r, ((g - b) / d) % 6.0, np.where(mx == g, (b - r) / d + 2.0, (r - g) / d + 4.0))
-    return (hue * 60.0).astype(np.float32), sat
+    return (hue * 60.0).astype(np.float32), sat, mx / 255.0
 
 
-def pen_mask(hue: np.ndarray, sat: np.ndarray) -> np.ndarray:
-    """Marker-ink colours that no H&E or DAB/haematoxylin stain has: saturated scarlet red (eosin
-    is pinker, hue < 343°), green/cyan, and strongly saturated blue (haematoxylin is paler)."""
-    red = ((hue >= 343.0) | (hue < 10.0)) & (sat > 0.3)
-    green = (hue >= 90.0) & (hue < 190.0) & (sat > 0.15)
-    blue = (hue >= 190.0) & (hue < 250.0) & (sat > 0.55)
-    return red | green | blue
+def pen_colours(hue: np.ndarray, sat: np.ndarray, value: np.ndarray) -> dict[str, np.ndarray]:
+    """Marker-ink colours that no H&E or DAB/haematoxylin stain has, one mask per ink: saturated
+    scarlet red (eosin is pinker, hue < 348°, and paler), green/cyan, and strongly saturated blue
+    that is not dark (haematoxylin is paler, and where it is dense, dark)."""
+    return {
+        "red": ((hue >= 348.0) | (hue < 12.0)) & (sat > 0.5),
+        "green": (hue >= 90.0) & (hue < 190.0) & (sat > 0.15),
+        "blue": (hue >= 190.0) & (hue < 250.0) & (sat > 0.55) & (value > 0.45),
+    }
+
+
+def pen_mask(hue: np.ndarray, sat: np.ndarray, value: np.ndarray) -> np.ndarray:
+    """Pixels of any marker-ink colour (`pen_colours`)."""
+    return np.logical_or.reduce(list(pen_colours(hue, sat, value).values()))
 
 
 def tissue_pixels(rgb: np.ndarray, saturation: float) -> np.ndarray:
     """Stained, non-ink pixels of an RGB uint8 image."""
-    hue, sat = _hue_saturation(rgb)
-    return (sat > saturation) & ~pen_mask(hue, sat)
+    hue, sat, value = hsv(rgb)
+    return (sat > saturation) & ~pen_mask(hue, sat, value)
 
 
 def in_focus(rgb: np.ndarray, threshold: float = FOCUS_THRESHOLD, window: int = 15) -> np.ndarray:

@@ -1,13 +1,15 @@
 """What `pathapp train` and `pathapp evaluate` do, as Python functions.
 
 Data: an image-level labels.csv or ImageFolder tree; QuPath GeoJSON class annotations paired with
-their slides, or a QuPath project; or a slide,label[,patient] CSV for attention-MIL. Every path embeds tiles through the
+their slides, or a QuPath project; or a slides.csv for attention-MIL with a class (slide,label),
+survival (slide,time,event) or continuous (slide,value) target per slide, and optionally patient. Every path embeds tiles through the
 bundle's own PathModel (cached), so training, evaluation and `pathapp infer` see the same numbers.
 """
 
 from __future__ import annotations
 
 import csv
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,10 @@ from pathapp.train.cache import DEFAULT_CACHE, ImageTiles, SlideTiles, embed_ima
 from pathapp.train.labels import MAX_OTHER, MIN_INSIDE, LabelError
 
 TRAIN_METHODS = ("linear", "knn", "prototype", "mlp", "lora", "abmil")
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 class TrainError(PathappError):
@@ -76,7 +82,7 @@ def load_labelled(
     class_names: Sequence[str] | None = None,
 ) -> LabelledTiles:
     """Labelled tiles from image data (one path), GeoJSON annotations (one per slide, in order) or a
-    QuPath project.qpproj (classified annotations of every entry, read through paquo)."""
+    QuPath project.qpproj (classified annotations of every entry, read from its data files)."""
     from pathapp.train.labels import read_image_data
 
     data = [Path(d) for d in data]
@@ -104,19 +110,29 @@ def _align_classes(found: Sequence[str], expected: Sequence[str] | None, where: 
 
 def _annotation_sources(data: list[Path], slides: list[Path], slide_mpp: float | None) -> list[tuple[Path, list, float | None]]:
     """(slide, QuPath objects, slide µm/px override) per annotated slide: GeoJSON exports paired with
-    --slides in order, or every entry of a QuPath project (objects read through paquo)."""
+    --slides in order, or every entry of a QuPath project (annotations read from its data files,
+    without Java). A project entry that cannot be used is one warning line; the others go on."""
     from pathapp.qupath.geojson import read_objects
 
     if len(data) == 1 and data[0].suffix.lower() == ".qpproj":
-        from pathapp.qupath.paquo_bridge import read_entry_objects
         from pathapp.qupath.project import read_project
+        from pathapp.qupath.qpdata import QpdataError, read_entry_objects
 
         project = read_project(data[0])
         usable = [e for e in project.entries if e.image_path is not None and not e.error]
         if not usable:
             why = "; ".join(f"{e.name}: {e.error or 'image not found'}" for e in project.entries[:3]) or "no entries"
             raise LabelError(f"{data[0]}: no project image can be opened ({why}); relink the images in QuPath")
-        return [(e.image_path, read_entry_objects(data[0], e.entry_id), slide_mpp or e.mpp) for e in usable]
+        sources = []
+        for e in project.entries:
+            if e.image_path is None or e.error:
+                _warn(f"{e.error or e.name + ': image not found'}; skipped")
+                continue
+            try:
+                sources.append((e.image_path, read_entry_objects(project, e, {"annotation"}), slide_mpp or e.mpp))
+            except QpdataError as err:
+                _warn(f"{err}; skipped")
+        return sources
     if slides and len(slides) != len(data):
         raise TrainError(f"{len(data)} annotation files but {len(slides)} --slides; pair each GeoJSON with its slide")
     if not slides:
@@ -156,39 +172,40 @@ def _annotated_tiles(data, slides, bundle, slide_mpp, min_inside, max_other, cla
     return LabelledTiles(names, y, np.asarray(groups), tiles, "annotations", parts=parts)
 
 
-def _slide_features(bundle, slide, grid, cache, batch_size, device, model, progress, embeddings: Path | None):
+def _slide_features(bundle, slide, grid, cache, batch_size, device, model, progress, embeddings: Path | None,
+                    stain=None):
     """A slide grid's embeddings: from inference's EMBEDDINGS/<slide>/embeddings.h5 when there is one,
-    else computed through the cache."""
+    else computed through the cache (stain-normalised onto `stain`, a StainFit, when given)."""
     from pathapp.train.cache import reuse_inference_embeddings
 
     h5 = Path(embeddings) / slide.name / "embeddings.h5" if embeddings else None
     if h5 is not None and h5.exists():
-        return reuse_inference_embeddings(h5, bundle, grid.coords)[0]
-    return embed_slide_grid(bundle, slide, grid, cache, batch_size, device, model, progress)
+        return reuse_inference_embeddings(h5, bundle, grid.coords, stain)[0]
+    return embed_slide_grid(bundle, slide, grid, cache, batch_size, device, model, progress, stain)
 
 
 def embed_labelled(lt: LabelledTiles, bundle, cache: Path | None = DEFAULT_CACHE, device: str = "auto",
-                   batch_size: int = 32, progress: bool = True, embeddings: Path | None = None) -> np.ndarray:
-    """(N, D) embeddings of the labelled tiles, through the embedding cache (or inference's files)."""
+                   batch_size: int = 32, progress: bool = True, embeddings: Path | None = None,
+                   stain=None) -> np.ndarray:
+    """(N, D) embeddings of the labelled tiles, through the embedding cache (or inference's files);
+    `stain` (a StainFit): normalise each image, or each slide by one fit, onto it first."""
     if lt.source == "images":
-        return embed_images(bundle, lt.paths, cache, batch_size, device, progress=progress)
+        return embed_images(bundle, lt.paths, cache, batch_size, device, progress=progress, stain=stain)
     from pathapp.models.device import resolve_device
 
     model = bundle.build(resolve_device(device))
-    return np.concatenate([_slide_features(bundle, s, g, cache, batch_size, device, model, progress, embeddings)
-                           for s, g in lt.parts])
+    return np.concatenate([_slide_features(bundle, s, g, cache, batch_size, device, model, progress, embeddings,
+                                           stain) for s, g in lt.parts])
 
 
-def slide_bags(csv_path: Path, bundle, group_by: str | None = None, slide_mpp: float | None = None,
-               cache: Path | None = DEFAULT_CACHE, device: str = "auto", batch_size: int = 32, progress: bool = True,
-               embeddings: Path | None = None):
-    """(SlideLabels, bags): every tissue tile of each listed slide, embedded (cached)."""
+def slide_bags(sl, bundle, slide_mpp: float | None = None, cache: Path | None = DEFAULT_CACHE, device: str = "auto",
+               batch_size: int = 32, progress: bool = True, embeddings: Path | None = None, stain=None) -> list[np.ndarray]:
+    """Every tissue tile of each slide of `sl` (labels.SlideLabels), embedded (cached; stain-normalised
+    onto `stain`, a StainFit, when given)."""
+    from pathapp.models.device import resolve_device
     from pathapp.slide import open_slide
     from pathapp.tiles import make_grid
-    from pathapp.models.device import resolve_device
-    from pathapp.train.labels import read_slide_csv
 
-    sl = read_slide_csv(csv_path, group_by)
     model = bundle.build(resolve_device(device))
     bags = []
     for p in sl.slides:
@@ -196,8 +213,25 @@ def slide_bags(csv_path: Path, bundle, group_by: str | None = None, slide_mpp: f
         grid = make_grid(slide, bundle.mpp, bundle.tile_size)
         if not len(grid):
             raise LabelError(f"{p}: no tissue tiles at {bundle.mpp} µm/px; check the slide or its --slide-mpp")
-        bags.append(_slide_features(bundle, slide, grid, cache, batch_size, device, model, progress, embeddings))
-    return sl, bags
+        bags.append(_slide_features(bundle, slide, grid, cache, batch_size, device, model, progress, embeddings,
+                                    stain))
+    return bags
+
+
+def bag_array(bags: Sequence[np.ndarray]) -> np.ndarray:
+    """Bags as a 1-D object array, indexable by fold like any X (even when all bags have one size)."""
+    X = np.empty(len(bags), dtype=object)
+    for i, b in enumerate(bags):
+        X[i] = b
+    return X
+
+
+def _require_slide_csv(data: Sequence[Path], task: str, target: str | None) -> None:
+    from pathapp.train.labels import DEFAULT_TARGETS
+
+    if len(data) != 1 or not is_slide_csv(Path(data[0])):
+        raise TrainError(f"attention-MIL ({task}) needs one --data slides.csv with columns "
+                         f"slide,{target or DEFAULT_TARGETS[task]}[,patient]")
 
 
 def _with_head(bundle, head, class_names: Sequence[str], training: dict):
@@ -239,29 +273,43 @@ def train_model(
     options: dict[str, Any] | None = None,
     progress: bool = True,
     embeddings: Path | None = None,
+    task: str = "classification",
+    target: str | None = None,
+    stain_norm: str | None = None,
+    stain_ref: Path | None = None,
 ) -> tuple[Path, dict]:
-    """Train a head (or LoRA + head, or ABMIL) and write the bundle to `out`. Returns (path, info)."""
+    """Train a head (or LoRA + head, or ABMIL) and write the bundle to `out`. Returns (path, info).
+
+    `task` "survival" or "regression" trains ABMIL on the slides.csv columns `target` (default
+    time,event or value); the bundle's head then outputs a risk score or a value per slide.
+    `stain_norm` / `stain_ref`: normalise the tiles' stains onto REF before embedding them."""
     from pathapp.models.bundle import save_bundle
     from pathapp.train.fit import fit_head
 
     if method not in TRAIN_METHODS:
         raise TrainError(f"--method must be one of {', '.join(TRAIN_METHODS)}, not {method!r}")
+    if task != "classification" and method != "abmil":
+        raise TrainError(f"--task {task} trains attention-MIL on slides: use --method abmil with --data slides.csv")
     if (backbone is None) == (model is None):
         raise TrainError("give exactly one of --backbone NAME (with optional --weights FILE) or --model BUNDLE")
     from pathapp.models.loader import load_model
 
     base = load_model(model or backbone, weights=weights, mpp=mpp, tile_size=tile_size, head=False)
+    stain = _stain(stain_norm, stain_ref, base)
+    if stain is not None and method == "lora":
+        raise TrainError("--stain-norm is applied to embeddings (heads, ABMIL), not yet to LoRA fine-tuning; "
+                         "drop it or choose another --method")
     options = options or {}
     if method == "abmil":
-        if len(data) != 1 or not is_slide_csv(Path(data[0])):
-            raise TrainError("--method abmil needs --data slides.csv with columns slide,label[,patient]")
+        _require_slide_csv(data, task, target)
+        from pathapp.train.labels import read_slide_csv
         from pathapp.train.mil import fit_abmil
 
-        sl, bags = slide_bags(Path(data[0]), base, group_by, slide_mpp, cache, device, batch_size, progress,
-                               embeddings)
-        head = fit_abmil(bags, sl.labels, len(sl.class_names), sl.groups, **options)
-        bundle = _with_head(base, head, sl.class_names, {k: v for k, v in head.info.items() if k != "history"})
-        info = {"n_slides": len(bags), "classes": sl.class_names, **head.info}
+        sl = read_slide_csv(Path(data[0]), group_by, task, target)
+        bags = slide_bags(sl, base, slide_mpp, cache, device, batch_size, progress, embeddings, stain)
+        head = fit_abmil(bags, sl.y, len(sl.class_names), sl.groups, task=task, **options)
+        bundle = _with_head(base, head, sl.output_names, {k: v for k, v in head.info.items() if k != "history"})
+        info = {"n_slides": len(bags), "classes": sl.output_names, "target": sl.target, **head.info}
     else:
         lt = load_labelled(data, base, slides, group_by, slide_mpp)
         info = {"n_tiles": int(len(lt.labels)), "n_groups": int(len(np.unique(lt.groups))), "classes": lt.class_names,
@@ -273,12 +321,13 @@ def train_model(
                                          checkpoint_dir, resume, device, progress)
             info.update(hist)
         else:
-            X = embed_labelled(lt, base, cache, device, batch_size, progress, embeddings)
+            X = embed_labelled(lt, base, cache, device, batch_size, progress, embeddings, stain)
             head = fit_head(method, X, lt.labels, lt.groups, len(lt.class_names), **options)
             bundle = _with_head(base, head, lt.class_names, head.info)
             info.update(head.info)
     bundle.provenance["training"].update({"data": [str(d) for d in data], "group_by": group_by,
-                                          "classes_support": info.get("support")})
+                                          "classes_support": info.get("support"),
+                                          "stain_norm": None if stain is None else stain.to_dict()})
     return save_bundle(bundle, out), info
 
 
@@ -301,13 +350,22 @@ def evaluate_model(
     seed: int = 0,
     progress: bool = True,
     embeddings: Path | None = None,
+    task: str | None = None,
+    target: str | None = None,
+    horizons: Sequence[float] | None = None,
+    loss: str = "huber",
+    stain_norm: str | None = None,
+    stain_ref: Path | None = None,
 ) -> Path:
     """Evaluate a bundle on labelled data and write report.json + confusion.png + roc.png to out_dir.
 
     Without `folds`: the bundle's own head predicts every item (use data it was not trained on).
     With `folds`: grouped k-fold cross-validation re-fits the head (`method`, default the bundle's
     head kind) on the bundle's embeddings; `fewshot` adds the label-efficiency curve. With `holdout`:
-    the head is re-fitted on one grouped train part and scored on the held-out fraction of groups."""
+    the head is re-fitted on one grouped train part and scored on the held-out fraction of groups.
+    `task` (default: the bundle head's) "survival" or "regression" scores slide outcomes instead
+    (outcomes.py: C-index, time-dependent AUC at `horizons`, Kaplan–Meier; or R², correlations;
+    a regression head re-fitted with `loss`)."""
     from pathapp.models.bundle import load_bundle
     from pathapp.train.evaluate import (
         EvalResult,
@@ -321,6 +379,12 @@ def evaluate_model(
     from pathapp.train.fit import METHODS, head_fitter
 
     bundle = load_bundle(model)
+    stain = _stain(stain_norm, stain_ref, bundle)
+    task = task or (bundle.task if bundle.head_kind == "abmil" else "classification")
+    if task != "classification":
+        return _evaluate_outcome(data, bundle, model, Path(out_dir), task, target, folds, holdout, method, horizons,
+                                 group_by, slide_mpp, cache, device, batch_size, n_boot, seed, progress, embeddings,
+                                 loss, stain)
     is_mil = len(data) == 1 and is_slide_csv(Path(data[0]))
     if not (folds or holdout) and bundle.has_head and (bundle.head_kind == "abmil") != is_mil:
         raise TrainError(f"{model}: a {bundle.head_kind} head needs "
@@ -330,18 +394,20 @@ def evaluate_model(
     refit = bool(folds or holdout)
     expected = bundle.class_names if bundle.has_head and not refit else None
     if is_mil:
-        sl, bags = slide_bags(Path(data[0]), bundle, group_by, slide_mpp, cache, device, batch_size, progress,
-                               embeddings)
+        from pathapp.train.labels import read_slide_csv
+
+        sl = read_slide_csv(Path(data[0]), group_by, target=target)
+        bags = slide_bags(sl, bundle, slide_mpp, cache, device, batch_size, progress, embeddings, stain)
         names = _align_classes(sl.class_names, expected, Path(data[0]))
         y = np.asarray([names.index(sl.class_names[c]) for c in sl.labels])
-        X = np.empty(len(bags), dtype=object)
-        X[:] = bags
+        X = bag_array(bags)
         groups = sl.groups
     else:
         lt = load_labelled(data, bundle, slides, group_by, slide_mpp, class_names=expected)
         names, y, groups = lt.class_names, lt.labels, lt.groups
-        X = embed_labelled(lt, bundle, cache, device, batch_size, progress, embeddings)
-    extra: dict[str, Any] = {"model": str(model), "data": [str(d) for d in data], "group_by": group_by}
+        X = embed_labelled(lt, bundle, cache, device, batch_size, progress, embeddings, stain)
+    extra: dict[str, Any] = {"model": str(model), "data": [str(d) for d in data], "group_by": group_by,
+                             "stain_norm": None if stain is None else {"method": stain.method, "reference": stain.source}}
     n = len(names)
     if refit:
         method = method or bundle.head_kind or "linear"
@@ -372,6 +438,49 @@ def evaluate_model(
         result = EvalResult(y, probs, groups, np.zeros(len(y), int), metrics, [])
         extra["mode"] = "held-out evaluation of the bundle's head"
     return write_report(result, names, Path(out_dir), extra)
+
+
+def _stain(method: str | None, ref: Path | None, bundle):
+    """The stain target of --stain-norm / --stain-ref at the bundle's µm/px and tile size, or None."""
+    from pathapp.tiles.stain import stain_target
+
+    return stain_target(method, ref, mpp=bundle.mpp, tile_size=bundle.tile_size)
+
+
+def _evaluate_outcome(data, bundle, model, out_dir: Path, task: str, target, folds, holdout, method, horizons,
+                      group_by, slide_mpp, cache, device, batch_size, n_boot, seed, progress, embeddings,
+                      loss: str, stain=None) -> Path:
+    """`evaluate_model` for survival and continuous slide targets (`stain`: a StainFit, as there)."""
+    from pathapp.train.labels import read_slide_csv
+    from pathapp.train.mil import abmil_fitter
+    from pathapp.train.outcomes import cross_validate_outcome, evaluate_outcome, outcome_folds, write_outcome_report
+
+    _require_slide_csv(data, task, target)
+    if method not in (None, "abmil"):
+        raise TrainError(f"--task {task} is evaluated with --method abmil (attention-MIL), not {method!r}")
+    refit = bool(folds or holdout)
+    if folds and holdout:
+        raise TrainError("give --folds K or --holdout FRACTION, not both")
+    if not refit and bundle.task != task:
+        raise TrainError(f"{model}: its head predicts {bundle.task or 'nothing (no head)'}, not {task}; pass --folds K "
+                         f"to cross-validate a {task} head on its embeddings, or give a {task} bundle")
+    sl = read_slide_csv(Path(data[0]), group_by, task, target)
+    folds = outcome_folds(task, sl.y, sl.groups, folds or 5, seed, holdout, str(data[0])) if refit else None
+    X = bag_array(slide_bags(sl, bundle, slide_mpp, cache, device, batch_size, progress, embeddings, stain))
+    grouping = sl.grouping
+    extra: dict[str, Any] = {"model": str(model), "data": [str(d) for d in data], "group_by": grouping,
+                             "target": sl.target, "method": "abmil"}
+    if refit:
+        fit = abmil_fitter(task=task, **({"loss": loss} if task == "regression" else {}))
+        extra.update({"loss": loss} if task == "regression" else {})
+        result = cross_validate_outcome(X, sl.y, sl.groups, task, fit, folds, n_boot, seed, horizons)
+        extra["mode"] = (f"held-out {holdout:.0%} of groups ({grouping})" if holdout
+                         else f"{len(folds)}-fold cross-validation grouped by {grouping}")
+    else:
+        pred = _bundle_probs(bundle, X, True)[:, 0]
+        result = evaluate_outcome(sl.y, pred, sl.groups, task, n_boot, seed, horizons)
+        extra["mode"] = "held-out evaluation of the bundle's head"
+    return write_outcome_report(result, out_dir, extra, [str(p) for p in sl.slides])
 
 
 def _bundle_probs(bundle, X: np.ndarray, is_mil: bool) -> np.ndarray:

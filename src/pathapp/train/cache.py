@@ -20,6 +20,7 @@ from pathapp.errors import PathappError
 
 if TYPE_CHECKING:
     from pathapp.models.bundle import Bundle, PathModel
+    from pathapp.tiles.stain import StainFit
 
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pathapp" / "embeddings"
 
@@ -37,7 +38,9 @@ class EmbeddingCache:
     """Embeddings of one model keyed by item; `root=None` keeps nothing on disk."""
 
     def __init__(self, root: Path | None, fingerprint: str) -> None:
-        self.path = None if root is None else Path(root) / f"{fingerprint[:24]}.h5"
+        # the whole fingerprint decides the file: one bundle's plain and stain-normalised embeddings differ
+        name = hashlib.sha1(fingerprint.encode()).hexdigest()[:24]
+        self.path = None if root is None else Path(root) / f"{name}.h5"
         self.fingerprint = fingerprint
 
     def get_many(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
@@ -63,7 +66,8 @@ class EmbeddingCache:
 
 
 def load_tile_image(path: Path, size: int) -> np.ndarray:
-    """An image file as one model-input tile: centre square crop, resized to size x size, RGB uint8.
+    """An image file as one model-input tile: centre square crop, resized to size x size (0: kept at
+    its own size), RGB uint8.
 
     Training, evaluation and prediction on image folders all read tiles through this function."""
     from PIL import Image
@@ -74,7 +78,7 @@ def load_tile_image(path: Path, size: int) -> np.ndarray:
             w, h = im.size
             s = min(w, h)
             im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-            if s != size:
+            if size and s != size:
                 im = im.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
             return np.asarray(im, dtype=np.uint8)
     except OSError as e:
@@ -111,26 +115,55 @@ class SlideTiles:
         return read_tile(self.slide, self.grid, i)
 
 
-def embed_arrays(model: PathModel, tiles: np.ndarray, device: str = "cpu") -> np.ndarray:
-    """Embeddings of uint8 tiles (B, H, W, 3) through the bundle model."""
+def embed_arrays(model: PathModel, tiles: np.ndarray, device: str = "cpu", normalize=None) -> np.ndarray:
+    """Embeddings of uint8 tiles (B, H, W, 3) through the bundle model; `normalize(x)` maps the
+    uint8 batch on the device (stain normalisation) first."""
     import torch
 
     with torch.inference_mode():
         x = torch.from_numpy(np.ascontiguousarray(tiles)).permute(0, 3, 1, 2).to(device)
-        return model.embed(x).float().cpu().numpy()
+        return model.embed(x if normalize is None else normalize(x)).float().cpu().numpy()
 
 
 def embed_tiles(
-    model: PathModel, tiles, indices: Sequence[int], batch_size: int = 32, device: str = "cpu", progress: bool = True
+    model: PathModel, tiles, indices: Sequence[int], batch_size: int = 32, device: str = "cpu", progress: bool = True,
+    normalize=None,
 ):
-    """Yield (indices, embeddings) batch by batch over `tiles[i] for i in indices`, with a tiles/s bar."""
+    """Yield (indices, embeddings) batch by batch over `tiles[i] for i in indices`, with a tiles/s bar;
+    `normalize(x, idx)` maps each uint8 device batch of items `idx` before the model."""
     from tqdm import tqdm
 
     with tqdm(total=len(indices), unit="tile", desc="embedding", disable=not progress, leave=False) as bar:
         for s in range(0, len(indices), batch_size):
             idx = list(indices[s : s + batch_size])
-            yield idx, embed_arrays(model, np.stack([tiles[i] for i in idx]), device)
+            step = None if normalize is None else (lambda x, idx=idx: normalize(x, idx))
+            yield idx, embed_arrays(model, np.stack([tiles[i] for i in idx]), device, step)
             bar.update(len(idx))
+
+
+def embedding_fingerprint(bundle: Bundle, stain: StainFit | None = None) -> str:
+    """The cache's name for a model's embeddings: the bundle's, marked with the stain target."""
+    return bundle.fingerprint() + ("" if stain is None else ":" + stain.fingerprint())
+
+
+def image_stain_map(tiles: ImageTiles, stain: StainFit):
+    """`normalize(x, idx)` for labelled images, each fitted on its own (an image is its own scan);
+    an image whose fit fails is used as it is."""
+    import torch
+
+    from pathapp.tiles.stain import image_normalizer
+
+    def normalize(x: torch.Tensor, idx: Sequence[int]) -> torch.Tensor:
+        out = x.clone()
+        for row, i in enumerate(idx):
+            path = tiles.paths[i]
+            native = load_tile_image(path, 0)  # fitted on the image's own pixels, not the model's input size
+            norm = image_normalizer(native, stain, str(path))
+            if norm is not None:
+                out[row] = norm(x[row : row + 1])[0]
+        return out
+
+    return normalize
 
 
 def embed_images(
@@ -141,18 +174,22 @@ def embed_images(
     device: str = "auto",
     model: PathModel | None = None,
     progress: bool = True,
+    stain: StainFit | None = None,
 ) -> np.ndarray:
-    """(N, D) embeddings of image tiles, computing only those not yet in the cache."""
+    """(N, D) embeddings of image tiles, computing only those not yet in the cache; with `stain`,
+    each image is stain-normalised onto that target first."""
     from pathapp.models.device import resolve_device
 
     device = resolve_device(device)
-    cache = EmbeddingCache(cache_root, bundle.fingerprint())
+    cache = EmbeddingCache(cache_root, embedding_fingerprint(bundle, stain))
     keys = [_file_key(p) for p in paths]
     have = cache.get_many(keys)
     todo = [i for i, k in enumerate(keys) if k not in have]
     if todo:
         model = model or bundle.build(device)
-        for idx, feats in embed_tiles(model, ImageTiles(paths, bundle.tile_size), todo, batch_size, device, progress):
+        tiles = ImageTiles(paths, bundle.tile_size)
+        normalize = None if stain is None else image_stain_map(tiles, stain)
+        for idx, feats in embed_tiles(model, tiles, todo, batch_size, device, progress, normalize):
             new = {keys[i]: f for i, f in zip(idx, feats)}
             cache.put_many(new)
             have.update(new)
@@ -168,19 +205,28 @@ def embed_slide_grid(
     device: str = "auto",
     model: PathModel | None = None,
     progress: bool = True,
+    stain: StainFit | None = None,
 ) -> np.ndarray:
-    """(N, D) embeddings of a slide's grid tiles, cached per (slide file, µm/px, tile size, coords)."""
+    """(N, D) embeddings of a slide's grid tiles, cached per (slide file, µm/px, tile size, coords);
+    with `stain`, normalised onto that target by one fit on the slide's tissue."""
     from pathapp.models.device import resolve_device
 
     device = resolve_device(device)
-    cache = EmbeddingCache(cache_root, bundle.fingerprint())
+    cache = EmbeddingCache(cache_root, embedding_fingerprint(bundle, stain))
     key = slide_key(Path(slide.path), grid.mpp, grid.tile_size, grid.coords)
     hit = cache.get_many([key])
     if key in hit:
         return hit[key]
     model = model or bundle.build(device)
+    normalize = None
+    if stain is not None and len(grid):
+        from pathapp.tiles.stain import slide_normalizer
+
+        norm, _ = slide_normalizer(slide, grid, stain)
+        normalize = None if norm is None else (lambda x, idx: norm(x))
     feats = np.zeros((len(grid), bundle.embedding_dim), np.float32)
-    for idx, f in embed_tiles(model, SlideTiles(slide, grid), range(len(grid)), batch_size, device, progress):
+    for idx, f in embed_tiles(model, SlideTiles(slide, grid), range(len(grid)), batch_size, device, progress,
+                              normalize):
         feats[idx] = f
     cache.put_many({key: feats})
     return feats
@@ -193,7 +239,8 @@ def slide_key(slide_path: Path, mpp: float, tile_size: int, coords: np.ndarray) 
     return h.hexdigest()
 
 
-def reuse_inference_embeddings(h5_path: Path, bundle: Bundle, coords: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def reuse_inference_embeddings(h5_path: Path, bundle: Bundle, coords: np.ndarray | None = None,
+                               stain: StainFit | None = None) -> tuple[np.ndarray, np.ndarray]:
     """features, coords from an inference embeddings.h5 written with this bundle's model and tiling.
 
     The file must carry the same µm/px, tile size and width; when it records a model fingerprint it
@@ -208,13 +255,15 @@ def reuse_inference_embeddings(h5_path: Path, bundle: Bundle, coords: np.ndarray
         problems.append(f"tile size {attrs['tile_size']} != {bundle.tile_size}")
     if feats.shape[1] != bundle.embedding_dim:
         problems.append(f"width {feats.shape[1]} != {bundle.embedding_dim}")
-    fingerprint = bundle.fingerprint()
-    # bf16 inference (`--precision auto` on bf16 hardware) marks its fingerprint ":bf16": the same model,
-    # embeddings within cosine 0.999 of fp32 (tests/test_infer_precision.py), so they train the same.
-    if "model_fingerprint" in attrs and attrs["model_fingerprint"] not in (fingerprint, f"{fingerprint}:bf16"):
-        problems.append("another model's embeddings" + (" (int8: rerun inference with --precision fp32 or bf16)"
-                                                         if attrs["model_fingerprint"] == f"{fingerprint}:int8"
-                                                         else ""))
+    fp = bundle.fingerprint()
+    expected = embedding_fingerprint(bundle, stain)
+    # bf16 inference (`--precision auto` on bf16 hardware) marks the model's fingerprint ":bf16": the same
+    # model, embeddings within cosine 0.999 of fp32 (tests/test_infer_precision.py), so they train the same.
+    marked = {p: fp + f":{p}" + expected[len(fp):] for p in ("bf16", "int8")}
+    if "model_fingerprint" in attrs and attrs["model_fingerprint"] not in (expected, marked["bf16"]):
+        problems.append("another model's (or stain normalisation's) embeddings"
+                        + (" (int8: rerun inference with --precision fp32 or bf16)"
+                           if attrs["model_fingerprint"] == marked["int8"] else ""))
     if problems:
         raise CacheError(f"{h5_path}: cannot reuse these embeddings ({'; '.join(problems)}); rerun inference "
                          f"with this model or drop --embeddings")

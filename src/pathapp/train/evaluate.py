@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from pathapp.atomic import atomic_path, atomic_write_text
 from pathapp.errors import PathappError
@@ -113,19 +114,33 @@ def bootstrap_ci(
 ) -> dict[str, list]:
     """Percentile (1-alpha) CIs of every metric (per class for sensitivity/specificity), resampling
     whole groups when groups are given."""
+    keys = ("accuracy", "balanced_accuracy", "macro_f1", "auroc_ovr", "sensitivity", "specificity")
+
+    def metrics(idx: np.ndarray) -> dict:
+        m = point_metrics(y[idx], probs[idx], n_classes)
+        return {k: m[k] for k in keys}
+
+    return group_bootstrap(metrics, np.arange(len(y)) if groups is None else groups, n_boot, seed, alpha)
+
+
+def group_bootstrap(
+    metrics: Callable[[np.ndarray], dict],
+    groups: np.ndarray,
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> dict[str, list]:
+    """Percentile (1-alpha) CIs of each value `metrics(indices)` returns (a number, or a list of
+    numbers: one interval each), over resamples of whole groups. NaN (a metric undefined in a
+    resample) is left out."""
     rng = np.random.default_rng(seed)
-    if groups is None:
-        groups = np.arange(len(y))
     uniq, inv = np.unique(groups, return_inverse=True)
     members = [np.flatnonzero(inv == g) for g in range(len(uniq))]
-    keys = ("accuracy", "balanced_accuracy", "macro_f1", "auroc_ovr", "sensitivity", "specificity")
-    samples: dict[str, list] = {k: [] for k in keys}
-    for _ in range(n_boot):
+    samples: dict[str, list] = {}
+    for _ in tqdm(range(n_boot), desc="bootstrap 95% CI", unit="resample", leave=False, mininterval=1.0):
         pick = rng.integers(0, len(uniq), len(uniq))
-        idx = np.concatenate([members[g] for g in pick])
-        m = point_metrics(y[idx], probs[idx], n_classes)
-        for k in keys:
-            samples[k].append(m[k])
+        for k, v in metrics(np.concatenate([members[g] for g in pick])).items():
+            samples.setdefault(k, []).append(v)
     lo, hi = alpha / 2, 1 - alpha / 2
     ci: dict[str, list] = {}
     for k, v in samples.items():
@@ -133,7 +148,7 @@ def bootstrap_ci(
         if arr.ndim == 1:
             arr = arr[np.isfinite(arr)]
             ci[k] = [float(np.quantile(arr, lo)), float(np.quantile(arr, hi))] if len(arr) else [float("nan")] * 2
-        else:  # (n_boot, C): a class absent from a resample gives NaN there, ignored
+        else:  # (n_boot, K): a class absent from a resample gives NaN there, ignored
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
                 ci[k] = [[float(a), float(b)] for a, b in zip(np.nanquantile(arr, lo, axis=0), np.nanquantile(arr, hi, axis=0))]
@@ -167,7 +182,7 @@ def cross_validate(
     probs = np.zeros((len(y), n_classes), np.float64)
     fold_of = np.full(len(y), -1)
     per_fold = []
-    for f, (tr, te) in enumerate(folds):
+    for f, (tr, te) in enumerate(tqdm(folds, desc="cross-validation", unit="fold", leave=False)):
         predict = fit(X[tr], y[tr], groups[tr])
         probs[te] = predict(X[te])
         fold_of[te] = f
@@ -220,7 +235,7 @@ def fewshot_curve(
     folds = grouped_folds(y, groups, n_folds, seed)
     rng = np.random.default_rng(seed)
     curve = []
-    for n in shots:
+    for n in tqdm(shots, desc="few-shot curve", unit="point", leave=False):
         scores = []
         for tr, te in folds:
             for _ in range(1 if n is None else repeats):
@@ -260,7 +275,7 @@ def save_plots(y: np.ndarray, probs: np.ndarray, class_names: Sequence[str], out
     ax.set_ylabel("true")
     fig.tight_layout()
     paths = [out_dir / "confusion.png", out_dir / "roc.png"]
-    _save_fig(fig, paths[0])
+    save_fig(fig, paths[0])
     fig, ax = plt.subplots(figsize=(5, 5))
     for c, name in enumerate(class_names):
         if 0 < (y == c).sum() < len(y):
@@ -271,7 +286,7 @@ def save_plots(y: np.ndarray, probs: np.ndarray, class_names: Sequence[str], out
     ax.set_ylabel("sensitivity")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    _save_fig(fig, paths[1])
+    save_fig(fig, paths[1])
     return paths
 
 
@@ -294,11 +309,12 @@ def save_fewshot_plot(curve: Sequence[dict], path: Path) -> Path:
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    _save_fig(fig, path)
+    save_fig(fig, path)
     return path
 
 
-def _save_fig(fig, path: Path) -> None:
+def save_fig(fig, path: Path) -> None:
+    """Save a matplotlib figure atomically (100 dpi) and close it."""
     import matplotlib.pyplot as plt
 
     with atomic_path(path) as tmp:

@@ -179,27 +179,101 @@ def cap_per_group(s: ImageSet, per_group: int, seed: int = 0) -> ImageSet:
     return s.subset(np.sort(np.concatenate(keep)))
 
 
+SLIDE_TASKS = ("classification", "survival", "regression")  # as models.heads.SLIDE_TASKS (no torch here)
+DEFAULT_TARGETS = {"classification": "label", "survival": "time,event", "regression": "value"}
+MIN_EVENTS = 2  # a Cox model learns nothing from fewer events, and a C-index needs a comparable pair
+
+
 @dataclass
 class SlideLabels:
-    """Slide-level labels for MIL: slide path, class index and patient (group) per slide."""
+    """Slide-level targets for MIL: slide path and patient (group) per slide, and per task the
+    class index (`labels`), the follow-up time and event indicator (`time`, `event`), or the
+    value (`value`)."""
 
     slides: list[Path]
     labels: np.ndarray
     groups: np.ndarray
     class_names: list[str]
+    task: str = "classification"
+    time: np.ndarray | None = None
+    event: np.ndarray | None = None
+    value: np.ndarray | None = None
+    target: str = "label"  # the CSV column(s) read
+    grouping: str = "slide"  # the column that groups slides (patient), or "slide" when there is none
+
+    @property
+    def y(self) -> np.ndarray:
+        """What a head learns: class indices, (time, event) rows, or values."""
+        if self.task == "survival":
+            return np.column_stack([self.time, self.event]).astype(np.float64)
+        return self.value if self.task == "regression" else self.labels
+
+    @property
+    def output_names(self) -> list[str]:
+        """Names of the slide head's outputs: the classes, "risk", or the target column."""
+        return {"classification": self.class_names, "survival": ["risk"]}.get(self.task, [self.target])
 
 
-def read_slide_csv(path: Path, group_by: str | None = None) -> SlideLabels:
-    """CSV of slide,label[,patient]: slide paths relative to the CSV; patient groups splits."""
+def read_slide_csv(path: Path, group_by: str | None = None, task: str = "classification",
+                   target: str | None = None) -> SlideLabels:
+    """CSV of slide[,patient] and the target: `label` (classification), `time,event` (survival:
+    follow-up time >= 0 and 1 = event observed / 0 = censored) or `value` (regression); `target`
+    names other columns. Slide paths are relative to the CSV; patients group the splits. Every
+    unusable row is refused with its row number."""
     path = Path(path)
+    if task not in SLIDE_TASKS:
+        raise LabelError(f"--task must be one of {', '.join(SLIDE_TASKS)}, not {task!r}")
+    target = target or DEFAULT_TARGETS[task]
+    columns = [c.strip() for c in target.split(",")]
+    if len(columns) != (2 if task == "survival" else 1):
+        raise LabelError(f"{path}: --target for {task} is {DEFAULT_TARGETS[task]!r}-like "
+                         f"({'TIME,EVENT' if task == 'survival' else 'one COLUMN'}), not {target!r}")
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    if not rows or "slide" not in rows[0] or "label" not in rows[0]:
-        raise LabelError(f"{path}: expected a CSV with columns slide,label[,patient]")
-    col = group_by or ("patient" if "patient" in rows[0] else None)
-    if col is not None and col not in rows[0]:
+    header = list(rows[0]) if rows else []
+    missing = [c for c in ["slide", *columns] if c not in header]
+    if missing:
+        raise LabelError(f"{path}: missing column(s) {', '.join(missing)}; expected slide,{','.join(columns)}"
+                         f"[,patient] (has {', '.join(header) or 'no rows'})")
+    col = group_by or ("patient" if "patient" in header else None)
+    if col is not None and col not in header:
         raise LabelError(f"{path}: --group-by column {col!r} not found")
-    classes = sorted({r["label"] for r in rows})
     slides = [path.parent / r["slide"] for r in rows]
     groups = np.asarray([r[col] if col else r["slide"] for r in rows])
-    return SlideLabels(slides, np.asarray([classes.index(r["label"]) for r in rows]), groups, classes)
+    if task == "classification":
+        classes = sorted({r[columns[0]] for r in rows})
+        labels = np.asarray([classes.index(r[columns[0]]) for r in rows])
+        return SlideLabels(slides, labels, groups, classes, task, target=columns[0], grouping=col or "slide")
+    numbers = {c: _numbers(path, rows, c) for c in columns}
+    if task == "regression":
+        return SlideLabels(slides, np.zeros(0, np.int64), groups, [], task, value=numbers[columns[0]], target=target,
+                           grouping=col or "slide")
+    time, event = numbers[columns[0]], numbers[columns[1]]
+    bad = np.flatnonzero(time < 0)
+    if len(bad):
+        raise LabelError(f"{path}: row {bad[0] + 2} ({rows[bad[0]]['slide']}): negative {columns[0]} {time[bad[0]]:g}; "
+                         f"follow-up times are counted from diagnosis or surgery and cannot be negative")
+    bad = np.flatnonzero((event != 0) & (event != 1))
+    if len(bad):
+        raise LabelError(f"{path}: row {bad[0] + 2} ({rows[bad[0]]['slide']}): {columns[1]} is {event[bad[0]]:g}; "
+                         f"write 1 where the event (death, progression) was observed and 0 where follow-up was censored")
+    if event.sum() < MIN_EVENTS:
+        raise LabelError(f"{path}: only {int(event.sum())} of {len(event)} slides have {columns[1]} = 1; a survival "
+                         f"model needs at least {MIN_EVENTS} observed events (more for honest folds)")
+    return SlideLabels(slides, np.zeros(0, np.int64), groups, [], task, time=time, event=event.astype(np.int64),
+                       target=target, grouping=col or "slide")
+
+
+def _numbers(path: Path, rows: list[dict], column: str) -> np.ndarray:
+    """A column as finite floats; the first empty or non-numeric cell is refused by row number."""
+    out = np.zeros(len(rows))
+    for i, r in enumerate(rows):
+        raw = (r[column] or "").strip()
+        try:
+            out[i] = float(raw)
+        except ValueError:
+            out[i] = np.nan
+        if not np.isfinite(out[i]):
+            raise LabelError(f"{path}: row {i + 2} ({r['slide']}): {column} {raw!r} is missing or not a number; "
+                             f"fill it in or drop the slide from the CSV")
+    return out

@@ -1,0 +1,395 @@
+"""No surprises (issue #17): every bad input and fault gets one line (exit code ≠ 0, no traceback),
+numbers are checked at the command line, a second run neither takes outputs for inputs nor keeps or
+destroys results made with other settings, and an empty result says why. Real slides, tiny ViTs."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import re
+import resource
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+import pytest
+import shapely
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from conftest import data_file
+from vit_factory import tiny_bundle
+
+from pathapp.cli import COMMANDS, main
+from pathapp.errors import DEBUG_ENV
+from pathapp.models.bundle import load_bundle
+from pathapp.qupath.geojson import QuPathObject, write_objects
+
+SVS = "wsi/aperio/CMU-1-Small-Region.svs"  # 2220 x 2967 px at 0.499 µm/px
+TINY_SLIDE = "wsi/aperio/openslide-python-small.svs"  # 16 x 16 px
+NO_MPP = "wsi/aperio/tcga-cr-7395-01a-01-ts1.svs"
+MESSAGE = re.compile(r"^(error|failed|Error): ")
+
+torch.set_num_threads(1)
+
+
+def pathapp(*args: str) -> tuple[int, str, str]:
+    """The console entry point (`pathapp.cli.main`) in-process: exit code, stdout, stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    argv, debug = sys.argv, os.environ.get(DEBUG_ENV)
+    sys.argv = ["pathapp", *map(str, args)]
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = argv
+        if debug is None:  # `--debug` sets it for the process; keep tests independent
+            os.environ.pop(DEBUG_ENV, None)
+        else:
+            os.environ[DEBUG_ENV] = debug
+    return code, out.getvalue(), err.getvalue()
+
+
+def one_message(err: str) -> str:
+    """The one `error:` / `failed:` / click `Error:` line of a failed command (and no traceback)."""
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if MESSAGE.match(line)]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    return tiny_bundle(tmp_path_factory.mktemp("bundle"), num_classes=2)
+
+
+@pytest.fixture(scope="module")
+def evil(tmp_path_factory) -> Path:
+    """A checkpoint whose pickle calls os.system when unpickled without weights_only."""
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, ("echo pwned",)
+
+    path = tmp_path_factory.mktemp("evil") / "evil.pth"
+    torch.save({"state_dict": Evil()}, path)
+    return path
+
+
+# id, argv (placeholders: {svs} {tiny} {nompp} {bundle} {out} {tmp} {evil} {file}), exit code, words the
+# one message line must contain. "holds": behaviour that was already right and must stay so.
+CASES = [
+    ("tile --mpp inf", ["tile", "{svs}", "--mpp", "inf", "--out", "{out}"], 2, ["--mpp", "finite"]),
+    ("tile --mpp 0.00001", ["tile", "{svs}", "--mpp", "0.00001", "--out", "{out}"], 2, ["--mpp", "0.01"]),
+    ("tile --slide-mpp inf", ["tile", "{svs}", "--slide-mpp", "inf", "--out", "{out}"], 2, ["--slide-mpp"]),
+    ("tile --min-tissue nan", ["tile", "{svs}", "--min-tissue", "nan", "--out", "{out}"], 2, ["--min-tissue"]),
+    ("tile --tile-size 100000", ["tile", "{svs}", "--tile-size", "100000", "--out", "{out}"], 2, ["--tile-size"]),
+    ("tile --out under a file", ["tile", "{svs}", "--out", "{file}/sub"], 1, ["failed:", "{svs}", "Error"]),
+    ("infer --mpp inf", ["infer", "{svs}", "--model", "{bundle}", "--mpp", "inf", "--out", "{out}"], 2, ["--mpp"]),
+    ("infer --slide-mpp inf", ["infer", "{svs}", "--model", "{bundle}", "--slide-mpp", "inf"], 2, ["--slide-mpp"]),
+    ("infer --min-tissue nan", ["infer", "{svs}", "--model", "{bundle}", "--min-tissue", "nan"], 2, ["--min-tissue"]),
+    ("infer --batch-size 0", ["infer", "{svs}", "--model", "{bundle}", "--batch-size", "0"], 2, ["--batch-size"]),
+    ("infer --tile-size 100 (patch 14)", ["infer", "{svs}", "--model", "{bundle}", "--tile-size", "100", "--out",
+                                          "{out}"], 2, ["tile size 100", "multiple of", "14", "--tile-size 98"]),
+    ("infer --device tpu", ["infer", "{svs}", "--model", "{bundle}", "--device", "tpu", "--out", "{out}"], 2,
+     ["--device 'tpu'", "cpu"]),
+    ("infer --device cuda", ["infer", "{svs}", "--model", "{bundle}", "--device", "cuda", "--out", "{out}"], 2,
+     ["--device cuda", "--device cpu"]),
+    ("infer --device cuda:1", ["infer", "{svs}", "--model", "{bundle}", "--device", "cuda:1", "--out", "{out}"], 2,
+     ["--device cuda:1"]),
+    ("train --lr nan", ["train", "--data", "{svs}", "--out", "{tmp}/m.pathapp", "--lr", "nan"], 2, ["--lr"]),
+    ("train --lora-alpha -inf", ["train", "--data", "{svs}", "--out", "{tmp}/m.pathapp", "--lora-alpha", "-inf"], 2,
+     ["--lora-alpha"]),
+    ("evaluate --holdout nan", ["evaluate", "--data", "{svs}", "--model", "{bundle}", "--out", "{out}", "--holdout",
+                                "nan"], 2, ["--holdout"]),
+    ("pretrain --max-minutes inf", ["pretrain", "--tiles", "{tmp}", "--out", "{out}", "--max-minutes", "inf"], 2,
+     ["--max-minutes"]),
+    ("pretrain --mpp 1e9", ["pretrain", "--tiles", "{tmp}", "--out", "{out}", "--mpp", "1e9"], 2, ["--mpp"]),
+    ("model create --mpp 0", ["model", "create", "--backbone", "dinov2_vits14", "--mpp", "0", "--out",
+                              "{tmp}/m.pathapp"], 2, ["--mpp"]),
+    ("weights: malicious pickle", ["model", "create", "--backbone", "dinov2_vits14", "--weights", "{evil}",
+                                   "--out", "{tmp}/m.pathapp"], 2, ["{evil}", "posix.system", "re-save it"]),
+    # holds
+    ("holds: infer slide without µm/px", ["infer", "{nompp}", "--model", "{bundle}", "--out", "{out}"], 1,
+     ["failed:", "{nompp}", "--slide-mpp"]),
+    ("holds: infer missing bundle", ["infer", "{svs}", "--model", "{tmp}/nope.pathapp"], 2, ["nope.pathapp"]),
+    ("holds: info not a slide", ["info", "{file}"], 1, ["{file}"]),
+    ("holds: tile --roi-class without --roi", ["tile", "{svs}", "--roi-class", "Tumor", "--out", "{out}"], 2,
+     ["--roi"]),
+    ("holds: infer --roi not GeoJSON", ["infer", "{svs}", "--model", "{bundle}", "--roi", "{file}"], 2, ["{file}"]),
+    ("holds: truncated slide", ["infer", "{cut}", "--model", "{bundle}", "--out", "{out}"], 1, ["failed:", "{cut}"]),
+]
+
+
+@pytest.mark.parametrize("name, argv, code, words", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_gets_one_line(shared_data, bundle, evil, tmp_path, name, argv, code, words):
+    if "cuda" in name and torch.cuda.device_count() > (1 if name.endswith(":1") else 0):
+        pytest.skip("this machine has that GPU")
+    (tmp_path / "notes.txt").write_text("not a slide\n")
+    cut = tmp_path / "cut.svs"
+    cut.write_bytes(data_file(SVS).read_bytes()[:400_000])
+    where = {"svs": data_file(SVS), "tiny": data_file(TINY_SLIDE), "nompp": data_file(NO_MPP), "bundle": bundle,
+             "out": tmp_path / "out", "tmp": tmp_path, "evil": evil, "file": tmp_path / "notes.txt", "cut": cut}
+    got, _, err = pathapp(*(a.format(**where) for a in argv))
+    assert got == code, err
+    line = one_message(err)
+    for w in words:
+        assert w.format(**where) in line, line
+    assert not (tmp_path / "out").exists() or code == 1  # refused before anything was written
+
+
+def test_malicious_pickle_is_one_clean_line_from_the_console_script(evil, tmp_path):
+    """The real console script (warnings on, as a user sees them): one whole sentence, nothing else."""
+    exe = Path(sys.executable).with_name("pathapp")
+    proc = subprocess.run([str(exe), "model", "create", "--backbone", "dinov2_vits14", "--weights", str(evil),
+                           "--out", str(tmp_path / "m.pathapp")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and lines[0].endswith(" or as .safetensors"), proc.stderr
+    assert not (tmp_path / "m.pathapp").exists()
+
+
+def test_debug_shows_the_traceback_only_when_asked(shared_data, tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("")
+    args = ["tile", str(data_file(SVS)), "--out", str(tmp_path / "file" / "sub")]
+    code, _, err = pathapp(*args)
+    assert code == 1 and one_message(err).startswith(f"failed: {data_file(SVS)}: ")
+    code, _, err = pathapp("--debug", *args)
+    assert code == 1 and "Traceback (most recent call last)" in err and err.strip().splitlines()[-1].startswith("failed:")
+    monkeypatch.setenv(DEBUG_ENV, "1")
+    assert "Traceback" in pathapp(*args)[2]
+
+
+def _fsize_limit(limit: int):
+    def apply() -> None:  # a full disk, as the writer sees it: EFBIG past `limit` bytes
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_tile_on_a_full_disk_reports_each_slide_and_goes_on(shared_data, tmp_path):
+    exe = Path(sys.executable).with_name("pathapp")
+    slides = [data_file(SVS), data_file("wsi/aperio/luna-1065626.svs")]
+    proc = subprocess.run([str(exe), "tile", *map(str, slides), "--mpp", "4", "--out", str(tmp_path / "t")],
+                          capture_output=True, text=True, timeout=300, preexec_fn=_fsize_limit(4096))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    failed = [line for line in proc.stderr.splitlines() if line.startswith("failed: ")]
+    assert [f.split(": ")[1] for f in failed] == [str(s) for s in slides], proc.stderr  # one line each, in order
+    assert all("File too large" in f for f in failed)
+    assert not [p for p in (tmp_path / "t").rglob("*") if ".tmp" in p.name]  # nothing half-written left
+
+
+# ------------------------------------------------------------------ numbers: a property over every command
+
+FINITE_EXAMPLES = [0, -0.0, -1, -1e-9, 1e-9, 0.005, 0.5, 1, 99.5, 1e300, 10**12, float("inf"), float("-inf"),
+                   float("nan")]
+
+
+def _in(lo: float, hi: float, integer: bool = False, lo_open: bool = False, hi_open: bool = False):
+    def ok(v: float) -> bool:
+        if isinstance(v, float) and not math.isfinite(v):
+            return False
+        if integer and float(v) != int(v):
+            return False
+        return (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
+    return ok
+
+
+MPP_OK = _in(0.01, 100)
+# (command, its required arguments, option, which values it must accept): every numeric option of
+# tile, infer, train and pretrain. The ranges are the contract in the README and --help.
+NUMERIC = [
+    ("tile", ["{svs}", "--out", "{tmp}"], "--mpp", MPP_OK),
+    ("tile", ["{svs}", "--out", "{tmp}"], "--slide-mpp", MPP_OK),
+    ("tile", ["{svs}", "--out", "{tmp}"], "--tile-size", _in(8, 8192, True)),
+    ("tile", ["{svs}", "--out", "{tmp}"], "--overlap", _in(0, 8192, True)),
+    ("tile", ["{svs}", "--out", "{tmp}"], "--min-tissue", _in(0, 1)),
+    ("infer", ["{svs}"], "--mpp", MPP_OK),
+    ("infer", ["{svs}"], "--slide-mpp", MPP_OK),
+    ("infer", ["{svs}"], "--tile-size", _in(8, 8192, True)),
+    ("infer", ["{svs}"], "--min-tissue", _in(0, 1)),
+    ("infer", ["{svs}"], "--batch-size", _in(1, 65536, True)),
+    ("infer", ["{svs}"], "--workers", _in(0, 256, True)),
+    ("train", ["--data", "{svs}", "--out", "{tmp}/m"], "--mpp", MPP_OK),
+    ("train", ["--data", "{svs}", "--out", "{tmp}/m"], "--slide-mpp", MPP_OK),
+    ("train", ["--data", "{svs}", "--out", "{tmp}/m"], "--tile-size", _in(14, 8192, True)),
+    ("train", ["--data", "{svs}", "--out", "{tmp}/m"], "--batch-size", _in(1, 65536, True)),
+    ("train", ["--data", "{svs}", "--out", "{tmp}/m"], "--lora-rank", _in(1, 1024, True)),
+    ("train", ["--data", "{svs}", "--out", "{tmp}/m"], "--lora-alpha", _in(0, 1e6, lo_open=True)),
+    ("train", ["--data", "{svs}", "--out", "{tmp}/m"], "--epochs", _in(1, 10**9, True)),
+    ("train", ["--data", "{svs}", "--out", "{tmp}/m"], "--max-steps", _in(1, 10**9, True)),
+    ("train", ["--data", "{svs}", "--out", "{tmp}/m"], "--lr", _in(0, 10, lo_open=True)),
+    ("pretrain", ["--out", "{tmp}"], "--mpp", MPP_OK),
+    ("pretrain", ["--out", "{tmp}"], "--slide-mpp", MPP_OK),
+    ("pretrain", ["--out", "{tmp}"], "--batch-size", _in(2, 65536, True)),
+    ("pretrain", ["--out", "{tmp}"], "--grad-accum", _in(1, 10**9, True)),
+    ("pretrain", ["--out", "{tmp}"], "--steps", _in(1, 10**9, True)),
+    ("pretrain", ["--out", "{tmp}"], "--epochs", _in(0, 10**9, lo_open=True)),
+    ("pretrain", ["--out", "{tmp}"], "--max-minutes", _in(0, 10**9, lo_open=True)),
+    ("pretrain", ["--out", "{tmp}"], "--workers", _in(0, 256, True)),
+]
+INT_OPTIONS = {"--tile-size", "--overlap", "--batch-size", "--workers", "--lora-rank", "--max-steps",
+               "--grad-accum", "--steps"}
+
+numbers = st.one_of(st.sampled_from(FINITE_EXAMPLES), st.floats(allow_nan=True, allow_infinity=True),
+                    st.integers(-10**15, 10**15))
+
+
+def _command(name: str) -> click.Command:
+    module, attr = COMMANDS[name].split(":")
+    return getattr(__import__(module, fromlist=[attr]), attr)
+
+
+@pytest.mark.parametrize("command, required, option, accepts", NUMERIC, ids=[f"{c} {o}" for c, _, o, _ in NUMERIC])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(value=numbers)
+def test_numeric_options_are_finite_and_in_range(shared_data, tmp_path, command, required, option, accepts, value):
+    """Values in range parse; anything else (0, negatives, inf, nan, huge) is refused while parsing,
+    before any work, with one line naming the option."""
+    text = repr(value) if isinstance(value, float) else str(value)
+    where = {"svs": data_file(SVS), "tmp": tmp_path}
+    args = [a.format(**where) for a in required] + [option, text]
+    integer_option = option in INT_OPTIONS or (command == "train" and option == "--epochs")
+    valid = accepts(value) and (not integer_option or isinstance(value, int))
+    cmd = _command(command)
+    if valid:
+        cmd.make_context(command, list(args))  # parses; nothing runs
+        return
+    with pytest.raises(click.BadParameter) as e:
+        cmd.make_context(command, list(args))
+    assert option in e.value.param.opts
+    code, _, err = pathapp(command, *args)  # the full entry point: one line, exit code 2
+    assert code == 2 and option in one_message(err)
+
+
+# ------------------------------------------------------------------ second runs
+
+def _slides_folder(tmp_path: Path) -> Path:
+    """A folder holding a link to the real slide (tests never copy shared data)."""
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    (folder / "CMU-1-Small-Region.svs").symlink_to(data_file(SVS))
+    return folder
+
+
+def test_outputs_never_become_inputs(shared_data, bundle, tmp_path):
+    """infer a slide (results beside it), tile it into the same folder, then infer the folder: only the
+    slide is found, not pathapp's PNGs, TIFF-looking heatmaps or thumbnails."""
+    folder = _slides_folder(tmp_path)
+    slide = folder / "CMU-1-Small-Region.svs"
+    assert pathapp("infer", slide, "--model", bundle, "--mpp", "4", "--workers", "0")[0] == 0
+    assert pathapp("tile", slide, "--mpp", "4", "--out", folder / "tiles")[0] == 0
+    assert (folder / "pathapp" / "CMU-1-Small-Region" / "overlay.png").exists()
+    assert list((folder / "tiles").rglob("thumbnail.png"))
+    code, _, err = pathapp("infer", folder, "--model", bundle, "--mpp", "4", "--workers", "0")
+    assert code == 0, err
+    assert err.count("skip: ") == 1 and "infer: 0 written, 1 already complete" in err, err
+    from pathapp.slide import find_slides
+
+    assert find_slides(folder) == [slide]
+
+
+def _files(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+
+
+def test_rerun_with_other_settings_is_refused_then_overwrite_replaces_only_own_files(shared_data, bundle, tmp_path):
+    headless = tiny_bundle(tmp_path, num_classes=0, filename="headless.pathapp")
+    src, out = data_file(SVS), tmp_path / "out"
+    folder = out / "CMU-1-Small-Region"
+    base = ["infer", src, "--out", out, "--workers", "0", "--mpp", "4"]
+    assert pathapp(*base, "--model", headless)[0] == 0
+    assert (folder / "pca.png").exists()
+    (folder / "notes.txt").write_text("mine")  # a user's file in pathapp's folder
+    before = _files(folder)
+
+    code, _, err = pathapp(*base, "--model", bundle, "--min-tissue", "0.5")
+    assert code == 1, err
+    line = one_message(err)
+    assert line.startswith(f"failed: {src}: {folder} holds results of other settings (head (classes and weights) "
+                           "none → ")  # the same backbone, now with a head
+    assert "--min-tissue 0.1 → 0.5" in line and "--overwrite" in line
+    assert "--mpp" not in line and "backbone" not in line
+    assert _files(folder) == before  # neither skipped nor destroyed
+
+    code, _, err = pathapp(*base, "--model", bundle, "--min-tissue", "0.5", "--overwrite")
+    assert code == 0, err
+    after = _files(folder)
+    assert "pca.png" not in after and "heatmap-Tumor.png" in after  # the old run's own files went
+    assert (folder / "notes.txt").read_text() == "mine"  # the user's did not
+    run = json.loads((folder / "run.json").read_text())
+    assert set(run["files"]) | {"run.json", ".done", ".pathapp", "notes.txt"} == set(after)
+    recorded = json.loads((folder / ".done").read_text())
+    assert recorded["min_tissue"] == 0.5 and recorded["mpp"] == 4.0 and recorded["object_type"] == "tile"
+    b = load_bundle(bundle)
+    assert recorded["model"] == b.fingerprint() == load_bundle(headless).fingerprint()
+    assert recorded["head"] == b.head_fingerprint()
+
+    code, _, err = pathapp(*base, "--model", bundle, "--min-tissue", "0.5")  # same settings: resumes
+    assert code == 0 and "skip: " in err and _files(folder) == after, err
+    roi = tmp_path / "roi.geojson"
+    write_objects(roi, [QuPathObject(shapely.box(0, 0, 1500, 1500), class_name="Tumor", color=(200, 0, 0))])
+    code, _, err = pathapp(*base, "--model", bundle, "--min-tissue", "0.5", "--roi", roi)
+    assert code == 1 and "--roi/--roi-class none → " in one_message(err)
+
+
+def test_empty_results_say_why_and_still_show_the_slide(shared_data, bundle, tmp_path):
+    white = tmp_path / "blank.png"
+    Image.fromarray(np.full((600, 800, 3), 245, np.uint8)).save(white)
+    outside = tmp_path / "outside.geojson"
+    write_objects(outside, [QuPathObject(shapely.box(50_000, 50_000, 60_000, 60_000), class_name="Tumor")])
+    cases = [  # inputs, extra options, why
+        ([data_file(TINY_SLIDE)], [], "is larger than the slide"),
+        ([data_file(SVS)], ["--mpp", "100"], "is larger than the slide"),
+        ([data_file(SVS)], ["--roi", outside], "lie outside the slide (2220×2967 px)"),
+        ([white], ["--slide-mpp", "1"], "no tissue detected"),
+    ]
+    for i, (inputs, extra, why) in enumerate(cases):
+        out = tmp_path / f"o{i}"
+        code, _, err = pathapp("infer", *inputs, "--model", bundle, "--mpp", "2", "--out", out, "--workers", "0",
+                               *extra)
+        assert code == 0, err
+        warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
+        assert len(warnings) == 1 and why in warnings[0] and str(inputs[0]) in warnings[0], err
+        assert "infer: 0 written, 1 empty" in err, err
+        folder = next(out.iterdir())
+        assert (folder / ".done").exists() and json.loads((folder / "run.json").read_text())["counts"]["tiles"] == 0
+        assert Image.open(folder / "overlay.png").size[0] > 0  # the slide to look at
+        code, stdout, err = pathapp("tile", *inputs, "--mpp", "2", "--tile-size", "56", "--out", tmp_path / f"t{i}",
+                                    *extra)
+        assert code == 0 and " 0 tiles " in stdout, err
+        warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
+        assert len(warnings) == 1 and why in warnings[0], err
+        assert next((tmp_path / f"t{i}").iterdir()).joinpath("thumbnail.png").exists()
+
+
+def test_bundles_follow_the_umask(tmp_path):
+    path = tiny_bundle(tmp_path, num_classes=2)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_evaluate_shows_progress_while_it_resamples(capsys):
+    """The bootstrap and the folds take minutes on real data: a bar says how far they are."""
+    from pathapp.train.evaluate import bootstrap_ci, cross_validate
+    from pathapp.train.fit import head_fitter
+
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 20)
+    X = rng.normal(size=(40, 4)) + y[:, None]
+    groups = np.arange(40) // 2
+    cross_validate(X, y, groups, 2, head_fitter("prototype", 2), n_folds=3, n_boot=20)
+    err = capsys.readouterr().err
+    assert "cross-validation: " in err and "fold/s" in err and "bootstrap 95% CI: " in err and "/20 " in err
