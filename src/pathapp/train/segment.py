@@ -167,6 +167,14 @@ class SegConfig:
         return dataclasses.replace(self, head=head, layers=layers)
 
 
+def check_layers(bundle, layers: int) -> None:
+    """One line instead of timm's assertion when the ViT has fewer blocks than `layers`."""
+    depth = len({k.split(".")[1] for k in bundle.backbone_state if k.startswith("blocks.")})
+    if layers > depth:
+        raise SegmentError(f"--seg-layers {layers}: the backbone {bundle.spec.name} has {depth} blocks; use "
+                           f"--seg-layers 1")
+
+
 class SegData:
     """The images and masks of a MaskSet in memory at one tile size, and (frozen backbone) their patch
     features, computed once with the bundle's backbone."""
@@ -178,6 +186,7 @@ class SegData:
 
         from pathapp.train.cache import load_tile_image
 
+        check_layers(bundle, layers)
         size = bundle.tile_size
         self.images = np.stack([load_tile_image(p, size) for p in ms.images])
         self.masks = np.stack([load_mask(p, size, f) for p, f in zip(ms.masks, ms.foreground)])
@@ -228,6 +237,13 @@ def fit_seg_head(bundle, data: SegData, idx: np.ndarray, n_classes: int, cfg: Se
     rng = np.random.default_rng(cfg.seed)
     history = []
     size = data.images.shape[1]
+    # the loss is taken at 4× the patch grid (the decoder's output), on masks resampled there once
+    grid = size // int(bundle.spec.patch_size)
+    loss_size = min(size, 4 * grid)
+    masks = torch.from_numpy(data.masks)
+    if loss_size != size:
+        pick = ((np.arange(loss_size) + 0.5) * size / loss_size).astype(np.int64)
+        masks = masks[:, pick][:, :, pick]
     bar = tqdm(total=steps, unit="step", desc=f"segment ({cfg.head})", disable=not progress, leave=False)
     head.train()
     for epoch in range(cfg.epochs):
@@ -237,14 +253,14 @@ def fit_seg_head(bundle, data: SegData, idx: np.ndarray, n_classes: int, cfg: Se
             b = np.sort(order[i:i + cfg.batch_size])
             if len(b) < 2 and len(order) > 1:  # batch norm needs two
                 continue
-            target = torch.from_numpy(data.masks[b]).to(dev)
+            target = masks[torch.from_numpy(b)].to(dev)
             if model is None:
                 feats = data.features[b].to(dev).float()
             else:
                 x = torch.from_numpy(data.images[b]).permute(0, 3, 1, 2).to(dev)
                 feats = patch_features(model.backbone, model.normalize(x), cfg.layers)
-            logits = torch.nn.functional.interpolate(head.logits(feats), size=(size, size), mode="bilinear",
-                                                     align_corners=False)
+            logits = torch.nn.functional.interpolate(head.logits(feats), size=(loss_size, loss_size),
+                                                     mode="bilinear", align_corners=False)
             loss = seg_loss(logits, target, cfg.dice_weight)
             opt.zero_grad()
             loss.backward()
