@@ -26,7 +26,7 @@ import numpy as np
 
 from pathapp.errors import PathappError
 from pathapp.slide import IMAGE_SUFFIXES
-from pathapp.train.labels import GROUP_COLUMNS, LabelError, _group_of
+from pathapp.train.labels import LabelError, _group_of, group_column
 
 BACKGROUND = "Background"
 DEFAULT_MASK_CLASSES = (BACKGROUND, "Foreground")
@@ -63,10 +63,7 @@ def _rows_from_csv(path: Path, group_by: str | None) -> tuple[list[dict], str | 
     for col in ("image", "mask"):
         if col not in cols:
             raise LabelError(f"{path}: segmentation needs columns image,mask[,label,group] (has {', '.join(cols)})")
-    if group_by is None:
-        group_by = next((c for c in GROUP_COLUMNS if c in cols), None)
-    elif group_by not in cols:
-        raise LabelError(f"{path}: --group-by column {group_by!r} not found (has {', '.join(cols)})")
+    group_by = group_column(path, cols, group_by)
     out = [{"image": path.parent / r["image"], "mask": path.parent / r["mask"], "label": r.get("label", ""),
             "group": r[group_by] if group_by else r["image"]} for r in rows if r["mask"].strip()]
     return out, group_by
@@ -126,22 +123,12 @@ def read_mask_data(data: Sequence[Path], group_by: str | None = None,
 
 
 def load_mask(path: Path, size: int, foreground: int) -> np.ndarray:
-    """A mask file as (size, size) int64 class indices, cropped as `load_tile_image` crops images.
+    """A mask file as (size, size) int64 class indices, cropped as its image is (`load_tile_image`).
 
     `foreground` > 0: binary, pixels ≥ 128 take that class; 0: the pixel value is the class."""
-    from PIL import Image
+    from pathapp.train.cache import load_tile_image
 
-    try:
-        with Image.open(path) as im:
-            im = im.convert("L")
-            w, h = im.size
-            s = min(w, h)
-            im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-            if size and s != size:
-                im = im.resize((size, size), Image.Resampling.NEAREST)
-            m = np.asarray(im)
-    except OSError as e:
-        raise PathappError(f"{path}: cannot read this mask ({e}); remove the row or convert it to PNG") from None
+    m = load_tile_image(path, size, mode="L", nearest=True)
     return np.where(m >= 128, foreground, 0).astype(np.int64) if foreground else m.astype(np.int64)
 
 
@@ -362,7 +349,7 @@ def _scores(conf: np.ndarray, groups: np.ndarray, n_boot: int, seed: int) -> dic
     from pathapp.train.evaluate import group_bootstrap
 
     m = seg_metrics(conf)
-    m["ci95"] = group_bootstrap(lambda i: {k: v for k, v in seg_metrics(conf[i]).items()}, groups, n_boot, seed)
+    m["ci95"] = group_bootstrap(lambda i: seg_metrics(conf[i]), groups, n_boot, seed)
     return m
 
 
@@ -378,6 +365,7 @@ def evaluate_segmentation(bundle, ms: MaskSet, out_dir: Path, *, folds: int | No
     dev = str(_device(device))
     n = len(ms.class_names)
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"task": "segmentation", "class_names": ms.class_names, "n_images": len(ms),
                               "n_groups": int(len(np.unique(ms.groups))), **(extra or {})}
     if folds:
@@ -411,7 +399,6 @@ def evaluate_segmentation(bundle, ms: MaskSet, out_dir: Path, *, folds: int | No
         conf = confusions(data.masks, pred, n)
         report["mode"] = "held-out evaluation of the bundle's segmentation head"
     report["metrics"] = _scores(conf, ms.groups, n_boot, seed)
-    out_dir.mkdir(parents=True, exist_ok=True)
     save_examples(data.images, data.masks, pred, seg_colors(ms.class_names), out_dir / "examples.png")
     return write_json(report, out_dir / "report.json")
 
@@ -446,25 +433,10 @@ def seg_colors(names: Sequence[str]) -> list[tuple[int, int, int]]:
 
 def save_curve(curve: Sequence[dict], path: Path) -> Path:
     """fewshot.png: mean Dice (± std over folds) vs labelled training images."""
-    import matplotlib
+    from pathapp.train.evaluate import save_fewshot_plot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from pathapp.train.evaluate import save_fig
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    x = np.arange(len(curve))
-    ax.errorbar(x, [c["mean_dice"] for c in curve], yerr=[c["std"] for c in curve], marker="o", capsize=3)
-    ax.set_xticks(x, [str(c["images"]) for c in curve])
-    ax.set_xlabel("labelled training images")
-    ax.set_ylabel("mean Dice (held-out folds)")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    save_fig(fig, path)
-    return path
+    return save_fewshot_plot(curve, path, x="images", y="mean_dice", xlabel="labelled training images",
+                             ylabel="mean Dice (held-out folds)")
 
 
 def save_examples(images: np.ndarray, truth: np.ndarray, pred: np.ndarray, colors, path: Path, n: int = 6) -> Path:
