@@ -132,6 +132,27 @@ def test_segment_lora_changes_the_backbone(tmp_path) -> None:
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+def test_train_from_qupath_annotations(tmp_path) -> None:
+    from pathapp.qupath.geojson import QuPathObject, write_objects
+    from pathapp.train.segment import annotated_tiles
+
+    slide_path = data_file(SLIDE)
+    tumour = shapely.box(400, 400, 1400, 1400).difference(shapely.box(700, 700, 1000, 1000))  # with a hole
+    geojson = write_objects(tmp_path / "regions.geojson", [
+        QuPathObject(tumour, class_name="Tumor"), QuPathObject(shapely.box(1400, 400, 2000, 1400), class_name="Stroma")])
+    base = tiny_bundle(tmp_path, 0, filename="base.pathapp", mpp=2.0)
+    ms = annotated_tiles([geojson], [slide_path], load_bundle(base))
+    assert ms.class_names == ["Background", "Stroma", "Tumor"] and len(set(ms.groups)) == 1
+    images, masks = ms.pixels
+    assert images.shape[1:] == (56, 56, 3) and masks.shape == images.shape[:3]
+    assert {-1, 1, 2} <= set(np.unique(masks))  # the hole and the outside are ignored, not background
+    out = tmp_path / "seg.pathapp"
+    code, text = run_cli("train", "--data", str(geojson), "--slides", str(slide_path), "--model", str(base),
+                         "--method", "segment", "--epochs", "2", "--out", str(out))
+    assert code == 0, text
+    assert load_bundle(out).class_names == ["Background", "Stroma", "Tumor"]
+
+
 def local_seg_bundle(tmp_path: Path) -> Path:
     """A tiny ViT whose patch tokens depend on their own patch only (no position embedding, attention
     output zeroed) + a linear segmentation head calibrated to split real tissue into two classes: a
