@@ -223,4 +223,4 @@ def test_infer_writes_segmentation_annotations(tmp_path) -> None:
         assert m["Area µm^2"] > 0 and 0.5 <= m["Mean prob"] <= 1.0
     assert (folder / "overlay-segmentation.png").stat().st_size > 10_000
     run = json.loads((folder / "run.json").read_text())
-    assert "overlay-segmentation.png" in run["files"]
+    assert "overlay-segmentation.png" in run["files"] and not (folder / "tiles.geojson").exists()
