@@ -170,6 +170,25 @@ def test_cmu_annotations_train_then_infer(tmp_path, shared_data):
     assert np.mean([c == "Upper" for c in upper]) > 0.7 and np.mean([c == "Lower" for c in lower]) > 0.7
 
 
+def test_project_annotations_train_without_qupath(tmp_path, shared_data):
+    """A QuPath project's own annotations (its data.qpdata, read without Java) label the tiles exactly as
+    the same regions exported as GeoJSON do; an entry never saved in QuPath is one warning line."""
+    from qupath_projects import annotated_project
+
+    qpproj = annotated_project(tmp_path / "proj", entries=2, saved=1)
+    base = tiny_bundle(tmp_path, 0, mpp=2.0, filename="base.pathapp")
+    out = _run("train", "--data", qpproj, "--model", base, "--method", "knn", "--out", tmp_path / "p.pathapp",
+               "--cache", tmp_path / "cache")
+    assert "entry 2 (slide 2.svs) has no data file" in out and out.count("warning: ") == 1
+    geo = _two_region_geojson(tmp_path / "regions.geojson")
+    _run("train", "--data", geo, "--slides", shared_data / "wsi" / "aperio" / "CMU-1-Small-Region.svs", "--model",
+         base, "--method", "knn", "--out", tmp_path / "g.pathapp", "--cache", tmp_path / "cache")
+    from_project, from_geojson = load_bundle(tmp_path / "p.pathapp"), load_bundle(tmp_path / "g.pathapp")
+    assert from_project.class_names == from_geojson.class_names == ["Lower", "Upper"]
+    for key in ("embeddings", "labels"):
+        assert torch.equal(from_project.head_tensors[key], from_geojson.head_tensors[key])
+
+
 def test_ucsb_abmil_slides(tmp_path, shared_data):
     root = shared_data / "labeled" / "ucsb-breast-cancer"
     rows = list(csv.DictReader(open(root / "labels.csv")))

@@ -26,6 +26,9 @@ from pathapp.cli.options import COUNT, MAX_BATCH_SIZE, MPP, WORKERS, positive, s
               help="Resolution tiles are sampled at, in µm/px; repeat for several (one is drawn per tile). "
                    "[default: 0.5]")
 @slide_mpp_option
+@click.option("--roi-class", "roi_classes", multiple=True, metavar="NAME",
+              help="With --slides project.qpproj: sample tiles only inside each image's own annotations of "
+                   "this class (repeat for several; Unclassified for annotations without a class).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=str), required=True,
               help="Run folder: config.yaml, metrics.jsonl, checkpoint.pt, teacher.pathapp.")
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=str), default=None,
@@ -47,7 +50,7 @@ from pathapp.cli.options import COUNT, MAX_BATCH_SIZE, MPP, WORKERS, positive, s
 @click.option("--quiet", is_flag=True, default=False, help="No progress bar.")
 @stain_options
 def pretrain(slides: str | None, tiles: str | None, backbone: str | None, init: str | None, mpps: tuple[float, ...],
-             slide_mpp: float | None, out: str, config_path: str | None, batch_size: int | None,
+             slide_mpp: float | None, roi_classes: tuple[str, ...], out: str, config_path: str | None, batch_size: int | None,
              grad_accum: int | None, steps: int | None, epochs: float | None, max_minutes: float | None,
              workers: int | None, precision: str | None, fsdp: bool, resume: bool, quiet: bool,
              stain_norm: str | None, stain_ref: str | None) -> None:
@@ -64,6 +67,7 @@ def pretrain(slides: str | None, tiles: str | None, backbone: str | None, init: 
     Examples:
       pathapp pretrain --slides slides/ --backbone dinov2_vits14 --init dinov2 --mpp 0.5 --out run/
       pathapp pretrain --slides project.qpproj --mpp 0.5 --mpp 1.0 --max-minutes 60 --out run/
+      pathapp pretrain --slides project.qpproj --roi-class Tumor --roi-class Stroma --out run/
       pathapp pretrain --slides slides.csv --mpp 1.0 --precision bf16 --out run/
       pathapp pretrain --tiles tiles/ --config cfg.yaml --out run/
       pathapp pretrain --slides slides/ --stain-norm macenko --stain-ref ref.png --out run/
@@ -87,7 +91,8 @@ def pretrain(slides: str | None, tiles: str | None, backbone: str | None, init: 
     else:
         cfg = SSLConfig.load(config_path) if config_path else SSLConfig()
         changes = {"slides": slides, "tiles": tiles, "backbone": backbone, "init": init,
-                   "mpp": list(mpps) if mpps else None, "slide_mpp": slide_mpp, "batch_size": batch_size,
+                   "mpp": list(mpps) if mpps else None, "slide_mpp": slide_mpp,
+                   "roi_class": list(roi_classes) if roi_classes else None, "batch_size": batch_size,
                    "grad_accum": grad_accum, "steps": steps, "max_minutes": max_minutes, "num_workers": workers,
                    "precision": precision, "distributed": "fsdp" if fsdp else None, "stain_norm": stain_norm,
                    "stain_ref": str(Path(stain_ref).resolve()) if stain_ref else None}

@@ -13,10 +13,10 @@ _data_option = click.option(
     "--data", "data", multiple=True, required=True, type=click.Path(exists=True, path_type=Path),
     help="Labelled data: a labels.csv (columns image,label[,case_prefix|patient|slide][,mpp]), a folder holding "
     "one, an ImageFolder tree <class>/*.png; or a QuPath GeoJSON export of classified annotations "
-    "(repeat, one per --slides); or a QuPath project.qpproj (its entries' classified annotations, via "
-    "paquo + QuPath); or slides.csv for --method abmil: columns slide,label (classes), slide,time,event "
-    "(--task survival) or slide,value (--task regression), and optionally patient; slide paths relative "
-    "to the CSV.")
+    "(repeat, one per --slides); or a QuPath project.qpproj (its entries' classified annotations, read "
+    "from the project's data files; no QuPath needed); or slides.csv for --method abmil: columns slide,label (classes), "
+    "slide,time,event (--task survival) or slide,value (--task regression), and optionally patient; slide "
+    "paths relative to the CSV.")
 _slides_option = click.option(
     "--slides", multiple=True, type=click.Path(exists=True, path_type=Path),
     help="The slide each GeoJSON --data annotates (repeat, same order).")

@@ -15,7 +15,7 @@ from pathapp.atomic import atomic_write_text
 from pathapp.errors import PathappError
 
 
-_LIST_FIELDS = {"mpp"}  # list-valued settings; every other YAML list is a tuple
+_LIST_FIELDS = {"mpp", "roi_class"}  # list-valued settings; every other YAML list is a tuple
 
 
 @dataclass
@@ -37,6 +37,7 @@ class SSLConfig:
     min_tissue: float = 0.6  # HSV tissue fraction a sampled tile must exceed
     slide_mpp: float | None = None  # µm/px applied to every slide (for files that do not say)
     balance: str = "slides"  # draw each slide equally often ("slides") or in proportion to its tissue area ("tissue")
+    roi_class: list[str] = field(default_factory=list)  # a QuPath project's images: sample only inside these annotation classes
     stain_norm: str | None = None  # "macenko" | "reinhard" | "vahadane": normalise every tile onto stain_ref
     stain_ref: str | None = None  # a tile, a slide, or a saved target (.json, a run's stain.json)
     num_workers: int = 2

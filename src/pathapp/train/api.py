@@ -27,6 +27,10 @@ from pathapp.train.labels import MAX_OTHER, MIN_INSIDE, LabelError
 TRAIN_METHODS = ("linear", "knn", "prototype", "mlp", "lora", "abmil")
 
 
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 class TrainError(PathappError):
     """Options that do not fit together."""
 
@@ -106,7 +110,7 @@ def load_labelled(
 ) -> LabelledTiles:
     """Labelled tiles from image data (one path; each image at its labels.csv `mpp`, else `image_mpp`,
     else its file's own), GeoJSON annotations (one per slide, in order) or a QuPath project.qpproj
-    (classified annotations of every entry, read through paquo)."""
+    (classified annotations of every entry, read from its data files)."""
     from pathapp.train.labels import read_image_data
 
     data = [Path(d) for d in data]
@@ -172,19 +176,29 @@ def _align_classes(found: Sequence[str], expected: Sequence[str] | None, where: 
 
 def _annotation_sources(data: list[Path], slides: list[Path], slide_mpp: float | None) -> list[tuple[Path, list, float | None]]:
     """(slide, QuPath objects, slide µm/px override) per annotated slide: GeoJSON exports paired with
-    --slides in order, or every entry of a QuPath project (objects read through paquo)."""
+    --slides in order, or every entry of a QuPath project (annotations read from its data files,
+    without Java). A project entry that cannot be used is one warning line; the others go on."""
     from pathapp.qupath.geojson import read_objects
 
     if len(data) == 1 and data[0].suffix.lower() == ".qpproj":
-        from pathapp.qupath.paquo_bridge import read_entry_objects
         from pathapp.qupath.project import read_project
+        from pathapp.qupath.qpdata import QpdataError, read_entry_objects
 
         project = read_project(data[0])
         usable = [e for e in project.entries if e.image_path is not None and not e.error]
         if not usable:
             why = "; ".join(f"{e.name}: {e.error or 'image not found'}" for e in project.entries[:3]) or "no entries"
             raise LabelError(f"{data[0]}: no project image can be opened ({why}); relink the images in QuPath")
-        return [(e.image_path, read_entry_objects(data[0], e.entry_id), slide_mpp or e.mpp) for e in usable]
+        sources = []
+        for e in project.entries:
+            if e.image_path is None or e.error:
+                _warn(f"{e.error or e.name + ': image not found'}; skipped")
+                continue
+            try:
+                sources.append((e.image_path, read_entry_objects(project, e, {"annotation"}), slide_mpp or e.mpp))
+            except QpdataError as err:
+                _warn(f"{err}; skipped")
+        return sources
     if slides and len(slides) != len(data):
         raise TrainError(f"{len(data)} annotation files but {len(slides)} --slides; pair each GeoJSON with its slide")
     if not slides:
