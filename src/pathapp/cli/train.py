@@ -65,6 +65,30 @@ class HoldoutType(click.ParamType):
         return self._fraction.convert(value, param, ctx)
 
 
+def _seg_options(f):
+    """--seg-head, --seg-layers, --mask-classes: how `--method segment` builds its head and reads masks."""
+    f = click.option("--mask-classes", default=None, metavar="NAMES|label",
+                     help="segment: class names for mask values, comma-separated: two names take a binary mask "
+                     "(>= 128 is the second; default Background,Foreground), more take pixel value v as class v; "
+                     "'label' makes each image's label (CSV label column or class folder) its foreground class.")(f)
+    f = click.option("--seg-layers", type=click.Choice(["1", "4"]), default=None,
+                     help="segment: patch tokens of the last 1 or 4 ViT blocks, concatenated (default 1).")(f)
+    return click.option("--seg-head", type=click.Choice(["linear", "decoder"]), default=None,
+                        help="segment: linear (1x1 conv on patch tokens, as DINOv2's probe) or decoder (light "
+                        "progressive upsampling to 4x the patch resolution). Default linear, or the bundle's.")(f)
+
+
+def _seg_config(seg_head, seg_layers, epochs, lr, batch_size, lora=None):
+    """The SegConfig of the CLI options (None when none is given, so a bundle's own head is the default)."""
+    from pathapp.train.segment import SegConfig
+
+    if all(v is None for v in (seg_head, seg_layers, epochs, lr, lora)):
+        return None
+    given = {"epochs": epochs, "lr": lr, "lora": lora}
+    return SegConfig(head=seg_head, layers=int(seg_layers) if seg_layers else None, batch_size=min(batch_size, 32),
+                     **{k: v for k, v in given.items() if v is not None})
+
+
 def _cache(cache: Path | None) -> Path:
     from pathapp.train.cache import DEFAULT_CACHE
 
@@ -80,11 +104,12 @@ def _cache(cache: Path | None) -> Path:
               help="Weights file for --backbone (official DINOv2 .pth, timm .pth/.safetensors); default: the hub.")
 @click.option("--model", "model", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Start from this .pathapp bundle's backbone and preprocessing instead of --backbone.")
-@click.option("--method", type=click.Choice(["linear", "knn", "prototype", "mlp", "lora", "abmil"]),
+@click.option("--method", type=click.Choice(["linear", "knn", "prototype", "mlp", "lora", "abmil", "segment"]),
               default="linear", show_default=True,
               help="linear: logistic regression, C by inner CV. knn: cosine kNN, k by CV. prototype: class "
               "means. mlp: small MLP. lora: fine-tune the ViT with LoRA + linear head. abmil: attention-MIL "
-              "on slide labels.")
+              "on slide labels. segment: a segmentation head on patch tokens from image + mask pairs "
+              "(cross-entropy + Dice; frozen backbone, or LoRA with --seg-lora).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="The bundle to write (e.g. model.pathapp); `pathapp infer --model` runs it.")
 @_group_option
@@ -115,9 +140,12 @@ def _cache(cache: Path | None) -> Path:
 @_target_option
 @_loss_option
 @stain_options
+@_seg_options
+@click.option("--seg-lora", is_flag=True, help="segment: also train LoRA adapters (--lora-rank/alpha/targets) on "
+              "the backbone, merged into it on export.")
 def train(data, slides, backbone, weights, model, method, out, group_by, mpp, tile_size, slide_mpp, image_mpp, cache, embeddings,
           device, batch_size, lora_rank, lora_alpha, lora_targets, epochs, max_steps, lr, checkpoint_dir, resume, task,
-          target, loss, stain_norm, stain_ref) -> None:
+          target, loss, stain_norm, stain_ref, seg_head, seg_layers, mask_classes, seg_lora) -> None:
     """Train a classifier from labelled tiles or slides and write a bundle for `pathapp infer`.
 
     \b
@@ -131,6 +159,8 @@ def train(data, slides, backbone, weights, model, method, out, group_by, mpp, ti
       pathapp train --data cohort.csv --model base.pathapp --method abmil --task regression --target tils --out tils.pathapp
       pathapp train --data tiles/ --image-mpp 0.5 --model base.pathapp --method linear --stain-norm macenko \\
           --stain-ref ref.png --out normed.pathapp
+      pathapp train --data labeled/ebhi-seg/labels.csv --model base.pathapp --method segment --seg-head decoder \
+          --mask-classes Background,Lesion --out seg.pathapp
 
     Image labels: each image is tiled at the model's µm/px and tile size exactly as `pathapp infer`
     tiles a slide (so give its scale: --image-mpp or an mpp column), and stands for the mean of its
@@ -143,10 +173,11 @@ def train(data, slides, backbone, weights, model, method, out, group_by, mpp, ti
 
     options: dict = {}
     lora = None
-    if method == "lora":
+    if method == "lora" or (method == "segment" and seg_lora):
         lora = LoraConfig(rank=lora_rank, alpha=lora_alpha, targets=tuple(t for t in lora_targets.split(",") if t),
                           epochs=epochs or 10, max_steps=max_steps, batch_size=min(batch_size, 32), lr=lr or 1e-3)
-    elif method == "abmil":
+    seg = _seg_config(seg_head or "linear", seg_layers, epochs, lr, batch_size, lora) if method == "segment" else None
+    if method == "abmil":
         options = {**({"epochs": epochs} if epochs else {}), **({"lr": lr} if lr else {}),
                    **({"loss": loss} if task == "regression" else {})}
     path, info = train_model(list(data), out, method, backbone=backbone, weights=weights, model=model,
@@ -154,7 +185,12 @@ def train(data, slides, backbone, weights, model, method, out, group_by, mpp, ti
                              slide_mpp=slide_mpp, cache=_cache(cache), device=device, batch_size=batch_size,
                              lora=lora, checkpoint_dir=checkpoint_dir, resume=resume, options=options,
                              embeddings=embeddings, task=task or "classification", target=target,
-                             stain_norm=stain_norm, stain_ref=stain_ref, image_mpp=image_mpp)
+                             stain_norm=stain_norm, stain_ref=stain_ref, image_mpp=image_mpp,
+                             seg=seg, mask_classes=mask_classes)
+    if method == "segment":
+        click.echo(f"train: segment ({seg.head} head) on {info['n_images']} labelled images "
+                   f"({', '.join(info['classes'])}; final loss {info['final_loss']:.3f}) -> {path}", err=True)
+        return
     n = info.get("n_tiles", info.get("n_slides"))
     what = {"survival": f"survival, {info.get('n_events')} events", "regression": f"regression of {info.get('target')}"}
     click.echo(f"train: {method} on {n} labelled {info.get('unit', 'slide')}s "
@@ -175,8 +211,9 @@ def train(data, slides, backbone, weights, model, method, out, group_by, mpp, ti
               help="Instead of --folds: re-fit the head on one grouped part and score the held-out FRACTION of "
               "cases/slides (e.g. 0.2); or a second labelled set (labels.csv, ImageFolder): fit on --data, score "
               "on FILE, with a warning and a count when the two share groups (cases).")
-@click.option("--method", type=click.Choice(["linear", "knn", "prototype", "mlp", "abmil"]), default=None,
-              help="Head to cross-validate (default: the bundle's head kind, else linear).")
+@click.option("--method", type=click.Choice(["linear", "knn", "prototype", "mlp", "abmil", "segment"]), default=None,
+              help="Head to cross-validate (default: the bundle's head kind, else linear); segment: a "
+              "segmentation head (--seg-head) on image + mask pairs, scored by Dice and mIoU.")
 @click.option("--fewshot", is_flag=True,
               help="With --folds: also the few-shot curve, balanced accuracy vs 1, 5, 10, 25, 100 and all "
               "labelled tiles per class.")
@@ -196,8 +233,11 @@ def train(data, slides, backbone, weights, model, method, out, group_by, mpp, ti
               help="Survival: times (in the CSV's units) for the time-dependent AUC; the last one truncates "
               "Uno's C. Default: the quartiles of the observed event times.")
 @stain_options
+@_seg_options
+@click.option("--epochs", type=COUNT, default=None, help="segment: epochs of each fold's head (default 30).")
 def evaluate(data, slides, model, out, folds, holdout, method, fewshot, group_by, slide_mpp, image_mpp, cache, embeddings, device,
-             batch_size, bootstrap, task, target, loss, horizons, stain_norm, stain_ref) -> None:
+             batch_size, bootstrap, task, target, loss, horizons, stain_norm, stain_ref, seg_head, seg_layers,
+             mask_classes, epochs) -> None:
     """Measure a model on labelled data: accuracy, balanced accuracy, macro-F1, per-class
     sensitivity/specificity and AUROC with 95% CIs, plus confusion-matrix and ROC pictures and
     predictions.csv. Beside the model, every tile/image report scores two floors the same way (same
@@ -218,6 +258,8 @@ def evaluate(data, slides, model, out, folds, holdout, method, fewshot, group_by
       pathapp evaluate --data test_cohort.csv --model cox.pathapp --out heldout/
       pathapp evaluate --data labels.csv --image-mpp 0.5 --model base.pathapp --folds 5 --stain-norm reinhard \
           --stain-ref ref.png --out cv/
+      pathapp evaluate --data labeled/ebhi-seg/labels.csv --model base.pathapp --method segment --seg-head decoder \
+          --folds 5 --fewshot --out seg-cv/
     """
     import json
 
@@ -232,7 +274,8 @@ def evaluate(data, slides, model, out, folds, holdout, method, fewshot, group_by
     path = evaluate_model(list(data), model, out, folds=folds, holdout=holdout, method=method, fewshot=fewshot, slides=list(slides),
                           group_by=group_by, slide_mpp=slide_mpp, cache=_cache(cache), device=device,
                           batch_size=batch_size, n_boot=bootstrap, embeddings=embeddings, task=task, target=target,
-                          horizons=times, loss=loss, stain_norm=stain_norm, stain_ref=stain_ref, image_mpp=image_mpp)
+                          horizons=times, loss=loss, stain_norm=stain_norm, stain_ref=stain_ref, image_mpp=image_mpp,
+                          seg=_seg_config(seg_head, seg_layers, epochs, None, batch_size), mask_classes=mask_classes)
     report = json.loads(path.read_text())
     click.echo(f"evaluate: {summary_line(report)} -> {path}", err=True)
 
@@ -250,6 +293,10 @@ def summary_line(report: dict) -> str:
     the floors."""
     m = report["metrics"]
     task = report.get("task", "classification")
+    if task == "segmentation":
+        floor = report.get("floors", {}).get("majority_class")
+        line = f"{report['mode']}: mean Dice {_with_ci(m, 'mean_dice')}, mIoU {_with_ci(m, 'miou')}"
+        return line + (f"; floor (majority class) mean Dice {_with_ci(floor, 'mean_dice')}" if floor else "")
     if task == "classification":
         line = (f"{report['mode']}: balanced accuracy {_with_ci(m, 'balanced_accuracy')}, "
                 f"accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}")

@@ -218,9 +218,9 @@ def qc_slide(slide: Slide, *, mpp: float, tile_size: int, rois: Any = None, min_
 
 
 def plan_tiles(slide: Slide, mpp: float, tile_size: int, rois: Any, min_tissue: float | None,
-               timings: dict[str, float]) -> tuple[TileGrid, np.ndarray, str | None]:
-    """The tissue tiles to run, a thumbnail to draw results on, and why there is no tile when there
-    is none (stage times into `timings`)."""
+               timings: dict[str, float], overlap: int = 0) -> tuple[TileGrid, np.ndarray, str | None]:
+    """The tissue tiles to run (`overlap` px between neighbours), a thumbnail to draw results on, and
+    why there is no tile when there is none (stage times into `timings`)."""
     from pathapp.tiles import DEFAULT_MIN_TISSUE, detect_tissue, make_grid, why_empty
     from pathapp.tiles.tissue import require_brightfield
 
@@ -230,7 +230,7 @@ def plan_tiles(slide: Slide, mpp: float, tile_size: int, rois: Any, min_tissue: 
     timings["tissue"] = time.perf_counter() - t
     t = time.perf_counter()
     grid_kwargs = {} if min_tissue is None else {"min_tissue": min_tissue}
-    grid = make_grid(slide, mpp, tile_size, tissue=tissue, rois=rois, **grid_kwargs)
+    grid = make_grid(slide, mpp, tile_size, overlap=overlap, tissue=tissue, rois=rois, **grid_kwargs)
     timings["grid"] = time.perf_counter() - t
     t = time.perf_counter()
     # The tissue detector already decoded a low-resolution view; reuse it when it is as large as the

@@ -281,6 +281,11 @@ def _run_job(job: Job, rt: Runtime | None, o: InferOptions, rois: Any, settings:
             result = qc_slide(slide, mpp=o.mpp or DEFAULT_MPP, tile_size=o.tile_size or QC_TILE_SIZE, rois=rois,
                               min_tissue=o.min_tissue, batch_size=o.batch_size, workers=o.workers,
                               progress=o.progress, log=echo)
+        elif rt.model.seg_head is not None:
+            from pathapp.infer.segment import segment_slide
+
+            result = segment_slide(slide, rt, mpp=o.mpp, tile_size=o.tile_size, rois=rois, min_tissue=o.min_tissue,
+                                   batch_size=o.batch_size, workers=o.workers, progress=o.progress, log=echo)
         else:
             result = infer_slide(slide, rt.bundle, mpp=o.mpp, tile_size=o.tile_size, rois=rois,
                                  min_tissue=o.min_tissue, batch_size=o.batch_size, workers=o.workers, runtime=rt,

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from pathapp.atomic import atomic_path
 from pathapp.errors import PathappError
-from pathapp.models.heads import SLIDE_HEAD_KINDS, Head, build_head, head_state
+from pathapp.models.heads import SEG_HEAD_KINDS, SLIDE_HEAD_KINDS, Head, build_head, head_state
 from pathapp.models.registry import DEFAULT_MPP, DEFAULT_TILE_SIZE, BackboneSpec, create_backbone, embed
 
 FORMAT = "pathapp.bundle"
@@ -107,8 +107,8 @@ class Bundle:
 
     @property
     def task(self) -> str | None:
-        """What the head predicts: "classification", or for a slide head "survival" / "regression"
-        (heads.SLIDE_TASKS); None without a head."""
+        """What the head predicts: "classification", "segmentation" (a models.seg head), or for a slide
+        head "survival" / "regression" (heads.SLIDE_TASKS); None without a head."""
         return str(self.head_config.get("task", "classification")) if self.head_kind else None
 
     @property
@@ -180,7 +180,8 @@ class PathModel(nn.Module):
 
     forward(x) takes RGB images (B, 3, H, W), float in 0..1 or uint8 0..255 (normalised inside with
     the bundle's mean/std) and returns (embeddings (B, D), probabilities (B, C) or None). A slide
-    head (abmil) is not applied per tile: run `slide_head(embeddings)` on the slide's bag.
+    head (abmil) is not applied per tile: run `slide_head(embeddings)` on the slide's bag. A
+    segmentation head gives per-pixel logits through `segment(x)`.
     """
 
     def __init__(self, backbone: nn.Module, head: Head | None, mean: Any, std: Any, recipe: str) -> None:
@@ -193,11 +194,21 @@ class PathModel(nn.Module):
 
     @property
     def tile_head(self) -> Head | None:
-        return self.head if self.head is not None and self.head.kind not in SLIDE_HEAD_KINDS else None
+        return self.head if self.head is not None and self.head.kind not in SLIDE_HEAD_KINDS + SEG_HEAD_KINDS else None
 
     @property
     def slide_head(self) -> Head | None:
         return self.head if self.head is not None and self.head.kind in SLIDE_HEAD_KINDS else None
+
+    @property
+    def seg_head(self) -> Head | None:
+        return self.head if self.head is not None and self.head.kind in SEG_HEAD_KINDS else None
+
+    def segment(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) class logits per pixel of RGB images x (a segmentation bundle)."""
+        from pathapp.models.seg import segment_logits
+
+        return segment_logits(self.backbone, self.seg_head, self.normalize(x))
 
     def normalize(self, x: Tensor) -> Tensor:
         """RGB uint8 or float 0..1 -> the backbone's input (the bundle's mean/std)."""

@@ -24,7 +24,7 @@ from pathapp.errors import PathappError
 from pathapp.train.cache import DEFAULT_CACHE, SlideTiles, embed_slide_grid
 from pathapp.train.labels import MAX_OTHER, MIN_INSIDE, LabelError
 
-TRAIN_METHODS = ("linear", "knn", "prototype", "mlp", "lora", "abmil")
+TRAIN_METHODS = ("linear", "knn", "prototype", "mlp", "lora", "abmil", "segment")
 
 
 def _warn(message: str) -> None:
@@ -351,13 +351,18 @@ def train_model(
     stain_norm: str | None = None,
     stain_ref: Path | None = None,
     image_mpp: float | None = None,
+    seg=None,
+    mask_classes: str | None = None,
 ) -> tuple[Path, dict]:
     """Train a head (or LoRA + head, or ABMIL) and write the bundle to `out`. Returns (path, info).
 
     `task` "survival" or "regression" trains ABMIL on the slides.csv columns `target` (default
     time,event or value); the bundle's head then outputs a risk score or a value per slide.
     `stain_norm` / `stain_ref`: normalise the tiles' stains onto REF before embedding them.
-    `image_mpp`: the µm/px of labelled images that neither labels.csv nor the file gives."""
+    `image_mpp`: the µm/px of labelled images that neither labels.csv nor the file gives.
+
+    "segment" trains a segmentation head (`seg`, a train.segment.SegConfig) on image + mask pairs
+    whose pixel values map to classes by `mask_classes`."""
     from pathapp.models.bundle import save_bundle
     from pathapp.train.fit import fit_head
 
@@ -375,6 +380,15 @@ def train_model(
         raise TrainError("--stain-norm is applied to embeddings (heads, ABMIL), not yet to LoRA fine-tuning; "
                          "drop it or choose another --method")
     options = options or {}
+    if method == "segment":
+        if stain is not None:
+            raise TrainError("--stain-norm is not applied to segmentation training yet; drop it")
+        from pathapp.train.segment import SegConfig, read_mask_data, train_segmentation
+
+        bundle, info = train_segmentation(base, read_mask_data(data, group_by, mask_classes), seg or SegConfig(),
+                                          device, progress)
+        bundle.provenance["training"].update({"data": [str(d) for d in data], "group_by": group_by})
+        return save_bundle(bundle, out), info
     if method == "abmil":
         _require_slide_csv(data, task, target)
         from pathapp.train.labels import read_slide_csv
@@ -459,6 +473,8 @@ def evaluate_model(
     stain_norm: str | None = None,
     stain_ref: Path | None = None,
     image_mpp: float | None = None,
+    seg=None,
+    mask_classes: str | None = None,
 ) -> Path:
     """Evaluate a bundle on labelled data and write report.json + confusion.png + roc.png to out_dir.
 
@@ -472,7 +488,8 @@ def evaluate_model(
     data (its provenance lists them).
     `task` (default: the bundle head's) "survival" or "regression" scores slide outcomes instead
     (outcomes.py: C-index, time-dependent AUC at `horizons`, Kaplan–Meier; or R², correlations;
-    a regression head re-fitted with `loss`)."""
+    a regression head re-fitted with `loss`). A segmentation bundle, or `method` "segment" (a head
+    from `seg`, a train.segment.SegConfig), scores Dice and mIoU on image + mask pairs."""
     from pathapp.models.bundle import load_bundle
     from pathapp.train.evaluate import (
         EvalResult,
@@ -487,6 +504,14 @@ def evaluate_model(
     from pathapp.train.fit import METHODS, head_fitter
 
     bundle = load_bundle(model)
+    if method == "segment" or (bundle.task == "segmentation" and method is None):
+        from pathapp.train.segment import evaluate_segmentation, read_mask_data
+
+        if holdout:
+            raise TrainError("segmentation is evaluated with --folds K or on held-out data as is, not --holdout")
+        return evaluate_segmentation(bundle, read_mask_data(data, group_by, mask_classes), Path(out_dir), folds=folds,
+                                     cfg=seg, fewshot=fewshot, device=device, n_boot=n_boot, seed=seed,
+                                     progress=progress, extra={"model": str(model), "data": [str(d) for d in data]})
     stain = _stain(stain_norm, stain_ref, bundle)
     task = task or (bundle.task if bundle.head_kind == "abmil" else "classification")
     if task != "classification":

@@ -65,6 +65,29 @@ class EmbeddingCache:
                 f.create_dataset(k, data=np.asarray(v, np.float32))
 
 
+def load_tile_image(path: Path, size: int, mode: str = "RGB", nearest: bool = False) -> np.ndarray:
+    """An image file as one model-input tile: centre square crop, resized to size x size (0: kept at
+    its own size), RGB uint8 (`mode` "L": one channel, e.g. a mask; `nearest`: nearest-neighbour
+    resizing, so a mask's values stay class values).
+
+    Segmentation reads its image + mask pairs through it; classification tiles labelled images at
+    their µm/px as slides are tiled (api.load_labelled)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert(mode)
+            w, h = im.size
+            s = min(w, h)
+            im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+            if size and s != size:
+                resample = Image.Resampling.NEAREST if nearest else Image.Resampling.BILINEAR
+                im = im.resize((size, size), resample, reducing_gap=None)
+            return np.asarray(im, dtype=np.uint8)
+    except OSError as e:
+        raise PathappError(f"{path}: cannot read this image ({e}); remove it or convert it to PNG") from None
+
+
 class SlideTiles:
     """The tiles of a grid on a slide (item i -> uint8 (tile_size, tile_size, 3))."""
 

@@ -309,22 +309,24 @@ def save_plots(y: np.ndarray, probs: np.ndarray, class_names: Sequence[str], out
     return paths
 
 
-def save_fewshot_plot(curve: Sequence[dict], path: Path) -> Path:
-    """Balanced accuracy (± std over folds and draws) vs labelled tiles per class, log x axis."""
+def save_fewshot_plot(curve: Sequence[dict], path: Path, x: str = "shots", y: str = "balanced_accuracy",
+                      xlabel: str = "labelled tiles per class", ylabel: str = "balanced accuracy") -> Path:
+    """Balanced accuracy (or the curve's `y`; ± std over folds and draws) vs labelled tiles per class
+    (or its `x`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [str(c["shots"]) for c in curve]
-    mean = np.array([c["balanced_accuracy"] for c in curve])
+    labels = [str(c[x]) for c in curve]
+    mean = np.array([c[y] for c in curve])
     std = np.array([c["std"] for c in curve])
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    x = np.arange(len(curve))
-    ax.errorbar(x, mean, yerr=std, marker="o", capsize=3)
-    ax.set_xticks(x, labels)
-    ax.set_xlabel("labelled tiles per class")
-    ax.set_ylabel("balanced accuracy")
+    pos = np.arange(len(curve))
+    ax.errorbar(pos, mean, yerr=std, marker="o", capsize=3)
+    ax.set_xticks(pos, labels)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     fig.tight_layout()

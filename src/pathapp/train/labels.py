@@ -177,10 +177,7 @@ def read_labels_csv(
     for col in (image_column, label_column):
         if col not in cols:
             raise LabelError(f"{path}: missing column {col!r} (has {', '.join(cols)})")
-    if group_by is None:
-        group_by = next((c for c in GROUP_COLUMNS if c in cols), None)
-    elif group_by not in cols:
-        raise LabelError(f"{path}: --group-by column {group_by!r} not found (has {', '.join(cols)})")
+    group_by = group_column(path, cols, group_by)
     classes = sorted({r[label_column] for r in rows})
     if len(classes) < 2:
         raise LabelError(f"{path}: column {label_column!r} has fewer than two classes")
@@ -192,6 +189,15 @@ def read_labels_csv(
     groups = np.asarray([r[group_by] if group_by else str(p) for r, p in zip(rows, paths)])
     mpps = [parse_mpp(r.get("mpp"), f"{path}, row {n + 2}") for n, r in enumerate(rows)]
     return ImageSet(paths, labels, groups, classes, group_by or "image", mpps=mpps)
+
+
+def group_column(path: Path, cols, group_by: str | None) -> str | None:
+    """The CSV column that names each row's slide/patient: `group_by`, else the first of GROUP_COLUMNS."""
+    if group_by is None:
+        return next((c for c in GROUP_COLUMNS if c in cols), None)
+    if group_by not in cols:
+        raise LabelError(f"{path}: --group-by column {group_by!r} not found (has {', '.join(cols)})")
+    return group_by
 
 
 def read_image_data(data: Path, group_by: str | None = None) -> ImageSet:
