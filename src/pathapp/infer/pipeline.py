@@ -110,6 +110,8 @@ def infer_slide(
     line through `log` every PROGRESS_EVERY_S seconds."""
     import torch
 
+    from pathapp.models.bundle import image_level, pool_tiles
+
     rt = runtime or prepare_model(bundle, device, precision)
     mpp = float(mpp or bundle.mpp)
     tile_size = int(tile_size or bundle.tile_size)
@@ -141,6 +143,11 @@ def infer_slide(
             out, attention = rt.model.slide_head(torch.from_numpy(embeddings).to(rt.device))
         slide_outputs = dict(zip(bundle.class_names, map(float, out.float().cpu().numpy())))
         extra["attention"] = attention.float().cpu().numpy()
+    elif image_level(bundle) and rt.model.tile_head is not None and len(embeddings):
+        # a head trained on whole images predicts for the input's pooled tiles, as train and evaluate pool them
+        with torch.inference_mode():
+            out = rt.model.tile_head(torch.from_numpy(pool_tiles(embeddings)[None]).to(rt.device))[0]
+        slide_outputs = dict(zip(bundle.class_names, map(float, out.float().cpu().numpy())))
     env = dist_env()
     return SlideResult(
         slide_path=str(slide.path),

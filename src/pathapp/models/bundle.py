@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -222,6 +223,21 @@ class PathModel(nn.Module):
         e = self.embed(x)
         head = self.tile_head
         return e, (head(e.float()) if head is not None else None)
+
+
+def pool_tiles(embeddings: np.ndarray) -> np.ndarray:
+    """An image's embedding: the mean of its tiles' embeddings. Train, evaluate and infer pool an image
+    this one way, so a head trained on images predicts the same for an image wherever it runs."""
+    return np.asarray(embeddings, np.float32).mean(0)
+
+
+def image_level(bundle: Bundle) -> bool:
+    """Whether the bundle's tile head was trained on whole labelled images (pooled tiles): then
+    `infer` reports its prediction for the pooled tiles of each input too."""
+    if bundle.head_kind is None:
+        return False
+    record = bundle.provenance.get("training") or bundle.provenance.get("source_provenance", {}).get("training")
+    return (record or {}).get("unit") == "image"  # (models.loader keeps a loaded file's own under source_provenance)
 
 
 def _to_tensors(bundle: Bundle) -> dict[str, Tensor]:
