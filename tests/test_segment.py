@@ -120,6 +120,20 @@ def test_train_and_evaluate_segmentation_from_masks(tmp_path) -> None:
     assert report["fewshot"][-1]["images"] == "all" and (tmp_path / "cv" / "fewshot.png").exists()
 
 
+def test_images_with_a_scale_are_tiled_at_the_bundle_resolution(tmp_path) -> None:
+    from PIL import Image
+
+    from pathapp.train.segment import read_mask_data
+
+    pairs = ebhi_pairs(tmp_path, per_class=1)
+    bundle = load_bundle(tiny_bundle(tmp_path, 0, filename="base.pathapp", mpp=1.0))
+    ms = read_mask_data([pairs], image_mpp=0.5, bundle=bundle)  # 224 px at 0.5 µm/px: 2 × 2 tiles of 56 px at 1.0
+    images, masks = ms.pixels
+    assert images.shape == (8, 56, 56, 3) and len(set(ms.groups)) == 2
+    truth = np.asarray(Image.open(ms.masks[0]).convert("L"))[:112:2, :112:2] >= 128  # the first tile, by hand
+    assert (masks[0] == truth).mean() > 0.97
+
+
 def test_segment_lora_changes_the_backbone(tmp_path) -> None:
     pairs = ebhi_pairs(tmp_path, per_class=1)
     base = tiny_bundle(tmp_path, 0, filename="base.pathapp")

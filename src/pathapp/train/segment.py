@@ -26,7 +26,7 @@ import numpy as np
 
 from pathapp.errors import PathappError
 from pathapp.slide import IMAGE_SUFFIXES
-from pathapp.train.labels import LabelError, _group_of, group_column
+from pathapp.train.labels import LabelError, _group_of, group_column, parse_mpp
 
 BACKGROUND = "Background"
 DEFAULT_MASK_CLASSES = (BACKGROUND, "Foreground")
@@ -63,7 +63,8 @@ def _rows_from_csv(path: Path, group_by: str | None) -> tuple[list[dict], str | 
             raise LabelError(f"{path}: segmentation needs columns image,mask[,label,group] (has {', '.join(cols)})")
     group_by = group_column(path, cols, group_by)
     out = [{"image": path.parent / r["image"], "mask": path.parent / r["mask"], "label": r.get("label", ""),
-            "group": r[group_by] if group_by else r["image"]} for r in rows if r["mask"].strip()]
+            "group": r[group_by] if group_by else r["image"], "mpp": parse_mpp(r.get("mpp"), f"{path}, row {n + 2}")}
+           for n, r in enumerate(rows) if r["mask"].strip()]
     return out, group_by
 
 
@@ -83,9 +84,12 @@ def _rows_from_folder(root: Path, group_by: str | None) -> list[dict]:
 
 
 def read_mask_data(data: Sequence[Path], group_by: str | None = None, mask_classes: str | None = None,
-                   slides: Sequence[Path] = (), bundle=None, slide_mpp: float | None = None) -> MaskSet:
+                   slides: Sequence[Path] = (), bundle=None, slide_mpp: float | None = None,
+                   image_mpp: float | None = None) -> MaskSet:
     """Image + mask pairs from CSVs or image/+label/ folders (see the module docstring), or tiles of
-    QuPath-annotated slides (GeoJSON + `slides`, or a project) at `bundle`'s µm/px (`annotated_tiles`)."""
+    QuPath-annotated slides (GeoJSON + `slides`, or a project) at `bundle`'s µm/px (`annotated_tiles`).
+    With a scale (a CSV `mpp` cell, else `image_mpp`) image and mask are tiled at the bundle's µm/px
+    and tile size as `pathapp infer` tiles a slide (`tiled_pairs`)."""
     if data and all(Path(d).suffix.lower() in (".geojson", ".json", ".qpproj") for d in data):
         return annotated_tiles([Path(d) for d in data], [Path(s) for s in slides], bundle, slide_mpp)
     rows: list[dict] = []
@@ -119,8 +123,42 @@ def read_mask_data(data: Sequence[Path], group_by: str | None = None, mask_class
         if len(names) < 2 or len(set(names)) != len(names):
             raise SegmentError(f"--mask-classes needs at least two distinct names (got {mask_classes!r})")
         foreground = [1 if len(names) == 2 else 0] * len(rows)
-    return MaskSet([Path(r["image"]) for r in rows], [Path(r["mask"]) for r in rows],
-                   np.asarray([r["group"] for r in rows]), labels, names, foreground)
+    ms = MaskSet([Path(r["image"]) for r in rows], [Path(r["mask"]) for r in rows],
+                 np.asarray([r["group"] for r in rows]), labels, names, foreground)
+    mpps = [r.get("mpp") or image_mpp for r in rows]
+    if any(m is not None for m in mpps):
+        if not all(mpps):
+            raise LabelError("some images have an mpp and others not; give every image its scale (--image-mpp or "
+                             "the mpp column)")
+        return tiled_pairs(ms, bundle, mpps)
+    return ms
+
+
+def tiled_pairs(ms: MaskSet, bundle, mpps: Sequence[float]) -> MaskSet:
+    """Every tile of each image at the bundle's µm/px and tile size (TileGeometry, as infer tiles a
+    slide), its mask read through the same geometry (thresholded or taken as class values after the
+    one resampling, so index masks are best given at the model's scale)."""
+    from pathapp.slide import open_slide
+    from pathapp.tiles import make_grid
+    from pathapp.tiles.dataset import read_tile
+
+    images, masks, keep = [], [], []
+    for i, (img, msk, mpp) in enumerate(zip(ms.images, ms.masks, mpps)):
+        slide, mask_slide = open_slide(img, slide_mpp=mpp), open_slide(msk, slide_mpp=mpp)
+        grid = make_grid(slide, bundle.mpp, bundle.tile_size, min_tissue=0.0)
+        for t in range(len(grid)):
+            images.append(read_tile(slide, grid, t))
+            m = read_tile(mask_slide, grid, t)[..., 0]
+            fg = ms.foreground[i]
+            masks.append(np.where(m >= 128, fg, 0).astype(np.int64) if fg else m.astype(np.int64))
+            keep.append(i)
+    if len(images) < 2:
+        raise LabelError(f"fewer than two {bundle.tile_size} px tiles at {bundle.mpp:g} µm/px fit in the images; "
+                         f"check --image-mpp or the mpp column")
+    idx = np.asarray(keep)
+    return MaskSet([ms.images[i] for i in idx], [ms.masks[i] for i in idx], ms.groups[idx],
+                   [ms.labels[i] for i in idx], ms.class_names, [ms.foreground[i] for i in idx],
+                   pixels=(np.stack(images), np.stack(masks)))
 
 
 def annotated_tiles(data: list[Path], slides: list[Path], bundle, slide_mpp: float | None = None) -> MaskSet:
