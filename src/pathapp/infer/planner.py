@@ -22,6 +22,7 @@ from pathapp.errors import failure_line
 from pathapp.infer.lease import Lease, claim
 from pathapp.infer.options import QC_MODES, InferOptions
 from pathapp.infer.pipeline import InferenceError, Runtime, check_tile_size, infer_slide, prepare_model, qc_slide
+from pathapp.models.heads import SEG_HEAD_KINDS
 from pathapp.models.loader import DEFAULT_MPP, load_model, model_label
 from pathapp.results import read_done, write_index, write_results
 from pathapp.results.run import DONE
@@ -364,6 +365,11 @@ def _run_job(job: Job, lease: Lease, build: _ModelBuild, o: InferOptions, rois: 
             result = qc_slide(slide, mpp=o.mpp or DEFAULT_MPP, tile_size=o.tile_size or QC_TILE_SIZE, rois=rois,
                               min_tissue=o.min_tissue, batch_size=o.batch_size, workers=o.workers,
                               progress=o.progress, log=echo)
+        elif build.bundle.head_kind in SEG_HEAD_KINDS:
+            from pathapp.infer.segment import segment_slide
+
+            result = segment_slide(slide, build.get().result(), mpp=o.mpp, tile_size=o.tile_size, rois=rois, min_tissue=o.min_tissue,
+                                   batch_size=o.batch_size, workers=o.workers, progress=o.progress, log=echo)
         else:
             result = infer_slide(slide, build.bundle, mpp=o.mpp, tile_size=o.tile_size, rois=rois,
                                  min_tissue=o.min_tissue, batch_size=o.batch_size, workers=o.workers,

@@ -86,6 +86,7 @@ class SlideTileSource:
                  max_tries: int = 10, balance: str = "slides",
                  rois: Sequence[BaseGeometry | None] | None = None) -> None:
         from pathapp.tiles import detect_tissue, tile_geometry
+        from pathapp.tiles.tissue import require_brightfield
 
         self.mpps = [float(m) for m in mpps]
         self.tile_size = tile_size
@@ -98,6 +99,7 @@ class SlideTileSource:
                 _warn(f"{slide.path}: smaller than one {tile_size}px tile at {max(self.mpps)} µm/px; skipped")
                 continue
             tm = detect_tissue(slide)
+            require_brightfield(slide, tm)
             if not tm.mask.any():
                 _warn(f"{slide.path}: no tissue detected; skipped")
                 continue
