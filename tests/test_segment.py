@@ -120,6 +120,20 @@ def test_train_and_evaluate_segmentation_from_masks(tmp_path) -> None:
     assert report["fewshot"][-1]["images"] == "all" and (tmp_path / "cv" / "fewshot.png").exists()
 
 
+def test_images_with_a_scale_are_tiled_at_the_bundle_resolution(tmp_path) -> None:
+    from PIL import Image
+
+    from pathapp.train.segment import read_mask_data
+
+    pairs = ebhi_pairs(tmp_path, per_class=1)
+    bundle = load_bundle(tiny_bundle(tmp_path, 0, filename="base.pathapp", mpp=1.0))
+    ms = read_mask_data([pairs], image_mpp=0.5, bundle=bundle)  # 224 px at 0.5 µm/px: 2 × 2 tiles of 56 px at 1.0
+    images, masks = ms.pixels
+    assert images.shape == (8, 56, 56, 3) and len(set(ms.groups)) == 2
+    truth = np.asarray(Image.open(ms.masks[0]).convert("L"))[:112:2, :112:2] >= 128  # the first tile, by hand
+    assert (masks[0] == truth).mean() > 0.97
+
+
 def test_segment_lora_changes_the_backbone(tmp_path) -> None:
     pairs = ebhi_pairs(tmp_path, per_class=1)
     base = tiny_bundle(tmp_path, 0, filename="base.pathapp")
@@ -130,6 +144,27 @@ def test_segment_lora_changes_the_backbone(tmp_path) -> None:
     before, after = load_bundle(base).backbone_state, load_bundle(out).backbone_state
     assert set(before) == set(after)  # adapters merged back into plain ViT weights
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_train_from_qupath_annotations(tmp_path) -> None:
+    from pathapp.qupath.geojson import QuPathObject, write_objects
+    from pathapp.train.segment import annotated_tiles
+
+    slide_path = data_file(SLIDE)
+    tumour = shapely.box(400, 400, 1400, 1400).difference(shapely.box(700, 700, 1000, 1000))  # with a hole
+    geojson = write_objects(tmp_path / "regions.geojson", [
+        QuPathObject(tumour, class_name="Tumor"), QuPathObject(shapely.box(1400, 400, 2000, 1400), class_name="Stroma")])
+    base = tiny_bundle(tmp_path, 0, filename="base.pathapp", mpp=2.0)
+    ms = annotated_tiles([geojson], [slide_path], load_bundle(base))
+    assert ms.class_names == ["Background", "Stroma", "Tumor"] and len(set(ms.groups)) == 1
+    images, masks = ms.pixels
+    assert images.shape[1:] == (56, 56, 3) and masks.shape == images.shape[:3]
+    assert {-1, 1, 2} <= set(np.unique(masks))  # the hole and the outside are ignored, not background
+    out = tmp_path / "seg.pathapp"
+    code, text = run_cli("train", "--data", str(geojson), "--slides", str(slide_path), "--model", str(base),
+                         "--method", "segment", "--epochs", "2", "--out", str(out))
+    assert code == 0, text
+    assert load_bundle(out).class_names == ["Background", "Stroma", "Tumor"]
 
 
 def local_seg_bundle(tmp_path: Path) -> Path:
@@ -202,4 +237,4 @@ def test_infer_writes_segmentation_annotations(tmp_path) -> None:
         assert m["Area µm^2"] > 0 and 0.5 <= m["Mean prob"] <= 1.0
     assert (folder / "overlay-segmentation.png").stat().st_size > 10_000
     run = json.loads((folder / "run.json").read_text())
-    assert "overlay-segmentation.png" in run["files"]
+    assert "overlay-segmentation.png" in run["files"] and not (folder / "tiles.geojson").exists()

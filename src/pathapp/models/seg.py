@@ -8,7 +8,7 @@ a head maps it to class logits, which `segment` upsamples bilinearly to the inpu
 - "seg_decoder": a light progressive-upsampling decoder (3×3 conv blocks, ×2 upsampling twice), logits
   at four times the patch resolution, so outlines follow the tissue more closely than 14 px steps.
 
-Config keys (besides `in_dim`, `num_classes`): `layers` (1 or 4), `hidden` (decoder width, 128),
+Config keys (besides `in_dim`, `num_classes`): `layers` (1 or 4), `hidden` (decoder width, 64),
 `task` "segmentation". Class 0 is the background class: it is never written as an annotation.
 """
 
@@ -65,7 +65,7 @@ class SegDecoderHead(SegHead):
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__(config)
-        h = int(config.get("hidden", 128))
+        h = int(config.get("hidden", 64))
         self.proj = _block(self.in_dim, h)
         self.up1 = _block(h, h // 2)
         self.up2 = _block(h // 2, h // 4)

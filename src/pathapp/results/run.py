@@ -134,7 +134,8 @@ def write_results(result: SlideResult, out_dir: str | Path, object_type: str = "
     t0 = time.perf_counter()
     regions = class_regions(result)
     files: list[Path] = [
-        write_tiles_geojson(result, out / "tiles.geojson", object_type),
+        # a segmentation's overlapping tiles carry nothing per tile: its regions are the annotations
+        *([] if result.segmentation is not None else [write_tiles_geojson(result, out / "tiles.geojson", object_type)]),
         write_annotations_geojson(result, out / "annotations.geojson", regions),
         *write_class_heatmaps(result, out),
     ]

@@ -385,8 +385,8 @@ def train_model(
             raise TrainError("--stain-norm is not applied to segmentation training yet; drop it")
         from pathapp.train.segment import SegConfig, read_mask_data, train_segmentation
 
-        bundle, info = train_segmentation(base, read_mask_data(data, group_by, mask_classes), seg or SegConfig(),
-                                          device, progress)
+        ms = read_mask_data(data, group_by, mask_classes, slides, base, slide_mpp, image_mpp)
+        bundle, info = train_segmentation(base, ms, seg or SegConfig(), device, progress)
         bundle.provenance["training"].update({"data": [str(d) for d in data], "group_by": group_by})
         return save_bundle(bundle, out), info
     if method == "abmil":
@@ -509,7 +509,8 @@ def evaluate_model(
 
         if holdout:
             raise TrainError("segmentation is evaluated with --folds K or on held-out data as is, not --holdout")
-        return evaluate_segmentation(bundle, read_mask_data(data, group_by, mask_classes), Path(out_dir), folds=folds,
+        ms = read_mask_data(data, group_by, mask_classes, slides, bundle, slide_mpp, image_mpp)
+        return evaluate_segmentation(bundle, ms, Path(out_dir), folds=folds,
                                      cfg=seg, fewshot=fewshot, device=device, n_boot=n_boot, seed=seed,
                                      progress=progress, extra={"model": str(model), "data": [str(d) for d in data]})
     stain = _stain(stain_norm, stain_ref, bundle)

@@ -26,7 +26,7 @@ import numpy as np
 
 from pathapp.errors import PathappError
 from pathapp.slide import IMAGE_SUFFIXES
-from pathapp.train.labels import LabelError, _group_of, group_column
+from pathapp.train.labels import LabelError, _group_of, group_column, parse_mpp
 
 BACKGROUND = "Background"
 DEFAULT_MASK_CLASSES = (BACKGROUND, "Foreground")
@@ -39,7 +39,8 @@ class SegmentError(PathappError):
 
 @dataclass
 class MaskSet:
-    """Images with their masks: paths, group (case) and image-level label per image, class names."""
+    """Images with their masks: paths (or the pixels themselves, for tiles read from annotated
+    slides), group (case) and image-level label per image, class names."""
 
     images: list[Path]
     masks: list[Path]
@@ -47,13 +48,10 @@ class MaskSet:
     labels: list[str]
     class_names: list[str]
     foreground: list[int]  # per image: the class a binary mask's foreground takes (0: value = class)
+    pixels: tuple[np.ndarray, np.ndarray] | None = None  # (N, T, T, 3) uint8 tiles, (N, T, T) int64 classes
 
     def __len__(self) -> int:
-        return len(self.images)
-
-    def subset(self, idx: Sequence[int]) -> MaskSet:
-        return MaskSet([self.images[i] for i in idx], [self.masks[i] for i in idx], self.groups[list(idx)],
-                       [self.labels[i] for i in idx], self.class_names, [self.foreground[i] for i in idx])
+        return len(self.groups)
 
 
 def _rows_from_csv(path: Path, group_by: str | None) -> tuple[list[dict], str | None]:
@@ -65,7 +63,8 @@ def _rows_from_csv(path: Path, group_by: str | None) -> tuple[list[dict], str | 
             raise LabelError(f"{path}: segmentation needs columns image,mask[,label,group] (has {', '.join(cols)})")
     group_by = group_column(path, cols, group_by)
     out = [{"image": path.parent / r["image"], "mask": path.parent / r["mask"], "label": r.get("label", ""),
-            "group": r[group_by] if group_by else r["image"]} for r in rows if r["mask"].strip()]
+            "group": r[group_by] if group_by else r["image"], "mpp": parse_mpp(r.get("mpp"), f"{path}, row {n + 2}")}
+           for n, r in enumerate(rows) if r["mask"].strip()]
     return out, group_by
 
 
@@ -84,9 +83,15 @@ def _rows_from_folder(root: Path, group_by: str | None) -> list[dict]:
     return rows
 
 
-def read_mask_data(data: Sequence[Path], group_by: str | None = None,
-                   mask_classes: str | None = None) -> MaskSet:
-    """Image + mask pairs from CSVs or image/+label/ folders (see the module docstring)."""
+def read_mask_data(data: Sequence[Path], group_by: str | None = None, mask_classes: str | None = None,
+                   slides: Sequence[Path] = (), bundle=None, slide_mpp: float | None = None,
+                   image_mpp: float | None = None) -> MaskSet:
+    """Image + mask pairs from CSVs or image/+label/ folders (see the module docstring), or tiles of
+    QuPath-annotated slides (GeoJSON + `slides`, or a project) at `bundle`'s µm/px (`annotated_tiles`).
+    With a scale (a CSV `mpp` cell, else `image_mpp`) image and mask are tiled at the bundle's µm/px
+    and tile size as `pathapp infer` tiles a slide (`tiled_pairs`)."""
+    if data and all(Path(d).suffix.lower() in (".geojson", ".json", ".qpproj") for d in data):
+        return annotated_tiles([Path(d) for d in data], [Path(s) for s in slides], bundle, slide_mpp)
     rows: list[dict] = []
     for d in map(Path, data):
         if d.is_file() and d.suffix.lower() == ".csv":
@@ -118,8 +123,80 @@ def read_mask_data(data: Sequence[Path], group_by: str | None = None,
         if len(names) < 2 or len(set(names)) != len(names):
             raise SegmentError(f"--mask-classes needs at least two distinct names (got {mask_classes!r})")
         foreground = [1 if len(names) == 2 else 0] * len(rows)
-    return MaskSet([Path(r["image"]) for r in rows], [Path(r["mask"]) for r in rows],
-                   np.asarray([r["group"] for r in rows]), labels, names, foreground)
+    ms = MaskSet([Path(r["image"]) for r in rows], [Path(r["mask"]) for r in rows],
+                 np.asarray([r["group"] for r in rows]), labels, names, foreground)
+    mpps = [r.get("mpp") or image_mpp for r in rows]
+    if any(m is not None for m in mpps):
+        if not all(mpps):
+            raise LabelError("some images have an mpp and others not; give every image its scale (--image-mpp or "
+                             "the mpp column)")
+        return tiled_pairs(ms, bundle, mpps)
+    return ms
+
+
+def tiled_pairs(ms: MaskSet, bundle, mpps: Sequence[float]) -> MaskSet:
+    """Every tile of each image at the bundle's µm/px and tile size (TileGeometry, as infer tiles a
+    slide), its mask read through the same geometry (thresholded or taken as class values after the
+    one resampling, so index masks are best given at the model's scale)."""
+    from pathapp.slide import open_slide
+    from pathapp.tiles import make_grid
+    from pathapp.tiles.dataset import read_tile
+
+    images, masks, keep = [], [], []
+    for i, (img, msk, mpp) in enumerate(zip(ms.images, ms.masks, mpps)):
+        slide, mask_slide = open_slide(img, slide_mpp=mpp), open_slide(msk, slide_mpp=mpp)
+        grid = make_grid(slide, bundle.mpp, bundle.tile_size, min_tissue=0.0)
+        for t in range(len(grid)):
+            images.append(read_tile(slide, grid, t))
+            m = read_tile(mask_slide, grid, t)[..., 0]
+            fg = ms.foreground[i]
+            masks.append(np.where(m >= 128, fg, 0).astype(np.int64) if fg else m.astype(np.int64))
+            keep.append(i)
+    if len(images) < 2:
+        raise LabelError(f"fewer than two {bundle.tile_size} px tiles at {bundle.mpp:g} µm/px fit in the images; "
+                         f"check --image-mpp or the mpp column")
+    idx = np.asarray(keep)
+    return MaskSet([ms.images[i] for i in idx], [ms.masks[i] for i in idx], ms.groups[idx],
+                   [ms.labels[i] for i in idx], ms.class_names, [ms.foreground[i] for i in idx],
+                   pixels=(np.stack(images), np.stack(masks)))
+
+
+def annotated_tiles(data: list[Path], slides: list[Path], bundle, slide_mpp: float | None = None) -> MaskSet:
+    """Tiles of the bundle's geometry whose centre lies in a classified annotation, with each pixel
+    labelled by the annotation under its centre (holes excluded): class 0 Background (or a QuPath
+    class named so), the others in name order; pixels under no annotation are ignored (-1), never
+    guessed. Each slide is its own group."""
+    import shapely
+
+    from pathapp.slide import open_slide
+    from pathapp.tiles import make_grid
+    from pathapp.tiles.dataset import read_tile
+    from pathapp.train.api import _annotation_sources
+    from pathapp.train.labels import class_regions
+
+    sources = [(path, class_regions(objects), mpp) for path, objects, mpp in _annotation_sources(data, slides, slide_mpp)]
+    names = [BACKGROUND, *sorted({n for _, regions, _ in sources for n in regions} - {BACKGROUND})]
+    images, masks, groups = [], [], []
+    t = bundle.tile_size
+    for path, regions, mpp in sources:
+        if not regions:
+            continue
+        slide = open_slide(path, slide_mpp=mpp)
+        grid = make_grid(slide, bundle.mpp, t, rois=shapely.union_all(list(regions.values())), min_tissue=0.0)
+        offsets = (np.arange(t) + 0.5) * grid.footprint / t
+        for i, (x, y) in enumerate(grid.coords):
+            xs, ys = np.meshgrid(x + offsets, y + offsets)
+            mask = np.full((t, t), -1, np.int64)
+            for name, geom in regions.items():
+                mask[shapely.contains_xy(geom, xs, ys)] = names.index(name)
+            images.append(read_tile(slide, grid, i))
+            masks.append(mask)
+            groups.append(str(path))
+    if len(images) < 2:
+        raise LabelError(f"{', '.join(map(str, data))}: fewer than two tiles of {t} px at {bundle.mpp} µm/px lie "
+                         f"inside classified annotations; annotate larger regions or lower --mpp")
+    return MaskSet([], [], np.asarray(groups), [""] * len(images), names, [0] * len(images),
+                   pixels=(np.stack(images), np.stack(masks)))
 
 
 def load_mask(path: Path, size: int, foreground: int) -> np.ndarray:
@@ -175,8 +252,11 @@ class SegData:
 
         check_layers(bundle, layers)
         size = bundle.tile_size
-        self.images = np.stack([load_tile_image(p, size) for p in ms.images])
-        self.masks = np.stack([load_mask(p, size, f) for p, f in zip(ms.masks, ms.foreground)])
+        if ms.pixels is not None:
+            self.images, self.masks = ms.pixels
+        else:
+            self.images = np.stack([load_tile_image(p, size) for p in ms.images])
+            self.masks = np.stack([load_mask(p, size, f) for p, f in zip(ms.masks, ms.foreground)])
         self.masks[self.masks >= len(ms.class_names)] = -1  # values no class names: ignored
         self.features = None
         if features:
@@ -392,9 +472,16 @@ def evaluate_segmentation(bundle, ms: MaskSet, out_dir: Path, *, folds: int | No
             raise SegmentError("the bundle has no segmentation head; pass --folds K to cross-validate one "
                                "(--seg-head linear|decoder)")
         layers = int(bundle.head_config.get("layers", 1))
+        unknown = sorted(set(ms.class_names) - set(bundle.class_names))
+        if unknown:
+            raise SegmentError(f"classes {unknown} of the data are not among the bundle's {bundle.class_names}; "
+                               f"check --mask-classes")
         data = SegData(ms, bundle, layers, dev, progress)
-        if data.masks.max() >= len(bundle.class_names):
-            raise SegmentError(f"masks hold classes beyond the bundle's {bundle.class_names}; check --mask-classes")
+        lut = np.asarray([bundle.class_names.index(c) for c in ms.class_names] + [-1])
+        data.masks = lut[data.masks]  # the data's class order -> the bundle's (-1 stays -1)
+        n = len(bundle.class_names)
+        ms = dataclasses.replace(ms, class_names=list(bundle.class_names))
+        report["class_names"] = ms.class_names
         pred = predict_masks(bundle, data, np.arange(len(ms)), bundle.build_head(), None, dev)
         conf = confusions(data.masks, pred, n)
         report["mode"] = "held-out evaluation of the bundle's segmentation head"
