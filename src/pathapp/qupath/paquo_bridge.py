@@ -38,7 +38,7 @@ from pathapp.qupath.geojson import (
     conform_geometries,
     read_objects,
 )
-from pathapp.qupath.project import PROJECT_FILE, TAG, is_pathapp_object, uri_to_path
+from pathapp.qupath.project import TAG, is_pathapp_object, project_file, uri_to_path
 
 # What QuPath (DefaultProjectImageEntry.saveImageData) writes in an entry's folder.
 ENTRY_DATA_FILES = ("data.qpdata", "summary.json", "server.json")
@@ -71,15 +71,6 @@ def load_paquo() -> tuple[ModuleType, ModuleType]:
     return paquo.projects, paquo.classes
 
 
-def _project_file(project_path: str | os.PathLike) -> Path:
-    path = Path(project_path)
-    if path.is_dir():
-        path = path / PROJECT_FILE
-    if not path.is_file():
-        raise PathappError(f"{path}: no QuPath project here; give the project.qpproj file or its folder")
-    return path
-
-
 def _find_entry(qp: Any, entry_id: int | str, path: Path) -> Any:
     entry = next((e for e in qp.images if str(e.entry_id) == str(entry_id)), None)
     if entry is None:
@@ -92,7 +83,7 @@ def _find_entry(qp: Any, entry_id: int | str, path: Path) -> Any:
 def open_entry(project_path: str | os.PathLike, entry_id: int | str) -> Iterator[tuple[Any, Any]]:
     """(paquo project, image entry) for an entry id, read-only."""
     projects, _ = load_paquo()
-    path = _project_file(project_path)
+    path = project_file(project_path)
     with projects.QuPathProject(path, mode="r") as qp:
         yield qp, _find_entry(qp, entry_id, path)
 
@@ -122,7 +113,7 @@ def write_entry_objects(project_path: str | os.PathLike, entry_id: int | str, ob
             class_parts(o.class_name)  # refuse a bad name before anything is touched
     geoms = conform_geometries([o.geometry for o in objects])
     nuclei = conform_geometries([o.nucleus_geometry for o in objects])
-    path = _project_file(project_path)
+    path = project_file(project_path)
     qp = projects.QuPathProject(path, mode="r+")  # not `with`: its exit saves every entry, even after an error
     entry = _find_entry(qp, entry_id, path)
     where = f"{path}: entry {entry_id} ({entry.image_name})"

@@ -69,13 +69,19 @@ def is_project(path: str | os.PathLike) -> bool:
     return (p.is_file() and p.suffix == ".qpproj") or (p.is_dir() and (p / PROJECT_FILE).is_file())
 
 
-def read_project(path: str | os.PathLike) -> QuPathProject:
-    """Parse a project; missing images become per-entry errors, not an exception."""
+def project_file(path: str | os.PathLike) -> Path:
+    """The project.qpproj a user named by the file or by its folder; one line when there is none."""
     qpproj = Path(path)
     if qpproj.is_dir():
         qpproj = qpproj / PROJECT_FILE
     if not qpproj.is_file():
         raise ProjectError(f"{qpproj}: no QuPath project here; give the project.qpproj file or its folder")
+    return qpproj
+
+
+def read_project(path: str | os.PathLike) -> QuPathProject:
+    """Parse a project; missing images become per-entry errors, not an exception."""
+    qpproj = project_file(path)
     try:
         data = json.loads(qpproj.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
