@@ -284,6 +284,9 @@ def _run_job(job: Job, rt: Runtime | None, o: InferOptions, rois: Any, settings:
         elif rt.model.seg_head is not None:
             from pathapp.infer.segment import segment_slide
 
+            if stain is not None:
+                raise InferenceError("--stain-norm is not applied to segmentation bundles yet; drop it")
+
             result = segment_slide(slide, rt, mpp=o.mpp, tile_size=o.tile_size, rois=rois, min_tissue=o.min_tissue,
                                    batch_size=o.batch_size, workers=o.workers, progress=o.progress, log=echo)
         else:
