@@ -119,7 +119,7 @@ def test_cv_floors_and_holdout_file(setup):
          "--method", "prototype", "--out", t / "cv", "--cache", t / "cache", "--bootstrap", "20")
     cv = json.loads((t / "cv" / "report.json").read_text())
     assert cv["mode"] == "2-fold cross-validation grouped by case_prefix"
-    for name, floor in cv["floors"].items():
+    for floor in cv["floors"].values():
         assert len(floor["per_fold"]) == 2 and len(floor["model_minus_floor"]["per_fold"]) == 2
         assert floor["model_minus_floor"]["balanced_accuracy"] == pytest.approx(
             cv["metrics"]["balanced_accuracy"] - floor["metrics"]["balanced_accuracy"])

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pathapp.atomic import atomic_path, atomic_write_text, mark_output_folder
+from pathapp.atomic import atomic_path, atomic_write_text, mark_output_folder, writer_alive
 from pathapp.results.embeddings import write_embeddings
 from pathapp.results.geojson import class_regions, qc_summary, write_annotations_geojson, write_tiles_geojson
 from pathapp.results.heatmap import (
@@ -130,7 +130,8 @@ def write_results(result: SlideResult, out_dir: str | Path, object_type: str = "
     earlier = previous_files(out)
     (out / DONE).unlink(missing_ok=True)
     for stale in out.glob(".*.tmp*"):  # temporary files of a run that was killed while writing here
-        stale.unlink(missing_ok=True)
+        if not writer_alive(stale):
+            stale.unlink(missing_ok=True)
     t0 = time.perf_counter()
     regions = class_regions(result)
     files: list[Path] = [
