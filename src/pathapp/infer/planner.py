@@ -185,6 +185,8 @@ def run_inference(inputs: Sequence[str | Path], options: InferOptions | None = N
         stain = stain_target(o.stain_norm, o.stain_ref, mpp=bundle.mpp, tile_size=bundle.tile_size)
         if stain is not None:  # embeddings made on normalised tiles are told apart from plain ones
             rt.fingerprint += ":" + stain.fingerprint()
+            for note in stain.notes:  # e.g. a Vahadane fit that did not converge, fitted with Macenko
+                echo(f"stain: reference {stain.source}: {note}")
     settings = run_settings(rt, o)
     for job in jobs:
         try:
