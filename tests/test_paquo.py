@@ -19,6 +19,8 @@ from shapely.geometry import box
 
 from conftest import IN_CI, data_file
 from pathapp.qupath.geojson import QuPathObject, tile_objects, write_objects
+from pathapp.qupath.project import read_project
+from pathapp.qupath.qpdata import read_entry_objects, read_qpdata
 
 HAVE_QUPATH = bool(os.environ.get("PAQUO_QUPATH_DIR"))
 needs_qupath = pytest.mark.skipif(
@@ -85,7 +87,6 @@ def test_write_and_read_back_through_qupath(tmp_path: Path) -> None:
     from paquo.projects import QuPathProject
 
     from pathapp.qupath import paquo_bridge as bridge
-    from pathapp.qupath.project import read_project
 
     svs = data_file("wsi/aperio/CMU-1-Small-Region.svs")
     with QuPathProject(tmp_path / "proj", mode="x") as qp:
@@ -112,9 +113,33 @@ def test_write_and_read_back_through_qupath(tmp_path: Path) -> None:
     stroma_tile = next(o for o in objs if o.class_name == "Stroma")
     assert "prob: Tumor" not in stroma_tile.measurements  # NaN left out
     assert [o.name for o in bridge.read_entry_objects(tmp_path / "proj", entry_id)] == [None]  # only the user's
-    assert bridge.read_entry_rois(tmp_path / "proj", entry_id).area == pytest.approx(1e6)
     assert read_project(tmp_path / "proj").classes.keys() >= {"Tumor", "Stroma"}
-    assert bridge.read_labelled_regions(tmp_path / "proj", entry_id) == []  # pathapp's regions are not labels
+    # QuPath's data file, read without Java, says the same: pathapp's objects apart from the user's
+    project = read_project(tmp_path / "proj")
+    assert [o.name for o in read_entry_objects(project, project.entries[0])] == [None]
+    ours = sorted((o.object_type, o.class_name) for o in read_entry_objects(project, project.entries[0], include_pathapp=True))
+    assert ours == kinds
+
+
+@needs_qupath
+@pytest.mark.parametrize("project_dir", ["qupath/btc-lab-he-project", "qupath/coscia-demo-project"])
+def test_bridge_and_java_free_reader_agree(project_dir: str) -> None:
+    """QuPath (through paquo) and pathapp.qupath.qpdata read the same objects from the real projects."""
+    from pathapp.qupath import paquo_bridge as bridge
+
+    qpproj = data_file(f"{project_dir}/project.qpproj")
+    project = read_project(qpproj)
+    for entry in project.entries:
+        java = bridge.read_entry_objects(qpproj, entry.entry_id, include_pathapp=True)
+        ours = read_entry_objects(project, entry, include_pathapp=True)
+        assert len(java) == len(ours) > 0
+        key = lambda o: (o.object_type, o.class_name or "", round(o.geometry.centroid.x, 1), round(o.geometry.centroid.y, 1))  # noqa: E731
+        for a, b in zip(sorted(java, key=key), sorted(ours, key=key)):
+            assert (a.object_type, a.class_name, a.name, a.locked) == (b.object_type, b.class_name, b.name, b.locked)
+            assert a.geometry.hausdorff_distance(b.geometry) < 0.02
+            assert a.measurements.keys() == b.measurements.keys()
+            assert np.allclose(list(a.measurements.values()), list(b.measurements.values()), rtol=1e-6, equal_nan=True)
+    assert read_qpdata(project.dir / "data" / str(project.entries[0].entry_id) / "data.qpdata").objects
 
 
 def test_write_project_without_qupath_explains_the_import(tmp_path: Path) -> None:

@@ -214,3 +214,12 @@ def test_read_rois_filters_by_class(tmp_path) -> None:
     assert everything.area > only_1.area
     with pytest.raises(PathappError, match="class_1, class_2"):
         read_rois(path, classes=["Tumour"])
+
+
+def test_read_rois_unclassified_by_qupaths_name() -> None:
+    """QuPath calls annotations without a class "Unclassified"; --roi-class Unclassified selects them."""
+    path = data_file(GEOJSON + "dlup_qupath05.geojson")
+    assert all(o.class_name is None for o in read_objects(path))
+    assert read_rois(path, classes=["Unclassified"]).equals(read_rois(path))
+    with pytest.raises(PathappError, match=r"classes present: Unclassified\)"):
+        read_rois(path, classes=["Tumor"])

@@ -177,3 +177,30 @@ def test_infer_on_a_moved_project_writes_every_entry(bundle: Path, tmp_path: Pat
     for entry_id in (1, 2):
         done = tmp_path / "proj" / "pathapp" / str(entry_id)
         assert (done / ".done").exists() and (done / "tiles.geojson").exists(), out
+
+
+def test_infer_inside_each_entrys_own_annotations(bundle: Path, tmp_path: Path) -> None:
+    """`infer project.qpproj --roi-class Upper`: each image is analysed inside its own Upper annotation
+    (read from the entry's data.qpdata, no Java); an entry never saved in QuPath, and a class the
+    entries do not have, are one line each while the other entries go on."""
+    from qupath_projects import annotated_project
+
+    from pathapp.infer import InferOptions, run_inference
+
+    qpproj = annotated_project(tmp_path / "proj", entries=2, saved=1)
+    code, out = _infer(str(qpproj), "--model", str(bundle), "--mpp", "4.0", "--roi-class", "Upper")
+    assert code == 1 and "Traceback" not in out
+    failed = [line for line in out.splitlines() if line.startswith("failed:")]
+    assert len(failed) == 1 and "entry 2 (slide 2.svs) has no data file" in failed[0]
+    tiles = json.loads((tmp_path / "proj" / "pathapp" / "1" / "tiles.geojson").read_text())["features"]
+    centres = [sum(p[1] for p in f["geometry"]["coordinates"][0][:4]) / 4 for f in tiles]
+    assert len(tiles) >= 3 and max(centres) < 1300  # the Upper annotation covers y 0-1300
+    code, out = _infer(str(qpproj), "--model", str(bundle), "--mpp", "4.0", "--out", str(tmp_path / "all"))
+    everywhere = json.loads((tmp_path / "all" / "1" / "tiles.geojson").read_text())["features"]
+    assert code == 0 and len(everywhere) > len(tiles)  # without --roi-class: the whole tissue, both entries
+    code, out = _infer(str(qpproj), "--model", str(bundle), "--mpp", "4.0", "--roi-class", "Tumour",
+                       "--out", str(tmp_path / "none"))
+    failed = [line for line in out.splitlines() if line.startswith("failed:")]
+    assert code == 1 and len(failed) == 2 and "of class Tumour (annotation classes present: Lower, Upper)" in failed[0]
+    with pytest.raises(PathappError, match="--roi-class selects annotations"):  # a slide has no annotations of its own
+        run_inference([data_file(SVS)], InferOptions(model=bundle, roi_class=["Upper"]))

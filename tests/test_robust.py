@@ -36,6 +36,8 @@ from pathapp.qupath.geojson import QuPathObject, write_objects
 SVS = "wsi/aperio/CMU-1-Small-Region.svs"  # 2220 x 2967 px at 0.499 µm/px
 TINY_SLIDE = "wsi/aperio/openslide-python-small.svs"  # 16 x 16 px
 NO_MPP = "wsi/aperio/tcga-cr-7395-01a-01-ts1.svs"
+VECTRA = "wsi/qptiff/small_vectra.qptiff"  # 3-channel multiplex immunofluorescence
+COSCIA = "qupath/coscia-demo-project"  # a QuPath 0.6 project of a 1000² 15-channel image (not shipped)
 MESSAGE = re.compile(r"^(error|failed|Error): ")
 
 torch.set_num_threads(1)
@@ -129,6 +131,17 @@ CASES = [
      ["--roi"]),
     ("holds: infer --roi not GeoJSON", ["infer", "{svs}", "--model", "{bundle}", "--roi", "{file}"], 2, ["{file}"]),
     ("holds: truncated slide", ["infer", "{cut}", "--model", "{bundle}", "--out", "{out}"], 1, ["failed:", "{cut}"]),
+    # a QuPath entry whose image is found by name must be that image (the project records size and channels)
+    ("QuPath entry found by name is another image", ["infer", "{project}", "--model", "{bundle}", "--out", "{out}"],
+     1, ["failed:", "entry 1", "{standin}", "(1445×1445 px, 3 channels)", "(1000×1000 px, 15 channels)"]),
+    # fluorescence is never fed to a brightfield model: the file says so, or the background is dark
+    ("infer a fluorescence QPTIFF", ["infer", "{vectra}", "--model", "{bundle}", "--out", "{out}"], 1,
+     ["failed:", "{vectra}", "fluorescence image (3 channels; the file says so)", "pathapp tile"]),
+    ("infer a dark-background image", ["infer", "{dark}", "--model", "{bundle}", "--slide-mpp", "1", "--out",
+                                       "{out}"], 1, ["failed:", "{dark}", "its background is dark"]),
+    ("qc a fluorescence QPTIFF", ["qc", "{vectra}", "--out", "{out}"], 1, ["failed:", "{vectra}", "fluorescence"]),
+    ("pretrain on a fluorescence QPTIFF", ["pretrain", "--slides", "{vectra}", "--out", "{out}", "--steps", "1"], 2,
+     ["{vectra}", "fluorescence"]),
 ]
 
 
@@ -139,8 +152,18 @@ def test_bad_input_gets_one_line(shared_data, bundle, evil, tmp_path, name, argv
     (tmp_path / "notes.txt").write_text("not a slide\n")
     cut = tmp_path / "cut.svs"
     cut.write_bytes(data_file(SVS).read_bytes()[:400_000])
+    project = tmp_path / "project"  # the real QuPath 0.6 project, its 15-channel image replaced by an RGB one
+    project.mkdir()
+    (project / "project.qpproj").write_text(data_file(f"{COSCIA}/project.qpproj").read_text())
+    (project / "TD_01_verysmall_mIF.ome.tif").symlink_to(data_file("wsi/ome-tiff/OS-2-vsi.ome.tif"))
+    dark = tmp_path / "dark.png"  # a light blob on black, no metadata
+    pixels = np.zeros((600, 800, 3), np.uint8)
+    pixels[200:400, 300:500] = (40, 160, 90)
+    Image.fromarray(pixels).save(dark)
     where = {"svs": data_file(SVS), "tiny": data_file(TINY_SLIDE), "nompp": data_file(NO_MPP), "bundle": bundle,
-             "out": tmp_path / "out", "tmp": tmp_path, "evil": evil, "file": tmp_path / "notes.txt", "cut": cut}
+             "out": tmp_path / "out", "tmp": tmp_path, "evil": evil, "file": tmp_path / "notes.txt", "cut": cut,
+             "project": project, "standin": project / "TD_01_verysmall_mIF.ome.tif", "vectra": data_file(VECTRA),
+             "dark": dark}
     got, _, err = pathapp(*(a.format(**where) for a in argv))
     assert got == code, err
     line = one_message(err)
@@ -393,3 +416,24 @@ def test_evaluate_shows_progress_while_it_resamples(capsys):
     cross_validate(X, y, groups, 2, head_fitter("prototype", 2), n_folds=3, n_boot=20)
     err = capsys.readouterr().err
     assert "cross-validation: " in err and "fold/s" in err and "bootstrap 95% CI: " in err and "/20 " in err
+
+
+def test_fluorescence_is_tiled_with_a_detector_made_for_it(shared_data, tmp_path):
+    """The Vectra multiplex IF scan (a TMA core on black): Otsu on the summed channels outlines the
+    core, where the H&E detector (stained = saturated) takes the dark glass for tissue too."""
+    from pathapp.slide import open_slide
+    from pathapp.tiles.tissue import FLUORESCENCE, detect_tissue, tissue_pixels
+
+    code, stdout, err = pathapp("tile", data_file(VECTRA), "--mpp", "2", "--tile-size", "64", "--out", tmp_path)
+    assert code == 0 and "fluorescence: tissue found by Otsu on the summed channels" in stdout, err
+    with open_slide(data_file(VECTRA)) as slide:
+        assert (slide.modality, slide.channels, slide.background) == (FLUORESCENCE, 3, 0)
+        tissue = detect_tissue(slide)
+        w, h = slide.size
+    assert tissue.modality == FLUORESCENCE
+    core = tissue.geometry
+    assert len(getattr(core, "geoms", [core])) == 1  # one core, not speckle
+    assert 0.35 < core.area / (w * h) < 0.6  # a disc of about 0.7 of the height
+    cx, cy = core.centroid.x / w, core.centroid.y / h
+    assert 0.3 < cx < 0.45 and 0.4 < cy < 0.6, (cx, cy)
+    assert tissue_pixels(tissue.rgb, 0.07).mean() > 0.75  # what the brightfield detector would have kept

@@ -239,7 +239,13 @@ def test_cli_pretrain_on_a_slide_exports_a_usable_bundle(tmp_path):
     assert [r["step"] for r in rows] == [1, 2]
     assert {"loss", "dino", "ibot", "koleo", "lr", "wd", "momentum", "teacher_temp", "tiles_per_s"} <= rows[0].keys()
     bundle = load_bundle(out / "teacher.pathapp")
-    assert bundle.spec.embed_dim == 48 and bundle.mpp == 0.5 and bundle.tile_size == 42
+    # two scales trained at: the bundle records the median (upper middle), says so, and `model info` shows it
+    assert bundle.spec.embed_dim == 48 and bundle.mpp == 1.0 and bundle.tile_size == 42
+    assert bundle.provenance["trained_mpp"] == [0.5, 1.0] and "median" in bundle.provenance["recorded_mpp"]
+    info = json.loads(CliRunner().invoke(cli, ["model", "info", str(out / "teacher.pathapp")]).output)
+    assert info["preprocessing"]["mpp"] == 1.0 and info["provenance"]["trained_mpp"] == [0.5, 1.0]
+    assert SSLConfig(mpp=[0.75, 1.0, 1.25]).inference_mpp == 1.0 and SSLConfig(mpp=[1.25, 0.75]).inference_mpp == 1.25
+    assert SSLConfig(mpp=[0.75, 1.0, 1.25], bundle_mpp=0.8).inference_mpp == 0.8
     model = bundle.build()
     emb, probs = model(torch.rand(3, 3, 42, 42))
     assert emb.shape == (3, 48) and probs is None and not torch.allclose(emb[0], emb[1])
@@ -326,3 +332,63 @@ def test_max_minutes_stops_with_checkpoint_and_bundle(tmp_path):
     rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 1 and (tmp_path / "run" / "teacher.pathapp").exists()
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["step"] == 1
+
+
+def test_sampling_inside_a_qupath_projects_own_annotations(tmp_path, capsys):
+    """`pretrain --slides project.qpproj --roi-class NAME`: tile centres are drawn inside each image's
+    own annotations of that class (read from its data.qpdata, no Java), as `infer --roi-class` tiles;
+    an entry without a data file, or without that class, is skipped with one line."""
+    import shapely
+    from qupath_projects import annotated_project
+
+    qpproj = annotated_project(tmp_path / "proj", entries=2, saved=1)  # entry 1: Upper y 0-1300, Lower y 1700-2967
+
+    def sampled_centres(src, n=30):
+        seen = []
+        read = src.read
+
+        def recording_read(entry, k, cx, cy):
+            seen.append((cx, cy))
+            return read(entry, k, cx, cy)
+
+        src.read = recording_read  # the real reader, with the positions it was asked for noted
+        tiles = [src.sample(np.random.default_rng([5, i])) for i in range(n)]
+        assert all(t.shape == (64, 64, 3) for t in tiles)
+        return np.array(seen)
+
+    everywhere = open_sources(qpproj, mpps=[0.5, 1.0], tile_size=64, min_tissue=0.6)
+    assert len(everywhere.entries) == 2 and everywhere.entries[0].roi is None
+    ys = sampled_centres(everywhere)[:, 1]
+    assert ys.min() < 1300 and ys.max() > 1700  # without --roi-class: the whole section
+    capsys.readouterr()
+    for name, inside in (("Upper", lambda y: y < 1300), ("Lower", lambda y: y > 1700)):
+        src = open_sources(qpproj, mpps=[0.5, 1.0], tile_size=64, min_tissue=0.6, roi_class=[name])
+        err = capsys.readouterr().err
+        assert "entry 2 (slide 2.svs) has no data file" in err and "skipped" in err
+        (entry,) = src.entries
+        assert all(inside(c[:, 1]).all() for c in entry.centres), name
+        xy = sampled_centres(src)
+        assert len(xy) >= 30 and inside(xy[:, 1]).all(), name
+        assert shapely.contains_xy(entry.roi, xy[:, 0], xy[:, 1]).all()
+        assert entry.tissue_um2 < everywhere.entries[0].tissue_um2
+    with pytest.raises(PathappError, match="no image with annotations of class Tumour"):
+        open_sources(qpproj, mpps=[0.5], tile_size=64, min_tissue=0.6, roi_class=["Tumour"])
+    assert "of class Tumour (annotation classes present: Lower, Upper)" in capsys.readouterr().err
+    with pytest.raises(PathappError, match="--roi-class samples inside a QuPath project"):
+        open_sources(data_file(CMU), mpps=[0.5], tile_size=64, min_tissue=0.6, roi_class=["Upper"])
+
+
+def test_cli_pretrain_on_a_projects_annotations(tmp_path):
+    from qupath_projects import annotated_project
+
+    qpproj = annotated_project(tmp_path / "proj")
+    out = tmp_path / "run"
+    res = CliRunner().invoke(cli, ["pretrain", "--slides", str(qpproj), "--roi-class", "Lower", "--mpp", "1.0",
+                                   "--config", _write_tiny_yaml(tmp_path), "--steps", "1", "--out", str(out),
+                                   "--quiet"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert SSLConfig.load(out / "config.yaml").roi_class == ["Lower"]  # a resumed run samples the same region
+    assert (out / "teacher.pathapp").is_file()
+    res = CliRunner().invoke(cli, ["pretrain", "--slides", str(qpproj), "--roi-class", "Tumour", "--config",
+                                   _write_tiny_yaml(tmp_path), "--steps", "1", "--out", str(tmp_path / "none")])
+    assert res.exit_code != 0 and "no image with annotations of class Tumour" in str(res.exception or res.output)

@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "train": "pathapp.cli.train:train",
     "evaluate": "pathapp.cli.train:evaluate",
     "pretrain": "pathapp.cli.pretrain:pretrain",
+    "export": "pathapp.cli.export:export",
     "cytomine": "pathapp.cli.cytomine:cytomine",
     "index": "pathapp.cli.index:index",
     "search": "pathapp.cli.search:search",

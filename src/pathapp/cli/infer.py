@@ -21,7 +21,8 @@ from pathapp.models.loader import DEFAULT_MODEL
 @click.option("--roi", type=click.Path(exists=True, dir_okay=False), default=None,
               help="QuPath GeoJSON export of annotations; only tiles whose centre lies inside are run.")
 @click.option("--roi-class", multiple=True, metavar="NAME",
-              help="Use only --roi annotations of this class (repeatable).")
+              help="Use only annotations of this class (repeatable; Unclassified for those without "
+              "one): of --roi, or without --roi each QuPath project image's own annotations.")
 @click.option("--min-tissue", type=FRACTION, default=None,
               help="Tissue fraction a tile needs to be analysed (default 0.1).")
 @click.option("--batch-size", type=BATCH_SIZE, default=32, show_default=True)
@@ -70,7 +71,8 @@ def infer(inputs: tuple[str, ...], model: str, weights: str | None, out: str | N
       pathapp infer slide.svs                                   (DINOv2 ViT-S/14 embeddings, PCA map)
       pathapp infer slide.svs --model tumor.pathapp
       pathapp infer slides/ --model dinov2_vits14 --weights dinov2_vits14_pretrain.pth --mpp 0.5
-      pathapp infer project.qpproj --model tumor.pathapp --roi rois.geojson --roi-class Tumor
+      pathapp infer project.qpproj --model tumor.pathapp --roi-class Tumor   (inside each image's Tumor annotations)
+      pathapp infer slide.svs --model tumor.pathapp --roi rois.geojson --roi-class Tumor
       pathapp infer slides/ --model tumor.pathapp --qc exclude --stain-norm macenko --stain-ref ref.png
       torchrun --nproc-per-node 4 -m pathapp infer slides/ --model tumor.pathapp   (one GPU per rank)
       pathapp infer dicomweb+https://pacs.example.org/dicom-web/studies/1.2.3 --model tumor.pathapp \\

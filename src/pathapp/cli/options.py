@@ -12,7 +12,8 @@ from typing import Any
 
 import click
 
-MIN_MPP, MAX_MPP = 0.01, 100.0  # µm/px: finer than any microscope, coarser than any useful thumbnail
+from pathapp.slide.base import MAX_MPP, MIN_MPP
+
 MAX_TILE_SIZE = 8192  # px; the largest tile a model or a tiling is read at
 MAX_BATCH_SIZE = 65536
 MAX_WORKERS = 256
@@ -48,13 +49,23 @@ backend_option = click.option(
     default=None,
     help="Force a reader instead of choosing one from the file's content.",
 )
-slide_mpp_option = click.option(
-    "--slide-mpp",
-    type=MPP,
-    default=None,
-    metavar="UM_PER_PX",
-    help="The slide's own level-0 resolution in µm/px, for files that lack it or state it wrongly "
+
+
+def _unset_option(name: str, kind: click.ParamType, metavar: str, text: str) -> Callable[[Any], Any]:
+    """An option whose absence (None) means "what the slide or the bundle says"."""
+    return click.option(name, type=kind, default=None, metavar=metavar, help=text)
+
+
+slide_mpp_option = _unset_option(
+    "--slide-mpp", MPP, "UM_PER_PX",
+    "The slide's own level-0 resolution in µm/px, for files that lack it or state it wrongly "
     "(distinct from --mpp, the resolution tiles are analysed at).",
+)
+image_mpp_option = _unset_option(
+    "--image-mpp", MPP, "UM_PER_PX",
+    "The µm/px of labelled images (a PNG or JPEG does not record its scale): they are tiled at the "
+    "model's µm/px and tile size as `pathapp infer` tiles a slide. An mpp column in labels.csv wins per image; "
+    "without either, an image must record its own (e.g. a TIFF), else it is refused.",
 )
 
 _out_option = click.option(
@@ -64,20 +75,9 @@ _out_option = click.option(
     help="Output folder; results go to OUT/<slide name>/. Default: beside each slide, in "
     "<slide folder>/pathapp/<slide name>/; for a QuPath project <project dir>/pathapp/<entryID>/.",
 )
-_mpp_option = click.option(
-    "--mpp",
-    type=MPP,
-    default=None,
-    metavar="UM_PER_PX",
-    help="Resolution tiles are analysed at, µm/px (default: the bundle's, usually 0.5).",
-)
-_tile_size_option = click.option(
-    "--tile-size",
-    type=TILE_SIZE,
-    default=None,
-    metavar="PX",
-    help="Tile side in pixels (default: the bundle's).",
-)
+_mpp_option = _unset_option("--mpp", MPP, "UM_PER_PX",
+                            "Resolution tiles are analysed at, µm/px (default: the bundle's, usually 0.5).")
+_tile_size_option = _unset_option("--tile-size", TILE_SIZE, "PX", "Tile side in pixels (default: the bundle's).")
 device_option = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
 
 

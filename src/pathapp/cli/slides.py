@@ -1,9 +1,11 @@
-"""`pathapp info`: what is in a slide, one JSON object per slide."""
+"""`pathapp info`: what is in a slide, one JSON object per slide; and the loop over SLIDE arguments
+that it shares with `pathapp tile`."""
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable, Sequence
 
 import click
 
@@ -26,8 +28,19 @@ def info(slides: tuple[str, ...], backend: str | None, slide_mpp: float | None) 
       pathapp info slide.svs dicom_series_folder/
       pathapp info dicomweb+https://pacs.example.org/dicom-web/studies/1.2.3/series/1.2.3.4
     """
+    from pathapp.slide import describe_slide
+
+    def describe_one(path: str) -> None:
+        click.echo(json.dumps(describe_slide(path, backend=backend, slide_mpp=slide_mpp)))
+
+    for_each_slide(slides, describe_one)
+
+
+def for_each_slide(slides: Sequence[str], work: Callable[[str], None]) -> None:
+    """Run `work` on every slide the arguments name (folders and DICOMweb studies expanded). A slide
+    that fails is reported in one line on stderr and the others go on; exit code 1 if any failed."""
     from pathapp.errors import PathappError, describe, failure_line
-    from pathapp.slide import describe_slide, expand_slide_inputs
+    from pathapp.slide import expand_slide_inputs
 
     paths, errors = expand_slide_inputs(slides)
     for message in errors:
@@ -35,11 +48,11 @@ def info(slides: tuple[str, ...], backend: str | None, slide_mpp: float | None) 
     failed = len(errors)
     for path in paths:
         try:
-            click.echo(json.dumps(describe_slide(path, backend=backend, slide_mpp=slide_mpp)))
+            work(path)
         except PathappError as e:
             failed += 1
             click.echo(f"error: {describe(e)}", err=True)
-        except Exception as e:  # noqa: BLE001 - one unreadable slide must not stop the others
+        except Exception as e:  # noqa: BLE001 - one unreadable slide (or a full disk) must not stop the others
             failed += 1
             click.echo(failure_line(path, e), err=True)
     if failed:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-
 import click
 
 from pathapp.cli.options import FRACTION, MAX_TILE_SIZE, MPP, TILE_SIZE, backend_option, slide_mpp_option
+from pathapp.cli.slides import for_each_slide
 
 
 @click.command()
@@ -55,8 +54,6 @@ def tile(
       pathapp tile scan.tif --slide-mpp 0.25 --mpp 1.0 --out tiles/
       pathapp tile dicomweb+https://pacs.example.org/dicom-web/studies/1.2.3 --out tiles/
     """
-    from pathapp.errors import PathappError, describe, failure_line
-    from pathapp.slide import expand_slide_inputs
     from pathapp.tiles.export import tile_slide
 
     if overlap >= tile_size:
@@ -68,23 +65,12 @@ def tile(
         rois = read_rois(roi_path, roi_classes or None)
     elif roi_classes:
         raise click.BadParameter("needs --roi", param_hint="--roi-class")
-    paths, errors = expand_slide_inputs(slides)
-    for message in errors:
-        click.echo(f"error: {message}", err=True)
-    failed = len(errors)
-    for path in paths:
-        try:
-            result = tile_slide(path, out, mpp=mpp, tile_size=tile_size, overlap=overlap, min_tissue=min_tissue,
-                                rois=rois, backend=backend, slide_mpp=slide_mpp)
-        except PathappError as e:
-            failed += 1
-            click.echo(f"error: {describe(e)}", err=True)
-        except Exception as e:  # noqa: BLE001 - one slide (or a full disk) must not stop the others
-            failed += 1
-            click.echo(failure_line(path, e), err=True)
-        else:
-            click.echo(result.summary())
-            if result.empty:
-                click.echo(f"warning: {path}: no tiles: {result.empty}", err=True)
-    if failed:
-        sys.exit(1)
+
+    def tile_one(path: str) -> None:
+        result = tile_slide(path, out, mpp=mpp, tile_size=tile_size, overlap=overlap, min_tissue=min_tissue,
+                            rois=rois, backend=backend, slide_mpp=slide_mpp)
+        click.echo(result.summary())
+        if result.empty:
+            click.echo(f"warning: {path}: no tiles: {result.empty}", err=True)
+
+    for_each_slide(slides, tile_one)

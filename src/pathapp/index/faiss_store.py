@@ -32,16 +32,8 @@ from typing import Any
 import numpy as np
 
 from pathapp.atomic import atomic_path, atomic_write_text
-from pathapp.index.base import (
-    IndexModel,
-    IndexStoreError,
-    SlideEntry,
-    SlideRecord,
-    SlideTiles,
-    TileRef,
-    VectorIndex,
-    normalize,
-)
+from pathapp.index.base import (IndexModel, IndexStoreError, SlideEntry, SlideRecord, SlideTiles, TileRef, VectorIndex,
+                                normalize)
 
 MANIFEST = "pathapp-index.json"
 FORMAT = "pathapp-faiss-index"

@@ -18,16 +18,8 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from pathapp.index.base import (
-    IndexModel,
-    IndexStoreError,
-    SlideEntry,
-    SlideRecord,
-    SlideTiles,
-    TileRef,
-    VectorIndex,
-    normalize,
-)
+from pathapp.index.base import (IndexModel, IndexStoreError, SlideEntry, SlideRecord, SlideTiles, TileRef, VectorIndex,
+                                normalize)
 
 API_KEY_ENV = "QDRANT_API_KEY"
 BATCH = 512  # points per upsert request

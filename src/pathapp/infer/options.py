@@ -23,7 +23,7 @@ class InferOptions:
     mpp: float | None = None
     tile_size: int | None = None
     roi: str | Path | None = None  # QuPath GeoJSON of annotations: only tiles whose centre is inside
-    roi_class: Sequence[str] = ()  # only --roi annotations of these classes
+    roi_class: Sequence[str] = ()  # only annotations of these classes: of --roi, or each project image's own
     slide_mpp: float | None = None
     min_tissue: float | None = None
     batch_size: int = 32

@@ -110,6 +110,8 @@ def infer_slide(
     line through `log` every PROGRESS_EVERY_S seconds."""
     import torch
 
+    from pathapp.models.bundle import image_level, pool_tiles
+
     rt = runtime or prepare_model(bundle, device, precision)
     mpp = float(mpp or bundle.mpp)
     tile_size = int(tile_size or bundle.tile_size)
@@ -142,6 +144,11 @@ def infer_slide(
             out, attention = rt.model.slide_head(torch.from_numpy(embeddings).to(rt.device))
         slide_outputs = dict(zip(bundle.class_names, map(float, out.float().cpu().numpy())))
         extra["attention"] = attention.float().cpu().numpy()
+    elif image_level(bundle) and rt.model.tile_head is not None and len(embeddings):
+        # a head trained on whole images predicts for the input's pooled tiles, as train and evaluate pool them
+        with torch.inference_mode():
+            out = rt.model.tile_head(torch.from_numpy(pool_tiles(embeddings)[None]).to(rt.device))[0]
+        slide_outputs = dict(zip(bundle.class_names, map(float, out.float().cpu().numpy())))
     env = dist_env()
     return SlideResult(
         slide_path=str(slide.path),
@@ -212,17 +219,19 @@ def qc_slide(slide: Slide, *, mpp: float, tile_size: int, rois: Any = None, min_
 
 
 def plan_tiles(slide: Slide, mpp: float, tile_size: int, rois: Any, min_tissue: float | None,
-               timings: dict[str, float]) -> tuple[TileGrid, np.ndarray, str | None]:
-    """The tissue tiles to run, a thumbnail to draw results on, and why there is no tile when there
-    is none (stage times into `timings`)."""
+               timings: dict[str, float], overlap: int = 0) -> tuple[TileGrid, np.ndarray, str | None]:
+    """The tissue tiles to run (`overlap` px between neighbours), a thumbnail to draw results on, and
+    why there is no tile when there is none (stage times into `timings`)."""
     from pathapp.tiles import DEFAULT_MIN_TISSUE, detect_tissue, make_grid, why_empty
+    from pathapp.tiles.tissue import require_brightfield
 
     t = time.perf_counter()
     tissue = detect_tissue(slide)
+    require_brightfield(slide, tissue)
     timings["tissue"] = time.perf_counter() - t
     t = time.perf_counter()
     grid_kwargs = {} if min_tissue is None else {"min_tissue": min_tissue}
-    grid = make_grid(slide, mpp, tile_size, tissue=tissue, rois=rois, **grid_kwargs)
+    grid = make_grid(slide, mpp, tile_size, overlap=overlap, tissue=tissue, rois=rois, **grid_kwargs)
     timings["grid"] = time.perf_counter() - t
     t = time.perf_counter()
     # The tissue detector already decoded a low-resolution view; reuse it when it is as large as the

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pathapp.engine.distributed import dist_env
 from pathapp.errors import failure_line
@@ -23,7 +23,12 @@ from pathapp.models.loader import DEFAULT_MPP, load_model, model_label
 from pathapp.results import read_done, write_index, write_results
 from pathapp.slide import expand_slide_inputs, find_slides, is_url, open_slide, slide_name
 
+if TYPE_CHECKING:
+    from pathapp.qupath.project import ProjectEntry, QuPathProject
+
 RESULTS_FOLDER = "pathapp"  # results go to <slide folder>/pathapp/<slide name>/ unless --out is given
+NEEDS_ANNOTATIONS = ("--roi-class selects annotations: those of --roi FILE, or without --roi each QuPath "
+                     "project image's own; give --roi FILE for slides outside a project")
 WORKLIST_SUFFIX = ".txt"  # an infer input listing slides, one per line
 QC_TILE_SIZE = 224  # `pathapp qc` tiles, when no --tile-size: the default model's
 
@@ -37,8 +42,8 @@ class Job:
     out_dir: Path | None  # None only when the input cannot run (see error)
     entry_mpp: float | None = None  # µm/px recorded by QuPath, used when the file has none
     error: str | None = None  # why this input cannot run (reported, counted as failed)
-    project: Path | None = None
-    entry_id: str | None = None
+    project: QuPathProject | None = None  # for a project entry: its project and entry
+    entry: ProjectEntry | None = None
 
 
 @dataclass
@@ -83,7 +88,7 @@ def expand_inputs(inputs: Sequence[str | Path], out: Path | None) -> list[Job]:
                 where = out / str(e.entry_id) if out is not None else results_dir(project, e)
                 jobs.append(Job(label=f"{p}: {e.name} (entry {e.entry_id})", source=e.image_path,
                                 out_dir=where, entry_mpp=e.mpp, error=e.error,
-                                project=project.path, entry_id=str(e.entry_id)))
+                                project=project, entry=e))
         elif p.is_dir():
             found = find_slides(p)
             if not found:
@@ -162,13 +167,14 @@ def run_inference(inputs: Sequence[str | Path], options: InferOptions | None = N
         from pathapp.qupath.geojson import read_rois
 
         rois = read_rois(o.roi, classes=list(o.roi_class) if o.roi_class else None)
-    elif o.roi_class:
-        raise InferenceError("--roi-class filters the annotations of --roi FILE; give --roi too")
     env = dist_env()
     if env.world_size > 1:
         say = echo
         echo = lambda m: say(f"[rank {env.rank}/{env.world_size}] {m}")  # noqa: E731
-    jobs = shard(expand_inputs(inputs, Path(o.out) if o.out is not None else None))
+    jobs = expand_inputs(inputs, Path(o.out) if o.out is not None else None)
+    if rois is None and o.roi_class and not any(j.project is not None for j in jobs):
+        raise InferenceError(NEEDS_ANNOTATIONS)
+    jobs = shard(jobs)
     summary = RunSummary()
     if not jobs:
         return summary
@@ -217,6 +223,8 @@ def run_settings(rt: Runtime | None, o: InferOptions) -> dict[str, Any]:
     roi = None
     if o.roi is not None:
         roi = {"sha256": hashlib.sha256(Path(o.roi).read_bytes()).hexdigest(), "classes": sorted(o.roi_class)}
+    elif o.roi_class:  # each project image's own annotations of these classes
+        roi = {"classes": sorted(o.roi_class), "from": "project annotations"}
     min_tissue = float(DEFAULT_MIN_TISSUE if o.min_tissue is None else o.min_tissue)
     if rt is None:
         model = head = None
@@ -258,6 +266,12 @@ def _run_job(job: Job, rt: Runtime | None, o: InferOptions, rois: Any, settings:
                                  f"pass --overwrite to replace them, or another --out to keep both")
         echo(f"skip: {job.label}: complete in {job.out_dir} (use --overwrite to redo)")
         return "skipped", job.out_dir
+    if rois is None and o.roi_class:  # no --roi: each project image's own annotations of those classes
+        if job.project is None or job.entry is None:
+            raise InferenceError(f"{job.label}: {NEEDS_ANNOTATIONS}")
+        from pathapp.qupath.qpdata import read_entry_rois
+
+        rois = read_entry_rois(job.project, job.entry, o.roi_class)
     t0 = time.perf_counter()
     slide = open_slide(job.source, slide_mpp=o.slide_mpp)
     if slide.mpp is None and job.entry_mpp:
@@ -269,6 +283,11 @@ def _run_job(job: Job, rt: Runtime | None, o: InferOptions, rois: Any, settings:
             result = qc_slide(slide, mpp=o.mpp or DEFAULT_MPP, tile_size=o.tile_size or QC_TILE_SIZE, rois=rois,
                               min_tissue=o.min_tissue, batch_size=o.batch_size, workers=o.workers,
                               progress=o.progress, log=echo)
+        elif rt.model.seg_head is not None:
+            from pathapp.infer.segment import segment_slide
+
+            result = segment_slide(slide, rt, mpp=o.mpp, tile_size=o.tile_size, rois=rois, min_tissue=o.min_tissue,
+                                   batch_size=o.batch_size, workers=o.workers, progress=o.progress, log=echo)
         else:
             result = infer_slide(slide, rt.bundle, mpp=o.mpp, tile_size=o.tile_size, rois=rois,
                                  min_tissue=o.min_tissue, batch_size=o.batch_size, workers=o.workers, runtime=rt,
@@ -289,7 +308,7 @@ def _run_job(job: Job, rt: Runtime | None, o: InferOptions, rois: Any, settings:
     if o.write_project and job.project is not None:
         from pathapp.qupath.paquo_bridge import write_geojson_to_project
 
-        message = write_geojson_to_project(job.project, job.entry_id, files, image_path=job.source)
+        message = write_geojson_to_project(job.project.path, job.entry.entry_id, files, image_path=job.source)
         if message:
             echo(message)
     return ("empty" if not n else "done"), out_dir

@@ -14,12 +14,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from pathapp.atomic import atomic_path
 from pathapp.errors import PathappError
-from pathapp.models.heads import SLIDE_HEAD_KINDS, Head, build_head, head_state
+from pathapp.models.heads import SEG_HEAD_KINDS, SLIDE_HEAD_KINDS, Head, build_head, head_state
 from pathapp.models.registry import DEFAULT_MPP, DEFAULT_TILE_SIZE, BackboneSpec, create_backbone, embed
 
 FORMAT = "pathapp.bundle"
@@ -106,8 +107,8 @@ class Bundle:
 
     @property
     def task(self) -> str | None:
-        """What the head predicts: "classification", or for a slide head "survival" / "regression"
-        (heads.SLIDE_TASKS); None without a head."""
+        """What the head predicts: "classification", "segmentation" (a models.seg head), or for a slide
+        head "survival" / "regression" (heads.SLIDE_TASKS); None without a head."""
         return str(self.head_config.get("task", "classification")) if self.head_kind else None
 
     @property
@@ -179,7 +180,8 @@ class PathModel(nn.Module):
 
     forward(x) takes RGB images (B, 3, H, W), float in 0..1 or uint8 0..255 (normalised inside with
     the bundle's mean/std) and returns (embeddings (B, D), probabilities (B, C) or None). A slide
-    head (abmil) is not applied per tile: run `slide_head(embeddings)` on the slide's bag.
+    head (abmil) is not applied per tile: run `slide_head(embeddings)` on the slide's bag. A
+    segmentation head gives per-pixel logits through `segment(x)`.
     """
 
     def __init__(self, backbone: nn.Module, head: Head | None, mean: Any, std: Any, recipe: str) -> None:
@@ -192,11 +194,21 @@ class PathModel(nn.Module):
 
     @property
     def tile_head(self) -> Head | None:
-        return self.head if self.head is not None and self.head.kind not in SLIDE_HEAD_KINDS else None
+        return self.head if self.head is not None and self.head.kind not in SLIDE_HEAD_KINDS + SEG_HEAD_KINDS else None
 
     @property
     def slide_head(self) -> Head | None:
         return self.head if self.head is not None and self.head.kind in SLIDE_HEAD_KINDS else None
+
+    @property
+    def seg_head(self) -> Head | None:
+        return self.head if self.head is not None and self.head.kind in SEG_HEAD_KINDS else None
+
+    def segment(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) class logits per pixel of RGB images x (a segmentation bundle)."""
+        from pathapp.models.seg import segment_logits
+
+        return segment_logits(self.backbone, self.seg_head, self.normalize(x))
 
     def normalize(self, x: Tensor) -> Tensor:
         """RGB uint8 or float 0..1 -> the backbone's input (the bundle's mean/std)."""
@@ -211,6 +223,21 @@ class PathModel(nn.Module):
         e = self.embed(x)
         head = self.tile_head
         return e, (head(e.float()) if head is not None else None)
+
+
+def pool_tiles(embeddings: np.ndarray) -> np.ndarray:
+    """An image's embedding: the mean of its tiles' embeddings. Train, evaluate and infer pool an image
+    this one way, so a head trained on images predicts the same for an image wherever it runs."""
+    return np.asarray(embeddings, np.float32).mean(0)
+
+
+def image_level(bundle: Bundle) -> bool:
+    """Whether the bundle's tile head was trained on whole labelled images (pooled tiles): then
+    `infer` reports its prediction for the pooled tiles of each input too."""
+    if bundle.head_kind is None:
+        return False
+    record = bundle.provenance.get("training") or bundle.provenance.get("source_provenance", {}).get("training")
+    return (record or {}).get("unit") == "image"  # (models.loader keeps a loaded file's own under source_provenance)
 
 
 def _to_tensors(bundle: Bundle) -> dict[str, Tensor]:

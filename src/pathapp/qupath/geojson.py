@@ -33,6 +33,7 @@ _LEGACY_IDS = {
     "PathCellObject": "cell",
 }
 GRID = 0.01  # QuPath 0.6 snaps every coordinate to this grid on import
+UNCLASSIFIED = "Unclassified"  # how QuPath names objects without a class (summary.json, the class list)
 _F32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -42,7 +43,10 @@ class GeoJSONError(PathappError):
 
 @dataclass
 class QuPathObject:
-    """One QuPath object. `color` is the class colour, or the object's own colour when unclassified."""
+    """One QuPath object. `color` is the class colour, or the object's own colour when unclassified.
+
+    `parent` and `children` give QuPath's nesting where the source has it (a data.qpdata); they are
+    left out of comparisons and repr, which would otherwise walk the whole hierarchy."""
 
     geometry: BaseGeometry
     object_type: str = "annotation"
@@ -53,6 +57,8 @@ class QuPathObject:
     id: str | None = None
     nucleus_geometry: BaseGeometry | None = None
     locked: bool = False
+    parent: QuPathObject | None = field(default=None, repr=False, compare=False)
+    children: list[QuPathObject] = field(default_factory=list, repr=False, compare=False)
 
 
 # ---------------------------------------------------------------------------------------------- read
@@ -67,7 +73,8 @@ def read_objects(source: str | os.PathLike | Mapping | Sequence) -> list[QuPathO
 
 
 def read_rois(path: str | os.PathLike, classes: Iterable[str] | None = None) -> BaseGeometry:
-    """Union of the annotation areas in a QuPath export, optionally only those of `classes`.
+    """Union of the annotation areas in a QuPath export, optionally only those of `classes`
+    ("Unclassified" selects the annotations without a class, as QuPath names them).
 
     Points and lines are ignored (they have no area). Raises if nothing is left, so that a typo
     in a class name never silently means "the whole slide"."""
@@ -82,11 +89,11 @@ def rois_from_objects(
     areas = [
         _polygonal(shapely.make_valid(o.geometry))
         for o in objects
-        if o.object_type == "annotation" and (wanted is None or o.class_name in wanted)
+        if o.object_type == "annotation" and (wanted is None or (o.class_name or UNCLASSIFIED) in wanted)
     ]
     areas = [a for a in areas if not a.is_empty]
     if not areas:
-        present = sorted({str(o.class_name) for o in objects if o.object_type == "annotation"})
+        present = sorted({o.class_name or UNCLASSIFIED for o in objects if o.object_type == "annotation"})
         which = f" of class {', '.join(sorted(wanted))}" if wanted is not None else ""
         raise GeoJSONError(
             f"{label}: no annotation polygons{which} (annotation classes present: "
@@ -179,6 +186,9 @@ def _classification(value: Any) -> tuple[str | None, tuple[int, int, int] | None
     name = value.get("name")
     if not name and value.get("names"):
         name = ": ".join(str(n) for n in value["names"])
+    elif name and isinstance(value.get("parentClass"), Mapping):  # 0.2 wrote a derived class as a chain
+        parent, _ = _classification(value["parentClass"])
+        name = f"{parent}: {name}" if parent else name
     color = _rgb(value.get("color", value.get("colorRGB")))
     return (str(name) if name else None), color
 

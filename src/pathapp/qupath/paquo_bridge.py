@@ -3,7 +3,9 @@
 paquo is an optional extra and needs a QuPath installation; importing `paquo.projects` starts a JVM
 (one per process), so it is imported here, lazily, and every failure to find QuPath becomes one
 PathappError that says what to install. Objects pathapp writes are named "pathapp" or
-"pathapp: <class>" so that a rerun replaces them and leaves the user's objects alone.
+"pathapp: <class>" (project.TAG) so that a rerun replaces them and leaves the user's objects alone.
+Reading a project's objects needs no Java: pathapp.qupath.qpdata reads its data files; the reader
+here is kept to check that one where QuPath is installed.
 
 Writing works around what paquo 0.9.0's own saving does (projects.py, images.py):
 - `QuPathProject.__exit__` saves even after an exception, and `save()` visits every entry and reads
@@ -22,13 +24,11 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 from typing import Any
-
-from shapely.geometry.base import BaseGeometry
 
 from pathapp.errors import PathappError
 from pathapp.qupath.geojson import (
@@ -37,11 +37,9 @@ from pathapp.qupath.geojson import (
     clean_measurements,
     conform_geometries,
     read_objects,
-    rois_from_objects,
 )
-from pathapp.qupath.project import PROJECT_FILE, uri_to_path
+from pathapp.qupath.project import TAG, is_pathapp_object, project_file, uri_to_path
 
-TAG = "pathapp"
 # What QuPath (DefaultProjectImageEntry.saveImageData) writes in an entry's folder.
 ENTRY_DATA_FILES = ("data.qpdata", "summary.json", "server.json")
 CLASSES_FILE = Path("classifiers") / "classes.json"
@@ -73,20 +71,6 @@ def load_paquo() -> tuple[ModuleType, ModuleType]:
     return paquo.projects, paquo.classes
 
 
-def is_pathapp_object(name: str | None) -> bool:
-    """True for the objects an earlier pathapp run wrote (see the module docstring)."""
-    return name is not None and (name == TAG or name.startswith(TAG + ":"))
-
-
-def _project_file(project_path: str | os.PathLike) -> Path:
-    path = Path(project_path)
-    if path.is_dir():
-        path = path / PROJECT_FILE
-    if not path.is_file():
-        raise PathappError(f"{path}: no QuPath project here; give the project.qpproj file or its folder")
-    return path
-
-
 def _find_entry(qp: Any, entry_id: int | str, path: Path) -> Any:
     entry = next((e for e in qp.images if str(e.entry_id) == str(entry_id)), None)
     if entry is None:
@@ -99,7 +83,7 @@ def _find_entry(qp: Any, entry_id: int | str, path: Path) -> Any:
 def open_entry(project_path: str | os.PathLike, entry_id: int | str) -> Iterator[tuple[Any, Any]]:
     """(paquo project, image entry) for an entry id, read-only."""
     projects, _ = load_paquo()
-    path = _project_file(project_path)
+    path = project_file(project_path)
     with projects.QuPathProject(path, mode="r") as qp:
         yield qp, _find_entry(qp, entry_id, path)
 
@@ -113,21 +97,6 @@ def read_entry_objects(project_path: str | os.PathLike, entry_id: int | str, *, 
             kind = "tile" if o.java_object.isTile() else "cell" if o.java_object.isCell() else "detection"
             objs.append(_to_object(o, kind))
     return [o for o in objs if include_pathapp or not is_pathapp_object(o.name)]
-
-
-def read_entry_rois(project_path: str | os.PathLike, entry_id: int | str, classes: Iterable[str] | None = None) -> BaseGeometry:
-    """Union of an entry's annotation areas (optionally of `classes`): the ROI to analyse."""
-    objs = read_entry_objects(project_path, entry_id)
-    return rois_from_objects(objs, classes, f"{project_path} entry {entry_id}")
-
-
-def read_labelled_regions(project_path: str | os.PathLike, entry_id: int | str) -> list[tuple[str, BaseGeometry]]:
-    """(class name, area) for every classified area annotation of an entry: training labels."""
-    return [
-        (o.class_name, o.geometry)
-        for o in read_entry_objects(project_path, entry_id)
-        if o.object_type == "annotation" and o.class_name and o.geometry.geom_type in ("Polygon", "MultiPolygon")
-    ]
 
 
 def write_entry_objects(project_path: str | os.PathLike, entry_id: int | str, objects: Sequence[QuPathObject],
@@ -144,7 +113,7 @@ def write_entry_objects(project_path: str | os.PathLike, entry_id: int | str, ob
             class_parts(o.class_name)  # refuse a bad name before anything is touched
     geoms = conform_geometries([o.geometry for o in objects])
     nuclei = conform_geometries([o.nucleus_geometry for o in objects])
-    path = _project_file(project_path)
+    path = project_file(project_path)
     qp = projects.QuPathProject(path, mode="r+")  # not `with`: its exit saves every entry, even after an error
     entry = _find_entry(qp, entry_id, path)
     where = f"{path}: entry {entry_id} ({entry.image_name})"

@@ -14,6 +14,7 @@ from pathapp.errors import PathappError
 from pathapp.qupath.geojson import argb_to_rgb
 
 PROJECT_FILE = "project.qpproj"
+TAG = "pathapp"  # objects pathapp writes into a project are named "pathapp" or "pathapp: <class>"
 DICOM_SUFFIXES = (".dcm", ".dicom")
 # Top-level folders of a project that hold QuPath's (and pathapp's) own files, never images.
 _SKIP_DIRS = {"data", "classifiers", "scripts", "pathapp", ".git"}
@@ -44,6 +45,7 @@ class ProjectEntry:
     error: str | None = None
     provider: str | None = None
     args: list[str] = field(default_factory=list)
+    channels: int | None = None  # as QuPath recorded them (3 for RGB)
 
 
 @dataclass
@@ -67,13 +69,19 @@ def is_project(path: str | os.PathLike) -> bool:
     return (p.is_file() and p.suffix == ".qpproj") or (p.is_dir() and (p / PROJECT_FILE).is_file())
 
 
-def read_project(path: str | os.PathLike) -> QuPathProject:
-    """Parse a project; missing images become per-entry errors, not an exception."""
+def project_file(path: str | os.PathLike) -> Path:
+    """The project.qpproj a user named by the file or by its folder; one line when there is none."""
     qpproj = Path(path)
     if qpproj.is_dir():
         qpproj = qpproj / PROJECT_FILE
     if not qpproj.is_file():
         raise ProjectError(f"{qpproj}: no QuPath project here; give the project.qpproj file or its folder")
+    return qpproj
+
+
+def read_project(path: str | os.PathLike) -> QuPathProject:
+    """Parse a project; missing images become per-entry errors, not an exception."""
+    qpproj = project_file(path)
     try:
         data = json.loads(qpproj.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
@@ -103,6 +111,11 @@ def read_classes(project_dir: Path) -> dict[str, tuple[int, int, int]]:
     return out
 
 
+def is_pathapp_object(name: str | None) -> bool:
+    """True for the objects an earlier pathapp run wrote into a project (see TAG)."""
+    return name is not None and (name == TAG or name.startswith(TAG + ":"))
+
+
 def results_dir(project: QuPathProject, entry: ProjectEntry) -> Path:
     """Where pathapp's results for an entry go: <project dir>/pathapp/<entryID>/."""
     return project.dir / "pathapp" / str(entry.entry_id)
@@ -113,17 +126,19 @@ def _entry(raw: dict, index: int, qpproj: Path, old_uri: str | None, finder: _Fi
     name = raw.get("imageName") or f"entry {entry_id}"
     chain = _builder_chain(raw.get("serverBuilder") or {})
     base = chain[-1] if chain else {}
-    meta = next((b["metadata"] for b in chain if isinstance(b.get("metadata"), dict)), {})
+    meta = builder_metadata(raw.get("serverBuilder") or {})
+    channels = meta.get("channels")
     entry = ProjectEntry(
         entry_id=entry_id,
         name=name,
         uri=base.get("uri"),
         image_path=None,
-        mpp=_mpp(meta),
+        mpp=metadata_mpp(meta),
         width=meta.get("width"),
         height=meta.get("height"),
         provider=base.get("providerClassName"),
         args=[str(a) for a in base.get("args", [])],
+        channels=len(channels) if isinstance(channels, list) else channels if isinstance(channels, int) else None,
     )
     where = f"{qpproj}: entry {entry_id} ({name})"
     moved = moving_transforms(chain)
@@ -153,8 +168,40 @@ def _entry(raw: dict, index: int, qpproj: Path, old_uri: str | None, finder: _Fi
         )
         return entry
     is_dicom = found.suffix.lower() in DICOM_SUFFIXES or "dicom" in (entry.provider or "").lower()
-    entry.image_path = found.parent if is_dicom else found
+    image = found.parent if is_dicom else found
+    if found != Path(stored):  # found elsewhere (by relative location or by name): is it the same image?
+        entry.error = _mismatch(entry, image, where)
+        if entry.error:
+            return entry
+    entry.image_path = image
     return entry
+
+
+def _mismatch(entry: ProjectEntry, image: Path, where: str) -> str | None:
+    """Why `image` (found away from the entry's stored path) is not the entry's image: its size or
+    channel count differs from what the project recorded; None when they agree or cannot be compared
+    (an unreadable file is reported when it is opened)."""
+    if entry.width is None or entry.height is None:
+        return None
+    from pathapp.errors import SlideOpenError
+    from pathapp.slide import open_slide
+
+    try:
+        with open_slide(image) as slide:
+            size, channels = slide.size, slide.channels
+    except SlideOpenError:
+        return None
+    recorded = (int(entry.width), int(entry.height))
+    if size == recorded and (entry.channels is None or entry.channels == channels):
+        return None
+
+    def described(wh: tuple[int, int], c: int | None) -> str:
+        return f"{wh[0]}×{wh[1]} px" + (f", {c} channels" if c is not None else "")
+
+    known = entry.channels is not None
+    return (f"{where}: the image found at {image} ({described(size, channels if known else None)}) is not the "
+            f"one the project recorded ({described(recorded, entry.channels)}); relink the right image in "
+            "QuPath (File › Project › Check project URIs) or move it beside the project")
 
 
 def moving_transforms(chain: list[dict]) -> list[str]:
@@ -179,7 +226,14 @@ def _builder_chain(builder: dict) -> list[dict]:
     return chain
 
 
-def _mpp(meta: dict) -> float | None:
+def builder_metadata(builder: dict) -> dict:
+    """The image metadata (width, height, pixelCalibration, ...) of a server builder: the first one
+    stored along its chain of wrappers. QuPath writes the same JSON into project.qpproj and data.qpdata."""
+    return next((b["metadata"] for b in _builder_chain(builder) if isinstance(b.get("metadata"), dict)), {})
+
+
+def metadata_mpp(meta: dict) -> float | None:
+    """µm/px from a server's metadata, or None when it has no calibration in µm."""
     cal = meta.get("pixelCalibration") or {}
     width = cal.get("pixelWidth") or {}
     value, unit = width.get("value"), str(width.get("unit", "µm"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -50,6 +51,7 @@ class SlideResult:
     dicom_headers: list | None = None
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     qc: TileQC | None = None  # per-tile quality control, when it ran
+    segmentation: Any = None  # results.segmentation.SegMap of a segmentation bundle
 
     def __len__(self) -> int:
         return int(len(self.coords))

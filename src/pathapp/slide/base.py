@@ -12,7 +12,9 @@ import numpy as np
 
 from pathapp.errors import MissingMppError
 
+MIN_MPP, MAX_MPP = 0.01, 100.0  # µm/px: finer than any microscope, coarser than any useful thumbnail
 READ_BLOCK = 1024  # level pixels per side read at once: bounds peak memory whatever the slide size
+BRIGHTFIELD, FLUORESCENCE = "brightfield", "fluorescence"
 
 
 def slide_name(path: str | Path) -> str:
@@ -52,6 +54,13 @@ class Slide(ABC):
         self.levels: list[Level] = []  # level 0 first, downsamples increasing
         self.file_mpp: float | None = None  # µm/px stored in the file; None when the file does not say
         self.vendor: str | None = None
+        self.channels = 3  # colour channels, or the planes of a fluorescence stack, as the file stores them
+        self.modality = BRIGHTFIELD  # or FLUORESCENCE: dark background, light tissue, channels not RGB
+
+    @property
+    def background(self) -> int:
+        """The value of empty glass in every channel: white in brightfield, black in fluorescence."""
+        return 255 if self.modality == BRIGHTFIELD else 0
 
     @property
     def size(self) -> tuple[int, int]:
@@ -87,10 +96,11 @@ class Slide(ABC):
     # --- pixels -----------------------------------------------------------------------------
     def read(self, x: int, y: int, w: int, h: int, level: int = 0) -> np.ndarray:
         """RGB uint8 array (h, w, 3) of the region whose top-left is (x, y) in level-0 pixels,
-        w × h pixels at `level`. Areas outside the image come back white."""
+        w × h pixels at `level`. Areas outside the image come back as `background` (white glass in
+        brightfield, black in fluorescence)."""
         lv = self.levels[level]
         lx, ly = int(round(x / lv.downsample)), int(round(y / lv.downsample))
-        out = np.full((h, w, 3), 255, np.uint8)
+        out = np.full((h, w, 3), self.background, np.uint8)
         x0, y0, x1, y1 = max(lx, 0), max(ly, 0), min(lx + w, lv.width), min(ly + h, lv.height)
         if x1 > x0 and y1 > y0:
             out[y0 - ly : y1 - ly, x0 - lx : x1 - lx] = self._read_level(x0, y0, x1 - x0, y1 - y0, level)
@@ -129,8 +139,8 @@ class Slide(ABC):
                 w, h = min(step, lv.width - x), min(step, lv.height - y)
                 block = self.read(round(x * lv.downsample), round(y * lv.downsample), w, h, level)
                 bw, bh = math.ceil(w / k), math.ceil(h / k)
-                if (bw * k, bh * k) != (w, h):  # pad the last partial block with white (= background)
-                    padded = np.full((bh * k, bw * k, 3), 255, np.uint8)
+                if (bw * k, bh * k) != (w, h):  # pad the last partial block with the background
+                    padded = np.full((bh * k, bw * k, 3), self.background, np.uint8)
                     padded[:h, :w] = block
                     block = padded
                 means = block.reshape(bh, k, bw, k, 3).mean(axis=(1, 3), dtype=np.float32)
@@ -182,6 +192,8 @@ class Slide(ABC):
             "height": self.size[1],
             "mpp": self.mpp,
             "mpp_source": "override" if self._slide_mpp is not None else ("file" if self.file_mpp else None),
+            "channels": self.channels,
+            "modality": self.modality,
             "levels": [
                 {"width": lv.width, "height": lv.height, "downsample": round(lv.downsample, 4)}
                 for lv in self.levels

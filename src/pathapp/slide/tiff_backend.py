@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pathapp.slide.base import Level, Slide
+from pathapp.slide.base import BRIGHTFIELD, FLUORESCENCE, Level, Slide
 
 # µm per unit of the OME PhysicalSizeXUnit values we meet in practice.
 _OME_UNIT_UM = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6, "Å": 1e-4}
@@ -60,6 +60,9 @@ class TiffSlide(Slide):
         self.levels = [Level(*self._dims(i), w0 / self._dims(i)[0]) for i in range(len(self._arrays))]
         self.file_mpp = self._read_mpp()
         self.vendor = self._read_vendor()
+        axes, shape = self._axes[0], self._arrays[0].shape
+        self.channels = int(np.prod([n for a, n in zip(axes, shape) if a in "SC"]))
+        self.modality = self._read_modality()
 
     def _dims(self, i: int) -> tuple[int, int]:
         axes, shape = self._axes[i], self._arrays[i].shape
@@ -75,6 +78,26 @@ class TiffSlide(Slide):
             m = re.search(r"MPP\s*=\s*([0-9.]+)", page.description or "")
             return float(m.group(1)) if m else None
         return _tiff_tag_mpp(page)
+
+    def _read_modality(self) -> str:
+        """Fluorescence when the file says so (a QPTIFF's scan Mode, OME's IlluminationType or
+        ContrastMethod) or stores a stack of channel planes rather than one colour image (not 3
+        channels, or planes without an RGB photometric): stained brightfield is RGB (or YCbCr)."""
+        tf, page = self._tf, self._tf.pages[0]
+        if tf.is_qpi:
+            mode = re.search(r"<Mode>([^<]*)</Mode>", page.description or "")
+            if mode:
+                return FLUORESCENCE if "fluor" in mode.group(1).lower() else BRIGHTFIELD
+        if tf.is_ome and tf.ome_metadata:
+            said = set(re.findall(r'(?:IlluminationType|ContrastMethod)="([^"]+)"', tf.ome_metadata))
+            if any("fluor" in v.lower() for v in said):
+                return FLUORESCENCE
+            if said & {"Transmitted", "Brightfield"}:
+                return BRIGHTFIELD
+        import tifffile
+
+        colour = page.photometric in (tifffile.PHOTOMETRIC.RGB, tifffile.PHOTOMETRIC.YCBCR)
+        return BRIGHTFIELD if self.channels in (3, 4) and colour else FLUORESCENCE
 
     def _read_vendor(self) -> str:
         tf = self._tf

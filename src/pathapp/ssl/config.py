@@ -15,7 +15,7 @@ from pathapp.atomic import atomic_write_text
 from pathapp.errors import PathappError
 
 
-_LIST_FIELDS = {"mpp"}  # list-valued settings; every other YAML list is a tuple
+_LIST_FIELDS = {"mpp", "roi_class"}  # list-valued settings; every other YAML list is a tuple
 
 
 @dataclass
@@ -33,10 +33,12 @@ class SSLConfig:
     slides: str | None = None  # folder of slides, one slide, a slides.csv (slide[,mpp]) or a QuPath project.qpproj
     tiles: str | None = None  # or a folder of image tiles
     mpp: list[float] = field(default_factory=lambda: [0.5])  # µm/px of sampled tiles (one picked per tile)
+    bundle_mpp: float | None = None  # µm/px teacher.pathapp records for inference (None: inference_mpp's rule)
     tile_size: int = 256  # px of the tile read from a slide, before multi-crop
     min_tissue: float = 0.6  # HSV tissue fraction a sampled tile must exceed
     slide_mpp: float | None = None  # µm/px applied to every slide (for files that do not say)
     balance: str = "slides"  # draw each slide equally often ("slides") or in proportion to its tissue area ("tissue")
+    roi_class: list[str] = field(default_factory=list)  # a QuPath project's images: sample only inside these annotation classes
     stain_norm: str | None = None  # "macenko" | "reinhard" | "vahadane": normalise every tile onto stain_ref
     stain_ref: str | None = None  # a tile, a slide, or a saved target (.json, a run's stain.json)
     num_workers: int = 2
@@ -105,6 +107,18 @@ class SSLConfig:
     record_checksum: bool = False  # log a hash of the weights every step (distributed tests)
 
     @property
+    def inference_mpp(self) -> float:
+        """The µm/px the teacher bundle records, so `infer`/`train` use it by default: `bundle_mpp` when
+        set, else the median of `mpp` (the upper middle value for an even count). Every listed value
+        is drawn equally often, so none is *the* training scale; the middle one keeps inference inside
+        the range the model saw, with the most margin on both sides (the first value, used before,
+        sat at an edge of it)."""
+        if self.bundle_mpp is not None:
+            return float(self.bundle_mpp)
+        ordered = sorted(float(m) for m in self.mpp)
+        return ordered[len(ordered) // 2]
+
+    @property
     def total_steps(self) -> int:
         return int(self.steps) if self.steps is not None else max(1, round(self.epochs * self.epoch_length))
 
@@ -160,6 +174,7 @@ class SSLConfig:
             (self.batch_size >= 2, "batch_size must be at least 2 (KoLeo needs neighbours)"),
             (self.grad_accum >= 1, "grad_accum must be at least 1"),
             (len(self.mpp) >= 1 and all(m > 0 for m in self.mpp), "mpp must list positive µm/px values"),
+            (self.bundle_mpp is None or self.bundle_mpp > 0, "bundle_mpp must be a positive µm/px (or unset)"),
             (0 <= self.min_tissue < 1, "min_tissue must be in [0, 1)"),
             (self.n_local_crops >= 0, "n_local_crops must be >= 0"),
             (0 <= self.mask_ratio[0] <= self.mask_ratio[1] < 1, "mask_ratio must be (low, high) in [0, 1)"),

@@ -8,6 +8,7 @@ independent, and shards across ranks by index (rank r of R takes micro-batches r
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,7 @@ from pathapp.ssl.augment import MultiCrop
 from pathapp.ssl.masking import BlockMasking
 
 if TYPE_CHECKING:
+    from shapely.geometry.base import BaseGeometry
     from pathapp.tiles.stain import StainFit, StainNormalizer
 
 
@@ -37,7 +39,8 @@ class _SlideEntry:
     geometries: list  # per µm/px: the tiles.grid.TileGeometry a tile is read with
     centres: list[np.ndarray]  # per µm/px: (M, 2) level-0 x, y of candidate tile centres
     cell: float  # level-0 px per tissue-mask pixel (positions are jittered within a cell)
-    tissue_um2: float  # tissue area, for balance="tissue"
+    tissue_um2: float  # tissue area (inside `roi`), for balance="tissue"
+    roi: BaseGeometry | None = None  # level-0 region tile centres are drawn in (a project's annotations)
     stain: StainNormalizer | None = None  # this slide's stains onto the run's target (one fit per slide)
 
     @property
@@ -45,15 +48,28 @@ class _SlideEntry:
         return self.handle.slide
 
 
-def _candidate_centres(mask: np.ndarray, cell: float, footprint: float, min_tissue: float) -> np.ndarray:
-    """Centres (level-0 x, y) of mask pixels around which a tile of `footprint` level-0 px is mostly
-    tissue in the low-res mask (all tissue pixels when none is), so few sampled tiles are rejected."""
+def _inside(mask: np.ndarray, cell: float, roi: BaseGeometry) -> np.ndarray:
+    """The tissue mask pixels whose centre lies inside `roi` (level-0 geometry)."""
+    import shapely
+
+    ys, xs = np.nonzero(mask)
+    out = np.zeros_like(mask)
+    out[ys, xs] = shapely.contains_xy(roi, (xs + 0.5) * cell, (ys + 0.5) * cell)
+    return out
+
+
+def _candidate_centres(mask: np.ndarray, cell: float, footprint: float, min_tissue: float,
+                       region: np.ndarray | None = None) -> np.ndarray:
+    """Centres (level-0 x, y) of mask pixels (of `region` when given: the tissue inside annotations)
+    around which a tile of `footprint` level-0 px is mostly tissue in the low-res mask (all of them
+    when none is), so few sampled tiles are rejected."""
     from scipy import ndimage as ndi
 
     size = max(1, int(round(footprint / cell)))
     frac = ndi.uniform_filter(mask.astype(np.float32), size=size, mode="constant")
-    good = mask & (frac > min_tissue)
-    ys, xs = np.nonzero(good if good.any() else mask)
+    region = mask if region is None else region
+    good = region & (frac > min_tissue)
+    ys, xs = np.nonzero(good if good.any() else region)
     return np.column_stack(((xs + 0.5) * cell, (ys + 0.5) * cell)).astype(np.float64)
 
 
@@ -63,32 +79,40 @@ class SlideTileSource:
     equally often, so a tiny crop is not drawn as often as a whole slide), a µm/px from `mpps`, a
     random point of the slide's tissue mask, moved inwards so the tile lies inside the slide; the
     tile is kept when its HSV tissue fraction exceeds `min_tissue`, else another point is tried (the
-    best of `max_tries` is used, so sampling never stalls)."""
+    best of `max_tries` is used, so sampling never stalls). `rois` (one level-0 geometry or None per
+    slide) keeps tile centres inside each slide's region, as `make_grid` does for inference."""
 
     def __init__(self, slides: list, mpps: list[float], tile_size: int, min_tissue: float = 0.6,
-                 max_tries: int = 10, balance: str = "slides") -> None:
+                 max_tries: int = 10, balance: str = "slides",
+                 rois: Sequence[BaseGeometry | None] | None = None) -> None:
         from pathapp.tiles import detect_tissue, tile_geometry
+        from pathapp.tiles.tissue import require_brightfield
 
         self.mpps = [float(m) for m in mpps]
         self.tile_size = tile_size
         self.min_tissue = min_tissue
         self.max_tries = max_tries
         self.entries: list[_SlideEntry] = []
-        for slide in slides:
+        for slide, roi in zip(slides, rois or [None] * len(slides), strict=True):
             geometries = [tile_geometry(slide, m, tile_size) for m in self.mpps]
             if max(g.footprint for g in geometries) > min(slide.size):
                 _warn(f"{slide.path}: smaller than one {tile_size}px tile at {max(self.mpps)} µm/px; skipped")
                 continue
             tm = detect_tissue(slide)
+            require_brightfield(slide, tm)
             if not tm.mask.any():
                 _warn(f"{slide.path}: no tissue detected; skipped")
                 continue
-            centres = [_candidate_centres(tm.mask, tm.scale, g.footprint, min_tissue) for g in geometries]
-            area = float(tm.mask.sum()) * (tm.scale * slide.mpp) ** 2
-            self.entries.append(_SlideEntry(SlideHandle(slide), geometries, centres, float(tm.scale), area))
+            region = None if roi is None else _inside(tm.mask, tm.scale, roi)
+            if region is not None and not region.any():
+                _warn(f"{slide.path}: no tissue detected inside its annotations; skipped")
+                continue
+            centres = [_candidate_centres(tm.mask, tm.scale, g.footprint, min_tissue, region) for g in geometries]
+            area = float((tm.mask if region is None else region).sum()) * (tm.scale * slide.mpp) ** 2
+            self.entries.append(_SlideEntry(SlideHandle(slide), geometries, centres, float(tm.scale), area, roi))
         if not self.entries:
-            raise PathappError("no usable slide: each was too small for a tile or had no tissue; "
-                               "check the slides or lower --mpp / tile_size")
+            raise PathappError("no usable slide: each was too small for a tile or had no tissue (inside its "
+                               "annotations, with --roi-class); check the slides or lower --mpp / tile_size")
         self.balance = balance
         self._set_entries(self.entries)
 
@@ -113,6 +137,8 @@ class SlideTileSource:
         return min(int(np.searchsorted(self.cumulative, rng.random(), side="right")), len(self.entries) - 1)
 
     def sample(self, rng: np.random.Generator) -> np.ndarray:
+        import shapely
+
         from pathapp.tiles.tissue import tissue_fraction_rgb
 
         entry = self.entries[self.pick(rng)]
@@ -122,8 +148,10 @@ class SlideTileSource:
         lo, hi = np.full(2, half), np.asarray(entry.slide.size, dtype=np.float64) - half
         best, best_frac = None, -1.0
         for _ in range(self.max_tries):
-            point = centres[int(rng.integers(len(centres)))] + rng.uniform(-0.5, 0.5, 2) * entry.cell
-            cx, cy = np.clip(point, lo, hi)
+            centre = centres[int(rng.integers(len(centres)))]
+            cx, cy = np.clip(centre + rng.uniform(-0.5, 0.5, 2) * entry.cell, lo, hi)
+            if entry.roi is not None and not shapely.contains_xy(entry.roi, cx, cy):
+                cx, cy = np.clip(centre, lo, hi)  # the jitter left the annotation: its mask cell's centre
             rgb = self.read(entry, k, cx, cy)
             frac = tissue_fraction_rgb(rgb, focus=False)  # the HSV check of DINOv2 pathology recipes
             if frac > self.min_tissue:
@@ -293,13 +321,17 @@ def read_slide_list(path: Path, slide_mpp: float | None = None) -> list[tuple[Pa
 
 def open_sources(slides: str | Path | None = None, tiles: str | Path | None = None, *, mpps: list[float],
                  tile_size: int, min_tissue: float, slide_mpp: float | None = None,
-                 balance: str = "slides") -> SlideTileSource | TileFolderSource:
+                 balance: str = "slides", roi_class: Sequence[str] = ()) -> SlideTileSource | TileFolderSource:
     """A tile source from `--slides` (a folder, one slide, a slides.csv or a QuPath .qpproj) or
     `--tiles` (a folder). Slides without µm/px (and no --slide-mpp) or that fail to open are skipped
-    with a warning."""
+    with a warning. `roi_class` (a .qpproj only) samples inside each image's own annotations of those
+    classes; an image without them (or without a data file) is skipped with a warning."""
     if (slides is None) == (tiles is None):
         raise PathappError("give exactly one of --slides (folder, slide, slides.csv or project.qpproj) "
                            "or --tiles (folder)")
+    if roi_class and Path(slides or tiles).suffix != ".qpproj":
+        raise PathappError(f"{slides or tiles}: --roi-class samples inside a QuPath project's own annotations; "
+                           "give --slides project.qpproj")
     if tiles is not None:
         if not Path(tiles).is_dir():
             raise PathappError(f"{tiles}: not a folder; --tiles needs a folder of image tiles")
@@ -312,29 +344,42 @@ def open_sources(slides: str | Path | None = None, tiles: str | Path | None = No
         raise PathappError(f"{src}: no such file or folder; --slides takes a folder of slides, a slide, "
                            f"a slides.csv or a .qpproj")
     entries: list[tuple[Path, float | None]] = []  # (slide, µm/px override)
+    rois: list[BaseGeometry | None] = []  # per entry: the region tiles are drawn in (None: all tissue)
     if src.suffix == ".qpproj":
         from pathapp.qupath.project import read_project
+        from pathapp.qupath.qpdata import read_entry_rois
 
-        for e in read_project(src).entries:
+        project = read_project(src)
+        for e in project.entries:
             if e.image_path is None or not Path(e.image_path).exists():
                 _warn(f"{src}: image {e.name!r} not found ({e.error or e.uri}); skipped")
-            else:  # the pixel calibration QuPath shows (it may fix a file without µm/px)
-                entries.append((Path(e.image_path), slide_mpp or e.mpp))
+                continue
+            try:  # the entry's own annotations of those classes; without --roi-class all its tissue
+                rois.append(read_entry_rois(project, e, roi_class) if roi_class else None)
+            except PathappError as err:  # no data file, a bad one, or no annotation of those classes
+                _warn(f"{err}; skipped")
+                continue
+            entries.append((Path(e.image_path), slide_mpp or e.mpp))  # the µm/px QuPath shows
     elif src.suffix.lower() == ".csv":
         entries = read_slide_list(src, slide_mpp)
     else:
         entries = [(p, slide_mpp) for p in (find_slides(src) if src.is_dir() else [src])]
-    opened = []
-    for p, own_mpp in entries:
+    rois = rois or [None] * len(entries)
+    opened, opened_rois = [], []
+    for (p, own_mpp), roi in zip(entries, rois, strict=True):
         try:
             s = open_slide(p, slide_mpp=own_mpp)
             s.require_mpp()
             opened.append(s)
+            opened_rois.append(roi)
         except MissingMppError:
             _warn(f"{p}: no µm/px in the file; skipped "
                   f"(pass --slide-mpp, or list it in a slides.csv with an mpp column)")
         except SlideOpenError as e:
             _warn(f"{e}; skipped")
+    if not opened and roi_class:
+        raise PathappError(f"{src}: no image with annotations of class {', '.join(roi_class)} could be opened "
+                           "(see the warnings above); fix --roi-class, or annotate and save the images in QuPath")
     if not opened:
         raise PathappError(f"{src}: no slide with a known µm/px could be opened; pass --slide-mpp or another folder")
-    return SlideTileSource(opened, mpps, tile_size, min_tissue, balance=balance)
+    return SlideTileSource(opened, mpps, tile_size, min_tissue, balance=balance, rois=opened_rois)

@@ -130,7 +130,8 @@ def pretrain(cfg: SSLConfig, out: str | Path, *, resume: bool = False, progress:
         raise PathappError(f"{ckpt_path}: no checkpoint to resume from; drop --resume to start a new run")
     cfg.validate()
     source = open_sources(cfg.slides, cfg.tiles, mpps=cfg.mpp, tile_size=cfg.tile_size,
-                          min_tissue=cfg.min_tissue, slide_mpp=cfg.slide_mpp, balance=cfg.balance)  # bad data fails before any write
+                          min_tissue=cfg.min_tissue, slide_mpp=cfg.slide_mpp, balance=cfg.balance,
+                          roi_class=cfg.roi_class)  # bad data fails before any write
     stain = None
     if cfg.stain_norm is not None:
         from pathapp.tiles.stain import stain_target

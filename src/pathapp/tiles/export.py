@@ -9,6 +9,7 @@ from shapely.geometry.base import BaseGeometry
 
 from pathapp.atomic import mark_output_folder
 from pathapp.slide import open_slide
+from pathapp.slide.base import BRIGHTFIELD
 from pathapp.tiles.grid import TileGrid, make_grid, tile_boxes, why_empty
 from pathapp.tiles.render import render_overview
 from pathapp.tiles.tissue import DEFAULT_MIN_TISSUE, detect_tissue
@@ -25,6 +26,7 @@ class TilingResult:
     grid: TileGrid
     files: list[Path]
     empty: str | None = None  # why there is no tile, when there is none
+    modality: str = BRIGHTFIELD  # which tissue detector ran (`TissueMask.modality`)
 
     def summary(self) -> str:
         g = self.grid
@@ -35,6 +37,8 @@ class TilingResult:
         )
         if g.slide_mpp > g.mpp * 1.05:  # finer than the scan: pixels are invented by interpolation
             line += f"; warning: upsampled {g.slide_mpp / g.mpp:.1f}× (the slide is coarser than --mpp)"
+        if self.modality != BRIGHTFIELD:
+            line += f"; {self.modality}: tissue found by Otsu on the summed channels"
         return line
 
 
@@ -71,4 +75,4 @@ def tile_slide(
         render_overview(out_dir / "thumbnail.png", slide, tissue, grid, rois=rois)
         files.append(out_dir / "thumbnail.png")
         empty = None if len(grid) else why_empty(grid, tissue, rois, min_tissue)
-        return TilingResult(slide.name, out_dir, grid, files, empty)
+        return TilingResult(slide.name, out_dir, grid, files, empty, tissue.modality)

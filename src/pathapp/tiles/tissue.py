@@ -4,7 +4,9 @@ The slide is read at a working resolution of a few µm/px (never level 0 whole):
 level just finer than that are read one at a time and averaged down, so peak memory depends on the
 mask size, not on the level-0 area. A pixel is tissue when it is stained (HSV saturation: works for
 H&E, IHC with DAB + haematoxylin, and faint stains, while white glass and grey/black dirt are
-unsaturated) and not the colour of a marker pen (red, green, blue ink)."""
+unsaturated) and not the colour of a marker pen (red, green, blue ink). Fluorescence (the file says so,
+or the background is dark) has no stain colour: there tissue is what Otsu's threshold finds bright in
+the summed channels."""
 
 from __future__ import annotations
 
@@ -16,12 +18,17 @@ import shapely
 from shapely.geometry import MultiPolygon, Polygon
 from shapely.geometry.base import BaseGeometry
 
+from pathapp.errors import PathappError
 from pathapp.slide import Slide
+from pathapp.slide.base import BRIGHTFIELD, FLUORESCENCE
 
 DEFAULT_MIN_TISSUE = 0.1  # tissue fraction a tile needs to count as tissue
 TILE_SATURATION = 0.1  # per-tile pixel threshold (full-resolution pixels are noisier than a mask's)
 MASK_SATURATION = 0.07  # working-resolution pixel threshold (block means: less noise, paler)
 FOCUS_THRESHOLD = 0.002  # mean |LoG| of grey in [0, 1] below which a region is out of focus (ink, blur)
+# Median brightest channel of the working-resolution image below which the background is dark, as
+# in fluorescence (brightfield glass is ~240; the darkest H&E slide here is 180; a Vectra IF scan 10).
+DARK_BACKGROUND = 60
 
 
 @dataclass
@@ -33,6 +40,7 @@ class TissueMask:
     scale: float  # level-0 px per mask px
     geometry: BaseGeometry
     rgb: np.ndarray | None = None
+    modality: str = BRIGHTFIELD  # FLUORESCENCE: found by Otsu on the summed channels (`modality_of`)
 
 
 # ------------------------------------------------------------------------------------------ pixels
@@ -181,7 +189,8 @@ def detect_tissue(
     from skimage.morphology import remove_small_holes, remove_small_objects
 
     rgb, scale = slide.read_low_res(working_downsample(slide, target_mpp, max_px))
-    mask = tissue_pixels(rgb, saturation)
+    modality = modality_of(slide, rgb)
+    mask = tissue_pixels(rgb, saturation) if modality == BRIGHTFIELD else fluorescent_pixels(rgb)
     mask = ndi.binary_closing(mask, structure=np.ones((3, 3), bool), border_value=0) | mask
     if slide.mpp:
         px_area = (scale * slide.mpp) ** 2  # µm² per mask px
@@ -192,4 +201,34 @@ def detect_tissue(
         mask = remove_small_objects(mask, max_size=math.ceil(min_obj) - 1, connectivity=2)
     if min_hole >= 1:
         mask = remove_small_holes(mask, max_size=math.ceil(min_hole) - 1)
-    return TissueMask(mask=mask, scale=scale, geometry=mask_to_geometry(mask, scale, slide.size), rgb=rgb)
+    return TissueMask(mask=mask, scale=scale, geometry=mask_to_geometry(mask, scale, slide.size), rgb=rgb,
+                      modality=modality)
+
+
+def modality_of(slide: Slide, rgb: np.ndarray) -> str:
+    """FLUORESCENCE when the file says so (`Slide.modality`) or its working-resolution view `rgb`
+    has a dark background; else BRIGHTFIELD."""
+    if slide.modality != BRIGHTFIELD or rgb.size == 0:
+        return slide.modality
+    return FLUORESCENCE if float(np.median(rgb.max(axis=2))) < DARK_BACKGROUND else BRIGHTFIELD
+
+
+def fluorescent_pixels(rgb: np.ndarray) -> np.ndarray:
+    """Tissue of a fluorescence image: above Otsu's threshold of the summed channels (none when the
+    image is flat)."""
+    from skimage.filters import threshold_otsu
+
+    total = rgb.astype(np.float32).sum(axis=2)
+    if rgb.size == 0 or float(total.max()) == float(total.min()):
+        return np.zeros(total.shape, bool)
+    return total > threshold_otsu(total)
+
+
+def require_brightfield(slide: Slide, tissue: TissueMask) -> None:
+    """Refuse a fluorescence image where a model or stain-based QC would see it as H&E: one line."""
+    if tissue.modality == BRIGHTFIELD:
+        return
+    why = "the file says so" if slide.modality == FLUORESCENCE else "its background is dark"
+    raise PathappError(f"{slide.path}: a fluorescence image ({slide.channels} channels; {why}), but pathapp's "
+                       f"models and QC read brightfield RGB (H&E, IHC); analyse brightfield slides, or tile "
+                       f"this one with `pathapp tile` (tissue found by Otsu on the summed channels)")
