@@ -151,12 +151,18 @@ def test_cmu_annotations_train_then_infer(tmp_path, shared_data):
     b = load_bundle(tmp_path / "m.pathapp")
     assert b.class_names == ["Lower", "Upper"] and b.head_kind == "knn" and b.mpp == 2.0
     # embeddings.h5 from a headless inference run is reused instead of recomputing: same bank
-    _run("infer", svs, "--model", base, "--out", tmp_path / "emb", "--workers", "0")
+    _run("infer", svs, "--model", base, "--out", tmp_path / "emb", "--workers", "0", "--precision", "fp32")
     _run("train", "--data", geo, "--slides", svs, "--model", base, "--method", "knn", "--out", tmp_path / "m2.pathapp",
          "--cache", tmp_path / "nocache", "--embeddings", tmp_path / "emb")
     assert not (tmp_path / "nocache").exists()
     bank, bank2 = b.head_tensors["embeddings"], load_bundle(tmp_path / "m2.pathapp").head_tensors["embeddings"]
     assert bank.shape == bank2.shape and torch.allclose(bank, bank2, atol=1e-4)
+    # the default precision (bf16 on bf16 hardware) writes embeddings training reuses too, close to fp32
+    _run("infer", svs, "--model", base, "--out", tmp_path / "emb-auto", "--workers", "0")
+    _run("train", "--data", geo, "--slides", svs, "--model", base, "--method", "knn", "--out", tmp_path / "m3.pathapp",
+         "--cache", tmp_path / "nocache", "--embeddings", tmp_path / "emb-auto")
+    bank3 = load_bundle(tmp_path / "m3.pathapp").head_tensors["embeddings"]
+    assert bank3.shape == bank.shape and torch.nn.functional.cosine_similarity(bank, bank3).min() >= 0.999
     _run("infer", svs, "--model", tmp_path / "m.pathapp", "--out", tmp_path / "out", "--workers", "0")
     tiles = json.loads((tmp_path / "out" / svs.stem / "tiles.geojson").read_text())["features"]
     got = {}

@@ -265,6 +265,8 @@ def evaluate(data, slides, model, out, folds, holdout, method, fewshot, group_by
 
     from pathapp.train.api import evaluate_model
 
+    if method is None and (seg_head or seg_layers or mask_classes):
+        method = "segment"  # the segmentation options say what is meant
     if fewshot and not folds:
         raise click.UsageError("--fewshot needs --folds K")
     try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -133,9 +133,17 @@ class Bundle:
 
     def build_backbone(self, **build_kwargs: Any) -> nn.Module:
         """The backbone with the bundle's weights; `build_kwargs` go to timm (e.g. drop_path_rate)."""
-        model = create_backbone(self.spec, **build_kwargs)
+        # Built on the meta device (no random init: it cost more than the whole model stage of a small
+        # slide), then filled with copies of the bundle's tensors. A model with non-persistent buffers
+        # (not in the state dict) is built for real, since those buffers would stay empty.
+        with torch.device("meta"):
+            model = create_backbone(self.spec, **build_kwargs)
+        assign = not set(dict(model.named_buffers())) - set(model.state_dict())
+        if not assign:
+            model = create_backbone(self.spec, **build_kwargs)
+        state = {k: v.clone() for k, v in self.backbone_state.items()} if assign else self.backbone_state
         try:
-            model.load_state_dict(self.backbone_state, strict=True)
+            model.load_state_dict(state, strict=True, assign=assign)
         except RuntimeError as e:
             first = str(e).strip().splitlines()
             raise BundleError(f"bundle weights do not fit its backbone spec {self.spec.name!r}: "
@@ -171,7 +179,7 @@ def _hash_tensors(h: Any, state: dict[str, torch.Tensor]) -> Any:
     for k in sorted(state):
         t = state[k].detach().cpu().contiguous()
         h.update(k.encode())
-        h.update(t.view(-1).view(dtype=torch.uint8).numpy().tobytes())
+        h.update(memoryview(t.view(-1).view(dtype=torch.uint8).numpy()))  # no copy of the weights
     return h
 
 
@@ -208,16 +216,18 @@ class PathModel(nn.Module):
         """(B, C, H, W) class logits per pixel of RGB images x (a segmentation bundle)."""
         from pathapp.models.seg import segment_logits
 
-        return segment_logits(self.backbone, self.seg_head, self.normalize(x))
+        dtype = next(self.backbone.parameters()).dtype  # bf16 when built for --precision bf16 / auto
+        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            return segment_logits(self.backbone, self.seg_head, self.normalize(x).to(dtype)).float()
 
     def normalize(self, x: Tensor) -> Tensor:
         """RGB uint8 or float 0..1 -> the backbone's input (the bundle's mean/std)."""
         if x.dtype == torch.uint8:
             x = x.float().div_(255)
-        return (x.to(self.mean.dtype) - self.mean) / self.std
+        return (x.to(self.mean.dtype) - self.mean) / self.std  # in fp32 whatever the backbone runs at
 
     def embed(self, x: Tensor) -> Tensor:
-        return embed(self.backbone, self.normalize(x), self.recipe)
+        return embed(self.backbone, self.normalize(x).to(next(self.backbone.parameters()).dtype), self.recipe)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         e = self.embed(x)
@@ -253,7 +263,7 @@ def save_bundle(bundle: Bundle, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if "created" not in bundle.provenance:
-        bundle.provenance["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        bundle.provenance["created"] = datetime.now(UTC).isoformat(timespec="seconds")
     from pathapp import __version__
 
     bundle.provenance.setdefault("pathapp_version", __version__)

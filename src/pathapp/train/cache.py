@@ -184,7 +184,7 @@ def reuse_inference_embeddings(h5_path: Path, bundle: Bundle, coords: np.ndarray
     """features, coords from an inference embeddings.h5 written with this bundle's model and tiling.
 
     The file must carry the same µm/px, tile size and width; when it records a model fingerprint it
-    must equal this bundle's; when `coords` are given the tiles are matched by coordinate."""
+    must be this bundle's (at fp32 or bf16); when `coords` are given the tiles are matched by coordinate."""
     from pathapp.results.embeddings import read_embeddings
 
     feats, file_coords, attrs = read_embeddings(h5_path)
@@ -195,8 +195,15 @@ def reuse_inference_embeddings(h5_path: Path, bundle: Bundle, coords: np.ndarray
         problems.append(f"tile size {attrs['tile_size']} != {bundle.tile_size}")
     if feats.shape[1] != bundle.embedding_dim:
         problems.append(f"width {feats.shape[1]} != {bundle.embedding_dim}")
-    if "model_fingerprint" in attrs and attrs["model_fingerprint"] != embedding_fingerprint(bundle, stain):
-        problems.append("another model's (or stain normalisation's) embeddings")
+    fp = bundle.fingerprint()
+    expected = embedding_fingerprint(bundle, stain)
+    # bf16 inference (`--precision auto` on bf16 hardware) marks the model's fingerprint ":bf16": the same
+    # model, embeddings within cosine 0.999 of fp32 (tests/test_infer_precision.py), so they train the same.
+    marked = {p: fp + f":{p}" + expected[len(fp):] for p in ("bf16", "int8")}
+    if "model_fingerprint" in attrs and attrs["model_fingerprint"] not in (expected, marked["bf16"]):
+        problems.append("another model's (or stain normalisation's) embeddings"
+                        + (" (int8: rerun inference with --precision fp32 or bf16)"
+                           if attrs["model_fingerprint"] == marked["int8"] else ""))
     if problems:
         raise CacheError(f"{h5_path}: cannot reuse these embeddings ({'; '.join(problems)}); rerun inference "
                          f"with this model or drop --embeddings")
