@@ -236,5 +236,13 @@ def test_infer_writes_segmentation_annotations(tmp_path) -> None:
         m = f["properties"]["measurements"]
         assert m["Area µm^2"] > 0 and 0.5 <= m["Mean prob"] <= 1.0
     assert (folder / "overlay-segmentation.png").stat().st_size > 10_000
+    import tifffile
+
+    with tifffile.TiffFile(folder / "labels.ome.tif") as tif:  # the label image other tools read
+        labels = tif.series[0].levels[0].asarray()
+        um = float(tif.ome_metadata.split('PhysicalSizeX="')[1].split('"')[0])
+    assert um == pytest.approx(7 * 4.0, rel=0.01)  # half a 14 px patch per map pixel, at 4 µm/px
+    assert labels.shape == (int(np.ceil(2967 * 0.499 / um)), int(np.ceil(2220 * 0.499 / um)))
+    assert set(np.unique(labels)) == {0, 1}
     run = json.loads((folder / "run.json").read_text())
     assert "overlay-segmentation.png" in run["files"] and not (folder / "tiles.geojson").exists()

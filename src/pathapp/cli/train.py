@@ -44,7 +44,15 @@ _target_option = click.option(
 _loss_option = click.option(
     "--loss", type=click.Choice(["huber", "mse"]), default="huber", show_default=True,
     help="--task regression: Huber (robust to outlying values) or squared error, on the standardised target.")
-_batch_option = click.option("--batch-size", type=BATCH_SIZE, default=32, show_default=True)
+_batch_option = click.option("--batch-size", type=BATCH_SIZE, default=32, show_default=True,
+                             help="Tiles per batch when embedding. With --method lora, tiles per training step: "
+                                  "by default the largest power of two up to 32 that fits in memory (measured); "
+                                  "one given here that cannot fit is refused with the largest that does.")
+
+
+def _is_default(name: str) -> bool:
+    """The option `name` was not given (its default is in effect)."""
+    return click.get_current_context().get_parameter_source(name) == click.core.ParameterSource.DEFAULT
 
 
 class HoldoutType(click.ParamType):
@@ -175,7 +183,8 @@ def train(data, slides, backbone, weights, model, method, out, group_by, mpp, ti
     lora = None
     if method == "lora" or (method == "segment" and seg_lora):
         lora = LoraConfig(rank=lora_rank, alpha=lora_alpha, targets=tuple(t for t in lora_targets.split(",") if t),
-                          epochs=epochs or 10, max_steps=max_steps, batch_size=min(batch_size, 32), lr=lr or 1e-3)
+                          epochs=epochs or 10, max_steps=max_steps, lr=lr or 1e-3,
+                          batch_size=None if _is_default("batch_size") else batch_size)  # None: what fits
     seg = _seg_config(seg_head or "linear", seg_layers, epochs, lr, batch_size, lora) if method == "segment" else None
     if method == "abmil":
         options = {**({"epochs": epochs} if epochs else {}), **({"lr": lr} if lr else {}),
@@ -265,6 +274,8 @@ def evaluate(data, slides, model, out, folds, holdout, method, fewshot, group_by
 
     from pathapp.train.api import evaluate_model
 
+    if method is None and (seg_head or seg_layers or mask_classes):
+        method = "segment"  # the segmentation options say what is meant
     if fewshot and not folds:
         raise click.UsageError("--fewshot needs --folds K")
     try:

@@ -391,8 +391,11 @@ def _run_job(job: Job, lease: Lease, build: _ModelBuild, o: InferOptions, rois: 
         elif build.bundle.head_kind in SEG_HEAD_KINDS:
             from pathapp.infer.segment import segment_slide
 
-            result = segment_slide(slide, build.get().result(), mpp=o.mpp, tile_size=o.tile_size, rois=rois, min_tissue=o.min_tissue,
-                                   batch_size=o.batch_size, workers=o.workers, progress=o.progress, log=echo)
+            if build.stain is not None:
+                raise InferenceError("--stain-norm is not applied to segmentation bundles yet; drop it")
+            result = segment_slide(slide, build.get().result(), mpp=o.mpp, tile_size=o.tile_size, rois=rois,
+                                   min_tissue=o.min_tissue, batch_size=o.batch_size, workers=o.workers,
+                                   progress=o.progress, log=echo)
         else:
             result = infer_slide(slide, build.bundle, mpp=o.mpp, tile_size=o.tile_size, rois=rois,
                                  min_tissue=o.min_tissue, batch_size=o.batch_size, workers=o.workers,

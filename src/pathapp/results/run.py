@@ -28,15 +28,15 @@ from pathapp.results.heatmap import (
 )
 from pathapp.results.report import write_report
 from pathapp.results.result import SlideResult
-from pathapp.results.segmentation import write_segmentation_overlay
+from pathapp.results.segmentation import write_label_image, write_segmentation_overlay
 
 DONE = ".done"
 
 
 # Files pathapp writes into a slide's folder whatever the model (heatmaps and the rest are listed in
 # run.json): with the previous run.json's list, what --overwrite replaces and nothing else.
-OWN_FILES = ("tiles.geojson", "annotations.geojson", "overlay.png", "overlay-segmentation.png", "pca.png",
-             "embeddings.h5", "run.json")
+OWN_FILES = ("tiles.geojson", "annotations.geojson", "overlay.png", "overlay-segmentation.png", "labels.ome.tif",
+             "pca.png", "embeddings.h5", "run.json")
 
 
 def is_done(out_dir: str | Path) -> bool:
@@ -143,7 +143,7 @@ def write_results(result: SlideResult, out_dir: str | Path, object_type: str = "
     headless = result.probs is None and result.embeddings is not None and len(result) > 0
     pca = pca_rgb(result.embeddings) if headless else None
     files += [p for p in (write_thumbnail(result, out), write_overlay(result, out, pca), write_qc_overlay(result, out),
-                          write_segmentation_overlay(result, out),
+                          write_segmentation_overlay(result, out), write_label_image(result, out),
                           write_embeddings(result, out / "embeddings.h5", raw_heatmaps(result))) if p]
     if headless:
         files += [p for p in [write_pca(result, out, pca)] if p]

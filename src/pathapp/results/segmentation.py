@@ -102,3 +102,30 @@ def write_segmentation_overlay(result, out_dir: Path) -> Path | None:
     legend = [(n, tuple(c)) for n, c in zip(seg.class_names[1:], seg.class_colors[1:])]
     return _figure(result, blend(thumb, colours, alpha), Path(out_dir) / "overlay-segmentation.png",
                    "segmentation (opacity = probability)", legend=legend)
+
+
+def write_label_image(result, out_dir: Path) -> Path | None:
+    """labels.ome.tif: the class map (uint8, 0 = background, k = class k) as a tiled OME-TIFF pyramid
+    (each level half the last, nearest-neighbour) with its physical pixel size, for tools that read
+    label images (napari, QuPath's pixel classifier import, TIAToolbox)."""
+    import tifffile
+
+    from pathapp.atomic import atomic_path
+
+    seg = result.segmentation
+    if seg is None:
+        return None
+    um = float(seg.scale * result.slide_mpp)
+    levels = [seg.labels]
+    while min(levels[-1].shape) > 512:
+        levels.append(levels[-1][::2, ::2])
+    path = Path(out_dir) / "labels.ome.tif"
+    meta = {"axes": "YX", "PhysicalSizeX": um, "PhysicalSizeY": um, "PhysicalSizeXUnit": "µm",
+            "PhysicalSizeYUnit": "µm", "Description": "pathapp segmentation: "
+            + ", ".join(f"{k}={n}" for k, n in enumerate(seg.class_names))}
+    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, ome=True, bigtiff=True) as tif:
+        tif.write(levels[0], subifds=len(levels) - 1, tile=(256, 256), compression="zlib", metadata=meta,
+                  resolution=(1e4 / um, 1e4 / um), resolutionunit="CENTIMETER")
+        for level in levels[1:]:
+            tif.write(level, subfiletype=1, tile=(256, 256), compression="zlib")
+    return path
