@@ -6,21 +6,14 @@
    (default, --data slides: the slides.csv he_slides.csv next to this file), or — clearly a
    different, transductive setting — on the 694 EBHI-Seg images themselves as unlabelled data
    (--data ebhi: labels and masks are never read by pretraining).
-2. Embed the 694 EBHI-Seg images (6 classes, colorectal biopsies; labels.csv) with the teacher and
-   with the same architecture at random init (same seed, LayerScale 1), plus a 512-bin RGB colour
-   histogram, and score each by 5-fold cross-validation grouped by case_prefix (StratifiedGroupKFold
-   from pathapp.train.evaluate): logistic regression, and 20-NN cosine by majority vote and weighted
-   by 1/distance; balanced accuracy, mean and 95% t-interval over the folds, and the pretrained −
-   baseline differences paired over the same folds. Floors measured earlier (logistic regression /
-   20-NN): random ViT-S/14 0.367 / 0.252, colour histogram 0.373 / 0.302; the histogram's majority-vote
-   20-NN here, 0.322, is near that floor; its 1/d-weighted one is higher, 0.381.
-   Two ways of embedding an image, both applied to the pretrained and the random-init model alike:
-   - tiles (the main protocol): the image at its own scale (224 px ≈ 1 µm/px, judged by crypt and
-     nucleus size; the recipe samples slides at 0.75-1.25 µm/px) cut into the fewest tiles of the
-     bundle's tile size that cover it (3 × 3 tiles of 98 px, overlapping), each embedded as the model
-     was trained, and averaged: how `pathapp infer` uses the bundle, which records tile_size 98.
-   - each of --eval-sizes px (default 224): the whole image resized, position embeddings resampled
-     from the 7 × 7 training grid (at 224 px, 16 × 16 patches the model never saw in training).
+2. Score the teacher with `pathapp evaluate` exactly as a user runs it (no private protocol):
+   `pathapp evaluate --data EBHI/labels.csv --image-mpp 1.0 --model run/teacher.pathapp --folds 5
+   --method M` for each --methods M (default linear and knn): the 694 EBHI-Seg images (6 classes,
+   colorectal biopsies) at 1.0 µm/px (estimated from nucleus size), each tiled at the bundle's µm/px
+   and tile size as `pathapp infer` tiles it and pooled by the mean tile embedding, 5 folds grouped
+   by case_prefix, balanced accuracy with a 95 % CI over resampled cases, and the floors evaluate
+   measures in the same run on the same folds (standardised 512-bin colour histogram of the same
+   tiles; the same architecture at random init) with paired model − floor differences.
 3. Show how far the teacher's DINO head tells images apart at init and at the end (head_spread): in
    a short CPU run it sends every image to nearly the same point, the DINO loss's plateau at ln K.
 
@@ -32,7 +25,7 @@ gives steps done and planned).
     .venv/bin/python benchmarks/bench_pretrain_knn.py --minutes 30 --out /tmp/bench-30   # the 30-minute run
     .venv/bin/python benchmarks/bench_pretrain_knn.py --steps 150 --batch-size 64 --set n_prototypes=512 --out /tmp/t  # a trial
     .venv/bin/python benchmarks/bench_pretrain_knn.py --minutes 1 --batch-size 16 --out /tmp/bench-smoke  # smoke
-    .venv/bin/python benchmarks/bench_pretrain_knn.py --eval-only --eval-sizes 112,224 --out /tmp/bench-smoke
+    .venv/bin/python benchmarks/bench_pretrain_knn.py --eval-only --out /tmp/bench-smoke
 """
 
 from __future__ import annotations
@@ -40,9 +33,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -52,8 +45,6 @@ import yaml
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 EBHI = DATA / "labeled" / "ebhi-seg"
-METRICS = {"logreg": "logistic regression", "knn20": "20-NN cosine", "knn20_dist": "20-NN cosine, 1/d-weighted",
-           "knn20_centred": "20-NN cosine, centred"}
 # The H&E slides of ../shared/data as a slides.csv for `pathapp pretrain --slides`, with the µm/px
 # given where the file has none: tcga-cr-7395 records none, and 1.0 is estimated from its nuclei
 # (8-10 px across; lymphocytes are 7-8 µm). luna-1065626.svs is left out: looked at, it is
@@ -70,14 +61,10 @@ def link_folder(folder: Path, files: list[Path], names: list[str]) -> Path:
     return folder
 
 
-def read_labels() -> tuple[list[Path], np.ndarray, np.ndarray, list[str]]:
+def image_paths() -> list[Path]:
+    """The EBHI-Seg images (for pretraining on them with --data ebhi, and the head-spread check)."""
     with open(EBHI / "labels.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    classes = sorted({r["label"] for r in rows})
-    paths = [EBHI / r["image"] for r in rows]
-    y = np.array([classes.index(r["label"]) for r in rows])
-    groups = np.array([r["case_prefix"] for r in rows])
-    return paths, y, groups, classes
+        return [EBHI / r["image"] for r in csv.DictReader(f)]
 
 
 def make_config(args, data_dir: Path, steps: int):
@@ -106,32 +93,6 @@ def calibrate(args, data_dir: Path, out: Path) -> float:
     per_step = [r["samples_seen"] / r["step"] / r["tiles_per_s"] for r in rows[3:]]
     shutil.rmtree(cal, ignore_errors=True)
     return float(np.median(per_step))
-
-
-def embed_all(model, images: np.ndarray, batch: int = 64) -> dict[str, np.ndarray]:
-    """CLS and CLS+mean-of-patches embeddings of uint8 images at their own size (the backbone's
-    position embeddings are resampled to it), from one forward pass."""
-    import torch
-
-    model.backbone.set_input_size(img_size=images.shape[1:3])
-    cls, both = [], []
-    with torch.inference_mode():
-        for s in range(0, len(images), batch):
-            x = torch.from_numpy(images[s:s + batch]).permute(0, 3, 1, 2).float().div(255)
-            tokens = model.backbone.forward_features((x - model.mean) / model.std)
-            c, m = tokens[:, 0], tokens[:, model.backbone.num_prefix_tokens:].mean(dim=1)
-            cls.append(c.numpy())
-            both.append(torch.cat([c, m], dim=-1).numpy())
-    return {"cls": np.concatenate(cls), "cls+mean": np.concatenate(both)}
-
-
-def embed_tiled(model, images: np.ndarray, tile: int) -> dict[str, np.ndarray]:
-    """Each image as the mean embedding of the fewest `tile`-px crops that cover it on an even grid,
-    at the image's own scale: the model sees tiles of the bundle's tile size, as in `pathapp infer`."""
-    offsets = np.linspace(0, images.shape[1] - tile, math.ceil(images.shape[1] / tile)).round().astype(int)
-    parts = [embed_all(model, np.ascontiguousarray(images[:, y:y + tile, x:x + tile]))
-             for y in offsets for x in offsets]
-    return {k: np.mean([p[k] for p in parts], axis=0) for k in parts[0]}
 
 
 def head_spread(cfg, run: Path, images: np.ndarray) -> dict[str, dict[str, float]]:
@@ -163,59 +124,37 @@ def head_spread(cfg, run: Path, images: np.ndarray) -> dict[str, dict[str, float
     return out
 
 
-def colour_histogram(images: np.ndarray) -> np.ndarray:
-    q = (images // 32).astype(np.int64)  # 8 levels per channel → 512 bins
-    idx = q[..., 0] * 64 + q[..., 1] * 8 + q[..., 2]
-    return np.stack([np.bincount(i.ravel(), minlength=512) / i.size for i in idx]).astype(np.float32)
+def evaluate(teacher: Path, out: Path, methods: list[str], bootstrap: int) -> dict[str, dict]:
+    """`pathapp evaluate` of the teacher on EBHI-Seg, one report per head method."""
+    reports = {}
+    for method in methods:
+        cmd = [sys.executable, "-m", "pathapp", "evaluate", "--data", str(EBHI / "labels.csv"), "--image-mpp", "1.0",
+               "--model", str(teacher), "--folds", "5", "--method", method, "--bootstrap", str(bootstrap),
+               "--cache", str(out / "cache"), "--out", str(out / f"eval-{method}")]
+        print("$ " + " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+        reports[method] = json.loads((out / f"eval-{method}" / "report.json").read_text())
+    return reports
 
 
-def score(X: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int = 0) -> dict[str, list[float]]:
-    """Balanced accuracy per grouped fold: logistic regression, and 20-NN cosine by majority vote (the
-    protocol of the floors quoted in the issue), weighted by inverse distance, and by majority vote on
-    features centred on the training fold's mean: without centring, one direction shared by all images
-    can dominate the cosine (SimpleShot's CL2N, Wang et al. 2019)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import balanced_accuracy_score
-    from sklearn.neighbors import KNeighborsClassifier
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+def table(reports: dict[str, dict]) -> list[str]:
+    """Balanced accuracy [95 % CI] of the teacher and each floor, and the paired differences."""
+    def ci(v: float, lo: float, hi: float, signed: bool = False) -> str:
+        f = "+.3f" if signed else ".3f"
+        return f"{v:{f}} [{lo:{f}}, {hi:{f}}]"
 
-    from pathapp.train.evaluate import grouped_folds
-
-    classifiers = {
-        "logreg": lambda: make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000, class_weight="balanced")),
-        "knn20": lambda: KNeighborsClassifier(n_neighbors=20, metric="cosine"),
-        "knn20_dist": lambda: KNeighborsClassifier(n_neighbors=20, metric="cosine", weights="distance"),
-        "knn20_centred": lambda: make_pipeline(StandardScaler(with_std=False),
-                                               KNeighborsClassifier(n_neighbors=20, metric="cosine")),
-    }
-    res: dict[str, list[float]] = {k: [] for k in classifiers}
-    for tr, te in grouped_folds(y, groups, 5, seed):
-        for name, make in classifiers.items():
-            res[name].append(balanced_accuracy_score(y[te], make().fit(X[tr], y[tr]).predict(X[te])))
-    return res
-
-
-def summary(v: list[float]) -> dict[str, float]:
-    """Mean and 95% t-interval over folds (for a paired difference, pass the per-fold differences)."""
-    from scipy import stats
-
-    a = np.asarray(v)
-    half = stats.t.ppf(0.975, len(a) - 1) * a.std(ddof=1) / math.sqrt(len(a))
-    return {"mean": float(a.mean()), "ci95": [float(a.mean() - half), float(a.mean() + half)]}
-
-
-def cell(r: dict, signed: bool = True) -> str:
-    f = "+.3f" if signed else ".3f"
-    return f"{r['mean']:{f}} [{r['ci95'][0]:{f}}, {r['ci95'][1]:{f}}]"
-
-
-def print_table(title: str, rows: dict[str, dict], metrics: list[str], signed: bool) -> None:
-    """Scores (`signed` False) or paired differences, one row per feature set, one column per metric."""
-    width = 52 if signed else 34
-    print(f"\n{title:{width}s}" + "".join(f"{METRICS[m]:>28s}" for m in metrics))
-    for name, r in rows.items():
-        print(f"{name:{width}s}" + "".join(f"{cell(r[m], signed):>28s}" for m in metrics))
+    floors = list(next(iter(reports.values()))["floors"])
+    lines = ["| head | teacher | " + " | ".join(floors) + " | " + " | ".join(f"teacher − {f}" for f in floors) + " |",
+             "|---" * (2 + 2 * len(floors)) + "|"]
+    for method, r in reports.items():
+        m = r["metrics"]
+        cells = [ci(m["balanced_accuracy"], *m["ci95"]["balanced_accuracy"])]
+        cells += [ci(r["floors"][f]["metrics"]["balanced_accuracy"], *r["floors"][f]["metrics"]["ci95"]["balanced_accuracy"])
+                  for f in floors]
+        cells += [ci(r["floors"][f]["model_minus_floor"]["balanced_accuracy"],
+                     *r["floors"][f]["model_minus_floor"]["ci95"]["balanced_accuracy"], signed=True) for f in floors]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main() -> None:
@@ -228,9 +167,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=None, help="override the recipe's batch_size")
     ap.add_argument("--set", type=lambda kv: (kv.split("=", 1)[0], yaml.safe_load(kv.split("=", 1)[1])),
                     action="append", default=[], metavar="KEY=VALUE", help="override any recipe setting (YAML value)")
-    ap.add_argument("--eval-sizes", default="224",
-                    help="px the whole 224 px EBHI images are also resized to for embedding (comma-separated; "
-                         "the tiled protocol always runs)")
+    ap.add_argument("--methods", nargs="+", default=["linear", "knn"], help="heads `pathapp evaluate` fits per fold")
+    ap.add_argument("--bootstrap", type=int, default=1000, help="case resamples for the 95%% CIs")
     ap.add_argument("--steps", type=int, default=None,
                     help="fixed number of steps instead of calibrating to --minutes (which then only caps the run)")
     ap.add_argument("--eval-only", action="store_true", help="skip pretraining; score the run already in --out")
@@ -242,12 +180,11 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from pathapp.models.bundle import Bundle, load_bundle
-    from pathapp.ssl.train import build_backbone, pretrain
+    from pathapp.ssl.train import pretrain
     from pathapp.train.cache import load_tile_image
 
     args.out.mkdir(parents=True, exist_ok=True)
-    paths, y, groups, classes = read_labels()
+    paths = image_paths()
     if args.data == "slides":
         data_dir = HE_SLIDES
     else:  # images only, anonymous names: pretraining sees neither labels nor masks
@@ -255,7 +192,7 @@ def main() -> None:
 
     t0 = time.monotonic()
     run = args.out / "run"
-    if args.eval_only:  # re-score a finished run (its own config.yaml), e.g. at other --eval-sizes
+    if args.eval_only:  # re-score a finished run (its own config.yaml)
         from pathapp.ssl.config import SSLConfig
 
         cfg = SSLConfig.load(run / "config.yaml")
@@ -275,37 +212,7 @@ def main() -> None:
         train_minutes = (time.monotonic() - t1) / 60
     rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
 
-    torch.manual_seed(cfg.seed)
-    random_backbone, spec = build_backbone(cfg)  # exactly the pretraining start point
-    models = {"random_init": Bundle.from_model(random_backbone.eval(), spec, tile_size=cfg.global_crop_size).build(),
-              "pretrained": load_bundle(run / "teacher.pathapp").build()}
-    results: dict[str, dict] = {}
-    diffs: dict[str, dict] = {}
-    patch = models["pretrained"].backbone.patch_embed.patch_size[0]
-    sizes = [int(v) for v in args.eval_sizes.split(",")]
-    if any(v % patch for v in sizes):
-        sys.exit(f"--eval-sizes {args.eval_sizes}: each size must be a multiple of the patch size {patch}")
-    native = np.stack([load_tile_image(p, 224) for p in paths])  # EBHI's own size: nothing resampled
-    tile = cfg.global_crop_size
-    protocols = {f"tiles{tile}": lambda m: embed_tiled(m, native, tile)}
-    for size in sizes:
-        resized = native if size == 224 else np.stack([load_tile_image(p, size) for p in paths])
-        protocols[f"{size}px"] = lambda m, im=resized: embed_all(m, im)
-    hist = score(colour_histogram(native), y, groups)
-    results["colour_histogram_512"] = {k: summary(v) | {"folds": v} for k, v in hist.items()}
-    for proto, embed in protocols.items():
-        folds = {}
-        for name, model in models.items():
-            for recipe, X in embed(model).items():
-                folds[f"{name}/{recipe}"] = score(X, y, groups)
-        for name, per_fold in folds.items():
-            results[f"{proto} {name}"] = {k: summary(v) | {"folds": v} for k, v in per_fold.items()}
-        for recipe in ("cls", "cls+mean"):  # paired over the same folds
-            mine = folds[f"pretrained/{recipe}"]
-            baselines = {f"random_init/{recipe}": folds[f"random_init/{recipe}"], "colour_histogram_512": hist}
-            for other, theirs in baselines.items():
-                diffs[f"{proto} pretrained/{recipe} - {other}"] = {
-                    k: summary(list(np.subtract(mine[k], theirs[k]))) for k in METRICS}
+    reports = evaluate(run / "teacher.pathapp", args.out, args.methods, args.bootstrap)
 
     spread = head_spread(cfg, run, np.stack([load_tile_image(p, cfg.global_crop_size) for p in paths[::7]]))
     report = {
@@ -316,12 +223,11 @@ def main() -> None:
         "total_minutes": round((time.monotonic() - t0) / 60, 2),
         "loss_first_last": [rows[0]["loss"], rows[-1]["loss"]],
         "tiles_per_s_median": float(np.median([r["tiles_per_s"] for r in rows])),
-        "eval": "EBHI-Seg 694 images, 6 classes, 5-fold StratifiedGroupKFold by case_prefix, balanced accuracy, "
-                "mean [95% t-CI over folds]; differences are paired over the same folds",
-        "results": results, "differences": diffs, "teacher_head_spread": spread,
+        "eval": "pathapp evaluate --folds 5 on EBHI-Seg (694 images at 1.0 µm/px, grouped by case_prefix); balanced "
+                "accuracy [95% CI over resampled cases]; floors from the same run and folds, differences paired",
+        "reports": reports, "teacher_head_spread": spread,
     }
-    print_table("features", results, list(METRICS), signed=False)
-    print_table("paired difference", diffs, list(METRICS), signed=True)
+    print("\n".join(table(reports)))
     first, last = np.mean([r["loss"] for r in rows[:20]]), np.mean([r["loss"] for r in rows[-20:]])
     print(f"\n{len(rows)} steps in {train_minutes:.1f} min ({report['tiles_per_s_median']:.1f} tiles/s); "
           f"loss, mean of first/last 20 steps: {first:.3f} → {last:.3f}")

@@ -1,7 +1,8 @@
 """Cross-validated balanced accuracy on EBHI-Seg with and without each stain normalisation, through
 `pathapp evaluate` as a user runs it: 5 folds grouped by case, linear probe, bootstrap 95 % CI over
-cases. The reference is an H&E tile from another data set (NCT-CRC-HE TUM), so no evaluation image
-decides the target; every EBHI image is fitted on its own pixels.
+cases, each image tiled at the bundle's µm/px from 1.0 µm/px (--image-mpp). The reference is an H&E tile
+from another data set (NCT-CRC-HE TUM), so no evaluation image decides the target; every EBHI image is
+fitted on its own tissue tiles.
 
     python benchmarks/bench_stain_ebhi.py                        # random ViT-S/14 (LayerScale 1)
     python benchmarks/bench_stain_ebhi.py --model m.pathapp --methods none macenko
@@ -36,12 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     model = args.model or random_bundle(args.work / "vits14-random.pathapp")
     lines = [f"# python benchmarks/bench_stain_ebhi.py --methods {' '.join(args.methods)}"
              + (f" --model {args.model}" if args.model else ""),
-             f"# model: {model.name}; reference: {REF.name}; 694 images, 5 folds grouped by case_prefix, linear", "",
+             f"# model: {model.name}; reference: {REF.name}; 694 images at 1.0 µm/px, 5 folds grouped by case_prefix, linear", "",
              "| stain normalisation | balanced accuracy [95 % CI] | accuracy | macro-F1 | seconds |", "|---|---|---|---|---|"]
     for method in args.methods:
         out = args.work / method
         cmd = [sys.executable, "-m", "pathapp", "evaluate", "--data", str(DATA), "--model", str(model), "--folds", "5",
-               "--method", "linear", "--group-by", "case_prefix", "--cache", str(args.work / "cache"), "--out", str(out)]
+               "--method", "linear", "--group-by", "case_prefix", "--image-mpp", "1.0", "--cache", str(args.work / "cache"),
+               "--out", str(out)]
         if method != "none":
             cmd += ["--stain-norm", method, "--stain-ref", str(REF)]
         t = time.perf_counter()

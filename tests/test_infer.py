@@ -83,7 +83,7 @@ def test_pipeline_embeddings_equal_direct_forward(shared_data, bundle_path):
     the same pixels, read and preprocessed independently of the pipeline."""
     bundle = load_bundle(bundle_path)
     slide = open_slide(data_file(SVS))
-    res = infer_slide(slide, bundle, mpp=2.0, batch_size=5, workers=1, progress=False)
+    res = infer_slide(slide, bundle, mpp=2.0, batch_size=5, workers=1, progress=False, precision="fp32")
     grid = make_grid(slide, 2.0, bundle.tile_size, tissue=detect_tissue(slide))
     np.testing.assert_array_equal(res.coords, grid.coords)
     assert len(res) >= 20

@@ -239,7 +239,13 @@ def test_cli_pretrain_on_a_slide_exports_a_usable_bundle(tmp_path):
     assert [r["step"] for r in rows] == [1, 2]
     assert {"loss", "dino", "ibot", "koleo", "lr", "wd", "momentum", "teacher_temp", "tiles_per_s"} <= rows[0].keys()
     bundle = load_bundle(out / "teacher.pathapp")
-    assert bundle.spec.embed_dim == 48 and bundle.mpp == 0.5 and bundle.tile_size == 42
+    # two scales trained at: the bundle records the median (upper middle), says so, and `model info` shows it
+    assert bundle.spec.embed_dim == 48 and bundle.mpp == 1.0 and bundle.tile_size == 42
+    assert bundle.provenance["trained_mpp"] == [0.5, 1.0] and "median" in bundle.provenance["recorded_mpp"]
+    info = json.loads(CliRunner().invoke(cli, ["model", "info", str(out / "teacher.pathapp")]).output)
+    assert info["preprocessing"]["mpp"] == 1.0 and info["provenance"]["trained_mpp"] == [0.5, 1.0]
+    assert SSLConfig(mpp=[0.75, 1.0, 1.25]).inference_mpp == 1.0 and SSLConfig(mpp=[1.25, 0.75]).inference_mpp == 1.25
+    assert SSLConfig(mpp=[0.75, 1.0, 1.25], bundle_mpp=0.8).inference_mpp == 0.8
     model = bundle.build()
     emb, probs = model(torch.rand(3, 3, 42, 42))
     assert emb.shape == (3, 48) and probs is None and not torch.allclose(emb[0], emb[1])

@@ -39,10 +39,10 @@ def _subset(out: Path, per_class: int = 4) -> Path:
 
 def test_evaluate_and_train_with_stain_normalisation(tmp_path):
     labels = _subset(tmp_path / "labels.csv")
-    base = tiny_bundle(tmp_path, 0, filename="base.pathapp")
+    base = tiny_bundle(tmp_path, 0, mpp=2.0, filename="base.pathapp")  # 2 × 2 tiles per image at 1 µm/px
     cache = tmp_path / "cache"
     bundle = load_bundle(base)
-    lt = load_labelled([labels], bundle)
+    lt = load_labelled([labels], bundle, image_mpp=1.0)
     plain = embed_labelled(lt, bundle, cache, "cpu", progress=False)
     target = stain_target("macenko", data_file(REF), mpp=bundle.mpp, tile_size=bundle.tile_size)
     normed = embed_labelled(lt, bundle, cache, "cpu", progress=False, stain=target)
@@ -51,13 +51,13 @@ def test_evaluate_and_train_with_stain_normalisation(tmp_path):
 
     runner = CliRunner()
     res = runner.invoke(cli, ["evaluate", "--data", str(labels), "--model", str(base), "--folds", "2", "--method",
-                              "prototype", "--cache", str(cache), "--stain-norm", "macenko", "--stain-ref",
+                              "prototype", "--image-mpp", "1.0", "--cache", str(cache), "--stain-norm", "macenko", "--stain-ref",
                               str(data_file(REF)), "--out", str(tmp_path / "cv"), "--bootstrap", "20"])
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "cv" / "report.json").read_text())
     assert report["stain_norm"] == {"method": "macenko", "reference": str(data_file(REF))}
     res = runner.invoke(cli, ["train", "--data", str(labels), "--model", str(base), "--method", "linear",
-                              "--cache", str(cache), "--stain-norm", "reinhard", "--stain-ref", str(data_file(REF)),
+                              "--image-mpp", "1.0", "--cache", str(cache), "--stain-norm", "reinhard", "--stain-ref", str(data_file(REF)),
                               "--out", str(tmp_path / "m.pathapp")])
     assert res.exit_code == 0, res.output
     assert load_bundle(tmp_path / "m.pathapp").provenance["training"]["stain_norm"]["method"] == "reinhard"
@@ -73,10 +73,11 @@ def test_stain_options_need_each_other_and_odd_images_stay_as_they_are(tmp_path)
     assert "needs both --stain-norm METHOD and --stain-ref REF" in str(res.exception)
     # an H&E image against an IHC reference is used as it is (one image's fit cannot stop a data set)
     from pathapp.tiles.stain import image_normalizer, load_reference
-    from pathapp.train.cache import load_tile_image
+    from PIL import Image
 
     ihc = load_reference(data_file("misc/skimage_ihc.png"), "macenko")
-    assert ihc.kind == "DAB" and image_normalizer(load_tile_image(lt_path(labels), 0), ihc, "img") is None
+    image = np.asarray(Image.open(lt_path(labels)).convert("RGB"))
+    assert ihc.kind == "DAB" and image_normalizer(image, ihc, "img") is None
 
 
 def lt_path(labels: Path) -> Path:

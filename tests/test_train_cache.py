@@ -12,8 +12,20 @@ import pytest
 import torch
 
 from pathapp.models.bundle import load_bundle
-from pathapp.train.cache import CacheError, embed_images, reuse_inference_embeddings
+from pathapp.slide import open_slide
+from pathapp.tiles import make_grid
+from pathapp.train.cache import CacheError, embed_slide_grid, reuse_inference_embeddings
 from vit_factory import tiny_bundle
+
+
+def embed_images(bundle, paths, cache, model=None, image_mpp: float = 1.0, **kw) -> np.ndarray:
+    """Each image's pooled tile embeddings, as train and evaluate compute them (api.embed_labelled)."""
+    out = []
+    for p in paths:
+        slide = open_slide(p, slide_mpp=image_mpp)
+        out.append(embed_slide_grid(bundle, slide, make_grid(slide, bundle.mpp, bundle.tile_size), cache,
+                                    model=model, **kw).mean(0))
+    return np.stack(out)
 
 
 def test_cache_reuses_and_invalidates(tmp_path, shared_data):
@@ -22,7 +34,7 @@ def test_cache_reuses_and_invalidates(tmp_path, shared_data):
     paths = [tmp_path / p.name for p in src]
     for s, d in zip(src, paths):
         shutil.copy(s, d)
-    bundle = load_bundle(tiny_bundle(tmp_path, 0))
+    bundle = load_bundle(tiny_bundle(tmp_path, 0, mpp=2.0))  # 2 × 2 tiles per 224 px image at 1 µm/px
     cache = tmp_path / "cache"
     first = embed_images(bundle, paths, cache, progress=False)
     assert first.shape == (3, 64) and first.std(0).mean() > 1e-3  # tiles differ
@@ -38,8 +50,11 @@ def test_cache_reuses_and_invalidates(tmp_path, shared_data):
     shutil.copy(src[0], paths[1])
     again = embed_images(bundle, paths, cache, progress=False)
     assert np.allclose(again[1], first[0], atol=1e-5) and np.array_equal(again[2], first[2])
+    # the same file at another µm/px is another tiling: computed anew, not returned from the cache
+    with pytest.raises(TypeError):
+        embed_images(bundle, paths[:1], cache, model=broken, image_mpp=1.5, progress=False)
     # other weights -> another fingerprint, another file
-    other = load_bundle(tiny_bundle(tmp_path, 0, filename="other.pathapp", depth=1))
+    other = load_bundle(tiny_bundle(tmp_path, 0, filename="other.pathapp", mpp=2.0, depth=1))
     assert other.fingerprint() != bundle.fingerprint()
     embed_images(other, paths, cache, progress=False)
     assert len(list(cache.glob("*.h5"))) == 2
@@ -100,7 +115,7 @@ def test_train_from_backbone_name_and_weights_file(tmp_path, shared_data):
                 w.writerow([root / r["image"], lab, r["case_prefix"]])
     res = CliRunner().invoke(cli, ["train", "--data", str(tmp_path / "l.csv"), "--backbone", "dinov2_vits14",
                                    "--weights", str(tmp_path / "vits14.safetensors"), "--method", "prototype",
-                                   "--tile-size", "112", "--cache", str(tmp_path / "c"),
+                                   "--tile-size", "112", "--mpp", "2.0", "--image-mpp", "1.0", "--cache", str(tmp_path / "c"),
                                    "--out", str(tmp_path / "m.pathapp")], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     b = load_bundle(tmp_path / "m.pathapp")

@@ -17,8 +17,9 @@ import torch
 from click.testing import CliRunner
 
 from pathapp.cli import cli
-from pathapp.models.bundle import load_bundle
-from pathapp.train.cache import load_tile_image
+from pathapp.models.bundle import load_bundle, pool_tiles
+from pathapp.slide import open_slide
+from pathapp.tiles import make_grid, read_tile
 from vit_factory import tiny_bundle
 
 torch.set_num_threads(1)
@@ -56,26 +57,33 @@ def ebhi(tmp_path_factory, shared_data):
         "tmp": tmp,
         "train": _ebhi_subset(root, tmp / "train.csv", slice(0, 4)),
         "test": _ebhi_subset(root, tmp / "test.csv", slice(4, 6)),
-        "base": tiny_bundle(tmp, 0, filename="base.pathapp"),
+        "base": tiny_bundle(tmp, 0, mpp=2.0, filename="base.pathapp"),  # 2 × 2 tiles per image at 1 µm/px
         "cache": tmp / "cache",
     }
 
 
 def _probs_on_images(bundle_path: Path, csv_path: Path) -> tuple[np.ndarray, list[str]]:
-    """Run the bundle as inference does (PathModel forward on the image tiles)."""
+    """Run the bundle by hand: each image (1 µm/px) tiled at the bundle's scale, its tiles embedded,
+    pooled, and the head applied to the pooled embedding."""
     b = load_bundle(bundle_path)
     model = b.build()
     rows = list(csv.DictReader(open(csv_path)))
-    x = torch.from_numpy(np.stack([load_tile_image(Path(r["image"]), b.tile_size) for r in rows])).permute(0, 3, 1, 2)
+    pooled = []
+    for r in rows:
+        slide = open_slide(r["image"], slide_mpp=1.0)
+        grid = make_grid(slide, b.mpp, b.tile_size)
+        x = torch.from_numpy(np.stack([read_tile(slide, grid, i) for i in range(len(grid))])).permute(0, 3, 1, 2)
+        with torch.no_grad():
+            pooled.append(pool_tiles(model.embed(x).numpy()))
     with torch.no_grad():
-        _, p = model(x)
+        p = model.head(torch.from_numpy(np.stack(pooled)))
     return p.numpy(), [r["label"] for r in rows]
 
 
 def test_ebhi_train_infer_evaluate(ebhi):
     t = ebhi["tmp"]
     _run("train", "--data", ebhi["train"], "--model", ebhi["base"], "--method", "linear", "--group-by", "case_prefix",
-         "--out", t / "linear.pathapp", "--cache", ebhi["cache"])
+         "--image-mpp", "1.0", "--out", t / "linear.pathapp", "--cache", ebhi["cache"])
     b = load_bundle(t / "linear.pathapp")
     assert b.head_kind == "linear" and len(b.class_names) == 6 and b.provenance["training"]["inner_cv"]
     probs, labels = _probs_on_images(t / "linear.pathapp", ebhi["train"])
@@ -85,7 +93,7 @@ def test_ebhi_train_infer_evaluate(ebhi):
 
     # held-out cases, scored with the bundle's own head: the report matches the direct forward pass
     _run("evaluate", "--data", ebhi["test"], "--model", t / "linear.pathapp", "--out", t / "heldout",
-         "--cache", ebhi["cache"], "--bootstrap", "50")
+         "--image-mpp", "1.0", "--cache", ebhi["cache"], "--bootstrap", "50")
     rep = json.loads((t / "heldout" / "report.json").read_text())
     test_probs, test_labels = _probs_on_images(t / "linear.pathapp", ebhi["test"])
     acc = np.mean([b.class_names[i] == lab for i, lab in zip(test_probs.argmax(1), test_labels)])
@@ -97,12 +105,12 @@ def test_ebhi_train_infer_evaluate(ebhi):
 
     # case-grouped cross-validation and the few-shot curve
     _run("evaluate", "--data", ebhi["train"], "--model", ebhi["base"], "--folds", "3", "--method", "prototype",
-         "--fewshot", "--group-by", "case_prefix", "--out", t / "cv", "--cache", ebhi["cache"], "--bootstrap", "50")
+         "--fewshot", "--group-by", "case_prefix", "--image-mpp", "1.0", "--out", t / "cv", "--cache", ebhi["cache"], "--bootstrap", "50")
     cv = json.loads((t / "cv" / "report.json").read_text())
     assert cv["n_folds"] == 3 and [c["shots"] for c in cv["fewshot"]] == [1, 5, 10, 25, 100, "all"]
     assert len(cv["metrics"]["sensitivity"]) == 6 and (t / "cv" / "fewshot.png").exists()
     _run("evaluate", "--data", ebhi["train"], "--model", ebhi["base"], "--holdout", "0.3", "--method", "knn",
-         "--out", t / "ho", "--cache", ebhi["cache"], "--bootstrap", "20")
+         "--image-mpp", "1.0", "--out", t / "ho", "--cache", ebhi["cache"], "--bootstrap", "20")
     ho = json.loads((t / "ho" / "report.json").read_text())
     assert ho["method"] == "knn" and 0 < ho["n_samples"] < ho["metrics"]["n_train"] + ho["n_samples"]
 
@@ -110,7 +118,7 @@ def test_ebhi_train_infer_evaluate(ebhi):
 def test_ebhi_lora_smoke(ebhi):
     t = ebhi["tmp"]
     _run("train", "--data", ebhi["train"], "--model", ebhi["base"], "--method", "lora", "--lora-rank", "2",
-         "--epochs", "2", "--max-steps", "4", "--batch-size", "8", "--checkpoint-dir", t / "ckpt",
+         "--epochs", "2", "--max-steps", "4", "--batch-size", "8", "--image-mpp", "1.0", "--checkpoint-dir", t / "ckpt",
          "--out", t / "lora.pathapp", "--device", "cpu")
     base, tuned = load_bundle(ebhi["base"]), load_bundle(t / "lora.pathapp")
     assert set(tuned.backbone_state) == set(base.backbone_state)  # merged: a plain ViT again
@@ -143,12 +151,18 @@ def test_cmu_annotations_train_then_infer(tmp_path, shared_data):
     b = load_bundle(tmp_path / "m.pathapp")
     assert b.class_names == ["Lower", "Upper"] and b.head_kind == "knn" and b.mpp == 2.0
     # embeddings.h5 from a headless inference run is reused instead of recomputing: same bank
-    _run("infer", svs, "--model", base, "--out", tmp_path / "emb", "--workers", "0")
+    _run("infer", svs, "--model", base, "--out", tmp_path / "emb", "--workers", "0", "--precision", "fp32")
     _run("train", "--data", geo, "--slides", svs, "--model", base, "--method", "knn", "--out", tmp_path / "m2.pathapp",
          "--cache", tmp_path / "nocache", "--embeddings", tmp_path / "emb")
     assert not (tmp_path / "nocache").exists()
     bank, bank2 = b.head_tensors["embeddings"], load_bundle(tmp_path / "m2.pathapp").head_tensors["embeddings"]
     assert bank.shape == bank2.shape and torch.allclose(bank, bank2, atol=1e-4)
+    # the default precision (bf16 on bf16 hardware) writes embeddings training reuses too, close to fp32
+    _run("infer", svs, "--model", base, "--out", tmp_path / "emb-auto", "--workers", "0")
+    _run("train", "--data", geo, "--slides", svs, "--model", base, "--method", "knn", "--out", tmp_path / "m3.pathapp",
+         "--cache", tmp_path / "nocache", "--embeddings", tmp_path / "emb-auto")
+    bank3 = load_bundle(tmp_path / "m3.pathapp").head_tensors["embeddings"]
+    assert bank3.shape == bank.shape and torch.nn.functional.cosine_similarity(bank, bank3).min() >= 0.999
     _run("infer", svs, "--model", tmp_path / "m.pathapp", "--out", tmp_path / "out", "--workers", "0")
     tiles = json.loads((tmp_path / "out" / svs.stem / "tiles.geojson").read_text())["features"]
     got = {}

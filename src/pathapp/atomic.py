@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,6 +43,24 @@ def atomic_torch_save(obj: object, path: str | Path) -> Path:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
     return Path(path)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def writer_alive(tmp: Path) -> bool:
+    """Whether the process named in an `atomic_path` temporary name still runs here: a sweep of
+    leftovers must not delete the files a live (if slow) writer is still writing."""
+    found = re.search(r"\.tmp(\d+)", tmp.name)
+    return found is not None and pid_alive(int(found.group(1)))
 
 
 def _umask() -> int:

@@ -12,7 +12,8 @@ from typing import Any
 
 import click
 
-MIN_MPP, MAX_MPP = 0.01, 100.0  # µm/px: finer than any microscope, coarser than any useful thumbnail
+from pathapp.slide.base import MAX_MPP, MIN_MPP
+
 MAX_TILE_SIZE = 8192  # px; the largest tile a model or a tiling is read at
 MAX_BATCH_SIZE = 65536
 MAX_WORKERS = 256
@@ -59,6 +60,12 @@ slide_mpp_option = _unset_option(
     "--slide-mpp", MPP, "UM_PER_PX",
     "The slide's own level-0 resolution in µm/px, for files that lack it or state it wrongly "
     "(distinct from --mpp, the resolution tiles are analysed at).",
+)
+image_mpp_option = _unset_option(
+    "--image-mpp", MPP, "UM_PER_PX",
+    "The µm/px of labelled images (a PNG or JPEG does not record its scale): they are tiled at the "
+    "model's µm/px and tile size as `pathapp infer` tiles a slide. An mpp column in labels.csv wins per image; "
+    "without either, an image must record its own (e.g. a TIFF), else it is refused.",
 )
 
 _out_option = click.option(

@@ -25,6 +25,10 @@ from pathapp.cli.options import COUNT, MAX_BATCH_SIZE, MPP, WORKERS, positive, s
 @click.option("--mpp", "mpps", multiple=True, type=MPP, metavar="UM_PER_PX",
               help="Resolution tiles are sampled at, in µm/px; repeat for several (one is drawn per tile). "
                    "[default: 0.5]")
+@click.option("--bundle-mpp", type=MPP, default=None, metavar="UM_PER_PX",
+              help="µm/px teacher.pathapp records, i.e. what `infer` and `train` use by default. [default: the "
+                   "median of the --mpp values (the upper middle one for an even count): all are drawn equally "
+                   "often, and the middle one keeps inference inside the range trained at]")
 @slide_mpp_option
 @click.option("--roi-class", "roi_classes", multiple=True, metavar="NAME",
               help="With --slides project.qpproj: sample tiles only inside each image's own annotations of "
@@ -33,7 +37,12 @@ from pathapp.cli.options import COUNT, MAX_BATCH_SIZE, MPP, WORKERS, positive, s
               help="Run folder: config.yaml, metrics.jsonl, checkpoint.pt, teacher.pathapp.")
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=str), default=None,
               help="YAML of hyper-parameters (any field of a run's config.yaml); options given here win.")
-@click.option("--batch-size", type=click.IntRange(2, MAX_BATCH_SIZE), default=None, help="Images per process per step.  [default: 64]")
+@click.option("--batch-size", type=click.IntRange(2, MAX_BATCH_SIZE), default=None,
+              help="Images per process per step; one that does not fit in memory is refused with the largest "
+                   "that does.  [default: the largest power of two up to 64 that fits, measured by two probe steps]")
+@click.option("--grad-checkpointing/--no-grad-checkpointing", default=None,
+              help="Recompute each block's activations in the backward pass (timm's set_grad_checkpointing): "
+                   "about a third more compute for several times less memory.  [default: on]")
 @click.option("--grad-accum", type=COUNT, default=None, help="Micro-batches per optimiser step.")
 @click.option("--steps", type=COUNT, default=None, help="Total optimiser steps.")
 @click.option("--epochs", type=positive(), default=None,
@@ -50,8 +59,8 @@ from pathapp.cli.options import COUNT, MAX_BATCH_SIZE, MPP, WORKERS, positive, s
 @click.option("--quiet", is_flag=True, default=False, help="No progress bar.")
 @stain_options
 def pretrain(slides: str | None, tiles: str | None, backbone: str | None, init: str | None, mpps: tuple[float, ...],
-             slide_mpp: float | None, roi_classes: tuple[str, ...], out: str, config_path: str | None, batch_size: int | None,
-             grad_accum: int | None, steps: int | None, epochs: float | None, max_minutes: float | None,
+             bundle_mpp: float | None, slide_mpp: float | None, roi_classes: tuple[str, ...], out: str, config_path: str | None, batch_size: int | None,
+             grad_checkpointing: bool | None, grad_accum: int | None, steps: int | None, epochs: float | None, max_minutes: float | None,
              workers: int | None, precision: str | None, fsdp: bool, resume: bool, quiet: bool,
              stain_norm: str | None, stain_ref: str | None) -> None:
     """Pretrain a DINOv2 ViT on unlabelled tissue (DINO + iBOT + KoLeo, EMA teacher) and export the
@@ -66,7 +75,8 @@ def pretrain(slides: str | None, tiles: str | None, backbone: str | None, init: 
     \b
     Examples:
       pathapp pretrain --slides slides/ --backbone dinov2_vits14 --init dinov2 --mpp 0.5 --out run/
-      pathapp pretrain --slides project.qpproj --mpp 0.5 --mpp 1.0 --max-minutes 60 --out run/
+      pathapp pretrain --slides project.qpproj --mpp 0.5 --mpp 1.0 --max-minutes 60 --out run/   # records 1.0
+      pathapp pretrain --slides slides/ --mpp 0.75 --mpp 1.0 --mpp 1.25 --bundle-mpp 0.8 --out run/
       pathapp pretrain --slides project.qpproj --roi-class Tumor --roi-class Stroma --out run/
       pathapp pretrain --slides slides.csv --mpp 1.0 --precision bf16 --out run/
       pathapp pretrain --tiles tiles/ --config cfg.yaml --out run/
@@ -87,13 +97,13 @@ def pretrain(slides: str | None, tiles: str | None, backbone: str | None, init: 
         if not (run / CONFIG).exists():
             raise PathappError(f"{run / CONFIG}: no run to resume here; drop --resume to start one")
         cfg = SSLConfig.load(run / CONFIG)
-        changes = {"max_minutes": max_minutes, "num_workers": workers}
+        changes = {"max_minutes": max_minutes, "num_workers": workers, "bundle_mpp": bundle_mpp}
     else:
         cfg = SSLConfig.load(config_path) if config_path else SSLConfig()
         changes = {"slides": slides, "tiles": tiles, "backbone": backbone, "init": init,
-                   "mpp": list(mpps) if mpps else None, "slide_mpp": slide_mpp,
+                   "mpp": list(mpps) if mpps else None, "bundle_mpp": bundle_mpp, "slide_mpp": slide_mpp,
                    "roi_class": list(roi_classes) if roi_classes else None, "batch_size": batch_size,
-                   "grad_accum": grad_accum, "steps": steps, "max_minutes": max_minutes, "num_workers": workers,
+                   "grad_checkpointing": grad_checkpointing, "grad_accum": grad_accum, "steps": steps, "max_minutes": max_minutes, "num_workers": workers,
                    "precision": precision, "distributed": "fsdp" if fsdp else None, "stain_norm": stain_norm,
                    "stain_ref": str(Path(stain_ref).resolve()) if stain_ref else None}
         if epochs is not None:

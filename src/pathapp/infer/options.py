@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pathapp.infer.lease import DEFAULT_TTL_S
 from pathapp.models.loader import DEFAULT_MODEL
 
 OBJECT_TYPES = ("tile", "detection")
@@ -29,13 +30,14 @@ class InferOptions:
     batch_size: int = 32
     workers: int | None = None
     device: str = "auto"
-    precision: str = "fp32"
+    precision: str = "auto"  # bf16 where the hardware has it (CUDA, AVX-512-BF16/AMX CPUs), else fp32
     object_type: str = "tile"  # QuPath object type of the per-tile objects
     overwrite: bool = False
     dicom_out: str | Path | None = None  # also write DICOM results (ANN + SEG) into DIR/<slide name>/
     dicomweb_store: str | None = None  # STOW-RS them there; "" = the server the slide came from
     write_project: bool = False  # also add the objects to a .qpproj input (paquo + QuPath)
     progress: bool = True
+    lease_seconds: float = DEFAULT_TTL_S  # a slide whose process stops heartbeating this long is taken over
     qc: str = "flag"  # QC_MODES
     qc_only: bool = False  # `pathapp qc`: measure and write QC, run no model
     stain_norm: str | None = None  # "macenko" | "reinhard" | "vahadane": normalise onto stain_ref

@@ -1,8 +1,10 @@
 """Many slides: which inputs (slides, folders, QuPath projects, DICOMweb addresses, worklists), where
 each one's results go, what a previous run already finished (`.done` markers, which record the
-settings that made the results), and which torchrun rank runs what (input i -> rank i mod world
-size). One failing slide is reported in one line and the others still run; a slide without any tile
-is reported as empty, with why."""
+settings that made the results), and who runs what: every process (torchrun rank, Slurm array task, or
+another `pathapp infer` on the same --out) claims the next unfinished slide through a lease
+(`infer.lease`), so slides are shared dynamically and a dead process's slide is taken over. One failing
+slide is reported in one line and the others still run; a slide without any tile is reported as
+empty, with why."""
 
 from __future__ import annotations
 
@@ -10,21 +12,26 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pathapp.engine.distributed import dist_env
 from pathapp.errors import failure_line
-from pathapp.infer.options import InferOptions
-from pathapp.infer.options import QC_MODES
+from pathapp.infer.lease import Lease, claim
+from pathapp.infer.options import QC_MODES, InferOptions
 from pathapp.infer.pipeline import InferenceError, Runtime, check_tile_size, infer_slide, prepare_model, qc_slide
+from pathapp.models.heads import SEG_HEAD_KINDS
 from pathapp.models.loader import DEFAULT_MPP, load_model, model_label
 from pathapp.results import read_done, write_index, write_results
+from pathapp.results.run import DONE
 from pathapp.slide import expand_slide_inputs, find_slides, is_url, open_slide, slide_name
 
 if TYPE_CHECKING:
+    from pathapp.models.bundle import Bundle
     from pathapp.qupath.project import ProjectEntry, QuPathProject
+    from pathapp.tiles.stain import StainFit
 
 RESULTS_FOLDER = "pathapp"  # results go to <slide folder>/pathapp/<slide name>/ unless --out is given
 NEEDS_ANNOTATIONS = ("--roi-class selects annotations: those of --roi FILE, or without --roi each QuPath "
@@ -52,7 +59,8 @@ class RunSummary:
     complete), or failed with a reason."""
 
     done: list[Path] = field(default_factory=list)
-    skipped: list[Path] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)  # complete before this run
+    elsewhere: list[Path] = field(default_factory=list)  # completed by another process during this run
     failed: list[tuple[str, str]] = field(default_factory=list)
     empty: list[Path] = field(default_factory=list)  # written, but without a single tile
 
@@ -65,6 +73,8 @@ class RunSummary:
         parts = [f"{len(self.done)} written", f"{len(self.skipped)} already complete"]
         if self.empty:
             parts.insert(1, f"{len(self.empty)} empty (no tiles; see the warnings)")
+        if self.elsewhere:
+            parts.append(f"{len(self.elsewhere)} written by other processes")
         return ", ".join(parts + ([f"{len(self.failed)} failed"] if self.failed else []))
 
 
@@ -131,19 +141,14 @@ def report_failure(job: Job, error: Exception, failed: list[tuple[str, str]], ec
     echo(line)
 
 
-def shard(jobs: list[Job]) -> list[Job]:
-    """This torchrun rank's share: input i goes to rank i mod world size (no process group needed)."""
-    env = dist_env()
-    return jobs[env.rank::env.world_size] if env.world_size > 1 else jobs
-
-
 def _limit_threads() -> None:
     """Several ranks on one CPU machine: split the cores between them instead of oversubscribing."""
-    import torch
-
     local_world = dist_env().local_world_size
-    if local_world > 1 and not torch.cuda.is_available():
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if local_world > 1:
+        import torch
+
+        if not torch.cuda.is_available():
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
 
 
 def _stderr(message: str) -> None:
@@ -158,9 +163,64 @@ def run_qc(inputs: Sequence[str | Path], options: InferOptions | None = None, *,
     return run_inference(inputs, replace(options or InferOptions(), qc_only=True), echo=echo)
 
 
+class _ModelBuild:
+    """The run's one Runtime (none for QC only), built in a thread from the first claimed slide on, so
+    the model is built while that slide is opened, its tissue found and its reading workers started."""
+
+    def __init__(self, o: InferOptions) -> None:
+        self.o = o
+        self.bundle: Bundle | None = None
+        self.stain: StainFit | None = None
+        self.device = o.device
+        if not o.qc_only:
+            from pathapp.models.device import resolve_device
+            from pathapp.tiles.stain import stain_target
+
+            self.device = str(resolve_device(o.device))  # a --device this machine lacks: refused before any slide
+            self.bundle = load_model(o.model, weights=o.weights, mpp=o.mpp, tile_size=o.tile_size)
+            self.stain = stain_target(o.stain_norm, o.stain_ref, mpp=self.bundle.mpp, tile_size=self.bundle.tile_size)
+        self._pool: ThreadPoolExecutor | None = None
+        self.future: Future[Runtime] | None = None
+        self._settings: dict[str, Any] | None = None
+
+    def _build(self) -> Runtime:
+        assert self.bundle is not None
+        rt = prepare_model(self.bundle, self.device, self.o.precision, model_label(self.o.model))
+        check_tile_size(rt, int(self.o.tile_size or self.bundle.tile_size))
+        if self.stain is not None:  # embeddings made on normalised tiles are told apart from plain ones
+            rt.fingerprint += ":" + self.stain.fingerprint()
+        return rt
+
+    def get(self) -> Future[Runtime] | None:
+        if self.bundle is None:
+            return None
+        if self.future is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="model build")
+            self.future = self._pool.submit(self._build)
+        return self.future
+
+    def settings(self) -> dict[str, Any]:
+        """This run's `run_settings` (they hold the model's fingerprint, so the model is waited for)."""
+        if self._settings is None:
+            future = self.get()
+            self._settings = run_settings(None if future is None else future.result(), self.o, self.stain)
+        return self._settings
+
+    def failed(self, e: BaseException) -> bool:
+        """`e` is the build's own error (bad model or options): it ends the run instead of one slide."""
+        return self.future is not None and self.future.done() and self.future.exception() is e
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+
 def run_inference(inputs: Sequence[str | Path], options: InferOptions | None = None, *,
                   echo: Callable[[str], None] = _stderr) -> RunSummary:
-    """Run `options.model` over every input and write each slide's results; see the module docstring."""
+    """Run `options.model` over every input and write each slide's results; see the module docstring.
+
+    Every process claims slides one at a time (`infer.lease`); slides another live process holds are
+    waited for and taken over if their lease expires, so the run ends with every slide done or failed."""
     o = options or InferOptions()
     rois = None
     if o.roi is not None:
@@ -174,36 +234,68 @@ def run_inference(inputs: Sequence[str | Path], options: InferOptions | None = N
     jobs = expand_inputs(inputs, Path(o.out) if o.out is not None else None)
     if rois is None and o.roi_class and not any(j.project is not None for j in jobs):
         raise InferenceError(NEEDS_ANNOTATIONS)
-    jobs = shard(jobs)
     summary = RunSummary()
     if not jobs:
         return summary
     if o.qc not in QC_MODES:
         raise InferenceError(f"--qc must be one of {', '.join(QC_MODES)}, not {o.qc!r}")
     _limit_threads()
-    rt = stain = None
-    if not o.qc_only:
-        from pathapp.tiles.stain import stain_target
-
-        bundle = load_model(o.model, weights=o.weights, mpp=o.mpp, tile_size=o.tile_size)
-        rt = prepare_model(bundle, o.device, o.precision, model_label(o.model))
-        check_tile_size(rt, int(o.tile_size or bundle.tile_size))
-        stain = stain_target(o.stain_norm, o.stain_ref, mpp=bundle.mpp, tile_size=bundle.tile_size)
-        if stain is not None:  # embeddings made on normalised tiles are told apart from plain ones
-            rt.fingerprint += ":" + stain.fingerprint()
-    settings = run_settings(rt, o)
-    for job in jobs:
-        try:
-            status, path = _run_job(job, rt, o, rois, settings, echo, stain)
-        except Exception as e:  # noqa: BLE001 - one bad slide must not stop the others; one line each
-            report_failure(job, e, summary.failed, echo)
-            continue
-        getattr(summary, status).append(path)
+    build = _ModelBuild(o)
+    started = time.time()
+    pending, waiting_said = jobs, False
+    try:
+        while pending:
+            busy = []
+            for job in pending:
+                if _attempt(job, build, o, rois, echo, summary, started) == "busy":
+                    busy.append(job)
+            if busy and not waiting_said:
+                echo(f"waiting: {len(busy)} slide(s) held by other processes; taken over if they stop")
+                waiting_said = True
+            if busy:
+                time.sleep(min(5.0, o.lease_seconds / 4))
+            pending = busy
+    finally:
+        build.close()
     for folder in sorted({p.parent for p in summary.done + summary.skipped}):
         index = write_index(folder)  # every slide folder there, this run's and earlier ones
         if index is not None:
             echo(f"index: {index}")
     return summary
+
+
+def _attempt(job: Job, build: _ModelBuild, o: InferOptions, rois: Any, echo: Callable[[str], None],
+             summary: RunSummary, started: float) -> str:
+    """Claim and run one job, recording the outcome in `summary`; "busy" when another process holds it.
+    Finished results of other settings in the way are a failure (never replaced without --overwrite)."""
+    lease: Lease | str | None = None
+    try:
+        if job.error or job.out_dir is None:
+            raise InferenceError(job.error or f"{job.label}: no output folder")
+        lease = claim(job.out_dir, o.lease_seconds, done_before=started if o.overwrite else None)
+        if lease == "busy":
+            return "busy"
+        if lease == "done":
+            differs = settings_differ(read_done(job.out_dir) or {}, build.settings())
+            if differs:
+                raise InferenceError(f"{job.label}: {job.out_dir} holds results of other settings ({differs}); "
+                                     f"pass --overwrite to replace them, or another --out to keep both")
+            ours = (job.out_dir / DONE).stat().st_mtime < started
+            echo(f"skip: {job.label}: complete in {job.out_dir}"
+                 + (" (use --overwrite to redo)" if ours else " (by another process)"))
+            (summary.skipped if ours else summary.elsewhere).append(job.out_dir)
+            return "skipped"
+        status = _run_job(job, lease, build, o, rois, echo)
+    except Exception as e:  # one bad slide must not stop the others; one line each
+        if build.failed(e):
+            raise
+        report_failure(job, e, summary.failed, echo)
+        return "failed"
+    finally:
+        if isinstance(lease, Lease):
+            lease.release()
+    getattr(summary, status).append(job.out_dir)
+    return status
 
 
 # What decides a slide's results, as `.done` records it; a rerun with other values must not skip.
@@ -212,8 +304,10 @@ SETTING_NAMES = {"model": "backbone (bundle fingerprint)", "head": "head (classe
                  "precision": "--precision", "object_type": "--object-type", "qc": "--qc"}
 
 
-def run_settings(rt: Runtime | None, o: InferOptions) -> dict[str, Any]:
-    """The settings that make a slide's results what they are (see SETTING_NAMES); `rt` None: QC only."""
+def run_settings(rt: Runtime | None, o: InferOptions, stain: StainFit | None = None) -> dict[str, Any]:
+    """The settings that make a slide's results what they are (see SETTING_NAMES); `rt` None: QC only.
+    The model is the bundle's fingerprint (marked with a stain target), the precision the one it ran at
+    ("auto" resolved, so `auto` on a bf16 CPU and an explicit `bf16` are the same results)."""
     import hashlib
 
     from pathapp.tiles import DEFAULT_MIN_TISSUE
@@ -228,10 +322,11 @@ def run_settings(rt: Runtime | None, o: InferOptions) -> dict[str, Any]:
         model = head = None
         mpp, tile_size = float(o.mpp or DEFAULT_MPP), int(o.tile_size or QC_TILE_SIZE)
     else:
-        model, head = rt.fingerprint, rt.bundle.head_fingerprint() if rt.bundle.head_kind else None
+        model = rt.bundle_fingerprint + ("" if stain is None else ":" + stain.fingerprint())
+        head = rt.bundle.head_fingerprint() if rt.bundle.head_kind else None
         mpp, tile_size = float(rt.bundle.mpp), int(rt.bundle.tile_size)
     return {"model": model, "head": head, "mpp": mpp, "tile_size": tile_size, "roi": roi, "min_tissue": min_tissue,
-            "precision": o.precision, "object_type": o.object_type, "qc": o.qc}
+            "precision": rt.precision if rt is not None else o.precision, "object_type": o.object_type, "qc": o.qc}
 
 
 def settings_differ(recorded: dict[str, Any], settings: dict[str, Any]) -> str:
@@ -249,21 +344,10 @@ def settings_differ(recorded: dict[str, Any], settings: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def _run_job(job: Job, rt: Runtime | None, o: InferOptions, rois: Any, settings: dict[str, Any],
-             echo: Callable[[str], None], stain: Any = None) -> tuple[str, Path]:
-    """Run one job (the model, or with `rt` None only QC); (done, empty or skipped, its folder). Raises
-    on failure, and when finished results of other settings are in the way (never replaced without
-    --overwrite)."""
-    if job.error:
-        raise InferenceError(job.error)
-    recorded = read_done(job.out_dir) if job.out_dir is not None else None
-    if recorded is not None and not o.overwrite:
-        differs = settings_differ(recorded, settings)
-        if differs:
-            raise InferenceError(f"{job.label}: {job.out_dir} holds results of other settings ({differs}); "
-                                 f"pass --overwrite to replace them, or another --out to keep both")
-        echo(f"skip: {job.label}: complete in {job.out_dir} (use --overwrite to redo)")
-        return "skipped", job.out_dir
+def _run_job(job: Job, lease: Lease, build: _ModelBuild, o: InferOptions, rois: Any,
+             echo: Callable[[str], None]) -> str:
+    """Run one claimed job (the model, or for QC only no model) and write its results; "done" or
+    "empty". Raises on failure."""
     if rois is None and o.roi_class:  # no --roi: each project image's own annotations of those classes
         if job.project is None or job.entry is None:
             raise InferenceError(f"{job.label}: {NEEDS_ANNOTATIONS}")
@@ -277,15 +361,27 @@ def _run_job(job: Job, rt: Runtime | None, o: InferOptions, rois: Any, settings:
     out_dir = job.out_dir
     with slide:
         t_open = time.perf_counter() - t0
-        if rt is None:
+        if build.bundle is None:
             result = qc_slide(slide, mpp=o.mpp or DEFAULT_MPP, tile_size=o.tile_size or QC_TILE_SIZE, rois=rois,
                               min_tissue=o.min_tissue, batch_size=o.batch_size, workers=o.workers,
                               progress=o.progress, log=echo)
+        elif build.bundle.head_kind in SEG_HEAD_KINDS:
+            from pathapp.infer.segment import segment_slide
+
+            if build.stain is not None:
+                raise InferenceError("--stain-norm is not applied to segmentation bundles yet; drop it")
+            result = segment_slide(slide, build.get().result(), mpp=o.mpp, tile_size=o.tile_size, rois=rois,
+                                   min_tissue=o.min_tissue, batch_size=o.batch_size, workers=o.workers,
+                                   progress=o.progress, log=echo)
         else:
-            result = infer_slide(slide, rt.bundle, mpp=o.mpp, tile_size=o.tile_size, rois=rois,
-                                 min_tissue=o.min_tissue, batch_size=o.batch_size, workers=o.workers, runtime=rt,
-                                 progress=o.progress, log=echo, qc=o.qc, stain=stain)
+            result = infer_slide(slide, build.bundle, mpp=o.mpp, tile_size=o.tile_size, rois=rois,
+                                 min_tissue=o.min_tissue, batch_size=o.batch_size, workers=o.workers,
+                                 device=build.device, runtime=build.get(), progress=o.progress, log=echo,
+                                 qc=o.qc, stain=build.stain)
     result.timings = {"open": t_open, **result.timings}
+    if lease.lost:
+        raise InferenceError(f"{job.label}: another process took this slide over (no heartbeat for "
+                             f"{o.lease_seconds:g} s); its results are theirs")
     if o.dicom_out is not None or o.dicomweb_store is not None:  # before write_results marks the slide done
         from pathapp.results.dicom import export_dicom
 
@@ -293,8 +389,8 @@ def _run_job(job: Job, rt: Runtime | None, o: InferOptions, rois: Any, settings:
         written = export_dicom(result, folder, o.dicomweb_store)
         stored = "" if o.dicomweb_store is None else ", stored with STOW-RS"
         echo(f"dicom: {job.label}: {', '.join(f.name for f in written)} in {folder}{stored}")
-    files = write_results(result, out_dir, object_type=o.object_type, settings=settings)
-    n, secs = len(result), result.timings["model" if rt is not None else "qc"]
+    files = write_results(result, out_dir, object_type=o.object_type, settings=build.settings())
+    n, secs = len(result), result.timings["model" if build.bundle is not None else "qc"]
     echo(f"done: {job.label}: {n} tiles in {secs:.1f} s ({n / max(secs, 1e-9):.1f} tiles/s) -> {out_dir}")
     if not n:
         echo(f"warning: {job.label}: no tiles: {result.params['empty']}")
@@ -304,4 +400,4 @@ def _run_job(job: Job, rt: Runtime | None, o: InferOptions, rois: Any, settings:
         message = write_geojson_to_project(job.project.path, job.entry.entry_id, files, image_path=job.source)
         if message:
             echo(message)
-    return ("empty" if not n else "done"), out_dir
+    return "empty" if not n else "done"

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from pathapp.atomic import atomic_path
 from pathapp.errors import PathappError
-from pathapp.models.heads import SLIDE_HEAD_KINDS, Head, build_head, head_state
+from pathapp.models.heads import SEG_HEAD_KINDS, SLIDE_HEAD_KINDS, Head, build_head, head_state
 from pathapp.models.registry import DEFAULT_MPP, DEFAULT_TILE_SIZE, BackboneSpec, create_backbone, embed
 
 FORMAT = "pathapp.bundle"
@@ -106,8 +107,8 @@ class Bundle:
 
     @property
     def task(self) -> str | None:
-        """What the head predicts: "classification", or for a slide head "survival" / "regression"
-        (heads.SLIDE_TASKS); None without a head."""
+        """What the head predicts: "classification", "segmentation" (a models.seg head), or for a slide
+        head "survival" / "regression" (heads.SLIDE_TASKS); None without a head."""
         return str(self.head_config.get("task", "classification")) if self.head_kind else None
 
     @property
@@ -132,9 +133,17 @@ class Bundle:
 
     def build_backbone(self, **build_kwargs: Any) -> nn.Module:
         """The backbone with the bundle's weights; `build_kwargs` go to timm (e.g. drop_path_rate)."""
-        model = create_backbone(self.spec, **build_kwargs)
+        # Built on the meta device (no random init: it cost more than the whole model stage of a small
+        # slide), then filled with copies of the bundle's tensors. A model with non-persistent buffers
+        # (not in the state dict) is built for real, since those buffers would stay empty.
+        with torch.device("meta"):
+            model = create_backbone(self.spec, **build_kwargs)
+        assign = not set(dict(model.named_buffers())) - set(model.state_dict())
+        if not assign:
+            model = create_backbone(self.spec, **build_kwargs)
+        state = {k: v.clone() for k, v in self.backbone_state.items()} if assign else self.backbone_state
         try:
-            model.load_state_dict(self.backbone_state, strict=True)
+            model.load_state_dict(state, strict=True, assign=assign)
         except RuntimeError as e:
             first = str(e).strip().splitlines()
             raise BundleError(f"bundle weights do not fit its backbone spec {self.spec.name!r}: "
@@ -170,7 +179,7 @@ def _hash_tensors(h: Any, state: dict[str, torch.Tensor]) -> Any:
     for k in sorted(state):
         t = state[k].detach().cpu().contiguous()
         h.update(k.encode())
-        h.update(t.view(-1).view(dtype=torch.uint8).numpy().tobytes())
+        h.update(memoryview(t.view(-1).view(dtype=torch.uint8).numpy()))  # no copy of the weights
     return h
 
 
@@ -179,7 +188,8 @@ class PathModel(nn.Module):
 
     forward(x) takes RGB images (B, 3, H, W), float in 0..1 or uint8 0..255 (normalised inside with
     the bundle's mean/std) and returns (embeddings (B, D), probabilities (B, C) or None). A slide
-    head (abmil) is not applied per tile: run `slide_head(embeddings)` on the slide's bag.
+    head (abmil) is not applied per tile: run `slide_head(embeddings)` on the slide's bag. A
+    segmentation head gives per-pixel logits through `segment(x)`.
     """
 
     def __init__(self, backbone: nn.Module, head: Head | None, mean: Any, std: Any, recipe: str) -> None:
@@ -192,25 +202,52 @@ class PathModel(nn.Module):
 
     @property
     def tile_head(self) -> Head | None:
-        return self.head if self.head is not None and self.head.kind not in SLIDE_HEAD_KINDS else None
+        return self.head if self.head is not None and self.head.kind not in SLIDE_HEAD_KINDS + SEG_HEAD_KINDS else None
 
     @property
     def slide_head(self) -> Head | None:
         return self.head if self.head is not None and self.head.kind in SLIDE_HEAD_KINDS else None
 
+    @property
+    def seg_head(self) -> Head | None:
+        return self.head if self.head is not None and self.head.kind in SEG_HEAD_KINDS else None
+
+    def segment(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) class logits per pixel of RGB images x (a segmentation bundle)."""
+        from pathapp.models.seg import segment_logits
+
+        dtype = next(self.backbone.parameters()).dtype  # bf16 when built for --precision bf16 / auto
+        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            return segment_logits(self.backbone, self.seg_head, self.normalize(x).to(dtype)).float()
+
     def normalize(self, x: Tensor) -> Tensor:
         """RGB uint8 or float 0..1 -> the backbone's input (the bundle's mean/std)."""
         if x.dtype == torch.uint8:
             x = x.float().div_(255)
-        return (x.to(self.mean.dtype) - self.mean) / self.std
+        return (x.to(self.mean.dtype) - self.mean) / self.std  # in fp32 whatever the backbone runs at
 
     def embed(self, x: Tensor) -> Tensor:
-        return embed(self.backbone, self.normalize(x), self.recipe)
+        return embed(self.backbone, self.normalize(x).to(next(self.backbone.parameters()).dtype), self.recipe)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         e = self.embed(x)
         head = self.tile_head
         return e, (head(e.float()) if head is not None else None)
+
+
+def pool_tiles(embeddings: np.ndarray) -> np.ndarray:
+    """An image's embedding: the mean of its tiles' embeddings. Train, evaluate and infer pool an image
+    this one way, so a head trained on images predicts the same for an image wherever it runs."""
+    return np.asarray(embeddings, np.float32).mean(0)
+
+
+def image_level(bundle: Bundle) -> bool:
+    """Whether the bundle's tile head was trained on whole labelled images (pooled tiles): then
+    `infer` reports its prediction for the pooled tiles of each input too."""
+    if bundle.head_kind is None:
+        return False
+    record = bundle.provenance.get("training") or bundle.provenance.get("source_provenance", {}).get("training")
+    return (record or {}).get("unit") == "image"  # (models.loader keeps a loaded file's own under source_provenance)
 
 
 def _to_tensors(bundle: Bundle) -> dict[str, Tensor]:
@@ -226,7 +263,7 @@ def save_bundle(bundle: Bundle, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if "created" not in bundle.provenance:
-        bundle.provenance["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        bundle.provenance["created"] = datetime.now(UTC).isoformat(timespec="seconds")
     from pathapp import __version__
 
     bundle.provenance.setdefault("pathapp_version", __version__)

@@ -25,8 +25,9 @@ from torch import Tensor, nn
 from pathapp.atomic import atomic_path
 from pathapp.errors import PathappError
 
-HEAD_KINDS: tuple[str, ...] = ("linear", "mlp", "prototype", "knn", "abmil")
+HEAD_KINDS: tuple[str, ...] = ("linear", "mlp", "prototype", "knn", "abmil", "seg_linear", "seg_decoder")
 SLIDE_HEAD_KINDS: tuple[str, ...] = ("abmil",)
+SEG_HEAD_KINDS: tuple[str, ...] = ("seg_linear", "seg_decoder")  # models.seg: patch feature maps -> pixel logits
 SLIDE_TASKS: tuple[str, ...] = ("classification", "survival", "regression")
 
 
@@ -235,9 +236,14 @@ _KINDS: dict[str, type[Head]] = {c.kind: c for c in (LinearHead, MLPHead, Protot
 
 def build_head(kind: str, config: dict[str, Any], tensors: dict[str, Tensor] | None = None) -> Head:
     """The head of `kind` from its JSON config; `tensors` (if any) must match its state exactly."""
-    if kind not in _KINDS:
+    if kind in SEG_HEAD_KINDS:
+        from pathapp.models.seg import SEG_HEADS
+
+        head: Head = SEG_HEADS[kind](config)
+    elif kind not in _KINDS:
         raise HeadError(f"unknown head kind {kind!r}; use one of {', '.join(HEAD_KINDS)}")
-    head = _KINDS[kind](config)
+    else:
+        head = _KINDS[kind](config)
     if tensors:
         if kind == "linear":
             tensors = LinearHead.convert(tensors)

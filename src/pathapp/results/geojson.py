@@ -217,6 +217,10 @@ def write_tiles_geojson(result: SlideResult, path: Path, object_type: str = "til
 def write_annotations_geojson(result: SlideResult, path: Path,
                               regions: dict[str, shapely.Geometry] | None = None) -> Path:
     """annotations.geojson: a FeatureCollection of one annotation per predicted class (and the slide
-    head's annotation) and one per artefact kind QC found; `regions`: class_regions(result), if computed."""
-    write_objects(path, region_objects(result, regions) + qc_objects(result))
+    head's annotation), one per region a segmentation head found, and one per artefact kind QC found;
+    `regions`: class_regions(result), if computed."""
+    from pathapp.results.segmentation import segmentation_objects
+
+    seg = segmentation_objects(result.segmentation, result.slide_size, result.slide_mpp)
+    write_objects(path, region_objects(result, regions) + seg + qc_objects(result))
     return Path(path)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+
+from pathapp.tiles.grid import TileGeometry
 
 
 @dataclass
@@ -50,6 +53,8 @@ class SlideResult:
     dicom_headers: list | None = None
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     qc: TileQC | None = None  # per-tile quality control, when it ran
+    segmentation: Any = None  # results.segmentation.SegMap of a segmentation bundle
+    geometry: TileGeometry | None = None  # the grid's: exact tile starts for the drawn footprints
 
     def __len__(self) -> int:
         return int(len(self.coords))

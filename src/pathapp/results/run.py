@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pathapp.atomic import atomic_path, atomic_write_text, mark_output_folder
+from pathapp.atomic import atomic_path, atomic_write_text, mark_output_folder, writer_alive
 from pathapp.results.embeddings import write_embeddings
 from pathapp.results.geojson import class_regions, qc_summary, write_annotations_geojson, write_tiles_geojson
 from pathapp.results.heatmap import (
@@ -28,13 +28,15 @@ from pathapp.results.heatmap import (
 )
 from pathapp.results.report import write_report
 from pathapp.results.result import SlideResult
+from pathapp.results.segmentation import write_label_image, write_segmentation_overlay
 
 DONE = ".done"
 
 
 # Files pathapp writes into a slide's folder whatever the model (heatmaps and the rest are listed in
 # run.json): with the previous run.json's list, what --overwrite replaces and nothing else.
-OWN_FILES = ("tiles.geojson", "annotations.geojson", "overlay.png", "pca.png", "embeddings.h5", "run.json")
+OWN_FILES = ("tiles.geojson", "annotations.geojson", "overlay.png", "overlay-segmentation.png", "labels.ome.tif",
+             "pca.png", "embeddings.h5", "run.json")
 
 
 def is_done(out_dir: str | Path) -> bool:
@@ -128,17 +130,20 @@ def write_results(result: SlideResult, out_dir: str | Path, object_type: str = "
     earlier = previous_files(out)
     (out / DONE).unlink(missing_ok=True)
     for stale in out.glob(".*.tmp*"):  # temporary files of a run that was killed while writing here
-        stale.unlink(missing_ok=True)
+        if not writer_alive(stale):
+            stale.unlink(missing_ok=True)
     t0 = time.perf_counter()
     regions = class_regions(result)
     files: list[Path] = [
-        write_tiles_geojson(result, out / "tiles.geojson", object_type),
+        # a segmentation's overlapping tiles carry nothing per tile: its regions are the annotations
+        *([] if result.segmentation is not None else [write_tiles_geojson(result, out / "tiles.geojson", object_type)]),
         write_annotations_geojson(result, out / "annotations.geojson", regions),
         *write_class_heatmaps(result, out),
     ]
     headless = result.probs is None and result.embeddings is not None and len(result) > 0
     pca = pca_rgb(result.embeddings) if headless else None
     files += [p for p in (write_thumbnail(result, out), write_overlay(result, out, pca), write_qc_overlay(result, out),
+                          write_segmentation_overlay(result, out), write_label_image(result, out),
                           write_embeddings(result, out / "embeddings.h5", raw_heatmaps(result))) if p]
     if headless:
         files += [p for p in [write_pca(result, out, pca)] if p]

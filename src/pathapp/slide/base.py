@@ -12,6 +12,7 @@ import numpy as np
 
 from pathapp.errors import MissingMppError
 
+MIN_MPP, MAX_MPP = 0.01, 100.0  # µm/px: finer than any microscope, coarser than any useful thumbnail
 READ_BLOCK = 1024  # level pixels per side read at once: bounds peak memory whatever the slide size
 BRIGHTFIELD, FLUORESCENCE = "brightfield", "fluorescence"
 

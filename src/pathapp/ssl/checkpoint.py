@@ -68,9 +68,12 @@ def export_bundle(teacher_state: dict[str, torch.Tensor], spec, cfg: SSLConfig, 
     from pathapp.models.bundle import Bundle, save_bundle
 
     state = {k[len("backbone."):]: v for k, v in teacher_state.items() if k.startswith("backbone.")}
-    bundle = Bundle(spec=spec, backbone_state=state, mpp=float(cfg.mpp[0]), tile_size=cfg.global_crop_size,
+    bundle = Bundle(spec=spec, backbone_state=state, mpp=cfg.inference_mpp, tile_size=cfg.global_crop_size,
                     mean=tuple(cfg.mean), std=tuple(cfg.std),
                     provenance={"source": "pathapp pretrain (DINOv2 teacher)", "step": step,
+                                "trained_mpp": [float(m) for m in cfg.mpp],
+                                "recorded_mpp": ("set by bundle_mpp (--bundle-mpp)" if cfg.bundle_mpp is not None
+                                                 else "the median of the µm/px trained at"),
                                 "init": cfg.init, "data": cfg.slides or cfg.tiles,
                                 "stain_norm": None if cfg.stain_norm is None else
                                 {"method": cfg.stain_norm, "reference": cfg.stain_ref}})

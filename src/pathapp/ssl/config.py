@@ -16,6 +16,7 @@ from pathapp.errors import PathappError
 
 
 _LIST_FIELDS = {"mpp", "roi_class"}  # list-valued settings; every other YAML list is a tuple
+MAX_AUTO_BATCH = 64  # the batch size chosen when memory allows (DINOv2's per-GPU batch for ViT-S/B)
 
 
 @dataclass
@@ -33,6 +34,7 @@ class SSLConfig:
     slides: str | None = None  # folder of slides, one slide, a slides.csv (slide[,mpp]) or a QuPath project.qpproj
     tiles: str | None = None  # or a folder of image tiles
     mpp: list[float] = field(default_factory=lambda: [0.5])  # µm/px of sampled tiles (one picked per tile)
+    bundle_mpp: float | None = None  # µm/px teacher.pathapp records for inference (None: inference_mpp's rule)
     tile_size: int = 256  # px of the tile read from a slide, before multi-crop
     min_tissue: float = 0.6  # HSV tissue fraction a sampled tile must exceed
     slide_mpp: float | None = None  # µm/px applied to every slide (for files that do not say)
@@ -79,7 +81,9 @@ class SSLConfig:
     mask_sample_probability: float = 0.5
     mask_ratio: tuple[float, float] = (0.1, 0.5)
     # --- optimisation -----------------------------------------------------------------------
-    batch_size: int = 64  # per process and per micro-batch
+    batch_size: int | None = None  # per process and micro-batch; None: the largest power of two up to
+    # MAX_AUTO_BATCH that fits in memory (engine.memory), written here when the run starts
+    grad_checkpointing: bool = True  # recompute block activations in the backward pass: ~1/3 more compute, far less memory
     grad_accum: int = 1
     base_lr: float = 0.004  # at a total batch of 1024; scaled by sqrt(total_batch / 1024)
     min_lr: float = 1e-6
@@ -104,6 +108,18 @@ class SSLConfig:
     precision: str = "auto"  # "auto" (bf16 autocast on GPU, fp32 on CPU), "bf16" (also on CPUs with AVX-512-BF16/AMX) or "fp32"
     distributed: str = "ddp"  # "ddp" or "fsdp" (shards each block; for ViT-L/g)
     record_checksum: bool = False  # log a hash of the weights every step (distributed tests)
+
+    @property
+    def inference_mpp(self) -> float:
+        """The µm/px the teacher bundle records, so `infer`/`train` use it by default: `bundle_mpp` when
+        set, else the median of `mpp` (the upper middle value for an even count). Every listed value
+        is drawn equally often, so none is *the* training scale; the middle one keeps inference inside
+        the range the model saw, with the most margin on both sides (the first value, used before,
+        sat at an edge of it)."""
+        if self.bundle_mpp is not None:
+            return float(self.bundle_mpp)
+        ordered = sorted(float(m) for m in self.mpp)
+        return ordered[len(ordered) // 2]
 
     @property
     def total_steps(self) -> int:
@@ -158,9 +174,10 @@ class SSLConfig:
             (self.balance in {"slides", "tissue"}, "balance must be 'slides' or 'tissue'"),
             (self.precision in {"auto", "bf16", "fp32"}, "precision must be auto, bf16 or fp32"),
             (self.distributed in {"ddp", "fsdp"}, "distributed must be ddp or fsdp"),
-            (self.batch_size >= 2, "batch_size must be at least 2 (KoLeo needs neighbours)"),
+            (self.batch_size is None or self.batch_size >= 2, "batch_size must be at least 2 (KoLeo needs neighbours)"),
             (self.grad_accum >= 1, "grad_accum must be at least 1"),
             (len(self.mpp) >= 1 and all(m > 0 for m in self.mpp), "mpp must list positive µm/px values"),
+            (self.bundle_mpp is None or self.bundle_mpp > 0, "bundle_mpp must be a positive µm/px (or unset)"),
             (0 <= self.min_tissue < 1, "min_tissue must be in [0, 1)"),
             (self.n_local_crops >= 0, "n_local_crops must be >= 0"),
             (0 <= self.mask_ratio[0] <= self.mask_ratio[1] < 1, "mask_ratio must be (low, high) in [0, 1)"),

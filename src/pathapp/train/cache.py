@@ -1,8 +1,8 @@
 """Embedding cache: each tile set is embedded once per model and reused by every head and fold.
 
 One HDF5 file per model fingerprint (a hash of the backbone weights and the preprocessing), one
-dataset per item key (an image file's path, size and mtime; a slide's path, µm/px, tile size and
-tile coordinates), so changing the model, the pixels or the tiling never returns stale vectors.
+dataset per item key (a slide's or image's path, size and mtime, its µm/px, the target µm/px, tile
+size and tile coordinates), so changing the model, the pixels or the tiling never returns stale vectors.
 Inference's embeddings.h5 is reused when it was written for the same model and tiling.
 """
 
@@ -65,38 +65,27 @@ class EmbeddingCache:
                 f.create_dataset(k, data=np.asarray(v, np.float32))
 
 
-def load_tile_image(path: Path, size: int) -> np.ndarray:
+def load_tile_image(path: Path, size: int, mode: str = "RGB", nearest: bool = False) -> np.ndarray:
     """An image file as one model-input tile: centre square crop, resized to size x size (0: kept at
-    its own size), RGB uint8.
+    its own size), RGB uint8 (`mode` "L": one channel, e.g. a mask; `nearest`: nearest-neighbour
+    resizing, so a mask's values stay class values).
 
-    Training, evaluation and prediction on image folders all read tiles through this function."""
+    Segmentation reads its image + mask pairs through it; classification tiles labelled images at
+    their µm/px as slides are tiled (api.load_labelled)."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
+            im = im.convert(mode)
             w, h = im.size
             s = min(w, h)
             im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
             if size and s != size:
-                im = im.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
+                resample = Image.Resampling.NEAREST if nearest else Image.Resampling.BILINEAR
+                im = im.resize((size, size), resample, reducing_gap=None)
             return np.asarray(im, dtype=np.uint8)
     except OSError as e:
         raise PathappError(f"{path}: cannot read this image ({e}); remove it or convert it to PNG") from None
-
-
-class ImageTiles:
-    """Image files as model-input tiles (item i -> uint8 (size, size, 3)); one cache key per file."""
-
-    def __init__(self, paths: Sequence[Path], size: int) -> None:
-        self.paths = list(paths)
-        self.size = size
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        return load_tile_image(self.paths[i], self.size)
 
 
 class SlideTiles:
@@ -146,56 +135,6 @@ def embedding_fingerprint(bundle: Bundle, stain: StainFit | None = None) -> str:
     return bundle.fingerprint() + ("" if stain is None else ":" + stain.fingerprint())
 
 
-def image_stain_map(tiles: ImageTiles, stain: StainFit):
-    """`normalize(x, idx)` for labelled images, each fitted on its own (an image is its own scan);
-    an image whose fit fails is used as it is."""
-    import torch
-
-    from pathapp.tiles.stain import image_normalizer
-
-    def normalize(x: torch.Tensor, idx: Sequence[int]) -> torch.Tensor:
-        out = x.clone()
-        for row, i in enumerate(idx):
-            path = tiles.paths[i]
-            native = load_tile_image(path, 0)  # fitted on the image's own pixels, not the model's input size
-            norm = image_normalizer(native, stain, str(path))
-            if norm is not None:
-                out[row] = norm(x[row : row + 1])[0]
-        return out
-
-    return normalize
-
-
-def embed_images(
-    bundle: Bundle,
-    paths: Sequence[Path],
-    cache_root: Path | None = DEFAULT_CACHE,
-    batch_size: int = 32,
-    device: str = "auto",
-    model: PathModel | None = None,
-    progress: bool = True,
-    stain: StainFit | None = None,
-) -> np.ndarray:
-    """(N, D) embeddings of image tiles, computing only those not yet in the cache; with `stain`,
-    each image is stain-normalised onto that target first."""
-    from pathapp.models.device import resolve_device
-
-    device = resolve_device(device)
-    cache = EmbeddingCache(cache_root, embedding_fingerprint(bundle, stain))
-    keys = [_file_key(p) for p in paths]
-    have = cache.get_many(keys)
-    todo = [i for i, k in enumerate(keys) if k not in have]
-    if todo:
-        model = model or bundle.build(device)
-        tiles = ImageTiles(paths, bundle.tile_size)
-        normalize = None if stain is None else image_stain_map(tiles, stain)
-        for idx, feats in embed_tiles(model, tiles, todo, batch_size, device, progress, normalize):
-            new = {keys[i]: f for i, f in zip(idx, feats)}
-            cache.put_many(new)
-            have.update(new)
-    return np.stack([have[k] for k in keys]).astype(np.float32)
-
-
 def embed_slide_grid(
     bundle: Bundle,
     slide,
@@ -213,7 +152,7 @@ def embed_slide_grid(
 
     device = resolve_device(device)
     cache = EmbeddingCache(cache_root, embedding_fingerprint(bundle, stain))
-    key = slide_key(Path(slide.path), grid.mpp, grid.tile_size, grid.coords)
+    key = slide_key(Path(slide.path), grid.mpp, grid.tile_size, grid.coords, grid.slide_mpp)
     hit = cache.get_many([key])
     if key in hit:
         return hit[key]
@@ -232,9 +171,10 @@ def embed_slide_grid(
     return feats
 
 
-def slide_key(slide_path: Path, mpp: float, tile_size: int, coords: np.ndarray) -> str:
-    """Cache key of one slide's tiling: the file, the µm/px, tile size and the exact tile coordinates."""
-    h = hashlib.sha1(f"{_file_key(Path(slide_path))}|{mpp:.6g}|{tile_size}".encode())
+def slide_key(slide_path: Path, mpp: float, tile_size: int, coords: np.ndarray, slide_mpp: float) -> str:
+    """Cache key of one slide's tiling: the file, its µm/px, the target µm/px, tile size and the exact
+    tile coordinates (one image given another µm/px is tiled differently)."""
+    h = hashlib.sha1(f"{_file_key(Path(slide_path))}|{slide_mpp:.6g}|{mpp:.6g}|{tile_size}".encode())
     h.update(np.ascontiguousarray(coords, dtype=np.int64).tobytes())
     return h.hexdigest()
 
@@ -244,7 +184,7 @@ def reuse_inference_embeddings(h5_path: Path, bundle: Bundle, coords: np.ndarray
     """features, coords from an inference embeddings.h5 written with this bundle's model and tiling.
 
     The file must carry the same µm/px, tile size and width; when it records a model fingerprint it
-    must equal this bundle's; when `coords` are given the tiles are matched by coordinate."""
+    must be this bundle's (at fp32 or bf16); when `coords` are given the tiles are matched by coordinate."""
     from pathapp.results.embeddings import read_embeddings
 
     feats, file_coords, attrs = read_embeddings(h5_path)
@@ -255,8 +195,15 @@ def reuse_inference_embeddings(h5_path: Path, bundle: Bundle, coords: np.ndarray
         problems.append(f"tile size {attrs['tile_size']} != {bundle.tile_size}")
     if feats.shape[1] != bundle.embedding_dim:
         problems.append(f"width {feats.shape[1]} != {bundle.embedding_dim}")
-    if "model_fingerprint" in attrs and attrs["model_fingerprint"] != embedding_fingerprint(bundle, stain):
-        problems.append("another model's (or stain normalisation's) embeddings")
+    fp = bundle.fingerprint()
+    expected = embedding_fingerprint(bundle, stain)
+    # bf16 inference (`--precision auto` on bf16 hardware) marks the model's fingerprint ":bf16": the same
+    # model, embeddings within cosine 0.999 of fp32 (tests/test_infer_precision.py), so they train the same.
+    marked = {p: fp + f":{p}" + expected[len(fp):] for p in ("bf16", "int8")}
+    if "model_fingerprint" in attrs and attrs["model_fingerprint"] not in (expected, marked["bf16"]):
+        problems.append("another model's (or stain normalisation's) embeddings"
+                        + (" (int8: rerun inference with --precision fp32 or bf16)"
+                           if attrs["model_fingerprint"] == marked["int8"] else ""))
     if problems:
         raise CacheError(f"{h5_path}: cannot reuse these embeddings ({'; '.join(problems)}); rerun inference "
                          f"with this model or drop --embeddings")

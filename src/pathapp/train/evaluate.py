@@ -165,6 +165,7 @@ class EvalResult:
     fold: np.ndarray  # fold index of each sample (its test fold)
     metrics: dict
     per_fold: list[dict]
+    index: np.ndarray | None = None  # which of the evaluated items each row is (None: all, in order)
 
 
 def cross_validate(
@@ -208,7 +209,25 @@ def holdout_evaluate(
     metrics = point_metrics(y[te], probs, n_classes)
     metrics["ci95"] = bootstrap_ci(y[te], probs, n_classes, groups[te], n_boot=n_boot, seed=seed)
     metrics["n_train"] = int(len(tr))
-    return EvalResult(y[te], probs, groups[te], np.zeros(len(te), int), metrics, [])
+    return EvalResult(y[te], probs, groups[te], np.zeros(len(te), int), metrics, [], te)
+
+
+def transfer_evaluate(
+    train: tuple[np.ndarray, np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray, np.ndarray],
+    n_classes: int,
+    fit: FitFn,
+    seed: int = 0,
+    n_boot: int = 1000,
+) -> EvalResult:
+    """Fit on one labelled set (X, y, groups) and score another: `evaluate --holdout other.csv`."""
+    X, y, groups = train
+    Xt, yt, gt = test
+    probs = fit(X, y, groups)(Xt)
+    metrics = point_metrics(yt, probs, n_classes)
+    metrics["ci95"] = bootstrap_ci(yt, probs, n_classes, gt, n_boot=n_boot, seed=seed)
+    metrics["n_train"] = int(len(y))
+    return EvalResult(yt, probs, gt, np.zeros(len(yt), int), metrics, [])
 
 
 def subsample_per_class(y: np.ndarray, n: int | None, rng: np.random.Generator) -> np.ndarray:
@@ -290,22 +309,24 @@ def save_plots(y: np.ndarray, probs: np.ndarray, class_names: Sequence[str], out
     return paths
 
 
-def save_fewshot_plot(curve: Sequence[dict], path: Path) -> Path:
-    """Balanced accuracy (± std over folds and draws) vs labelled tiles per class, log x axis."""
+def save_fewshot_plot(curve: Sequence[dict], path: Path, x: str = "shots", y: str = "balanced_accuracy",
+                      xlabel: str = "labelled tiles per class", ylabel: str = "balanced accuracy") -> Path:
+    """Balanced accuracy (or the curve's `y`; ± std over folds and draws) vs labelled tiles per class
+    (or its `x`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [str(c["shots"]) for c in curve]
-    mean = np.array([c["balanced_accuracy"] for c in curve])
+    labels = [str(c[x]) for c in curve]
+    mean = np.array([c[y] for c in curve])
     std = np.array([c["std"] for c in curve])
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    x = np.arange(len(curve))
-    ax.errorbar(x, mean, yerr=std, marker="o", capsize=3)
-    ax.set_xticks(x, labels)
-    ax.set_xlabel("labelled tiles per class")
-    ax.set_ylabel("balanced accuracy")
+    pos = np.arange(len(curve))
+    ax.errorbar(pos, mean, yerr=std, marker="o", capsize=3)
+    ax.set_xticks(pos, labels)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -339,9 +360,29 @@ def write_json(obj: dict, path: Path) -> Path:
     return atomic_write_text(path, json.dumps(clean(obj), indent=2))
 
 
-def write_report(result: EvalResult, class_names: Sequence[str], out_dir: Path, extra: dict | None = None) -> Path:
-    """report.json + confusion.png + roc.png (+ fewshot.png when extra has a curve) into out_dir."""
+def write_predictions(result: EvalResult, items: Sequence[str], class_names: Sequence[str], path: Path) -> Path:
+    """predictions.csv: per evaluated item its name, group, true class and the probability of each
+    class (what `pathapp infer` reports for the same image with the same head)."""
+    import csv
+    import io
+
+    rows = np.arange(len(result.y)) if result.index is None else result.index
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["item", "group", "label", "fold", *[f"prob: {c}" for c in class_names]])
+    for k, i in enumerate(rows):
+        w.writerow([items[i], result.groups[k], class_names[result.y[k]], int(result.fold[k]),
+                    *[f"{v:.7g}" for v in result.probs[k]]])
+    return atomic_write_text(path, buf.getvalue())
+
+
+def write_report(result: EvalResult, class_names: Sequence[str], out_dir: Path, extra: dict | None = None,
+                 items: Sequence[str] | None = None) -> Path:
+    """report.json + confusion.png + roc.png (+ fewshot.png when extra has a curve, predictions.csv
+    when the evaluated `items` are named) into out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    if items is not None:
+        write_predictions(result, items, class_names, out_dir / "predictions.csv")
     save_plots(result.y, result.probs, class_names, out_dir)
     if extra and extra.get("fewshot"):
         save_fewshot_plot(extra["fewshot"], out_dir / "fewshot.png")

@@ -18,6 +18,7 @@ import numpy as np
 
 from pathapp.errors import PathappError
 from pathapp.slide import IMAGE_SUFFIXES
+from pathapp.slide.base import MAX_MPP, MIN_MPP
 
 MIN_INSIDE = 0.5  # a tile must lie at least half inside its class region
 MAX_OTHER = 0.1  # ... and at most a tenth inside any other class region
@@ -78,9 +79,40 @@ def class_regions(objects: Sequence) -> dict[str, object]:
     return {k: shapely.union_all(v) for k, v in sorted(parts.items())}
 
 
+def parse_mpp(cell: str | None, where: str) -> float | None:
+    """An `mpp` cell of a CSV as µm/px (None when empty); anything else than a sane positive number is
+    refused in one line naming `where` (file and row)."""
+    raw = (cell or "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not MIN_MPP <= value <= MAX_MPP:
+        raise LabelError(f"{where}: mpp {raw!r} is not a number of µm per pixel between {MIN_MPP} and {MAX_MPP}")
+    return value
+
+
+def resolve_image_mpp(path: Path, image_mpp: float | None = None) -> float:
+    """The µm/px an image is read at: `image_mpp` (its labels.csv `mpp` cell, else --image-mpp) or the
+    one its file records. An image with neither is refused in one line, as a slide is: a plain PNG
+    says nothing about its scale, and guessing one would tile it at the wrong size."""
+    if image_mpp is not None:
+        return float(image_mpp)
+    from pathapp.slide import open_slide
+
+    own = open_slide(path).mpp
+    if own is None:
+        raise LabelError(f"{path}: the image has no µm/px; give its scale with --image-mpp UM_PER_PX (e.g. "
+                         f"--image-mpp 0.5) or an mpp column in labels.csv")
+    return float(own)
+
+
 @dataclass
 class ImageSet:
-    """Labelled images (each one a tile): path, class index and group (slide/patient) per image."""
+    """Labelled images: path, class index, group (case/patient) and the µm/px given for it (labels.csv
+    `mpp`, else --image-mpp; None: the file's own) per image. `group_by` names the real grouping."""
 
     paths: list[Path]
     labels: np.ndarray
@@ -88,14 +120,17 @@ class ImageSet:
     class_names: list[str]
     group_by: str | None = None
     meta: dict = field(default_factory=dict)
+    mpps: list[float | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.mpps = list(self.mpps) or [None] * len(self.paths)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def subset(self, idx: np.ndarray) -> ImageSet:
-        return ImageSet(
-            [self.paths[i] for i in idx], self.labels[idx], self.groups[idx], self.class_names, self.group_by, self.meta
-        )
+        return ImageSet([self.paths[i] for i in idx], self.labels[idx], self.groups[idx], self.class_names,
+                        self.group_by, self.meta, [self.mpps[i] for i in idx])
 
 
 def read_image_folder(root: Path, group_pattern: str | None = None) -> ImageSet:
@@ -113,7 +148,8 @@ def read_image_folder(root: Path, group_pattern: str | None = None) -> ImageSet:
     if len(classes) < 2 or not paths:
         raise LabelError(f"{root}: expected at least two class folders <class>/*.png|tif|jpg with images")
     groups = [_group_of(p.stem, group_pattern) for p in paths]
-    return ImageSet(paths, np.asarray(labels), np.asarray(groups), classes, group_pattern)
+    return ImageSet(paths, np.asarray(labels), np.asarray(groups), classes,
+                    f"file name pattern {group_pattern!r}" if group_pattern else "image")
 
 
 def _group_of(stem: str, pattern: str | None) -> str:
@@ -131,7 +167,7 @@ def read_labels_csv(
     """A CSV with image (relative to the CSV) and label columns, plus a group column when present.
 
     `group_by` names the column with the slide/patient id; by default the first of GROUP_COLUMNS
-    found is used, else each image is its own group."""
+    found is used, else each image is its own group. An `mpp` column gives each image's µm/px."""
     path = Path(path)
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
@@ -141,10 +177,7 @@ def read_labels_csv(
     for col in (image_column, label_column):
         if col not in cols:
             raise LabelError(f"{path}: missing column {col!r} (has {', '.join(cols)})")
-    if group_by is None:
-        group_by = next((c for c in GROUP_COLUMNS if c in cols), None)
-    elif group_by not in cols:
-        raise LabelError(f"{path}: --group-by column {group_by!r} not found (has {', '.join(cols)})")
+    group_by = group_column(path, cols, group_by)
     classes = sorted({r[label_column] for r in rows})
     if len(classes) < 2:
         raise LabelError(f"{path}: column {label_column!r} has fewer than two classes")
@@ -154,7 +187,17 @@ def read_labels_csv(
         raise LabelError(f"{path}: {len(missing)} listed images missing, e.g. {missing[0]}")
     labels = np.asarray([classes.index(r[label_column]) for r in rows])
     groups = np.asarray([r[group_by] if group_by else str(p) for r, p in zip(rows, paths)])
-    return ImageSet(paths, labels, groups, classes, group_by)
+    mpps = [parse_mpp(r.get("mpp"), f"{path}, row {n + 2}") for n, r in enumerate(rows)]
+    return ImageSet(paths, labels, groups, classes, group_by or "image", mpps=mpps)
+
+
+def group_column(path: Path, cols, group_by: str | None) -> str | None:
+    """The CSV column that names each row's slide/patient: `group_by`, else the first of GROUP_COLUMNS."""
+    if group_by is None:
+        return next((c for c in GROUP_COLUMNS if c in cols), None)
+    if group_by not in cols:
+        raise LabelError(f"{path}: --group-by column {group_by!r} not found (has {', '.join(cols)})")
+    return group_by
 
 
 def read_image_data(data: Path, group_by: str | None = None) -> ImageSet:
