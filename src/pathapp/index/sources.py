@@ -229,7 +229,8 @@ def _infer(index, slides: list[str], options: InferOptions, summary: AddSummary,
 
     out_path = Path(options.out) if options.out is not None else None
     check_query_model(index, options.model, options.weights, options.precision, options.mpp, options.tile_size)
-    entry_of = {job.out_dir: job.entry_id for job in expand_inputs(slides, out_path) if job.out_dir is not None}
+    entry_of = {job.out_dir: str(job.entry.entry_id) if job.entry is not None else None
+                for job in expand_inputs(slides, out_path) if job.out_dir is not None}
     run = run_inference(slides, options, echo=echo)
     summary.failed += run.failed
     return [(d, entry_of.get(d)) for d in run.done + run.skipped]
