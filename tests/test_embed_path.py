@@ -73,7 +73,9 @@ def test_infer_on_an_image_gives_evaluate_probabilities(setup):
     for row in rows[:2]:
         image = Path(row["item"])
         out = t / f"infer-{image.stem}"
-        _run("infer", image, "--model", setup["model"], "--slide-mpp", "1.0", "--out", out, "--workers", "0")
+        # fp32 as evaluate computes (--precision auto may pick bf16 on CPUs with AVX-512-BF16/AMX)
+        _run("infer", image, "--model", setup["model"], "--slide-mpp", "1.0", "--out", out, "--workers", "0",
+             "--precision", "fp32")
         run = json.loads((out / image.stem / "run.json").read_text())
         got = run["parameters"]["slide_prediction"]
         want = {k.removeprefix("prob: "): float(v) for k, v in row.items() if k.startswith("prob: ")}
@@ -82,7 +84,8 @@ def test_infer_on_an_image_gives_evaluate_probabilities(setup):
         assert len(tiles) == 4  # the same tiles as train and evaluate used
     # the same image at another scale is tiled differently and predicted differently
     image = Path(rows[0]["item"])
-    _run("infer", image, "--model", setup["model"], "--slide-mpp", "0.5", "--out", t / "half", "--workers", "0")
+    _run("infer", image, "--model", setup["model"], "--slide-mpp", "0.5", "--out", t / "half", "--workers", "0",
+         "--precision", "fp32")
     half = json.loads((t / "half" / image.stem / "run.json").read_text())["parameters"]["slide_prediction"]
     assert not np.allclose(list(half.values()), [float(rows[0][f"prob: {c}"]) for c in b.class_names], atol=1e-4)
 
