@@ -167,8 +167,8 @@ def train(data, slides, backbone, weights, model, method, out, group_by, mpp, ti
       pathapp train --data cohort.csv --model base.pathapp --method abmil --task regression --target tils --out tils.pathapp
       pathapp train --data tiles/ --image-mpp 0.5 --model base.pathapp --method linear --stain-norm macenko \\
           --stain-ref ref.png --out normed.pathapp
-      pathapp train --data labeled/ebhi-seg/labels.csv --model base.pathapp --method segment --seg-head decoder \
-          --mask-classes Background,Lesion --out seg.pathapp
+      pathapp train --data labeled/ebhi-seg/labels.csv --image-mpp 1.0 --model base.pathapp --method segment \\
+          --seg-head decoder --mask-classes Background,Lesion --out seg.pathapp
 
     Image labels: each image is tiled at the model's µm/px and tile size exactly as `pathapp infer`
     tiles a slide (so give its scale: --image-mpp or an mpp column), and stands for the mean of its
@@ -260,15 +260,15 @@ def evaluate(data, slides, model, out, folds, holdout, method, fewshot, group_by
     \b
     Examples:
       pathapp evaluate --data test/labels.csv --image-mpp 1.0 --model crc.pathapp --out report/
-      pathapp evaluate --data labeled/ebhi-seg --image-mpp 1.0 --model base.pathapp --method linear --folds 5 \
+      pathapp evaluate --data labeled/ebhi-seg --image-mpp 1.0 --model base.pathapp --method linear --folds 5 \\
           --fewshot --out cv/
       pathapp evaluate --data site_a.csv --holdout site_b.csv --image-mpp 0.5 --model base.pathapp --out transfer/
       pathapp evaluate --data cohort.csv --model base.pathapp --task survival --folds 5 --horizons 12,36,60 --out cv/
       pathapp evaluate --data test_cohort.csv --model cox.pathapp --out heldout/
-      pathapp evaluate --data labels.csv --image-mpp 0.5 --model base.pathapp --folds 5 --stain-norm reinhard \
+      pathapp evaluate --data labels.csv --image-mpp 0.5 --model base.pathapp --folds 5 --stain-norm reinhard \\
           --stain-ref ref.png --out cv/
-      pathapp evaluate --data labeled/ebhi-seg/labels.csv --model base.pathapp --method segment --seg-head decoder \
-          --folds 5 --fewshot --out seg-cv/
+      pathapp evaluate --data labeled/ebhi-seg/labels.csv --image-mpp 1.0 --model base.pathapp --method segment \\
+          --seg-head decoder --folds 5 --fewshot --out seg-cv/
     """
     import json
 
