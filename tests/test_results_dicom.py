@@ -124,6 +124,8 @@ def test_probability_maps_read_back_equal_the_tile_probabilities(written) -> Non
     expected = {(x0, y0, *corner): m for (x0, y0), (corner, _, m) in _geojson_tiles(out).items()}
     for (x0, y0, x1, y1), measurements in expected.items():
         r, c = int((y0 + y1) / 2 * scale), int((x0 + x1) / 2 * scale)
+        if r >= maps.shape[0] or c >= maps.shape[1]:  # an edge tile whose centre is beyond the slide
+            continue
         want = np.array([measurements[f"prob: {n}"] for n in result.class_names])
         np.testing.assert_allclose(maps[r, c], want, atol=0.5 / 255 + 1e-6)  # 8-bit fractional values
     covered = np.zeros(maps.shape[:2], bool)

@@ -25,7 +25,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+import yaml
+
 from conftest import data_file
+from ssl_tiny import TINY_SSL
 from vit_factory import tiny_bundle
 
 from pathapp.cli import COMMANDS, main
@@ -37,6 +40,8 @@ SVS = "wsi/aperio/CMU-1-Small-Region.svs"  # 2220 x 2967 px at 0.499 µm/px
 TINY_SLIDE = "wsi/aperio/openslide-python-small.svs"  # 16 x 16 px
 NO_MPP = "wsi/aperio/tcga-cr-7395-01a-01-ts1.svs"
 VECTRA = "wsi/qptiff/small_vectra.qptiff"  # 3-channel multiplex immunofluorescence
+NCT_TILES = "tiles/nct-crc-he-100k-nonorm-samples"
+UCSB = "labeled/ucsb-breast-cancer/labels.csv"  # 18 labelled images, 2 classes
 COSCIA = "qupath/coscia-demo-project"  # a QuPath 0.6 project of a 1000² 15-channel image (not shipped)
 MESSAGE = re.compile(r"^(error|failed|Error): ")
 
@@ -142,6 +147,15 @@ CASES = [
     ("qc a fluorescence QPTIFF", ["qc", "{vectra}", "--out", "{out}"], 1, ["failed:", "{vectra}", "fluorescence"]),
     ("pretrain on a fluorescence QPTIFF", ["pretrain", "--slides", "{vectra}", "--out", "{out}", "--steps", "1"], 2,
      ["{vectra}", "fluorescence"]),
+    # a batch that cannot fit in memory is refused before anything is written, with the largest that fits
+    ("pretrain --batch-size beyond memory", ["pretrain", "--tiles", "{tiles}", "--config", "{ssl}", "--batch-size",
+                                            "65536", "--steps", "1", "--out", "{out}"], 2,
+     ["pretrain: --batch-size 65536 needs about", "GiB allowed", "the largest that fits is --batch-size",
+      "--grad-accum"]),
+    ("train --method lora --batch-size beyond memory", ["train", "--data", "{ucsb}", "--model", "{bundle}", "--method",
+                                                        "lora", "--image-mpp", "0.5", "--batch-size", "65536",
+                                                        "--out", "{tmp}/m.pathapp"],
+     2, ["train --method lora: --batch-size 65536 needs about", "the largest that fits is --batch-size"]),
 ]
 
 
@@ -160,10 +174,13 @@ def test_bad_input_gets_one_line(shared_data, bundle, evil, tmp_path, name, argv
     pixels = np.zeros((600, 800, 3), np.uint8)
     pixels[200:400, 300:500] = (40, 160, 90)
     Image.fromarray(pixels).save(dark)
+    ssl = tmp_path / "ssl.yaml"  # a small ViT whose iBOT head still takes megabytes per image
+    ssl.write_text(yaml.safe_dump({**TINY_SSL, "n_prototypes": 4096, "global_crop_size": 224, "tile_size": 224,
+                                   "backbone_overrides": {**TINY_SSL["backbone_overrides"], "img_size": 224}}))
     where = {"svs": data_file(SVS), "tiny": data_file(TINY_SLIDE), "nompp": data_file(NO_MPP), "bundle": bundle,
              "out": tmp_path / "out", "tmp": tmp_path, "evil": evil, "file": tmp_path / "notes.txt", "cut": cut,
              "project": project, "standin": project / "TD_01_verysmall_mIF.ome.tif", "vectra": data_file(VECTRA),
-             "dark": dark}
+             "dark": dark, "ssl": ssl, "tiles": data_file(NCT_TILES), "ucsb": data_file(UCSB)}
     got, _, err = pathapp(*(a.format(**where) for a in argv))
     assert got == code, err
     line = one_message(err)
@@ -281,6 +298,9 @@ def test_numeric_options_are_finite_and_in_range(shared_data, tmp_path, command,
     """Values in range parse; anything else (0, negatives, inf, nan, huge) is refused while parsing,
     before any work, with one line naming the option."""
     text = repr(value) if isinstance(value, float) else str(value)
+    ssl = tmp_path / "ssl.yaml"  # a small ViT whose iBOT head still takes megabytes per image
+    ssl.write_text(yaml.safe_dump({**TINY_SSL, "n_prototypes": 4096, "global_crop_size": 224, "tile_size": 224,
+                                   "backbone_overrides": {**TINY_SSL["backbone_overrides"], "img_size": 224}}))
     where = {"svs": data_file(SVS), "tmp": tmp_path}
     args = [a.format(**where) for a in required] + [option, text]
     integer_option = option in INT_OPTIONS or (command == "train" and option == "--epochs")
@@ -437,3 +457,71 @@ def test_fluorescence_is_tiled_with_a_detector_made_for_it(shared_data, tmp_path
     cx, cy = core.centroid.x / w, core.centroid.y / h
     assert 0.3 < cx < 0.45 and 0.4 < cy < 0.6, (cx, cy)
     assert tissue_pixels(tissue.rgb, 0.07).mean() > 0.75  # what the brightfield detector would have kept
+
+
+@pytest.mark.parametrize("rel, extra", [(SVS, []), ("wsi/ome-tiff/OS-1-detail.ome.tif", [])])
+def test_edge_tissue_is_tiled_with_padding_and_exact_footprints(shared_data, tmp_path, rel, extra):
+    """Partial tiles at the right and bottom edges are kept (padded with the background, recorded in
+    their measurements): at most 1 % of the detected tissue lies outside every tile (3.4 % and 19.8 %
+    before). Footprints are written at their exact fractional starts: neighbours abut."""
+    from pathapp.qupath.geojson import read_objects
+    from pathapp.slide import open_slide
+    from pathapp.tiles import make_grid, read_tile
+
+    code, _, err = pathapp("tile", data_file(rel), *extra, "--out", tmp_path)
+    assert code == 0, err
+    folder = next(tmp_path.iterdir())
+    tiles = read_objects(folder / "tiles.geojson")
+    tissue = shapely.union_all([o.geometry for o in read_objects(folder / "tissue.geojson")])
+    union = shapely.union_all([t.geometry for t in tiles])
+    assert tissue.difference(union).area / tissue.area <= 0.01
+    with open_slide(data_file(rel)) as slide:
+        w, h = slide.size
+        grid = make_grid(slide, 0.5, 224)
+        f = grid.footprint
+        padded = [t for t in tiles if t.measurements.get("padding fraction", 0) > 0]
+        assert padded and all(t.measurements["padding value"] == 255 for t in padded)
+        assert all("padding value" not in t.measurements for t in tiles if t not in padded)
+        for t in padded:
+            x0, y0, x1, y1 = t.geometry.bounds
+            assert x1 > w or y1 > h
+            inside = (min(x1, w) - x0) * (min(y1, h) - y0)
+            assert t.measurements["padding fraction"] == pytest.approx(1 - inside / f**2, abs=1e-4)
+        bottom = np.flatnonzero(grid.coords[:, 1] + f > h)  # tiles reaching past the bottom edge, read padded
+        assert len(bottom)
+        edge = int(bottom[0])
+        pixels = read_tile(slide, grid, edge)
+        beyond = int(np.ceil((h - grid.coords[edge, 1]) * 224 / f)) + 1
+        assert (pixels[beyond:] == 255).all() and beyond < 224
+    xs = sorted({round(t.geometry.bounds[0], 2) for t in tiles})  # QuPath GeoJSON keeps 2 decimals
+    assert np.allclose(np.diff(xs), f, atol=0.011)  # exact starts i × footprint: no 0.45 px overlaps
+    assert all(t.geometry.bounds[2] - t.geometry.bounds[0] == pytest.approx(f, abs=0.011) for t in tiles)
+    assert union.area == pytest.approx(sum(t.geometry.area for t in tiles), rel=1e-5)
+
+
+def test_batch_size_is_measured_and_chosen_from_memory():
+    """Two probe steps give fixed and per-image memory (real peak RSS of this process); the batch is
+    the largest power of two inside the budget, a larger one asked for is refused naming the largest."""
+    from pathapp.engine.memory import BatchFit, choose_batch, memory_budget, probe
+    from pathapp.errors import PathappError
+
+    held = []
+
+    def step(b: int) -> None:  # 64 MiB per image, touched so it is resident, then freed
+        block = np.ones((b, 64 * 2**20), np.uint8)
+        held.append(int(block[:, ::4096].sum()))
+
+    fit = probe(step, torch.device("cpu"))
+    assert fit.per_image == pytest.approx(64 * 2**20, rel=0.15)
+    assert fit.budget == memory_budget(torch.device("cpu")) and fit.largest == int((fit.budget - fit.fixed) // fit.per_image)
+    gib = 2**30
+    fit = BatchFit(fixed=2 * gib, per_image=0.5 * gib, budget=10 * gib, largest=16)
+    assert choose_batch(fit, None, 64, smallest=2, what="x", fix="f") == 16
+    assert choose_batch(BatchFit(2 * gib, 0.4 * gib, 10 * gib, 20), None, 64, smallest=2, what="x", fix="f") == 16
+    assert choose_batch(BatchFit(0, 1, 10 * gib, 10**9), None, 64, smallest=2, what="x", fix="f") == 64
+    assert choose_batch(fit, 12, 64, smallest=2, what="x", fix="f") == 12
+    with pytest.raises(PathappError, match=r"^x: --batch-size 17 needs about 10.5 GiB at peak of the 10.0 GiB "
+                                           r"allowed; the largest that fits is --batch-size 16 \(f\)$"):
+        choose_batch(fit, 17, 64, smallest=2, what="x", fix="f")
+    with pytest.raises(PathappError, match="even a batch of 2 needs"):
+        choose_batch(BatchFit(11 * gib, gib, 10 * gib, 0), None, 64, smallest=2, what="x", fix="f")

@@ -37,7 +37,12 @@ from pathapp.cli.options import COUNT, MAX_BATCH_SIZE, MPP, WORKERS, positive, s
               help="Run folder: config.yaml, metrics.jsonl, checkpoint.pt, teacher.pathapp.")
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=str), default=None,
               help="YAML of hyper-parameters (any field of a run's config.yaml); options given here win.")
-@click.option("--batch-size", type=click.IntRange(2, MAX_BATCH_SIZE), default=None, help="Images per process per step.  [default: 64]")
+@click.option("--batch-size", type=click.IntRange(2, MAX_BATCH_SIZE), default=None,
+              help="Images per process per step; one that does not fit in memory is refused with the largest "
+                   "that does.  [default: the largest power of two up to 64 that fits, measured by two probe steps]")
+@click.option("--grad-checkpointing/--no-grad-checkpointing", default=None,
+              help="Recompute each block's activations in the backward pass (timm's set_grad_checkpointing): "
+                   "about a third more compute for several times less memory.  [default: on]")
 @click.option("--grad-accum", type=COUNT, default=None, help="Micro-batches per optimiser step.")
 @click.option("--steps", type=COUNT, default=None, help="Total optimiser steps.")
 @click.option("--epochs", type=positive(), default=None,
@@ -55,7 +60,7 @@ from pathapp.cli.options import COUNT, MAX_BATCH_SIZE, MPP, WORKERS, positive, s
 @stain_options
 def pretrain(slides: str | None, tiles: str | None, backbone: str | None, init: str | None, mpps: tuple[float, ...],
              bundle_mpp: float | None, slide_mpp: float | None, roi_classes: tuple[str, ...], out: str, config_path: str | None, batch_size: int | None,
-             grad_accum: int | None, steps: int | None, epochs: float | None, max_minutes: float | None,
+             grad_checkpointing: bool | None, grad_accum: int | None, steps: int | None, epochs: float | None, max_minutes: float | None,
              workers: int | None, precision: str | None, fsdp: bool, resume: bool, quiet: bool,
              stain_norm: str | None, stain_ref: str | None) -> None:
     """Pretrain a DINOv2 ViT on unlabelled tissue (DINO + iBOT + KoLeo, EMA teacher) and export the
@@ -98,7 +103,7 @@ def pretrain(slides: str | None, tiles: str | None, backbone: str | None, init: 
         changes = {"slides": slides, "tiles": tiles, "backbone": backbone, "init": init,
                    "mpp": list(mpps) if mpps else None, "bundle_mpp": bundle_mpp, "slide_mpp": slide_mpp,
                    "roi_class": list(roi_classes) if roi_classes else None, "batch_size": batch_size,
-                   "grad_accum": grad_accum, "steps": steps, "max_minutes": max_minutes, "num_workers": workers,
+                   "grad_checkpointing": grad_checkpointing, "grad_accum": grad_accum, "steps": steps, "max_minutes": max_minutes, "num_workers": workers,
                    "precision": precision, "distributed": "fsdp" if fsdp else None, "stain_norm": stain_norm,
                    "stain_ref": str(Path(stain_ref).resolve()) if stain_ref else None}
         if epochs is not None:

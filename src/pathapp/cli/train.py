@@ -44,7 +44,15 @@ _target_option = click.option(
 _loss_option = click.option(
     "--loss", type=click.Choice(["huber", "mse"]), default="huber", show_default=True,
     help="--task regression: Huber (robust to outlying values) or squared error, on the standardised target.")
-_batch_option = click.option("--batch-size", type=BATCH_SIZE, default=32, show_default=True)
+_batch_option = click.option("--batch-size", type=BATCH_SIZE, default=32, show_default=True,
+                             help="Tiles per batch when embedding. With --method lora, tiles per training step: "
+                                  "by default the largest power of two up to 32 that fits in memory (measured); "
+                                  "one given here that cannot fit is refused with the largest that does.")
+
+
+def _is_default(name: str) -> bool:
+    """The option `name` was not given (its default is in effect)."""
+    return click.get_current_context().get_parameter_source(name) == click.core.ParameterSource.DEFAULT
 
 
 class HoldoutType(click.ParamType):
@@ -159,8 +167,8 @@ def train(data, slides, backbone, weights, model, method, out, group_by, mpp, ti
       pathapp train --data cohort.csv --model base.pathapp --method abmil --task regression --target tils --out tils.pathapp
       pathapp train --data tiles/ --image-mpp 0.5 --model base.pathapp --method linear --stain-norm macenko \\
           --stain-ref ref.png --out normed.pathapp
-      pathapp train --data labeled/ebhi-seg/labels.csv --model base.pathapp --method segment --seg-head decoder \
-          --mask-classes Background,Lesion --out seg.pathapp
+      pathapp train --data labeled/ebhi-seg/labels.csv --image-mpp 1.0 --model base.pathapp --method segment \\
+          --seg-head decoder --mask-classes Background,Lesion --out seg.pathapp
 
     Image labels: each image is tiled at the model's µm/px and tile size exactly as `pathapp infer`
     tiles a slide (so give its scale: --image-mpp or an mpp column), and stands for the mean of its
@@ -175,7 +183,8 @@ def train(data, slides, backbone, weights, model, method, out, group_by, mpp, ti
     lora = None
     if method == "lora" or (method == "segment" and seg_lora):
         lora = LoraConfig(rank=lora_rank, alpha=lora_alpha, targets=tuple(t for t in lora_targets.split(",") if t),
-                          epochs=epochs or 10, max_steps=max_steps, batch_size=min(batch_size, 32), lr=lr or 1e-3)
+                          epochs=epochs or 10, max_steps=max_steps, lr=lr or 1e-3,
+                          batch_size=None if _is_default("batch_size") else batch_size)  # None: what fits
     seg = _seg_config(seg_head or "linear", seg_layers, epochs, lr, batch_size, lora) if method == "segment" else None
     if method == "abmil":
         options = {**({"epochs": epochs} if epochs else {}), **({"lr": lr} if lr else {}),
@@ -251,15 +260,15 @@ def evaluate(data, slides, model, out, folds, holdout, method, fewshot, group_by
     \b
     Examples:
       pathapp evaluate --data test/labels.csv --image-mpp 1.0 --model crc.pathapp --out report/
-      pathapp evaluate --data labeled/ebhi-seg --image-mpp 1.0 --model base.pathapp --method linear --folds 5 \
+      pathapp evaluate --data labeled/ebhi-seg --image-mpp 1.0 --model base.pathapp --method linear --folds 5 \\
           --fewshot --out cv/
       pathapp evaluate --data site_a.csv --holdout site_b.csv --image-mpp 0.5 --model base.pathapp --out transfer/
       pathapp evaluate --data cohort.csv --model base.pathapp --task survival --folds 5 --horizons 12,36,60 --out cv/
       pathapp evaluate --data test_cohort.csv --model cox.pathapp --out heldout/
-      pathapp evaluate --data labels.csv --image-mpp 0.5 --model base.pathapp --folds 5 --stain-norm reinhard \
+      pathapp evaluate --data labels.csv --image-mpp 0.5 --model base.pathapp --folds 5 --stain-norm reinhard \\
           --stain-ref ref.png --out cv/
-      pathapp evaluate --data labeled/ebhi-seg/labels.csv --model base.pathapp --method segment --seg-head decoder \
-          --folds 5 --fewshot --out seg-cv/
+      pathapp evaluate --data labeled/ebhi-seg/labels.csv --image-mpp 1.0 --model base.pathapp --method segment \\
+          --seg-head decoder --folds 5 --fewshot --out seg-cv/
     """
     import json
 

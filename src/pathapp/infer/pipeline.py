@@ -200,6 +200,7 @@ def infer_slide(
     if tile_qc is not None and tile_qc.excluded and log is not None:
         log(f"qc: {slide.name}: {int((~kept).sum())} of {len(grid)} tiles excluded ({excluded_counts(tile_qc)})")
     extra["tissue fraction"] = np.asarray(grid.tissue_fraction, np.float64)[kept]
+    extra.update({k: v[kept] for k, v in grid.edge_measurements(slide.background).items()})
     embeddings = embeddings[kept]
     probs = None if probs is None else probs[kept]
     slide_outputs: dict[str, float] = {}  # class probabilities, {"risk": r} or {target: value}
@@ -254,6 +255,7 @@ def infer_slide(
         },
         timings=timings,
         qc=tile_qc,
+        geometry=grid.geometry,
     )
 
 
@@ -272,13 +274,14 @@ def qc_slide(slide: Slide, *, mpp: float, tile_size: int, rois: Any = None, min_
                               measure=TileMeasurer.for_geometry(grid.geometry))
     tile_qc, _, extra = slide_qc(grid, qc_rows, exclude=False)
     extra["tissue fraction"] = np.asarray(grid.tissue_fraction, np.float64)
+    extra.update(grid.edge_measurements(slide.background))
     return SlideResult(
         slide_path=str(slide.path), slide_name=slide.name, coords=np.asarray(grid.coords, np.int64).reshape(-1, 2),
         footprint=float(grid.footprint), tile_size=tile_size, mpp=mpp, slide_mpp=float(slide_mpp),
         slide_size=tuple(slide.size), extra=extra, thumbnail=thumbnail, model_name="(quality control only)",
         params={"batch_size": batch_size, "workers": n_workers, "level": grid.level, "read_size": grid.read_size,
                 "min_tissue": min_tissue, "rois": rois is not None, "qc": "flag", "empty": empty},
-        timings=timings, qc=tile_qc,
+        timings=timings, qc=tile_qc, geometry=grid.geometry,
     )
 
 

@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from pathapp.tiles.grid import TileGeometry
+
 
 @dataclass
 class TileQC:
@@ -52,6 +54,7 @@ class SlideResult:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     qc: TileQC | None = None  # per-tile quality control, when it ran
     segmentation: Any = None  # results.segmentation.SegMap of a segmentation bundle
+    geometry: TileGeometry | None = None  # the grid's: exact tile starts for the drawn footprints
 
     def __len__(self) -> int:
         return int(len(self.coords))

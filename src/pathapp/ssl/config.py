@@ -16,6 +16,7 @@ from pathapp.errors import PathappError
 
 
 _LIST_FIELDS = {"mpp", "roi_class"}  # list-valued settings; every other YAML list is a tuple
+MAX_AUTO_BATCH = 64  # the batch size chosen when memory allows (DINOv2's per-GPU batch for ViT-S/B)
 
 
 @dataclass
@@ -80,7 +81,9 @@ class SSLConfig:
     mask_sample_probability: float = 0.5
     mask_ratio: tuple[float, float] = (0.1, 0.5)
     # --- optimisation -----------------------------------------------------------------------
-    batch_size: int = 64  # per process and per micro-batch
+    batch_size: int | None = None  # per process and micro-batch; None: the largest power of two up to
+    # MAX_AUTO_BATCH that fits in memory (engine.memory), written here when the run starts
+    grad_checkpointing: bool = True  # recompute block activations in the backward pass: ~1/3 more compute, far less memory
     grad_accum: int = 1
     base_lr: float = 0.004  # at a total batch of 1024; scaled by sqrt(total_batch / 1024)
     min_lr: float = 1e-6
@@ -171,7 +174,7 @@ class SSLConfig:
             (self.balance in {"slides", "tissue"}, "balance must be 'slides' or 'tissue'"),
             (self.precision in {"auto", "bf16", "fp32"}, "precision must be auto, bf16 or fp32"),
             (self.distributed in {"ddp", "fsdp"}, "distributed must be ddp or fsdp"),
-            (self.batch_size >= 2, "batch_size must be at least 2 (KoLeo needs neighbours)"),
+            (self.batch_size is None or self.batch_size >= 2, "batch_size must be at least 2 (KoLeo needs neighbours)"),
             (self.grad_accum >= 1, "grad_accum must be at least 1"),
             (len(self.mpp) >= 1 and all(m > 0 for m in self.mpp), "mpp must list positive µm/px values"),
             (self.bundle_mpp is None or self.bundle_mpp > 0, "bundle_mpp must be a positive µm/px (or unset)"),

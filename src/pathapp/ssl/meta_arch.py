@@ -14,7 +14,9 @@ from pathapp.ssl.head import DINOHead
 def backbone_tokens(backbone: nn.Module, x: torch.Tensor, masks: torch.Tensor | None = None,
                     mask_token: torch.Tensor | None = None) -> torch.Tensor:
     """Normalised tokens (B, prefix + N, D) of a timm ViT; patches where `masks` (B, N) is True are
-    replaced by `mask_token` before the position embedding (iBOT). Works with register tokens."""
+    replaced by `mask_token` before the position embedding (iBOT). Works with register tokens; with
+    the backbone's gradient checkpointing on (`set_grad_checkpointing`) block activations are
+    recomputed in the backward pass instead of kept."""
     x = backbone.patch_embed(x)
     if masks is not None and mask_token is not None:
         shape = x.shape
@@ -23,7 +25,12 @@ def backbone_tokens(backbone: nn.Module, x: torch.Tensor, masks: torch.Tensor | 
     x = backbone._pos_embed(x)
     x = backbone.patch_drop(x)
     x = backbone.norm_pre(x)
-    x = backbone.blocks(x)
+    if getattr(backbone, "grad_checkpointing", False) and torch.is_grad_enabled():
+        from timm.models._manipulate import checkpoint_seq  # timm's own: activations recomputed per block
+
+        x = checkpoint_seq(backbone.blocks, x)
+    else:
+        x = backbone.blocks(x)
     return backbone.norm(x)
 
 

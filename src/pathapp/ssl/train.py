@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from pathapp.atomic import atomic_write_text
 from pathapp.engine.distributed import DistInfo, all_mean, gather, is_distributed, setup_distributed
 from pathapp.errors import PathappError
 from pathapp.ssl.checkpoint import BUNDLE, CHECKPOINT, load_checkpoint, save_checkpoint, weights_checksum
-from pathapp.ssl.config import SSLConfig
+from pathapp.ssl.config import MAX_AUTO_BATCH, SSLConfig
 from pathapp.ssl.criterion import Criterion
 from pathapp.ssl.data import SSLDataset, make_loader, open_sources
 from pathapp.ssl.meta_arch import Student, Teacher
@@ -102,6 +103,7 @@ def _build_models(cfg: SSLConfig, info: DistInfo):
     torch.manual_seed(cfg.seed)
     backbone, spec = build_backbone(cfg)
     cfg = dataclasses.replace(cfg, mean=tuple(cfg.mean or spec.mean), std=tuple(cfg.std or spec.std))
+    backbone.set_grad_checkpointing(cfg.grad_checkpointing)
     student = Student(backbone, cfg).to(info.device)
     teacher = Teacher(student).to(info.device)
     wrapped: nn.Module = student
@@ -113,6 +115,44 @@ def _build_models(cfg: SSLConfig, info: DistInfo):
             student, device_ids=[info.device.index] if info.device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(param_groups(student, cfg.layer_decay, cfg.patch_embed_lr_mult), betas=cfg.adamw_betas)
     return cfg, spec, student, teacher, wrapped, optimizer
+
+
+def fit_batch_size(cfg: SSLConfig, patch_size: int, student: Student, teacher: Teacher, info: DistInfo) -> int:
+    """The batch size this run takes: `cfg.batch_size` when it fits in memory (else one line with the
+    largest that does), or the largest power of two up to MAX_AUTO_BATCH that fits. Measured by two
+    probe steps on random crops of the configured shapes (engine.memory); every rank takes the same."""
+    from pathapp.engine.memory import BatchFit, choose_batch, probe
+
+    g, loc, n_loc = cfg.global_crop_size, cfg.local_crop_size, cfg.n_local_crops
+    tokens = (g // patch_size) ** 2
+    criterion = Criterion.build(cfg, info.device)  # a fresh one: the probe leaves the run's centres alone
+    autocast = _autocast(cfg, info.device)
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    def step(b: int) -> None:
+        batch = {"global": torch.rand(2 * b, 3, g, g, generator=gen),
+                 "local": torch.rand(n_loc * b, 3, loc, loc, generator=gen) if n_loc else torch.empty(0),
+                 "masks": torch.rand(2 * b, tokens, generator=gen) < cfg.mask_ratio[1]}  # the most masked
+        loss, _ = criterion(student, teacher, {k: v.to(info.device) for k, v in batch.items()},
+                            cfg.teacher_temp, autocast)
+        loss.backward()
+        student.zero_grad(set_to_none=True)
+
+    moments = 2 * sum(p.numel() * p.element_size() for p in student.parameters() if p.requires_grad)  # AdamW
+    fit = probe(step, info.device, state_bytes=moments)
+    if is_distributed():  # the smallest machine decides, so all ranks agree
+        largest = torch.tensor(fit.largest, device=info.device)
+        dist.all_reduce(largest, op=dist.ReduceOp.MIN)
+        fit = BatchFit(fit.fixed, fit.per_image, fit.budget, int(largest.item()))
+    fix = ("grad_checkpointing is on; lower --batch-size and raise --grad-accum to keep the total batch"
+           if cfg.grad_checkpointing else "--grad-checkpointing lowers it several-fold; so does a smaller "
+           "--batch-size with a larger --grad-accum")
+    batch = choose_batch(fit, cfg.batch_size, MAX_AUTO_BATCH, smallest=2, what="pretrain", fix=fix)
+    if info.is_main:
+        chosen = "asked for" if cfg.batch_size is not None else f"the largest power of two ≤ {MAX_AUTO_BATCH} that fits"
+        print(f"pretrain: batch size {batch} ({chosen}; {fit.describe(batch)}, the largest that fits is "
+              f"{fit.largest}; gradient checkpointing {'on' if cfg.grad_checkpointing else 'off'})", file=sys.stderr)
+    return batch
 
 
 def pretrain(cfg: SSLConfig, out: str | Path, *, resume: bool = False, progress: bool = True,
@@ -140,6 +180,10 @@ def pretrain(cfg: SSLConfig, out: str | Path, *, resume: bool = False, progress:
         stain = {"stain": source.normalise_onto(target)}  # the fits, before any write; reusable as --stain-ref
 
     cfg, spec, student, teacher, wrapped, optimizer = _build_models(cfg, info)
+    if _uses_bf16(cfg, info.device) and info.device.type == "cpu":
+        _unfuse_attention(student, teacher)
+    if not resume:  # a resumed run keeps the batch size its config.yaml records
+        cfg = dataclasses.replace(cfg, batch_size=fit_batch_size(cfg, spec.patch_size, student, teacher, info))
     criterion = Criterion.build(cfg, info.device)
     sched = build_schedules(cfg, info.world_size)
 
@@ -162,8 +206,6 @@ def pretrain(cfg: SSLConfig, out: str | Path, *, resume: bool = False, progress:
     batches = iter(loader)
 
     autocast = _autocast(cfg, info.device)
-    if _uses_bf16(cfg, info.device) and info.device.type == "cpu":
-        _unfuse_attention(student, teacher)
     total = cfg.total_steps
     freeze_steps = cfg.epochs_to_steps(cfg.freeze_last_layer_epochs)
     t_start = time.monotonic()

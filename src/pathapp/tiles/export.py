@@ -64,7 +64,8 @@ def tile_slide(
         tissue = detect_tissue(slide)
         grid = make_grid(slide, mpp, tile_size, overlap=overlap, tissue=tissue, rois=rois, min_tissue=min_tissue)
         out_dir = mark_output_folder(Path(out) / slide.name)
-        tiles = tile_objects(tile_boxes(grid), measurements={"tissue fraction": grid.tissue_fraction})
+        tiles = tile_objects(tile_boxes(grid), measurements={"tissue fraction": grid.tissue_fraction,
+                                                             **grid.edge_measurements(slide.background)})
         outline = [] if tissue.geometry.is_empty else [
             QuPathObject(geometry=tissue.geometry, class_name=TISSUE_CLASS[0], color=TISSUE_CLASS[1])
         ]

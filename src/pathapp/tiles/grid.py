@@ -17,6 +17,7 @@ from pathapp.tiles.tissue import DEFAULT_MIN_TISSUE, TissueMask, detect_tissue
 # A level up to this much coarser than the target still counts as the target resolution: scanners
 # round µm/px (a 4× level of a 0.5026 µm/px scan is 2.01 µm/px, and serves a 2.0 µm/px request).
 LEVEL_TOLERANCE = 0.02
+PADDING, PADDING_VALUE = "padding fraction", "padding value"  # tile measurements of edge tiles
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,11 @@ class TileGeometry:
     `slide_mpp` µm/px: it covers `footprint` × `footprint` level-0 px and is read as `read_size` ×
     `read_size` px at pyramid `level` (the coarsest level at least as fine as the target, within
     LEVEL_TOLERANCE), then resized once to `tile_size`. Tiling, inference, training and pretraining
-    all read tiles through this one rule."""
+    all read tiles through this one rule.
+
+    Tile i along an axis starts exactly at i × `stride` level-0 px (`stride` = footprint less the
+    overlap) and is read from the whole pixel below (`positions`); `origins` gives back the exact
+    starts, so tiles drawn for QuPath neither overlap nor leave gaps by a fraction of a pixel."""
 
     mpp: float
     slide_mpp: float
@@ -33,20 +38,52 @@ class TileGeometry:
     footprint: float
     level: int
     read_size: int
+    stride: float = 0.0  # level-0 px between neighbouring tiles; 0 means the footprint (no overlap)
+
+    @property
+    def step(self) -> float:
+        return self.stride or self.footprint
+
+    def positions(self, extent: int) -> np.ndarray:
+        """Whole-pixel starts of the tiles along an axis of `extent` level-0 px: every pixel of the
+        axis lies in a tile, the last one may reach past the edge (read as background, `padding`);
+        none when one tile is larger than the whole axis."""
+        if self.footprint > extent:
+            return np.zeros(0, np.int64)
+        n = int(np.ceil((extent - self.footprint) / self.step - 1e-9)) + 1
+        return np.floor(np.arange(n) * self.step + 1e-9).astype(np.int64)
+
+    def origins(self, coords: np.ndarray) -> np.ndarray:
+        """The exact (fractional) level-0 starts of tiles read at whole-pixel `coords` (from `positions`)."""
+        xy = np.asarray(coords, dtype=np.float64)
+        if self.step <= 1:  # a tile narrower than a pixel: the pixel is as exact as it gets
+            return xy
+        return np.ceil(xy / self.step - 1e-7) * self.step
+
+    def padding(self, coords: np.ndarray, slide_size: tuple[int, int]) -> np.ndarray:
+        """Fraction of each tile's footprint that lies outside the slide (read as background)."""
+        lo = self.origins(coords).reshape(-1, 2)
+        hi = np.minimum(lo + self.footprint, np.asarray(slide_size, np.float64))
+        inside = np.clip(hi - np.maximum(lo, 0), 0, None).prod(axis=1)
+        return (1.0 - inside / self.footprint**2).clip(0, 1)
 
 
-def tile_geometry(slide: Slide, mpp: float, tile_size: int) -> TileGeometry:
-    """The geometry of `tile_size` px tiles at `mpp` µm/px on `slide` (MissingMppError when the slide
-    has no µm/px: never guessed)."""
+def tile_geometry(slide: Slide, mpp: float, tile_size: int, overlap: int = 0) -> TileGeometry:
+    """The geometry of `tile_size` px tiles at `mpp` µm/px on `slide`, neighbours overlapping by
+    `overlap` target px (MissingMppError when the slide has no µm/px: never guessed)."""
     slide_mpp = slide.require_mpp()
     if not mpp > 0 or tile_size < 1:
         raise PathappError(f"{slide.path}: tiling needs --mpp > 0 and --tile-size ≥ 1 (got mpp={mpp}, "
                            f"tile size={tile_size})")
+    if not 0 <= overlap < tile_size:
+        raise PathappError(f"{slide.path}: --overlap must be at least 0 and smaller than the tile size "
+                           f"(got overlap={overlap}, tile size={tile_size})")
     downsample = mpp / slide_mpp
     footprint = tile_size * downsample
     level = slide.best_level_for_downsample(downsample * (1 + LEVEL_TOLERANCE))
     read_size = max(1, int(round(footprint / slide.levels[level].downsample)))
-    return TileGeometry(float(mpp), float(slide_mpp), int(tile_size), float(footprint), level, read_size)
+    return TileGeometry(float(mpp), float(slide_mpp), int(tile_size), float(footprint), level, read_size,
+                        float((tile_size - overlap) * downsample))
 
 
 def read_tile_at(slide: Slide, geometry: TileGeometry, x: int, y: int) -> np.ndarray:
@@ -103,6 +140,12 @@ class TileGrid:
     def slide_mpp(self) -> float:
         return self.geometry.slide_mpp
 
+    def edge_measurements(self, background: int) -> dict[str, np.ndarray]:
+        """Per-tile measurements of edge padding: the fraction of the tile beyond the slide, and the
+        value it was filled with (`Slide.background`; NaN, so left out, where nothing was padded)."""
+        padding = self.geometry.padding(self.coords, self.slide_size)
+        return {PADDING: padding, PADDING_VALUE: np.where(padding > 0, float(background), np.nan)}
+
 
 def _coverage(integral: np.ndarray, x0: np.ndarray, y0: np.ndarray, x1: np.ndarray, y1: np.ndarray) -> np.ndarray:
     """Exact mask area inside fractional mask-pixel rectangles, from the (H+1, W+1) integral image.
@@ -133,14 +176,6 @@ def tissue_fractions(coords: np.ndarray, footprint: float, tissue: TissueMask) -
     return (_coverage(integral, x0, y0, x0 + side, y0 + side) / side**2).astype(np.float32)
 
 
-def _positions(extent: int, footprint: float, stride: float) -> np.ndarray:
-    """Level-0 starts of tiles along one axis, every tile fully inside [0, extent)."""
-    if footprint > extent:
-        return np.zeros(0, np.int64)
-    n = int(np.floor((extent - footprint) / stride + 1e-9)) + 1
-    return np.floor(np.arange(n) * stride + 1e-9).astype(np.int64)
-
-
 def make_grid(
     slide: Slide,
     mpp: float,
@@ -154,25 +189,24 @@ def make_grid(
     """Square tiles of `tile_size` px at `mpp` µm/px over the slide, kept where tissue is.
 
     A tile's level-0 side is tile_size × mpp / slide µm/px (MissingMppError when the slide has no
-    µm/px: never guessed); neighbours are (tile_size − overlap) target px apart; every tile lies
-    fully inside the slide. A tile is kept when its tissue fraction (from `tissue`, detected when
-    None) is ≥ `min_tissue` and, when `rois` (level-0 shapely geometry) is given, when its centre
-    lies inside the ROIs — so each tile belongs to at most one of several touching ROIs.
-    Tiles are read at the coarsest pyramid level at least as fine as the target (within
-    LEVEL_TOLERANCE), as `read_size` px resized once to `tile_size`."""
-    geometry = tile_geometry(slide, mpp, tile_size)
-    if not 0 <= overlap < tile_size:
-        raise PathappError(f"{slide.path}: --overlap must be at least 0 and smaller than the tile size "
-                           f"(got overlap={overlap}, tile size={tile_size})")
+    µm/px: never guessed); neighbours are (tile_size − overlap) target px apart; the tiles cover the
+    whole slide, those at the right and bottom edges reaching past it (read as background; the
+    fraction is `TileGeometry.padding`). A tile is kept when its tissue fraction (from `tissue`,
+    detected when None; of the part of the tile on the slide) is ≥ `min_tissue` and, when `rois`
+    (level-0 shapely geometry) is given, when its centre lies inside the ROIs — so each tile belongs
+    to at most one of several touching ROIs. Tiles are read at the coarsest pyramid level at least
+    as fine as the target (within LEVEL_TOLERANCE), as `read_size` px resized once to `tile_size`."""
+    geometry = tile_geometry(slide, mpp, tile_size, overlap)
     footprint = geometry.footprint
-    stride = (tile_size - overlap) * (mpp / geometry.slide_mpp)
     w, h = slide.size
-    xs, ys = _positions(w, footprint, stride), _positions(h, footprint, stride)
+    xs, ys = geometry.positions(w), geometry.positions(h)
     gx, gy = np.meshgrid(xs, ys)
     coords = np.column_stack([gx.ravel(), gy.ravel()]).astype(np.int64)
     if tissue is None:
         tissue = detect_tissue(slide)
     fraction = tissue_fractions(coords, footprint, tissue) if len(coords) else np.zeros(0, np.float32)
+    inside = 1.0 - geometry.padding(coords, (w, h))  # of an edge tile, only the part on the slide counts
+    fraction = np.minimum(fraction / np.maximum(inside, 1e-9), 1.0).astype(np.float32)
     keep = fraction >= min_tissue - 1e-6
     if rois is not None:
         keep &= shapely.contains_xy(rois, coords[:, 0] + footprint / 2, coords[:, 1] + footprint / 2)
@@ -181,15 +215,20 @@ def make_grid(
 
 
 class Tiled(Protocol):
-    """Anything with level-0 tile corners and a footprint: a TileGrid, a SlideResult."""
+    """Anything with level-0 tile corners and a footprint: a TileGrid, a SlideResult (and, when they
+    know it, the `geometry` that placed them)."""
 
     coords: np.ndarray
     footprint: float
 
 
 def tile_boxes(tiles: Tiled, grow: float = 0.0) -> np.ndarray:
-    """(N, 4) float level-0 x0, y0, x1, y1 of each tile's footprint, optionally grown by `grow` px."""
+    """(N, 4) float level-0 x0, y0, x1, y1 of each tile's footprint, optionally grown by `grow` px:
+    at the exact starts (`TileGeometry.origins`) when `tiles` carries its geometry."""
+    geometry = getattr(tiles, "geometry", None)
     xy = np.asarray(tiles.coords, dtype=np.float64).reshape(-1, 2)
+    if geometry is not None:
+        xy = geometry.origins(xy)
     return np.column_stack([xy - grow, xy + float(tiles.footprint) + grow])
 
 

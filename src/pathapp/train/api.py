@@ -609,8 +609,9 @@ def evaluate_model(
                   f"({seen['groups_seen']} of {seen['groups']} groups): these are training data and the score is "
                   f"optimistic; evaluate held-out data, or re-fit on grouped folds with --folds K", file=sys.stderr)
         train_lt = _training_data(bundle, load) if lt is not None else None
-    if lt is not None:
-        extra["floors"] = _floors(lt, train_lt, bundle, embed, protocol, fit, result, n, n_boot, seed, refit)
+    extra["floors"] = (_floors(lt, train_lt, bundle, embed, protocol, fit, result, n, n_boot, seed, refit)
+                       if lt is not None else {"not measured": "slide bags (attention-MIL): the colour-histogram and "
+                                               "random-init floors are measured for tile and image data"})
     items = [str(f) for f in files] if is_mil or lt.source == "images" else [
         f"{sl_.name}@{x},{y_}" for sl_, g in lt.parts for x, y_ in np.asarray(g.coords).tolist()]
     return write_report(result, names, Path(out_dir), extra, items)

@@ -10,7 +10,7 @@ transforms as SSL pretraining), and a checkpoint after every epoch that `resume=
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,9 @@ import numpy as np
 from pathapp.atomic import atomic_torch_save
 from pathapp.errors import PathappError
 from pathapp.models.lora import DEFAULT_TARGETS
+
+
+LORA_MAX_AUTO_BATCH = 32
 
 
 class FinetuneError(PathappError):
@@ -35,7 +38,7 @@ class LoraConfig:
     dropout: float = 0.0
     epochs: int = 10
     max_steps: int | None = None  # stop after this many optimiser steps in total (tests, smoke runs)
-    batch_size: int = 16
+    batch_size: int | None = None  # None: the largest power of two ≤ LORA_MAX_AUTO_BATCH that fits (engine.memory)
     lr: float = 1e-3
     head_lr: float | None = None  # default: lr
     weight_decay: float = 1e-2
@@ -133,7 +136,9 @@ class _LoraRun:
         self.backbone = self.model.backbone
         apply_lora(self.backbone, cfg.rank, cfg.alpha, cfg.targets, cfg.dropout)
         self.head = self.model.head = build_head("linear", {"in_dim": bundle.embedding_dim, "num_classes": n_classes})
+        self.backbone.set_grad_checkpointing(True)  # timm recomputes block activations in the backward pass
         self.model.to(self.dev)
+        self.cfg = cfg = replace(cfg, batch_size=self._fit_batch(bundle.tile_size))
         self.opt = torch.optim.AdamW(
             [
                 {"params": lora_parameters(self.backbone), "lr": cfg.lr},
@@ -146,6 +151,29 @@ class _LoraRun:
         self.schedule = CosineSchedule(1.0, 0.01, self.total, warmup=min(cfg.warmup_steps, self.total // 2))
         self.weights = torch.as_tensor(class_weights(y[train_idx], n_classes), dtype=torch.float32, device=self.dev)
         self.state = {"epoch": 0, "step": 0, "best_loss": float("inf"), "best_epoch": -1, "best": None, "history": []}
+
+    def _fit_batch(self, tile_size: int) -> int:
+        """The batch size: the one asked for when it fits in memory (else one line with the largest
+        that does), or the largest power of two ≤ LORA_MAX_AUTO_BATCH that fits; two probe steps on
+        random tiles measure it (engine.memory)."""
+        import torch
+
+        from pathapp.engine.memory import choose_batch, probe
+        from pathapp.models.lora import lora_parameters
+
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+
+        def step(b: int) -> None:
+            x = torch.rand(b, 3, tile_size, tile_size, generator=gen).to(self.dev)
+            self.head.logits(self.model.embed(x)).float().logsumexp(-1).sum().backward()
+            self.model.zero_grad(set_to_none=True)
+
+        trainable = [*lora_parameters(self.backbone), *self.head.parameters()]
+        moments = 2 * sum(p.numel() * p.element_size() for p in trainable)  # AdamW's two moments
+        fit = probe(step, self.dev, smallest=1, state_bytes=moments)
+        return choose_batch(fit, self.cfg.batch_size, LORA_MAX_AUTO_BATCH, smallest=1, what="train --method lora",
+                            fix="gradient checkpointing is on; fewer LoRA --lora-targets or a smaller --lora-rank "
+                                "lower it a little")
 
     def _config(self) -> dict:
         return asdict(self.cfg) | {"targets": list(self.cfg.targets)}
