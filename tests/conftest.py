@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,18 @@ def data_file(rel: str) -> Path:
             pytest.fail(f"shared data file missing in CI: {p}")
         pytest.skip(f"shared data file missing: {p}")
     return p
+
+
+def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    """`pathapp ARGS` through the console entry point (errors -> one line, exit 2), in process: the
+    console script's behaviour without a second torch import."""
+    from pathapp.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["pathapp", *args])
+    with pytest.raises(SystemExit) as e:
+        main()
+    out = capsys.readouterr()
+    return int(e.value.code or 0), out.out + out.err
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from shapely.geometry import shape
 
-from conftest import data_file
+from conftest import data_file, run_main
 from qupath_rules import assert_qupath_conformant
 from vit_factory import calibration_images, tiny_bundle
 
@@ -151,32 +151,38 @@ def test_cli_explains_top_tiles_of_a_real_slide(models, tmp_path):
         assert mosaic.shape[0] > 3 * 224 and len(np.unique(mosaic.reshape(-1, 3), axis=0)) > 1000
 
 
-def test_cli_roi_of_selected_tiles_abmil_and_errors(models, tmp_path):
+def test_cli_roi_of_selected_tiles_abmil_and_errors(models, tmp_path, monkeypatch, capsys):
+    """Through the console entry point in process (the console script itself runs in the test above)."""
     slide = str(data_file(SVS))
-    r = subprocess.run([str(PATHAPP), "infer", slide, "--model", str(models["linear"]), "--out", str(tmp_path / "inf"),
-                        "--workers", "0"], capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
+    code, text = run_main(monkeypatch, capsys, "infer", slide, "--model", str(models["linear"]), "--out",
+                          str(tmp_path / "inf"), "--workers", "0")
+    assert code == 0, text
     tiles = json.loads((tmp_path / "inf" / "CMU-1-Small-Region" / "tiles.geojson").read_text())["features"]
     chosen = [tiles[5], tiles[17]]  # what a user selects in QuPath and exports
     roi = tmp_path / "selected.geojson"
     roi.write_text(json.dumps({"type": "FeatureCollection", "features": chosen}))
-    r = _explain(slide, "--model", str(models["reg4"]), "--roi", str(roi), "--method", "rollout", "--out",
-                 str(tmp_path / "ex"))
-    assert r.returncode == 0, r.stderr
+
+    def explain(*args: str) -> tuple[int, str]:
+        return run_main(monkeypatch, capsys, "explain", *args, "--workers", "0")
+
+    code, text = explain(slide, "--model", str(models["reg4"]), "--roi", str(roi), "--method", "rollout", "--out",
+                         str(tmp_path / "ex"))
+    assert code == 0, text
     record = json.loads((tmp_path / "ex" / "CMU-1-Small-Region" / "explain.json").read_text())
     got = sorted((t["x"], t["y"]) for t in record["tiles"])
     want = sorted(tuple(math.floor(v) for v in shape(f["geometry"]).bounds[:2]) for f in chosen)  # read from the pixel below
     assert got == want
 
-    r = _explain(slide, "--model", str(models["abmil"]), "--top", "2", "--method", "vitcx", "--out", str(tmp_path / "mil"))
-    assert r.returncode == 0, r.stderr
+    code, text = explain(slide, "--model", str(models["abmil"]), "--top", "2", "--method", "vitcx", "--out",
+                         str(tmp_path / "mil"))
+    assert code == 0, text
     record = json.loads((tmp_path / "mil" / "CMU-1-Small-Region" / "explain.json").read_text())
     assert record["ranked_by"] == "attention" and len(record["tiles"]) == 2
     assert record["tiles"][0]["attention"] >= record["tiles"][1]["attention"]
 
     for args, words in (([slide, "--model", str(models["linear"]), "--class", "Nope"], ["Nope", "Tumor"]),
                         ([slide, "--model", str(models["headless"])], ["head"])):
-        r = _explain(*args, "--out", str(tmp_path / "bad"))
-        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-        err = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
-        assert len(err) == 1 and all(w in err[0] for w in words), r.stderr
+        code, text = explain(*args, "--out", str(tmp_path / "bad"))
+        assert code == 2 and "Traceback" not in text, text
+        err = [ln for ln in text.splitlines() if ln.startswith("error:")]
+        assert len(err) == 1 and all(w in err[0] for w in words), text

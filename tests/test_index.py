@@ -18,13 +18,13 @@ import pytest
 import shapely
 import torch
 from click.testing import CliRunner
-from conftest import DATA, IN_CI, data_file
+from conftest import DATA, IN_CI, data_file, run_main
 from PIL import Image
 from qupath_rules import assert_qupath_conformant
 from shapely.geometry import shape
 from vit_factory import tiny_bundle
 
-from pathapp.cli import cli, main
+from pathapp.cli import cli
 from pathapp.index import (
     IndexModel,
     IndexStoreError,
@@ -72,15 +72,6 @@ def need_qdrant() -> None:
         import qdrant_client  # noqa: F401
     except ImportError:
         (pytest.fail if IN_CI else pytest.skip)("qdrant-client missing: pip install -e '.[qdrant]'")
-
-
-def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    """`pathapp ARGS` through the console entry point (errors -> one line, exit 2), in process."""
-    monkeypatch.setattr(sys, "argv", ["pathapp", *args])
-    with pytest.raises(SystemExit) as e:
-        main()
-    out = capsys.readouterr()
-    return int(e.value.code or 0), out.out + out.err
 
 
 def run_cli(*args: str) -> tuple[int, str]:

@@ -17,7 +17,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import data_file
+from conftest import data_file, run_main
 from qupath_rules import assert_qupath_conformant
 from vit_factory import set_layerscale_one, tiny_bundle
 
@@ -213,9 +213,10 @@ def test_int8_embeddings_close_to_fp32(shared_data, bundle_path):
     assert int8.params["precision"] == "int8"
 
 
-def test_cli_console_script_failures_are_one_line(shared_data, bundle_path, tmp_path):
+def test_cli_console_script_failures_are_one_line(shared_data, bundle_path, tmp_path, monkeypatch, capsys):
     """The real console script: a slide without µm/px fails with one line naming the file and
-    --slide-mpp, the good slide is still written, exit code 1; --slide-mpp then fixes it."""
+    --slide-mpp, the good slide is still written, exit code 1; --slide-mpp then fixes it (the same
+    entry point, in process)."""
     pathapp = Path(sys.executable).with_name("pathapp")
     bad, good = data_file(NO_MPP), data_file(SVS)
     args = [str(pathapp), "infer", str(bad), str(good), "--model", str(bundle_path), "--mpp", "4.0",
@@ -226,8 +227,8 @@ def test_cli_console_script_failures_are_one_line(shared_data, bundle_path, tmp_
     fail = [line for line in proc.stderr.splitlines() if line.startswith("failed:")]
     assert len(fail) == 1 and str(bad) in fail[0] and "--slide-mpp" in fail[0]
     assert (tmp_path / "CMU-1-Small-Region" / ".done").exists()
-    proc = subprocess.run(args + ["--slide-mpp", "0.5"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    code, text = run_main(monkeypatch, capsys, *args[1:], "--slide-mpp", "0.5")
+    assert code == 0, text
     assert (tmp_path / bad.stem / ".done").exists()
 
 

@@ -10,6 +10,7 @@ import sys
 
 import pydicom
 
+from conftest import run_main
 from orthanc_server import PASSWORD
 from vit_factory import tiny_bundle
 
@@ -20,7 +21,7 @@ def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
                           env=full)
 
 
-def test_infer_a_study_and_a_worklist_writes_and_stores_dicom(orthanc, tmp_path) -> None:
+def test_infer_a_study_and_a_worklist_writes_and_stores_dicom(orthanc, tmp_path, monkeypatch, capsys) -> None:
     bundle = tiny_bundle(tmp_path, num_classes=3)
     worklist = tmp_path / "worklist.txt"
     worklist.write_text(f"# slides to run\n{orthanc.url('svs')}\n\n{orthanc.url('nonconformant')}\n")
@@ -47,8 +48,12 @@ def test_infer_a_study_and_a_worklist_writes_and_stores_dicom(orthanc, tmp_path)
         by_modality = {s["00080060"]["Value"][0]: s["0020000E"]["Value"][0] for s in stored}
         assert by_modality["ANN"] == ann.SeriesInstanceUID and by_modality["SEG"] == seg.SeriesInstanceUID
 
-    again = run_cli(*args, env=orthanc.env)  # a rerun skips the finished slides
-    assert again.stderr.count("skip:") == 2, again.stderr
+    for name in [k for k in os.environ if k.startswith("PATHAPP_DICOMWEB")]:
+        monkeypatch.delenv(name)
+    for name, value in orthanc.env.items():
+        monkeypatch.setenv(name, value)
+    code, again = run_main(monkeypatch, capsys, *args)  # a rerun (in process) skips the finished slides
+    assert again.count("skip:") == 2, again
 
 
 class _FailingDataset:

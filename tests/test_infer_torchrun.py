@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import data_file
+from conftest import data_file, run_main
 from vit_factory import tiny_bundle
 
 from pathapp.infer.lease import holder
@@ -55,7 +55,7 @@ def kill_tree(proc: subprocess.Popen) -> None:
 
 
 @pytest.mark.slow
-def test_torchrun_shards_once_and_resumes_after_a_kill(shared_data, tmp_path):
+def test_torchrun_shards_once_and_resumes_after_a_kill(shared_data, tmp_path, monkeypatch, capsys):
     bundle = tiny_bundle(tmp_path, num_classes=2)
     srcs = [str(data_file(rel)) for rel in INPUTS]
     out = tmp_path / "out"
@@ -94,20 +94,20 @@ def test_torchrun_shards_once_and_resumes_after_a_kill(shared_data, tmp_path):
     assert json.loads((out / NAMES[1] / "run.json").read_text())["counts"]["tiles"] == 0
 
     # The same command with a changed model: nothing is skipped as complete, nothing is destroyed;
-    # each slide gets one line naming what differs and --overwrite, which then replaces them all.
+    # each slide gets one line naming what differs and --overwrite, which then replaces them all
+    # (one process, through the console entry point in process: no third torch start).
     headless = tiny_bundle(tmp_path, num_classes=0, filename="headless.pathapp", depth=1)  # another backbone
-    pathapp = [str(Path(sys.executable).with_name("pathapp")), "infer"]
     changed = [a if a != str(bundle) else str(headless) for a in args]
     stamps = {n: (out / n / "run.json").stat().st_mtime_ns for n in NAMES}
-    third = subprocess.run(pathapp + changed, capture_output=True, text=True, timeout=600, env=ENV)
-    assert third.returncode == 1 and "Traceback" not in third.stderr, third.stderr[-3000:]
-    failed = [line for line in third.stderr.splitlines() if line.startswith("failed: ")]
-    assert len(failed) == len(NAMES), third.stderr
+    code, third = run_main(monkeypatch, capsys, "infer", *changed)
+    assert code == 1 and "Traceback" not in third, third[-3000:]
+    failed = [line for line in third.splitlines() if line.startswith("failed: ")]
+    assert len(failed) == len(NAMES), third
     assert all("backbone (bundle fingerprint) " in f and "head (classes and weights) " in f and "--overwrite" in f
                for f in failed), failed
     assert {n: (out / n / "run.json").stat().st_mtime_ns for n in NAMES} == stamps
-    fourth = subprocess.run(pathapp + changed + ["--overwrite"], capture_output=True, text=True, timeout=600, env=ENV)
-    assert fourth.returncode == 0, fourth.stderr[-3000:]
+    code, fourth = run_main(monkeypatch, capsys, "infer", *changed, "--overwrite")
+    assert code == 0, fourth[-3000:]
     for n in NAMES:
         names = {p.name for p in (out / n).iterdir()}
         assert not [m for m in names if m.startswith("heatmap-")], (n, names)  # the old model's maps are gone

@@ -253,3 +253,16 @@ def test_slide_head_prediction_is_one_annotation_over_the_tissue(tmp_path, task,
     else:
         assert "classification" not in p
         assert p["measurements"][next(iter(outputs))] == pytest.approx(next(iter(outputs.values())))
+
+
+def test_principal_components_match_sklearn_pca():
+    """pca.png's components without importing sklearn: the same scores as sklearn's PCA, signs included."""
+    from sklearn.decomposition import PCA
+
+    from pathapp.results.heatmap import principal_components
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 12)) @ rng.normal(size=(12, 12)) + rng.normal(size=12)
+    ours = principal_components(x, 3)
+    ref = PCA(n_components=3).fit_transform(x)
+    np.testing.assert_allclose(ours, ref, atol=1e-8)
