@@ -9,6 +9,7 @@ the OS-1 and luna tiles: the others were JPEG-compressed on the scanner's 8 px g
 
     python benchmarks/bench_qc.py                      # prints the table, writes benchmarks/results/qc.txt
     python benchmarks/bench_qc.py --per-slide 8        # fewer tiles per slide: a quick look
+    python benchmarks/bench_qc.py --fold-measures      # other fold cues on the same cases (qc_fold_measures.txt)
 """
 
 from __future__ import annotations
@@ -53,13 +54,20 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--per-slide", type=int, default=40, help="tissue tiles per slide (default 40)")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "qc.txt")
+    ap.add_argument("--out", type=Path, default=None, help="default results/qc.txt (qc_fold_measures.txt)")
+    ap.add_argument("--fold-measures", action="store_true",
+                    help="instead: the best F1 each candidate fold cue reaches on the fold-judged cases")
     args = ap.parse_args(argv)
+    results = Path(__file__).parent / "results"
     t0 = time.perf_counter()
     tiles = [t for k in SLIDES for t in slide_tiles(k, args.per_slide)] + nct_tiles()
     jpeg_ok = {n for n, _ in tiles if n.startswith(UNCOMPRESSED)}
     cases = (qc_cases.histolab_cases(DATA / "tiles" / "histolab-qc-tiles")
              + qc_cases.synthetic_cases(tiles, MPP, jpeg_sources=jpeg_ok))
+    if args.fold_measures:
+        lines = [f"# python benchmarks/bench_qc.py --fold-measures --per-slide {args.per_slide}"] + fold_measures(cases)
+        finish(lines, args.out or results / "qc_fold_measures.txt")
+        return 0
     thresholds = QCThresholds()
     scores, rows = qc_cases.evaluate(cases, thresholds)
 
@@ -83,8 +91,59 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {g} | {len(rs)} | {raised} | {sum(bool(r['wrong']) for r in rs)} |")
     lines += ["", "wrong flags (case: expected -> raised):"]
     lines += [f"  {r['name']}: {r['expected']} -> {r['fired']}" for r in rows if r["wrong"]]
-    finish(lines, args.out)
+    finish(lines, args.out or results / "qc.txt")
     return 0
+
+
+FOLD_CUES = {  # name -> (what it thresholds, thresholds swept)
+    "summed OD (pathapp's, HistoQC's dark tissue)": ("od", np.arange(0.8, 3.01, 0.1)),
+    "saturation − value (Bautista & Yagi 2010, Palokangas 2007)": ("sv", np.arange(-0.5, 0.31, 0.05)),
+    "summed OD ÷ the tile's 25th-percentile tissue OD": ("rel", np.arange(1.3, 3.01, 0.1)),
+}
+FOLD_WIDTHS_UM = (8, 12, 20)
+FOLD_FRACTIONS = (0.05, 0.1, 0.2, 0.3)
+
+
+def fold_measures(cases: list) -> list[str]:
+    """For each candidate per-pixel fold cue, opened by a square of each width (a fold region is
+    wider than that) at MPP: the threshold, width and tile fraction with the best F1 on the cases
+    that judge `fold` (folded tiles against clean, pale, blurred, compressed and histolab tiles).
+    Chosen on the cases themselves: an upper bound on what each cue can do here."""
+    from scipy import ndimage as ndi
+
+    from pathapp.tiles.qc import GLASS_CHROMA, optical_densities
+    from pathapp.tiles.tissue import hsv, to_rgb
+
+    judged = [c for c in cases if "fold" in c.judged]
+    pos = np.array(["fold" in c.expected for c in judged])
+    opened: dict[tuple[str, int], list[np.ndarray]] = defaultdict(list)  # sorted opened values per tile
+    for c in judged:
+        rgb = to_rgb(c.tile)
+        od = optical_densities(rgb)
+        _, sat, val = hsv(rgb)
+        for w in FOLD_WIDTHS_UM:
+            side = max(1, int(round(w / c.mpp)))
+            o = {"od": ndi.grey_opening(od.sum(axis=2), size=(side, side)),
+                 "sv": ndi.grey_opening(sat - val, size=(side, side))}
+            tissue = o["od"][(od.max(axis=2) - od.min(axis=2) >= GLASS_CHROMA)]
+            o["rel"] = o["od"] / max(float(np.percentile(tissue, 25)) if tissue.size > 100 else np.inf, 1e-3)
+            for k, v in o.items():
+                opened[(k, w)].append(np.sort(v.ravel()))
+    lines = [f"# {len(judged)} cases judge fold, {int(pos.sum())} folded; best F1 per cue (chosen on these cases)", "",
+             "| fold cue | width | threshold | tile fraction | precision | recall | F1 | FP |", "|---|---|---|---|---|---|---|---|"]
+    for name, (key, grid) in FOLD_CUES.items():
+        best = (-1.0,)
+        for w in FOLD_WIDTHS_UM:
+            for t in grid:
+                frac = np.array([1 - np.searchsorted(v, t, side="right") / len(v) for v in opened[(key, w)]])
+                for f in FOLD_FRACTIONS:
+                    flag = frac >= f
+                    tp, fp = int((flag & pos).sum()), int((flag & ~pos).sum())
+                    p, r = tp / max(tp + fp, 1), tp / max(int(pos.sum()), 1)
+                    best = max(best, (2 * p * r / max(p + r, 1e-9), w, float(t), f, p, r, fp))
+        f1, w, t, f, p, r, fp = best
+        lines.append(f"| {name} | {w} µm | {t:.2f} | {f} | {p:.3f} | {r:.3f} | {f1:.3f} | {fp} |")
+    return lines
 
 
 if __name__ == "__main__":

@@ -67,3 +67,17 @@ def test_an_ihc_slide_against_an_h_and_e_reference_fails_alone(tmp_path):
     failed = [line for line in res.output.splitlines() if line.startswith("failed:")]
     assert len(failed) == 1 and "OS-2-vsi" in failed[0] and "IHC" in failed[0]
     assert (tmp_path / "CMU-1-Small-Region" / ".done").exists()
+
+
+def test_a_vahadane_fit_that_does_not_converge_is_said(tmp_path, monkeypatch):
+    """The reference's and the image's fallback to Macenko are each said on the console, once."""
+    from pathapp.tiles import stain
+
+    monkeypatch.setattr(stain, "VAHADANE_MAX_ITER", 1)  # one dictionary-learning pass cannot converge
+    model = tiny_bundle(tmp_path, 0)
+    out = _run("infer", data_file(REF), "--slide-mpp", "0.5", "--model", model, "--out", tmp_path / "v",
+               "--workers", "0", "--min-tissue", "0", "--stain-norm", "vahadane", "--stain-ref", data_file(REF))
+    said = [line for line in out.splitlines() if "vahadane did not converge; fitted with macenko instead" in line]
+    assert len(said) == 2 and said[0].startswith("stain: reference ") and said[1].startswith("stain: TUM-AACHEHDV")
+    run = json.loads((tmp_path / "v" / "TUM-AACHEHDV" / "run.json").read_text())
+    assert run["parameters"]["stain"]["slide"]["notes"] == ["vahadane did not converge; fitted with macenko instead"]

@@ -335,12 +335,10 @@ class FaissIndex(VectorIndex):
             index = faiss.read_index(str(self.folder / m["faiss_file"]))
             for s in gone:
                 index.remove_ids(faiss.IDSelectorRange(s["row_start"], s["row_start"] + s["n"]))
-            store = np.memmap(self.folder / m["vector_file"], dtype=np.float16, mode="r", shape=(m["rows"], dim))
             for start, n in new_rows:
                 for a in range(start, start + n, CHUNK):
                     b = min(start + n, a + CHUNK)
-                    index.add_with_ids(np.asarray(store[a:b], np.float32), np.arange(a, b, dtype=np.int64))
-            del store
+                    index.add_with_ids(self._read_rows(m, dim, a, b), np.arange(a, b, dtype=np.int64))
         else:
             index = None
         if index is None:
@@ -352,13 +350,17 @@ class FaissIndex(VectorIndex):
 
     def _live_chunks(self, m: dict[str, Any], dim: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(row ids, float32 vectors) of the live rows, CHUNK rows at a time, read from the store."""
-        if not m["slides"]:
-            return
-        store = np.memmap(self.folder / m["vector_file"], dtype=np.float16, mode="r", shape=(m["rows"], dim))
         for s in m["slides"]:
             for a in range(s["row_start"], s["row_start"] + s["n"], CHUNK):
                 b = min(s["row_start"] + s["n"], a + CHUNK)
-                yield np.arange(a, b, dtype=np.int64), np.asarray(store[a:b], np.float32)
+                yield np.arange(a, b, dtype=np.int64), self._read_rows(m, dim, a, b)
+
+    def _read_rows(self, m: dict[str, Any], dim: int, a: int, b: int) -> np.ndarray:
+        """Rows a..b of the store as float32, read (not memory-mapped) so that a rebuild over
+        millions of rows keeps only one chunk resident: the page cache holds the rest, not the process."""
+        with open(self.folder / m["vector_file"], "rb") as f:
+            f.seek(a * dim * 2)
+            return np.fromfile(f, dtype=np.float16, count=(b - a) * dim).reshape(b - a, dim).astype(np.float32)
 
     def _build(self, m: dict[str, Any], kind: str, dim: int) -> Any:
         """A new search structure over the live rows, streamed from the store."""
@@ -380,10 +382,14 @@ class FaissIndex(VectorIndex):
 
     def _training_sample(self, m: dict[str, Any], dim: int, n: int) -> np.ndarray:
         """n live rows drawn uniformly at random (seeded), read in row order."""
-        store = np.memmap(self.folder / m["vector_file"], dtype=np.float16, mode="r", shape=(m["rows"], dim))
         live = np.concatenate([np.arange(s["row_start"], s["row_start"] + s["n"]) for s in m["slides"]])
         pick = np.sort(np.random.default_rng(0).choice(live, size=min(n, len(live)), replace=False))
-        return np.asarray(store[pick], np.float32)
+        out = np.empty((len(pick), dim), np.float32)
+        for a in range(0, m["rows"], CHUNK):  # chunk by chunk, as _read_rows says why
+            lo, hi = np.searchsorted(pick, [a, min(m["rows"], a + CHUNK)])
+            if hi > lo:
+                out[lo:hi] = self._read_rows(m, dim, a, min(m["rows"], a + CHUNK))[pick[lo:hi] - a]
+        return out
 
     def _compact(self, m: dict[str, Any], dim: int) -> None:
         """Rewrite the store with the live rows only, under new file names (committed with the manifest)."""

@@ -187,8 +187,9 @@ def infer_slide(
         t = time.perf_counter()
         normalize, stain_record = slide_normalizer(slide, grid, stain)
         timings["stain fit"] = time.perf_counter() - t
-        if normalize is None and log is not None:
-            log(f"stain: {slide.name}: {stain_record['fallback']}")
+        if log is not None:
+            for note in [stain_record["fallback"]] if normalize is None else normalize.source.notes:
+                log(f"stain: {slide.name}: {note}")
     measure = None if qc == "off" else TileMeasurer.for_geometry(grid.geometry)
     embeddings, probs, qc_rows = run_model(rt, slide, grid, batch_size, n_workers, timings, device=dev,
                                            progress=progress, log=log, measure=measure, normalize=normalize,

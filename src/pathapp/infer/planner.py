@@ -264,6 +264,8 @@ def run_inference(inputs: Sequence[str | Path], options: InferOptions | None = N
     _limit_threads()
     steady_malloc()
     build = _ModelBuild(o)
+    for note in build.stain.notes if build.stain is not None else []:  # e.g. Vahadane fell back to Macenko
+        echo(f"stain: reference {build.stain.source}: {note}")
     started = time.time()
     pending, waiting_said = jobs, False
     try:
