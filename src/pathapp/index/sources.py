@@ -228,7 +228,8 @@ def _infer(index, slides: list[str], options: InferOptions, summary: AddSummary,
     from pathapp.infer import expand_inputs, run_inference
 
     out_path = Path(options.out) if options.out is not None else None
-    check_query_model(index, options.model, options.weights, options.precision, options.mpp, options.tile_size)
+    check_query_model(index, options.model, options.weights, options.precision, options.mpp, options.tile_size,
+                      options.device)
     entry_of = {job.out_dir: str(job.entry.entry_id) if job.entry is not None else None
                 for job in expand_inputs(slides, out_path) if job.out_dir is not None}
     run = run_inference(slides, options, echo=echo)
@@ -237,10 +238,15 @@ def _infer(index, slides: list[str], options: InferOptions, summary: AddSummary,
 
 
 def check_query_model(index, model: str | Path, weights: str | Path | None = None, precision: str = "fp32",
-                      mpp: float | None = None, tile_size: int | None = None):
+                      mpp: float | None = None, tile_size: int | None = None, device: str = "auto"):
     """Load `model` and refuse it, before any slide is embedded, when it is not the index's model
-    (backbone, precision, µm/px and tile size). Returns the bundle and its name."""
+    (backbone, precision, µm/px and tile size; "auto" precision resolved as inference resolves it on
+    `device`). Returns the bundle and its name."""
+    from pathapp.infer.pipeline import resolve_precision
+    from pathapp.models.device import resolve_device
     from pathapp.models.loader import load_model, model_label
+
+    precision = resolve_precision(precision, resolve_device(device))
 
     bundle, name = load_model(model, weights=weights, mpp=mpp, tile_size=tile_size), model_label(model)
     if index.model is not None:
