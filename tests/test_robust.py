@@ -153,7 +153,8 @@ CASES = [
      ["pretrain: --batch-size 65536 needs about", "GiB allowed", "the largest that fits is --batch-size",
       "--grad-accum"]),
     ("train --method lora --batch-size beyond memory", ["train", "--data", "{ucsb}", "--model", "{bundle}", "--method",
-                                                        "lora", "--image-mpp", "0.5", "--batch-size", "65536",
+                                                        "lora", "--image-mpp", "0.5", "--tile-size", "224",
+                                                        "--batch-size", "65536",
                                                         "--out", "{tmp}/m.pathapp"],
      2, ["train --method lora: --batch-size 65536 needs about", "the largest that fits is --batch-size"]),
 ]

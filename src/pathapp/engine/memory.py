@@ -50,11 +50,27 @@ def memory_budget(device: torch.device) -> float:
     return MEMORY_SHARE * psutil.virtual_memory().total / max(1, dist_env().local_world_size)
 
 
+def _trim() -> None:
+    """Hand freed heap memory back to the system (glibc), so a probe's peak is not hidden by memory
+    the previous one freed but the allocator kept."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
 def _peak_rss(run: Callable[[], None]) -> float:
     """Peak resident bytes of this process while `run` runs (Linux resets the high-water mark
     through /proc/self/clear_refs; elsewhere the RSS is sampled)."""
+    import gc
+
+    gc.collect()
     status, clear = Path("/proc/self/status"), Path("/proc/self/clear_refs")
     if sys.platform.startswith("linux") and clear.exists():
+        _trim()
         clear.write_text("5")
         run()
         line = next(ln for ln in status.read_text().splitlines() if ln.startswith("VmHWM:"))
@@ -91,13 +107,14 @@ def peak_memory(run: Callable[[], None], device: torch.device) -> float:
 
 
 def probe(step: Callable[[int], None], device: torch.device, *, smallest: int = 2,
-          state_bytes: float = 0.0) -> BatchFit:
+          state_bytes: float = 0.0, image_bytes: float = 1.0) -> BatchFit:
     """Run `step(b)` (one forward and backward of b images, leaving no gradients behind) at b =
     `smallest` and 2 × `smallest`; `state_bytes` is memory the real step adds that the probe does
-    not allocate (the optimiser's moments)."""
+    not allocate (the optimiser's moments); `image_bytes`, what one image's input tensors take, is
+    the least an image can cost (a floor under measurement noise)."""
     low = peak_memory(lambda: step(smallest), device)
     high = peak_memory(lambda: step(2 * smallest), device)
-    per = max((high - low) / smallest, 1.0)
+    per = max((high - low) / smallest, image_bytes)
     fixed = max(low - per * smallest, 0.0) + state_bytes
     budget = memory_budget(device)
     return BatchFit(fixed, per, budget, max(0, int((budget - fixed) // per)))

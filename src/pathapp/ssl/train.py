@@ -139,7 +139,8 @@ def fit_batch_size(cfg: SSLConfig, patch_size: int, student: Student, teacher: T
         student.zero_grad(set_to_none=True)
 
     moments = 2 * sum(p.numel() * p.element_size() for p in student.parameters() if p.requires_grad)  # AdamW
-    fit = probe(step, info.device, state_bytes=moments)
+    views = 4 * 3 * (2 * g * g + n_loc * loc * loc)  # float32 crops of one image
+    fit = probe(step, info.device, state_bytes=moments, image_bytes=views)
     if is_distributed():  # the smallest machine decides, so all ranks agree
         largest = torch.tensor(fit.largest, device=info.device)
         dist.all_reduce(largest, op=dist.ReduceOp.MIN)

@@ -18,6 +18,7 @@ from pathapp.tiles.tissue import DEFAULT_MIN_TISSUE, TissueMask, detect_tissue
 # round µm/px (a 4× level of a 0.5026 µm/px scan is 2.01 µm/px, and serves a 2.0 µm/px request).
 LEVEL_TOLERANCE = 0.02
 PADDING, PADDING_VALUE = "padding fraction", "padding value"  # tile measurements of edge tiles
+MIN_COUNTED = 0.5  # the least part of a tile its tissue fraction is taken over (see make_grid)
 
 
 @dataclass(frozen=True)
@@ -192,7 +193,7 @@ def make_grid(
     µm/px: never guessed); neighbours are (tile_size − overlap) target px apart; the tiles cover the
     whole slide, those at the right and bottom edges reaching past it (read as background; the
     fraction is `TileGeometry.padding`). A tile is kept when its tissue fraction (from `tissue`,
-    detected when None; of the part of the tile on the slide) is ≥ `min_tissue` and, when `rois`
+    detected when None; of the part of the tile on the slide, or of half the tile when less is on it) is ≥ `min_tissue` and, when `rois`
     (level-0 shapely geometry) is given, when its centre lies inside the ROIs — so each tile belongs
     to at most one of several touching ROIs. Tiles are read at the coarsest pyramid level at least
     as fine as the target (within LEVEL_TOLERANCE), as `read_size` px resized once to `tile_size`."""
@@ -205,8 +206,10 @@ def make_grid(
     if tissue is None:
         tissue = detect_tissue(slide)
     fraction = tissue_fractions(coords, footprint, tissue) if len(coords) else np.zeros(0, np.float32)
-    inside = 1.0 - geometry.padding(coords, (w, h))  # of an edge tile, only the part on the slide counts
-    fraction = np.minimum(fraction / np.maximum(inside, 1e-9), 1.0).astype(np.float32)
+    # an edge tile's fraction is of its part on the slide, but never of less than half a tile, so
+    # that a sliver of tissue does not make a tile of mostly padding
+    inside = 1.0 - geometry.padding(coords, (w, h))
+    fraction = np.minimum(fraction / np.maximum(inside, MIN_COUNTED), 1.0).astype(np.float32)
     keep = fraction >= min_tissue - 1e-6
     if rois is not None:
         keep &= shapely.contains_xy(rois, coords[:, 0] + footprint / 2, coords[:, 1] + footprint / 2)

@@ -217,7 +217,8 @@ def fit_image(rgb: np.ndarray, method: str, label: str) -> StainFit:
 def fit_slide(slide: Slide, method: str, *, mpp: float = 0.5, tile_size: int = 224, tiles: int = FIT_TILES,
               grid: Any = None) -> StainFit:
     """Fit a slide on up to `tiles` of its tissue tiles (from `grid`, or a grid at `mpp` µm/px over
-    its detected tissue), spread over the slide, so every region counts and no tile alone decides."""
+    its detected tissue), spread over the slide, so every region counts and no tile alone decides;
+    whole tiles where there are any (edge tiles are partly padding)."""
     from pathapp.tiles.dataset import read_tile
     from pathapp.tiles.grid import make_grid
 
@@ -226,7 +227,9 @@ def fit_slide(slide: Slide, method: str, *, mpp: float = 0.5, tile_size: int = 2
         grid = make_grid(slide, mpp, tile_size)
     if len(grid) == 0:
         raise StainFitError(f"{label}: no tissue tiles: no tissue to fit a stain on; give a slide with tissue")
-    pick = np.linspace(0, len(grid) - 1, min(tiles, len(grid))).round().astype(int)
+    whole = np.flatnonzero(grid.geometry.padding(grid.coords, grid.slide_size) == 0)  # no edge padding
+    candidates = whole if len(whole) else np.arange(len(grid))
+    pick = candidates[np.linspace(0, len(candidates) - 1, min(tiles, len(candidates))).round().astype(int)]
     images = [read_tile(slide, grid, int(i)) for i in np.unique(pick)]
     every = np.concatenate([im.reshape(-1, 3) for im in images])
     _check_brightfield(every[:, None, :], label)

@@ -170,7 +170,7 @@ class _LoraRun:
 
         trainable = [*lora_parameters(self.backbone), *self.head.parameters()]
         moments = 2 * sum(p.numel() * p.element_size() for p in trainable)  # AdamW's two moments
-        fit = probe(step, self.dev, smallest=1, state_bytes=moments)
+        fit = probe(step, self.dev, smallest=1, state_bytes=moments, image_bytes=4 * 3 * tile_size**2)
         return choose_batch(fit, self.cfg.batch_size, LORA_MAX_AUTO_BATCH, smallest=1, what="train --method lora",
                             fix="gradient checkpointing is on; fewer LoRA --lora-targets or a smaller --lora-rank "
                                 "lower it a little")
