@@ -227,8 +227,7 @@ def fit_slide(slide: Slide, method: str, *, mpp: float = 0.5, tile_size: int = 2
         grid = make_grid(slide, mpp, tile_size)
     if len(grid) == 0:
         raise StainFitError(f"{label}: no tissue tiles: no tissue to fit a stain on; give a slide with tissue")
-    ends = grid.geometry.origins(grid.coords) + grid.geometry.footprint
-    whole = np.flatnonzero((ends <= np.asarray(grid.slide_size) + 1e-6).all(axis=1))  # no edge padding
+    whole = np.flatnonzero(grid.geometry.padding(grid.coords, grid.slide_size) == 0)  # no edge padding
     candidates = whole if len(whole) else np.arange(len(grid))
     pick = candidates[np.linspace(0, len(candidates) - 1, min(tiles, len(candidates))).round().astype(int)]
     images = [read_tile(slide, grid, int(i)) for i in np.unique(pick)]
