@@ -68,7 +68,8 @@ class LabelledTiles:
 
     @property
     def paths(self) -> list[Path]:
-        return [im.path for im in self.images]
+        """The data files behind the items: the images, or the annotated slides."""
+        return [im.path for im in self.images] if self.source == "images" else [Path(sl.path) for sl, _ in self.parts]
 
 
 class ConcatTiles:
@@ -437,9 +438,8 @@ def item_keys(paths: Sequence[Path]) -> list[str]:
 def _data_record(lt: LabelledTiles) -> dict[str, Any]:
     """What the bundle's provenance says about its labelled data: the unit a label is given to, the
     real grouping, the items (images, or annotated slides) and groups, and the images' µm/px."""
-    files = lt.paths if lt.source == "images" else [Path(s.path) for s, _ in lt.parts]
     record: dict[str, Any] = {"unit": "image" if lt.source == "images" else "tile", "grouping": lt.grouping,
-                              "items": item_keys(files), "groups": sorted(set(map(str, lt.groups)))}
+                              "items": item_keys(lt.paths), "groups": sorted(set(map(str, lt.groups)))}
     if lt.source == "images":
         record["image_mpp"] = sorted({im.mpp for im in lt.images})
         record["tiles_per_image"] = float(np.mean([len(im.grid) for im in lt.images]))
@@ -555,7 +555,7 @@ def evaluate_model(
             train_lt, lt = lt, load([other], names=lt.class_names)
         names, y, groups, grouping = lt.class_names, lt.labels, lt.groups, lt.grouping
         X = embed(lt, bundle)
-        files = lt.paths if lt.source == "images" else [Path(sl_.path) for sl_, _ in lt.parts]
+        files = lt.paths
     extra: dict[str, Any] = {"model": str(model), "data": [str(d) for d in data], "group_by": grouping,
                              "stain_norm": None if stain is None else {"method": stain.method, "reference": stain.source}}
     seen = _seen_in_training(bundle, files, groups)
