@@ -290,11 +290,9 @@ def plan_tiles(slide: Slide, mpp: float, tile_size: int, rois: Any, min_tissue: 
     """The tissue tiles to run (`overlap` px between neighbours), a thumbnail to draw results on, and
     why there is no tile when there is none (stage times into `timings`)."""
     from pathapp.tiles import DEFAULT_MIN_TISSUE, detect_tissue, make_grid, why_empty
-    from pathapp.tiles.tissue import require_brightfield
 
     t = time.perf_counter()
     tissue = detect_tissue(slide)
-    require_brightfield(slide, tissue)
     timings["tissue"] = time.perf_counter() - t
     t = time.perf_counter()
     grid_kwargs = {} if min_tissue is None else {"min_tissue": min_tissue}
