@@ -49,6 +49,26 @@ def case_subset(fraction: float, out: Path, seed: int = 0) -> tuple[Path, int]:
     return out, len(chosen)
 
 
+def paired(method_csv: Path, none_csv: Path) -> dict:
+    """method − none balanced accuracy on the same images (evaluate's predictions.csv, out of fold),
+    with evaluate's paired bootstrap over cases."""
+    import numpy as np
+
+    from pathapp.train.floors import paired_difference
+
+    def read(path: Path) -> dict[str, list[str]]:
+        with path.open(newline="") as f:
+            return {r["item"]: r for r in csv.DictReader(f)}
+
+    a, b = read(method_csv), read(none_csv)
+    items = sorted(a)
+    classes = [k for k in next(iter(a.values())) if k.startswith("prob: ")]
+    y = np.array([classes.index(f"prob: {a[i]['label']}") for i in items])
+    probs = [np.array([[float(r[i][k]) for k in classes] for i in items]) for r in (a, b)]
+    groups = np.array([a[i]["group"] for i in items])
+    return paired_difference(y, probs[0], probs[1], groups, len(classes), 1000, 0)
+
+
 def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(Path(__file__).parent))
     from bench_stain_scanners import random_bundle
@@ -59,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", nargs="+", default=["none", "macenko", "reinhard", "vahadane"])
     ap.add_argument("--cases", type=float, default=1.0,
                     help="score every method on this seeded random fraction of each class's cases (default all)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep each method's finished run in --work (report.json, seconds.txt) instead of rerunning it")
     ap.add_argument("--work", type=Path, default=Path("bench-stain-ebhi"))
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "stain_ebhi.txt")
     args = ap.parse_args(argv)
@@ -78,13 +100,23 @@ def main(argv: list[str] | None = None) -> int:
                "--out", str(out)]
         if method != "none":
             cmd += ["--stain-norm", method, "--stain-ref", str(REF)]
-        t = time.perf_counter()
-        subprocess.run(cmd, check=True)
+        seconds = out / "seconds.txt"
+        if not (args.reuse and seconds.exists() and (out / "report.json").exists()):
+            t = time.perf_counter()
+            subprocess.run(cmd, check=True)
+            seconds.write_text(f"{time.perf_counter() - t:.0f}\n")
         m = json.loads((out / "report.json").read_text())["metrics"]
         lo, hi = m["ci95"]["balanced_accuracy"]
         lines.append(f"| {method} | {m['balanced_accuracy']:.3f} [{lo:.3f}, {hi:.3f}] | {m['accuracy']:.3f} | "
-                     f"{m['macro_f1']:.3f} | {time.perf_counter() - t:.0f} |")
+                     f"{m['macro_f1']:.3f} | {seconds.read_text().strip()} |")
         print(lines[-1], flush=True)
+    if "none" in args.methods and len(args.methods) > 1:
+        lines += ["", "| paired difference on the same images | balanced accuracy [95 % CI over cases] |", "|---|---|"]
+        for method in args.methods:
+            if method != "none":
+                d = paired(args.work / method / "predictions.csv", args.work / "none" / "predictions.csv")
+                lo, hi = d["ci95"]["balanced_accuracy"]
+                lines.append(f"| {method} − none | {d['balanced_accuracy']:+.3f} [{lo:+.3f}, {hi:+.3f}] |")
     finish(lines, args.out)
     return 0
 
