@@ -130,6 +130,9 @@ def open_disk(mask: np.ndarray, radius: int) -> np.ndarray:
     Euclidean distance transforms, whose cost does not grow with the radius (4× faster at 12 px)."""
     from scipy import ndimage as ndi
 
+    inner = 2 * int(radius / np.sqrt(2)) + 1  # the largest square inside the disk: if not even it fits, nothing is kept
+    if not ndi.minimum_filter(mask, size=inner, mode="constant", cval=0).any():
+        return np.zeros_like(mask)
     # a pixel survives erosion when its nearest background pixel (the border's ring included) is
     # farther than the radius; squared distances are integers, so the 1e-6 margins are exact
     core = ndi.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1] > radius + 1e-6
