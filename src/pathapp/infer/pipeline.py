@@ -103,7 +103,10 @@ def prepare_model(bundle: Bundle, device: str = "auto", precision: str = "auto",
 
         model = quantize_int8(bundle.build("cpu"))
     else:
+        from pathapp.models.quantize import fold_layer_scale
+
         model = bundle.build(dev)
+        fold_layer_scale(model.backbone)
         if precision == "bf16":
             model.backbone.to(torch.bfloat16)
     channels_last = dev.type == "cuda" if channels_last is None else channels_last
