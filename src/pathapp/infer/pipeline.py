@@ -293,7 +293,7 @@ def plan_tiles(slide: Slide, mpp: float, tile_size: int, rois: Any, min_tissue: 
     """The tissue tiles to run (`overlap` px between neighbours), a thumbnail to draw results on, and
     why there is no tile when there is none (stage times into `timings`)."""
     from pathapp.tiles import DEFAULT_MIN_TISSUE, detect_tissue, make_grid, why_empty
-    from pathapp.tiles.tissue import TISSUE_MAX_PX, TISSUE_MPP, require_brightfield, working_downsample
+    from pathapp.tiles.tissue import TISSUE_MAX_PX, TISSUE_MPP, working_downsample
 
     t = time.perf_counter()
     # one pass over the pyramid for both low-resolution views: the tissue mask's and the pictures'
@@ -303,7 +303,6 @@ def plan_tiles(slide: Slide, mpp: float, tile_size: int, rois: Any, min_tissue: 
     timings["low-res read"] = time.perf_counter() - t
     t = time.perf_counter()
     tissue = detect_tissue(slide, target_mpp=TISSUE_MPP, max_px=TISSUE_MAX_PX, view=tissue_view)
-    require_brightfield(slide, tissue)
     timings["tissue"] = time.perf_counter() - t
     t = time.perf_counter()
     grid_kwargs = {} if min_tissue is None else {"min_tissue": min_tissue}
