@@ -118,14 +118,11 @@ FOLD_EOSIN = np.arange(0.02, 0.08, 0.002)  # `qc: eosin` floors
 def replaced_fold_flag(tile: np.ndarray, mpp: float) -> bool:
     """The fold flag before this one: ≥ 10 % of the tile under regions of summed log10 OD > 2 at
     least 12 µm wide (measured at 0.5 µm/px, as all these cases are)."""
-    from scipy import ndimage as ndi
-    from skimage.morphology import disk
-
-    from pathapp.tiles.qc import optical_densities
+    from pathapp.tiles.qc import open_disk, optical_densities
     from pathapp.tiles.tissue import to_rgb
 
     dense = optical_densities(to_rgb(tile)).sum(axis=2) > 2.0
-    return bool(ndi.binary_opening(dense, structure=disk(int(round(6.0 / mpp)))).mean() >= 0.1)
+    return bool(open_disk(dense, int(round(6.0 / mpp))).mean() >= 0.1)
 
 
 def fold_cv(cases: list, measures: dict[str, np.ndarray], thresholds) -> list[str]:

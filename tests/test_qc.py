@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from scipy import ndimage as ndi
 
@@ -12,7 +14,7 @@ from conftest import data_file
 from pathapp.slide import open_slide
 from pathapp.tiles import detect_tissue, make_grid, read_tile
 from pathapp.tiles import qc_cases
-from pathapp.tiles.qc import OK, QCThresholds, measure_tile, measure_tiles, qc_classes
+from pathapp.tiles.qc import OK, QCThresholds, measure_tile, measure_tiles, open_disk, qc_classes
 
 
 def test_blur_estimate_recovers_a_known_edge_blur():
@@ -29,6 +31,18 @@ def test_blur_estimate_recovers_a_known_edge_blur():
     # a finer tile is measured at QC_MPP: the same physical blur gives the same µm
     fine = np.repeat((255 * (0.9 - 0.6 * ndi.gaussian_filter(np.tile(edge, (2, 2)), 4.0))).astype(np.uint8)[..., None], 3, 2)
     assert measure_tile(fine, 0.25)["blur µm"] == pytest.approx(1.0, rel=0.2)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), radius=st.integers(1, 14), smooth=st.floats(0.5, 6.0),
+       level=st.floats(0.4, 0.6), shape=st.tuples(st.integers(1, 90), st.integers(1, 90)))
+def test_open_disk_is_scipys_binary_opening_by_a_disk(seed, radius, smooth, level, shape):
+    """The fast opening (distance transforms) keeps exactly the pixels scipy's opening by skimage's disk
+    keeps, at the image border too, so fold and pen fractions do not change with the speed-up."""
+    from skimage.morphology import disk
+
+    mask = ndi.gaussian_filter(np.random.default_rng(seed).random(shape), smooth) > level
+    np.testing.assert_array_equal(open_disk(mask, radius), ndi.binary_opening(mask, structure=disk(radius)))
 
 
 def test_compression_needs_a_whole_block_grid():

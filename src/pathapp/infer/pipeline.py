@@ -103,7 +103,10 @@ def prepare_model(bundle: Bundle, device: str = "auto", precision: str = "auto",
 
         model = quantize_int8(bundle.build("cpu"))
     else:
+        from pathapp.models.quantize import fold_layer_scale
+
         model = bundle.build(dev)
+        fold_layer_scale(model.backbone)
         if precision == "bf16":
             model.backbone.to(torch.bfloat16)
     channels_last = dev.type == "cuda" if channels_last is None else channels_last
@@ -290,23 +293,21 @@ def plan_tiles(slide: Slide, mpp: float, tile_size: int, rois: Any, min_tissue: 
     """The tissue tiles to run (`overlap` px between neighbours), a thumbnail to draw results on, and
     why there is no tile when there is none (stage times into `timings`)."""
     from pathapp.tiles import DEFAULT_MIN_TISSUE, detect_tissue, make_grid, why_empty
+    from pathapp.tiles.tissue import TISSUE_MAX_PX, TISSUE_MPP, working_downsample
 
     t = time.perf_counter()
-    tissue = detect_tissue(slide)
+    # one pass over the pyramid for both low-resolution views: the tissue mask's and the pictures'
+    tissue_view, thumb_view = slide.read_views([working_downsample(slide, TISSUE_MPP, TISSUE_MAX_PX),
+                                                slide.thumbnail_downsample(THUMBNAIL_PX)])
+    thumbnail = slide.thumbnail(THUMBNAIL_PX, view=thumb_view[0])
+    timings["low-res read"] = time.perf_counter() - t
+    t = time.perf_counter()
+    tissue = detect_tissue(slide, target_mpp=TISSUE_MPP, max_px=TISSUE_MAX_PX, view=tissue_view)
     timings["tissue"] = time.perf_counter() - t
     t = time.perf_counter()
     grid_kwargs = {} if min_tissue is None else {"min_tissue": min_tissue}
     grid = make_grid(slide, mpp, tile_size, overlap=overlap, tissue=tissue, rois=rois, **grid_kwargs)
     timings["grid"] = time.perf_counter() - t
-    t = time.perf_counter()
-    # The tissue detector already decoded a low-resolution view; reuse it when it is as large as the
-    # pictures are drawn (THUMBNAIL_PX on the long side), else read one at that size from the pyramid.
-    low_res = getattr(tissue, "rgb", None)
-    if low_res is not None and max(low_res.shape[:2]) >= min(THUMBNAIL_PX, max(slide.size)):
-        thumbnail = low_res
-    else:
-        thumbnail = slide.thumbnail(THUMBNAIL_PX)
-    timings["thumbnail"] = time.perf_counter() - t
     empty = None if len(grid) else why_empty(grid, tissue, rois, DEFAULT_MIN_TISSUE if min_tissue is None else min_tissue)
     return grid, thumbnail, empty
 
