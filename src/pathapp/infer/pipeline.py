@@ -17,7 +17,7 @@ from pathapp.errors import PathappError
 from pathapp.results import SlideResult
 from pathapp.results.result import TileQC
 from pathapp.slide import Slide
-from pathapp.tiles.qc import ARTEFACTS, MEASURES, OK, PREFIX, QCThresholds, TileMeasurer, columns, qc_classes
+from pathapp.tiles.qc import ARTEFACTS, MEASURES, OK, PREFIX, QCThresholds, TileMeasurer, columns, qc_classes, with_fold
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
@@ -321,7 +321,8 @@ def run_model(rt: Runtime | Future[Runtime] | None, slide: Slide, grid: TileGrid
     every tile of `grid`, read once by `n_workers` DataLoader workers, which also measure QC
     (`measure`) and start reading before a runtime still being built is waited for. `normalize` maps
     each uint8 batch on the device before the model; `exclude` keeps tiles QC flags from the model
-    (their rows stay zero). Without `rt` (QC only) no model runs. Stage times go into `timings`."""
+    (their rows stay zero; `fold` needs the whole slide, so folded tiles are run and dropped later, in
+    `slide_qc`). Without `rt` (QC only) no model runs. Stage times go into `timings`."""
     import torch
     from torch.utils.data import DataLoader
     from tqdm import tqdm
@@ -396,7 +397,7 @@ def slide_qc(grid: TileGrid, qc_rows: np.ndarray | None, *, exclude: bool) -> tu
     n = len(grid)
     if qc_rows is None:
         return None, np.ones(n, bool), {}
-    measures = columns(qc_rows)
+    measures = with_fold(columns(qc_rows))  # folds are judged against the whole slide, so only here
     classes = qc_classes(measures)
     kept = classes == OK if exclude else np.ones(n, bool)
     tile_qc = TileQC(coords=np.asarray(grid.coords, np.int64).reshape(-1, 2), footprint=float(grid.footprint),
