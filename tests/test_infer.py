@@ -187,8 +187,8 @@ def write_project(folder: Path, images: list[Path]) -> Path:
 
 def test_qupath_project_entries_and_missing_image(shared_data, bundle_path, tmp_path):
     """Entries run into <project>/pathapp/<entryID>/; a missing image fails alone; without QuPath
-    --write-project leaves the GeoJSON there and says how to import it."""
-    qpproj = write_project(tmp_path / "proj", [data_file(SVS), Path("/nowhere/gone.svs")])
+    --write-project leaves the GeoJSON there and says how to import it, once for the whole run."""
+    qpproj = write_project(tmp_path / "proj", [data_file(SVS), Path("/nowhere/gone.svs"), data_file(SVS)])
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("PAQUO_QUPATH_DIR", raising=False)
         code, out = run_cli("infer", str(qpproj), "--model", str(bundle_path), "--mpp", "4.0", "--workers", "0",
@@ -198,8 +198,10 @@ def test_qupath_project_entries_and_missing_image(shared_data, bundle_path, tmp_
     folder = tmp_path / "proj" / "pathapp" / "1"
     check_outputs(folder, load_bundle(bundle_path).class_names)
     assert not (tmp_path / "proj" / "pathapp" / "2").exists()
-    assert "wrote QuPath GeoJSON" in out and str(folder / "tiles.geojson") in out
-    assert out.count("pip install 'pathapp[qupath]'") == 1, out  # the hint once, not twice
+    assert (tmp_path / "proj" / "pathapp" / "3" / ".done").exists()
+    assert out.count("wrote QuPath GeoJSON") == 1, out  # one message for the run, naming both entries' files
+    assert str(folder / "tiles.geojson") in out and str(tmp_path / "proj" / "pathapp" / "3" / "tiles.geojson") in out
+    assert out.count("pip install 'pathapp[qupath]'") == 1, out  # the hint once per command, not per entry
 
 
 def test_int8_embeddings_close_to_fp32(shared_data, bundle_path):

@@ -143,18 +143,20 @@ def test_bridge_and_java_free_reader_agree(project_dir: str) -> None:
 
 
 def test_write_project_without_qupath_explains_the_import(tmp_path: Path) -> None:
-    """`infer project.qpproj --write-project` without QuPath: a message naming the GeoJSON to import."""
+    """`infer project.qpproj --write-project` without QuPath: one error saying which part is missing
+    (the run then names the GeoJSON to import once, see test_infer), and the GeoJSON among the files."""
     _require_paquo()
     code = (
-        "from pathapp.qupath.paquo_bridge import write_geojson_to_project\n"
-        f"print(write_geojson_to_project({str(tmp_path)!r}, 1, [{str(tmp_path / 'tiles.geojson')!r}, "
-        f"{str(tmp_path / 'run.json')!r}]))"
+        "from pathapp.qupath.paquo_bridge import QuPathNotAvailableError, geojson_files, write_geojson_to_project\n"
+        f"files = [{str(tmp_path / 'tiles.geojson')!r}, {str(tmp_path / 'run.json')!r}]\n"
+        "print([str(f) for f in geojson_files(files)])\n"
+        "try:\n    write_geojson_to_project('/nowhere', 1, files)\n"
+        "except QuPathNotAvailableError as e:\n    print('ERR', e.reason)\n"
     )
     out = _run(code, PAQUO_QUPATH_DIR="/nonexistent")
     assert out.returncode == 0, out.stderr
-    assert "no usable QuPath installation" in out.stdout
-    assert str(tmp_path / "tiles.geojson") in out.stdout and "run.json" not in out.stdout
-    assert "pathapp_import.groovy" in out.stdout
+    assert "ERR no usable QuPath installation" in out.stdout
+    assert out.stdout.splitlines()[0] == str([str(tmp_path / "tiles.geojson")])
 
 
 # ------------------------------------------------------------ write decisions (no QuPath needed)

@@ -145,6 +145,12 @@ CASES = [
     ("infer a dark-background image", ["infer", "{dark}", "--model", "{bundle}", "--slide-mpp", "1", "--out",
                                        "{out}"], 1, ["failed:", "{dark}", "its background is dark"]),
     ("qc a fluorescence QPTIFF", ["qc", "{vectra}", "--out", "{out}"], 1, ["failed:", "{vectra}", "fluorescence"]),
+    ("train on a fluorescence slide's annotations", ["train", "--data", "{regions}", "--slides", "{vectra}", "--model",
+                                                     "{bundle}", "--method", "prototype", "--out", "{tmp}/m.pathapp"],
+     2, ["{vectra}", "fluorescence image (3 channels; the file says so)", "pathapp tile"]),
+    ("train on labelled images, one fluorescence", ["train", "--data", "{fluo_labels}", "--model", "{bundle}",
+                                                    "--method", "prototype", "--out", "{tmp}/m.pathapp"],
+     2, ["{vectra}", "fluorescence image"]),
     ("pretrain on a fluorescence QPTIFF", ["pretrain", "--slides", "{vectra}", "--out", "{out}", "--steps", "1"], 2,
      ["{vectra}", "fluorescence"]),
     # a batch that cannot fit in memory is refused before anything is written, with the largest that fits
@@ -178,16 +184,23 @@ def test_bad_input_gets_one_line(shared_data, bundle, evil, tmp_path, name, argv
     ssl = tmp_path / "ssl.yaml"  # a small ViT whose iBOT head still takes megabytes per image
     ssl.write_text(yaml.safe_dump({**TINY_SSL, "n_prototypes": 4096, "global_crop_size": 224, "tile_size": 224,
                                    "backbone_overrides": {**TINY_SSL["backbone_overrides"], "img_size": 224}}))
+    regions = write_objects(tmp_path / "regions.geojson", [  # two classes over the left and right of the image
+        QuPathObject(geometry=shapely.box(0, 0, 900, 1400), class_name="A"),
+        QuPathObject(geometry=shapely.box(1000, 0, 1900, 1400), class_name="B")])
+    fluo_labels = tmp_path / "labels.csv"
+    fluo_labels.write_text(f"image,label\n{data_file(SVS)},a\n{data_file(VECTRA)},b\n")
     where = {"svs": data_file(SVS), "tiny": data_file(TINY_SLIDE), "nompp": data_file(NO_MPP), "bundle": bundle,
              "out": tmp_path / "out", "tmp": tmp_path, "evil": evil, "file": tmp_path / "notes.txt", "cut": cut,
              "project": project, "standin": project / "TD_01_verysmall_mIF.ome.tif", "vectra": data_file(VECTRA),
-             "dark": dark, "ssl": ssl, "tiles": data_file(NCT_TILES), "ucsb": data_file(UCSB)}
+             "dark": dark, "ssl": ssl, "tiles": data_file(NCT_TILES), "ucsb": data_file(UCSB),
+             "regions": regions, "fluo_labels": fluo_labels}
     got, _, err = pathapp(*(a.format(**where) for a in argv))
     assert got == code, err
     line = one_message(err)
     for w in words:
         assert w.format(**where) in line, line
     assert not (tmp_path / "out").exists() or code == 1  # refused before anything was written
+    assert not (tmp_path / "m.pathapp").exists()
 
 
 def test_malicious_pickle_is_one_clean_line_from_the_console_script(evil, tmp_path):
@@ -302,6 +315,11 @@ def test_numeric_options_are_finite_and_in_range(shared_data, tmp_path, command,
     ssl = tmp_path / "ssl.yaml"  # a small ViT whose iBOT head still takes megabytes per image
     ssl.write_text(yaml.safe_dump({**TINY_SSL, "n_prototypes": 4096, "global_crop_size": 224, "tile_size": 224,
                                    "backbone_overrides": {**TINY_SSL["backbone_overrides"], "img_size": 224}}))
+    regions = write_objects(tmp_path / "regions.geojson", [  # two classes over the left and right of the image
+        QuPathObject(geometry=shapely.box(0, 0, 900, 1400), class_name="A"),
+        QuPathObject(geometry=shapely.box(1000, 0, 1900, 1400), class_name="B")])
+    fluo_labels = tmp_path / "labels.csv"
+    fluo_labels.write_text(f"image,label\n{data_file(SVS)},a\n{data_file(VECTRA)},b\n")
     where = {"svs": data_file(SVS), "tmp": tmp_path}
     args = [a.format(**where) for a in required] + [option, text]
     integer_option = option in INT_OPTIONS or (command == "train" and option == "--epochs")

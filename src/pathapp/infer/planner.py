@@ -63,6 +63,9 @@ class RunSummary:
     elsewhere: list[Path] = field(default_factory=list)  # completed by another process during this run
     failed: list[tuple[str, str]] = field(default_factory=list)
     empty: list[Path] = field(default_factory=list)  # written, but without a single tile
+    # --write-project without QuPath: the GeoJSON left to import, and why (said once, at the end)
+    unimported: list[Path] = field(default_factory=list)
+    no_qupath: str = ""
 
     @property
     def ok(self) -> bool:
@@ -282,6 +285,10 @@ def run_inference(inputs: Sequence[str | Path], options: InferOptions | None = N
             pending = busy
     finally:
         build.close()
+    if summary.unimported:  # once per run, not once per entry
+        from pathapp.qupath.paquo_bridge import import_instructions
+
+        echo(f"{summary.no_qupath}\n{import_instructions(summary.unimported)}")
     for folder in sorted({p.parent for p in summary.done + summary.skipped}):
         index = write_index(folder)  # every slide folder there, this run's and earlier ones
         if index is not None:
@@ -310,7 +317,7 @@ def _attempt(job: Job, build: _ModelBuild, o: InferOptions, rois: Any, echo: Cal
                  + (" (use --overwrite to redo)" if ours else " (by another process)"))
             (summary.skipped if ours else summary.elsewhere).append(job.out_dir)
             return "skipped"
-        status = _run_job(job, lease, build, o, rois, echo)
+        status = _run_job(job, lease, build, o, rois, echo, summary)
     except Exception as e:  # one bad slide must not stop the others; one line each
         if build.failed(e):
             raise
@@ -370,9 +377,10 @@ def settings_differ(recorded: dict[str, Any], settings: dict[str, Any]) -> str:
 
 
 def _run_job(job: Job, lease: Lease, build: _ModelBuild, o: InferOptions, rois: Any,
-             echo: Callable[[str], None]) -> str:
+             echo: Callable[[str], None], summary: RunSummary) -> str:
     """Run one claimed job (the model, or for QC only no model) and write its results; "done" or
-    "empty". Raises on failure."""
+    "empty" (GeoJSON --write-project could not add for want of QuPath go to `summary.unimported`).
+    Raises on failure."""
     if rois is None and o.roi_class:  # no --roi: each project image's own annotations of those classes
         if job.project is None or job.entry is None:
             raise InferenceError(f"{job.label}: {NEEDS_ANNOTATIONS}")
@@ -420,9 +428,11 @@ def _run_job(job: Job, lease: Lease, build: _ModelBuild, o: InferOptions, rois: 
     if not n:
         echo(f"warning: {job.label}: no tiles: {result.params['empty']}")
     if o.write_project and job.project is not None:
-        from pathapp.qupath.paquo_bridge import write_geojson_to_project
+        from pathapp.qupath.paquo_bridge import QuPathNotAvailableError, geojson_files, write_geojson_to_project
 
-        message = write_geojson_to_project(job.project.path, job.entry.entry_id, files, image_path=job.source)
-        if message:
-            echo(message)
+        try:
+            echo(write_geojson_to_project(job.project.path, job.entry.entry_id, files, image_path=job.source))
+        except QuPathNotAvailableError as e:
+            summary.unimported += geojson_files(files)
+            summary.no_qupath = e.reason
     return "empty" if not n else "done"

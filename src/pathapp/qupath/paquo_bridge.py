@@ -237,19 +237,20 @@ def write_geojson_to_project(
     image_path: Path | None = None,
 ) -> str:
     """`pathapp infer project.qpproj --write-project`: add the GeoJSON among `files` to the entry
-    whose image pathapp read at `image_path`.
+    whose image pathapp read at `image_path`. Returns a line for the user.
 
-    Without paquo or QuPath the GeoJSON files stay where they are and the returned message says how
-    to import them; other errors (no such entry, unreadable file, image not found) raise. Returns a
-    line for the user."""
-    geojson_files = [Path(f) for f in files if str(f).endswith(".geojson")]
-    try:
-        load_paquo()
-    except QuPathNotAvailableError as e:
-        return f"{e.reason}\n{import_instructions(geojson_files)}"  # which ends with the install hint
-    objects = [o for p in geojson_files for o in read_objects(p)]
+    Without paquo or QuPath this raises QuPathNotAvailableError and the GeoJSON files stay where
+    they are: the caller says once per run how to import them (`geojson_files`, `import_instructions`);
+    other errors (no such entry, unreadable file, image not found) raise too."""
+    load_paquo()
+    objects = [o for p in geojson_files(files) for o in read_objects(p)]
     n = write_entry_objects(project_path, entry_id, objects, image_path)
     return f"added {n} objects to {project_path} entry {entry_id} (earlier pathapp objects replaced)"
+
+
+def geojson_files(files: Sequence[str | os.PathLike]) -> list[Path]:
+    """The QuPath GeoJSON among a slide's result files (what a project import takes)."""
+    return [Path(f) for f in files if str(f).endswith(".geojson")]
 
 
 def import_instructions(files: Sequence[str | os.PathLike]) -> str:

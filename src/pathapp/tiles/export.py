@@ -62,7 +62,8 @@ def tile_slide(
     with open_slide(path, backend=backend, slide_mpp=slide_mpp) as slide:
         slide.require_mpp()  # fail on a missing µm/px before spending time on tissue detection
         tissue = detect_tissue(slide)
-        grid = make_grid(slide, mpp, tile_size, overlap=overlap, tissue=tissue, rois=rois, min_tissue=min_tissue)
+        grid = make_grid(slide, mpp, tile_size, overlap=overlap, tissue=tissue, rois=rois, min_tissue=min_tissue,
+                         brightfield_only=False)
         out_dir = mark_output_folder(Path(out) / slide.name)
         tiles = tile_objects(tile_boxes(grid), measurements={"tissue fraction": grid.tissue_fraction,
                                                              **grid.edge_measurements(slide.background)})

@@ -12,7 +12,7 @@ from shapely.geometry.base import BaseGeometry
 
 from pathapp.errors import PathappError
 from pathapp.slide import Slide
-from pathapp.tiles.tissue import DEFAULT_MIN_TISSUE, TissueMask, detect_tissue
+from pathapp.tiles.tissue import DEFAULT_MIN_TISSUE, TissueMask, detect_tissue, require_brightfield
 
 # A level up to this much coarser than the target still counts as the target resolution: scanners
 # round µm/px (a 4× level of a 0.5026 µm/px scan is 2.01 µm/px, and serves a 2.0 µm/px request).
@@ -187,6 +187,7 @@ def make_grid(
     tissue: TissueMask | None = None,
     rois: BaseGeometry | None = None,
     min_tissue: float = DEFAULT_MIN_TISSUE,
+    brightfield_only: bool = True,
 ) -> TileGrid:
     """Square tiles of `tile_size` px at `mpp` µm/px over the slide, kept where tissue is.
 
@@ -197,7 +198,10 @@ def make_grid(
     detected when None; of the part of the tile on the slide, or of half the tile when less is on it) is ≥ `min_tissue` and, when `rois`
     (level-0 shapely geometry) is given, when its centre lies inside the ROIs — so each tile belongs
     to at most one of several touching ROIs. Tiles are read at the coarsest pyramid level at least
-    as fine as the target (within LEVEL_TOLERANCE), as `read_size` px resized once to `tile_size`."""
+    as fine as the target (within LEVEL_TOLERANCE), as `read_size` px resized once to `tile_size`.
+    A fluorescence image is refused in one line (`require_brightfield`: the models, QC and stain
+    tools read brightfield RGB) unless `brightfield_only` is False (`pathapp tile`, whose tissue
+    detector is made for it)."""
     geometry = tile_geometry(slide, mpp, tile_size, overlap)
     footprint = geometry.footprint
     w, h = slide.size
@@ -206,6 +210,8 @@ def make_grid(
     coords = np.column_stack([gx.ravel(), gy.ravel()]).astype(np.int64)
     if tissue is None:
         tissue = detect_tissue(slide)
+    if brightfield_only:
+        require_brightfield(slide, tissue)
     fraction = tissue_fractions(coords, footprint, tissue) if len(coords) else np.zeros(0, np.float32)
     # an edge tile's fraction is of its part on the slide, but never of less than half a tile, so
     # that a sliver of tissue does not make a tile of mostly padding
