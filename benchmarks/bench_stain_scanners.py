@@ -59,10 +59,7 @@ def random_bundle(path: Path) -> Path:
     """bench_fewshot's random dinov2_vits14 (LayerScale 1), saved as a bundle file."""
     from bench_fewshot import backbone_bundle
 
-    from pathapp.models.bundle import save_bundle
-
-    save_bundle(backbone_bundle(None, 224)[0], path)
-    return path
+    return backbone_bundle(None, 224, path)[0]
 
 
 def infer(slide: Path, model: Path, out: Path, mpp: float, method: str) -> Path:

@@ -98,3 +98,25 @@ def test_channels_last_batches_give_the_same_embeddings(shared_data, bundle):
 def test_loader_pins_memory_only_for_a_gpu():
     assert loader_options(True, 2) == {"pin_memory": True, "prefetch_factor": 4}
     assert loader_options(False, 0) == {"pin_memory": False, "prefetch_factor": None}
+
+
+def test_folding_layer_scale_keeps_the_function():
+    """γ multiplied into attn.proj and mlp.fc2 gives the same fp32 embeddings (γ drawn at random, so a
+    wrong axis or a missed bias would show), and leaves no LayerScale behind."""
+    from timm.layers import LayerScale
+    from vit_factory import calibration_images, tiny_vit
+
+    from pathapp.models.quantize import fold_layer_scale
+
+    model = tiny_vit(depth=3)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LayerScale):
+                m.gamma.uniform_(0.2, 2.0)
+    x = calibration_images(4, 56)
+    with torch.inference_mode():
+        before = model.forward_features(x)
+        assert fold_layer_scale(model) == 6
+        after = model.forward_features(x)
+    assert not any(isinstance(m, LayerScale) for m in model.modules())
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)

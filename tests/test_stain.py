@@ -133,6 +133,16 @@ def test_vahadane_that_does_not_converge_falls_back_to_macenko(monkeypatch):
     assert np.allclose(fit.stains, stain.fit_image(tile, "macenko", "tile").stains)
 
 
+def test_vahadane_that_disagrees_with_macenko_on_the_second_stain_falls_back():
+    """An EBHI-Seg H&E crop with little eosin: the sparse dictionary's second stain leans to blue (DAB),
+    which stopped a whole `evaluate --stain-norm vahadane` against an H&E reference; Macenko finds eosin."""
+    rgb = np.asarray(Image.open(data_file("labeled/ebhi-seg/EBHI-SEG/High-grade IN/image/GTXC2015403-1-400-003.png"))
+                     .convert("RGB"))
+    fit = stain.fit_image(rgb, "vahadane", "crop")
+    assert fit.kind == "eosin" and fit.notes == ["vahadane found DAB where macenko finds eosin; fitted with macenko instead"]
+    stain.check_match(fit, stain.load_reference(data_file(HE_TILE), "macenko"))  # an H&E target: no error
+
+
 def test_a_slide_whose_fit_fails_is_left_unnormalised_and_says_so(monkeypatch):
     target = stain.load_reference(data_file(HE_TILE), "reinhard")
     with open_slide(data_file(CMU)) as slide:

@@ -17,7 +17,7 @@ from pathapp.errors import PathappError
 from pathapp.results import SlideResult
 from pathapp.results.result import TileQC
 from pathapp.slide import Slide
-from pathapp.tiles.qc import ARTEFACTS, MEASURES, OK, PREFIX, QCThresholds, TileMeasurer, columns, qc_classes
+from pathapp.tiles.qc import ARTEFACTS, MEASURES, OK, PREFIX, QCThresholds, TileMeasurer, columns, qc_classes, with_fold
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
@@ -103,7 +103,10 @@ def prepare_model(bundle: Bundle, device: str = "auto", precision: str = "auto",
 
         model = quantize_int8(bundle.build("cpu"))
     else:
+        from pathapp.models.quantize import fold_layer_scale
+
         model = bundle.build(dev)
+        fold_layer_scale(model.backbone)
         if precision == "bf16":
             model.backbone.to(torch.bfloat16)
     channels_last = dev.type == "cuda" if channels_last is None else channels_last
@@ -290,23 +293,21 @@ def plan_tiles(slide: Slide, mpp: float, tile_size: int, rois: Any, min_tissue: 
     """The tissue tiles to run (`overlap` px between neighbours), a thumbnail to draw results on, and
     why there is no tile when there is none (stage times into `timings`)."""
     from pathapp.tiles import DEFAULT_MIN_TISSUE, detect_tissue, make_grid, why_empty
+    from pathapp.tiles.tissue import TISSUE_MAX_PX, TISSUE_MPP, working_downsample
 
     t = time.perf_counter()
-    tissue = detect_tissue(slide)
+    # one pass over the pyramid for both low-resolution views: the tissue mask's and the pictures'
+    tissue_view, thumb_view = slide.read_views([working_downsample(slide, TISSUE_MPP, TISSUE_MAX_PX),
+                                                slide.thumbnail_downsample(THUMBNAIL_PX)])
+    thumbnail = slide.thumbnail(THUMBNAIL_PX, view=thumb_view[0])
+    timings["low-res read"] = time.perf_counter() - t
+    t = time.perf_counter()
+    tissue = detect_tissue(slide, target_mpp=TISSUE_MPP, max_px=TISSUE_MAX_PX, view=tissue_view)
     timings["tissue"] = time.perf_counter() - t
     t = time.perf_counter()
     grid_kwargs = {} if min_tissue is None else {"min_tissue": min_tissue}
     grid = make_grid(slide, mpp, tile_size, overlap=overlap, tissue=tissue, rois=rois, **grid_kwargs)
     timings["grid"] = time.perf_counter() - t
-    t = time.perf_counter()
-    # The tissue detector already decoded a low-resolution view; reuse it when it is as large as the
-    # pictures are drawn (THUMBNAIL_PX on the long side), else read one at that size from the pyramid.
-    low_res = getattr(tissue, "rgb", None)
-    if low_res is not None and max(low_res.shape[:2]) >= min(THUMBNAIL_PX, max(slide.size)):
-        thumbnail = low_res
-    else:
-        thumbnail = slide.thumbnail(THUMBNAIL_PX)
-    timings["thumbnail"] = time.perf_counter() - t
     empty = None if len(grid) else why_empty(grid, tissue, rois, DEFAULT_MIN_TISSUE if min_tissue is None else min_tissue)
     return grid, thumbnail, empty
 
@@ -320,7 +321,8 @@ def run_model(rt: Runtime | Future[Runtime] | None, slide: Slide, grid: TileGrid
     every tile of `grid`, read once by `n_workers` DataLoader workers, which also measure QC
     (`measure`) and start reading before a runtime still being built is waited for. `normalize` maps
     each uint8 batch on the device before the model; `exclude` keeps tiles QC flags from the model
-    (their rows stay zero). Without `rt` (QC only) no model runs. Stage times go into `timings`."""
+    (their rows stay zero; `fold` needs the whole slide, so folded tiles are run and dropped later, in
+    `slide_qc`). Without `rt` (QC only) no model runs. Stage times go into `timings`."""
     import torch
     from torch.utils.data import DataLoader
     from tqdm import tqdm
@@ -395,7 +397,7 @@ def slide_qc(grid: TileGrid, qc_rows: np.ndarray | None, *, exclude: bool) -> tu
     n = len(grid)
     if qc_rows is None:
         return None, np.ones(n, bool), {}
-    measures = columns(qc_rows)
+    measures = with_fold(columns(qc_rows))  # folds are judged against the whole slide, so only here
     classes = qc_classes(measures)
     kept = classes == OK if exclude else np.ones(n, bool)
     tile_qc = TileQC(coords=np.asarray(grid.coords, np.int64).reshape(-1, 2), footprint=float(grid.footprint),

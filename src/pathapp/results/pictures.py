@@ -7,6 +7,10 @@ image px), so a program can still map every pixel back to the slide."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +22,7 @@ PANEL_PX = 260  # width of the side panel holding the colour bar or legend
 TITLE_PX = 44
 DPI = 100
 NICE = (1, 2, 5)
+_ENCODER: ContextVar[tuple[ThreadPoolExecutor, list[Future]] | None] = ContextVar("pathapp_png_encoder", default=None)
 
 
 @dataclass
@@ -130,9 +135,38 @@ def save_figure(path: str | Path, image: np.ndarray, *, um_per_px: float | None,
     info = PngInfo()
     info.add_text("pathapp:image_box", f"0,{TITLE_PX},{w},{h}")
     info.add_text("pathapp:scale", f"{scale:.6f}")
+    encoder = _ENCODER.get()
+    if encoder is None:
+        _write_png(path, canvas, info)
+    else:
+        encoder[1].append(encoder[0].submit(_write_png, path, canvas, info))
+    return Path(path)
+
+
+def _write_png(path: str | Path, canvas: np.ndarray, info) -> None:
+    from PIL import Image
+
     with atomic_path(path) as tmp:
         Image.fromarray(canvas).save(tmp, format="PNG", pnginfo=info, compress_level=1)
-    return Path(path)
+
+
+@contextmanager
+def pictures_in_threads(workers: int = 2) -> Iterator[None]:
+    """Inside, `save_figure` hands each PNG's encoding (zlib, which releases the GIL) to `workers`
+    threads and goes on to draw the next picture; on leaving, every picture is on disk, or the first
+    error is raised."""
+    if _ENCODER.get() is not None:
+        yield
+        return
+    futures: list[Future] = []
+    with ThreadPoolExecutor(workers, thread_name_prefix="png") as pool:
+        token = _ENCODER.set((pool, futures))
+        try:
+            yield
+        finally:
+            _ENCODER.reset(token)
+    for f in futures:
+        f.result()
 
 
 def image_box(path: str | Path) -> tuple[int, int, int, int]:

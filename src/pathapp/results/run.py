@@ -26,6 +26,7 @@ from pathapp.results.heatmap import (
     write_qc_overlay,
     write_thumbnail,
 )
+from pathapp.results.pictures import pictures_in_threads
 from pathapp.results.report import write_report
 from pathapp.results.result import SlideResult
 from pathapp.results.segmentation import write_label_image, write_segmentation_overlay
@@ -134,19 +135,21 @@ def write_results(result: SlideResult, out_dir: str | Path, object_type: str = "
             stale.unlink(missing_ok=True)
     t0 = time.perf_counter()
     regions = class_regions(result)
-    files: list[Path] = [
-        # a segmentation's overlapping tiles carry nothing per tile: its regions are the annotations
-        *([] if result.segmentation is not None else [write_tiles_geojson(result, out / "tiles.geojson", object_type)]),
-        write_annotations_geojson(result, out / "annotations.geojson", regions),
-        *write_class_heatmaps(result, out),
-    ]
-    headless = result.probs is None and result.embeddings is not None and len(result) > 0
-    pca = pca_rgb(result.embeddings) if headless else None
-    files += [p for p in (write_thumbnail(result, out), write_overlay(result, out, pca), write_qc_overlay(result, out),
-                          write_segmentation_overlay(result, out), write_label_image(result, out),
-                          write_embeddings(result, out / "embeddings.h5", raw_heatmaps(result))) if p]
-    if headless:
-        files += [p for p in [write_pca(result, out, pca)] if p]
+    with pictures_in_threads():
+        files: list[Path] = [
+            # a segmentation's overlapping tiles carry nothing per tile: its regions are the annotations
+            *([] if result.segmentation is not None else [write_tiles_geojson(result, out / "tiles.geojson", object_type)]),
+            write_annotations_geojson(result, out / "annotations.geojson", regions),
+            *write_class_heatmaps(result, out),
+        ]
+        headless = result.probs is None and result.embeddings is not None and len(result) > 0
+        pca = pca_rgb(result.embeddings) if headless else None
+        files += [p for p in (write_thumbnail(result, out), write_overlay(result, out, pca),
+                              write_qc_overlay(result, out), write_segmentation_overlay(result, out),
+                              write_label_image(result, out),
+                              write_embeddings(result, out / "embeddings.h5", raw_heatmaps(result))) if p]
+        if headless:
+            files += [p for p in [write_pca(result, out, pca)] if p]
     result.timings["write"] = time.perf_counter() - t0
     with atomic_path(out / "run.json") as tmp:
         record = run_record(result, files + [out / "run.json", out / "report.html"])

@@ -14,6 +14,19 @@ from pathapp.errors import MissingMppError
 
 MIN_MPP, MAX_MPP = 0.01, 100.0  # µm/px: finer than any microscope, coarser than any useful thumbnail
 READ_BLOCK = 1024  # level pixels per side read at once: bounds peak memory whatever the slide size
+
+
+def box_mean(block: np.ndarray, k: int) -> np.ndarray:
+    """Each k × k box of a uint8 (H, W, 3) image (H, W multiples of k) averaged and rounded half up,
+    summed in integers along one axis at a time (twice as fast as a float mean over both)."""
+    h, w = block.shape[:2]
+    if k == 1:
+        return block
+    rows = block.reshape(h // k, k, w, 3).sum(axis=1, dtype=np.uint32)
+    sums = rows.reshape(h // k, w // k, k, 3).sum(axis=2)
+    return ((sums + k * k // 2) // (k * k)).astype(np.uint8)
+
+
 BRIGHTFIELD, FLUORESCENCE = "brightfield", "fluorescence"
 
 
@@ -128,35 +141,59 @@ class Slide(ABC):
         Reads the level just finer than `downsample` in blocks of at most READ_BLOCK² level pixels and
         averages k × k level pixels per output pixel (k integer, so the scale is exact), so peak memory
         is one block plus the output, whatever the level-0 area."""
-        level = self.best_level_for_downsample(max(downsample, 1.0))
+        return self.read_views([downsample])[0]
+
+    def read_views(self, downsamples: Sequence[float]) -> list[tuple[np.ndarray, float]]:
+        """`read_low_res` at each of several downsamples, decoding each level once: views read from the
+        same level are averaged from the same blocks (a tissue mask and a thumbnail in one pass)."""
+        plans = []
+        for ds in downsamples:
+            level = self.best_level_for_downsample(max(ds, 1.0))
+            plans.append((level, max(1, int(round(ds / self.levels[level].downsample)))))
+        views: dict[tuple[int, int], tuple[np.ndarray, float]] = {}
+        for level in dict.fromkeys(lv for lv, _ in plans):
+            ks = sorted({k for lv, k in plans if lv == level})
+            while ks:  # one pass per group of factors whose common block stays small
+                group = [k for k in ks if math.lcm(*[g for g in ks if g <= k]) <= 2 * READ_BLOCK] or ks[:1]
+                views.update({(level, k): v for k, v in zip(group, self._reduce_level(level, group))})
+                ks = [k for k in ks if k not in group]
+        return [views[plan] for plan in plans]
+
+    def _reduce_level(self, level: int, ks: list[int]) -> list[tuple[np.ndarray, float]]:
+        """The whole of `level` averaged over k × k pixels for each k of `ks`, from one blockwise read."""
         lv = self.levels[level]
-        k = max(1, int(round(downsample / lv.downsample)))
-        out_w, out_h = math.ceil(lv.width / k), math.ceil(lv.height / k)
-        out = np.empty((out_h, out_w, 3), np.uint8)
-        step = max(k, (READ_BLOCK // k) * k)
+        m = math.lcm(*ks)
+        step = max(m, (READ_BLOCK // m) * m)
+        outs = [np.empty((math.ceil(lv.height / k), math.ceil(lv.width / k), 3), np.uint8) for k in ks]
         for y in range(0, lv.height, step):
             for x in range(0, lv.width, step):
                 w, h = min(step, lv.width - x), min(step, lv.height - y)
                 block = self.read(round(x * lv.downsample), round(y * lv.downsample), w, h, level)
-                bw, bh = math.ceil(w / k), math.ceil(h / k)
-                if (bw * k, bh * k) != (w, h):  # pad the last partial block with the background
-                    padded = np.full((bh * k, bw * k, 3), self.background, np.uint8)
+                pw, ph = math.ceil(w / m) * m, math.ceil(h / m) * m
+                if (pw, ph) != (w, h):  # pad the last partial block with the background
+                    padded = np.full((ph, pw, 3), self.background, np.uint8)
                     padded[:h, :w] = block
                     block = padded
-                means = block.reshape(bh, k, bw, k, 3).mean(axis=(1, 3), dtype=np.float32)
-                out[y // k : y // k + bh, x // k : x // k + bw] = (means + 0.5).astype(np.uint8)
-        return out, lv.downsample * k
+                for k, out in zip(ks, outs):
+                    bw, bh = math.ceil(w / k), math.ceil(h / k)
+                    out[y // k : y // k + bh, x // k : x // k + bw] = box_mean(block[: bh * k, : bw * k], k)
+        return [(out, lv.downsample * k) for k, out in zip(ks, outs)]
 
-    def thumbnail(self, max_px: int = 1024) -> np.ndarray:
-        """RGB uint8 image of the whole slide whose longer side is at most `max_px` (read blockwise)."""
+    def thumbnail_downsample(self, max_px: int = 1024) -> float:
+        """The downsample `thumbnail` reads at: a whole-number reduction of the level that is no coarser
+        than the thumbnail (never enlarge a coarser read, which blurs)."""
+        scale = max(max(self.size) / max_px, 1.0)
+        lv = self.levels[self.best_level_for_downsample(scale)]
+        return lv.downsample * max(1, int(scale / lv.downsample + 1e-9))
+
+    def thumbnail(self, max_px: int = 1024, view: np.ndarray | None = None) -> np.ndarray:
+        """RGB uint8 image of the whole slide whose longer side is at most `max_px` (read blockwise),
+        shrunk once (antialiased) from `view`, the slide read at `thumbnail_downsample`, if given."""
         from PIL import Image
 
         w0, h0 = self.size
         scale = max(max(w0, h0) / max_px, 1.0)
-        # read at a whole-number reduction of the level that is no coarser than the thumbnail, then shrink
-        # once (antialiased): never enlarge a coarser read, which blurs
-        lv = self.levels[self.best_level_for_downsample(scale)]
-        region, _ = self.read_low_res(lv.downsample * max(1, int(scale / lv.downsample + 1e-9)))
+        region = self.read_low_res(self.thumbnail_downsample(max_px))[0] if view is None else view
         tw, th = max(1, min(round(w0 / scale), max_px)), max(1, min(round(h0 / scale), max_px))
         if (tw, th) == (region.shape[1], region.shape[0]):
             return region

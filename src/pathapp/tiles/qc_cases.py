@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pathapp.tiles.qc import ARTEFACTS, QCThresholds, artefact_flags, measure_tiles
+from pathapp.tiles.qc import ARTEFACTS, QCThresholds, artefact_flags, measure_tiles, with_fold
 from pathapp.tiles.tissue import to_rgb
 
 
@@ -31,6 +31,8 @@ class Case:
     expected: frozenset[str]
     judged: frozenset[str] = field(default_factory=lambda: frozenset(ARTEFACTS))
     group: str = ""  # the damage and its strength, for recall per strength
+    slide: str = ""  # the slide it stands for: `fold` is judged against the slide's other tiles
+    in_reference: bool = True  # part of its slide's reference (local damage, a fold or a disc, is not)
 
 
 # ------------------------------------------------------------------------------------ damage
@@ -128,36 +130,63 @@ def histolab_cases(folder: Path, min_px: int = 256) -> list[Case]:
             expected, judged = {"background"}, {"background", "pen"}
         else:
             expected, judged = set(), {"background", "pen", "fold"}
-        cases.append(Case(name, tile, 0.5, frozenset(expected), frozenset(judged), group="histolab"))
+        cases.append(Case(name, tile, 0.5, frozenset(expected), frozenset(judged), group="histolab", slide=name))
     return cases
 
 
 def synthetic_cases(tiles: list[tuple[str, np.ndarray]], mpp: float, *, jpeg_sources: set[str] | None = None) -> list[Case]:
     """Each clean tissue tile (name, RGB at `mpp`) as it is, pale, blurred, compressed, folded (when
-    at least FOLD_MIN_STAINED of it is stained) and with a blurred disc. The clean, pale and damaged versions are judged on every flag except
-    compression, which is judged only on tiles named in `jpeg_sources` (a tile already
-    JPEG-compressed by the scanner at its own grid is compressed, whatever is done to it)."""
+    at least FOLD_MIN_STAINED of it is stained) and with a blurred disc. The clean, pale and damaged
+    versions are judged on every flag except compression, which is judged only on tiles named in
+    `jpeg_sources` (a tile already JPEG-compressed by the scanner at its own grid is compressed,
+    whatever is done to it). Tiles named `SLIDE#…` come from one slide: a damage done to every tile
+    (pale, blur, JPEG) makes a slide of its own, a local one (fold, disc) lies on the clean slide."""
     cases: list[Case] = []
     for name, t in tiles:
         jp = jpeg_sources is None or name in jpeg_sources
         every = frozenset(ARTEFACTS) if jp else frozenset(ARTEFACTS) - {"compression"}
-        cases.append(Case(f"{name} clean", t, mpp, frozenset(), every, "clean"))
+        slide = name.split("#")[0]
+
+        def add(what: str, tile: np.ndarray, expected: frozenset[str], judged: frozenset[str], group: str,
+                local: bool = False) -> None:
+            cases.append(Case(f"{name} {what}", tile, mpp, expected, judged, group,
+                              slide if local or group == "clean" else f"{slide} {group}", in_reference=not local))
+
+        add("clean", t, frozenset(), every, "clean")
         for k in PALE_FACTORS:
-            cases.append(Case(f"{name} pale ×{k}", pale(t, k), mpp, frozenset(), every, f"pale ×{k}"))
+            add(f"pale ×{k}", pale(t, k), frozenset(), every, f"pale ×{k}")
         for s in BLUR_SIGMAS_UM:
             exp = frozenset({"blur", "out of focus"}) if s >= BLUR_FROM_UM else frozenset()
-            cases.append(Case(f"{name} blur {s} µm", blur(t, s, mpp), mpp, exp,
-                              frozenset({"blur", "out of focus", "fold", "pen"}), f"blur σ {s} µm"))
+            add(f"blur {s} µm", blur(t, s, mpp), exp, frozenset({"blur", "out of focus", "fold", "pen"}), f"blur σ {s} µm")
         if stained_fraction(t) >= FOLD_MIN_STAINED:
-            cases.append(Case(f"{name} fold", fold(t), mpp, frozenset({"fold"}), frozenset({"fold", "pen"}), "fold"))
-        cases.append(Case(f"{name} blurred disc", blurred_disc(t, 2.0, mpp), mpp, frozenset({"out of focus"}),
-                          frozenset({"out of focus", "fold", "pen"}), "blurred disc (σ 2 µm, half the tile)"))
+            add("fold", fold(t), frozenset({"fold"}), frozenset({"fold", "pen"}), "fold", local=True)
+        add("blurred disc", blurred_disc(t, 2.0, mpp), frozenset({"out of focus"}),
+            frozenset({"out of focus", "fold", "pen"}), "blurred disc (σ 2 µm, half the tile)", local=True)
         if jp:
             for q in JPEG_QUALITIES:
                 exp = frozenset({"compression"}) if q <= JPEG_UPTO else frozenset()
-                cases.append(Case(f"{name} jpeg q{q}", jpeg(t, q), mpp, exp,
-                                  frozenset({"compression", "blur", "fold", "pen"}), f"JPEG quality {q}"))
+                add(f"jpeg q{q}", jpeg(t, q), exp, frozenset({"compression", "blur", "fold", "pen"}), f"JPEG quality {q}")
     return cases
+
+
+def case_measures(cases: list[Case], thresholds: QCThresholds = QCThresholds()) -> dict[str, np.ndarray]:
+    """Every case measured (columns), with `fold` relative to each case's slide: the median `eosin`
+    of the slide's reference cases, as `with_fold` takes it over a real slide's tiles."""
+    by_mpp: dict[float, list[int]] = {}
+    for i, c in enumerate(cases):
+        by_mpp.setdefault(c.mpp, []).append(i)
+    measured: dict[str, np.ndarray] = {}
+    for mpp, idx in by_mpp.items():
+        cols = measure_tiles([cases[i].tile for i in idx], mpp, thresholds=thresholds)
+        for k, v in cols.items():
+            measured.setdefault(k, np.full(len(cases), np.nan))[idx] = v
+    fold = np.full(len(cases), np.nan)
+    slides = np.array([c.slide for c in cases])
+    ref = np.array([c.in_reference for c in cases])
+    for s in np.unique(slides):
+        here = slides == s
+        fold[here] = with_fold({"eosin": measured["eosin"][here]}, reference=measured["eosin"][here & ref])["fold"]
+    return {**measured, "fold": fold}
 
 
 # ------------------------------------------------------------------------------------- score
@@ -181,18 +210,14 @@ class FlagScore:
         return self.tp / (self.tp + self.fn) if self.tp + self.fn else float("nan")
 
 
-def evaluate(cases: list[Case], thresholds: QCThresholds = QCThresholds()) -> tuple[dict[str, FlagScore], list[dict]]:
-    """Measure every case, then per flag its counts, and per case what fired (rows for a report)."""
+def evaluate(cases: list[Case], thresholds: QCThresholds = QCThresholds(),
+             measures: dict[str, np.ndarray] | None = None) -> tuple[dict[str, FlagScore], list[dict]]:
+    """Measure every case (unless `measures`, from `case_measures`, are given), then per flag its
+    counts, and per case what fired (rows for a report)."""
     rows: list[dict] = []
     scores = {k: FlagScore() for k in ARTEFACTS}
-    by_mpp: dict[float, list[int]] = {}
-    for i, c in enumerate(cases):
-        by_mpp.setdefault(c.mpp, []).append(i)
-    fired: list[set[str]] = [set() for _ in cases]
-    for mpp, idx in by_mpp.items():
-        flags = artefact_flags(measure_tiles([cases[i].tile for i in idx], mpp, thresholds=thresholds), thresholds)
-        for j, i in enumerate(idx):
-            fired[i] = {k for k, v in flags.items() if v[j]}
+    flags = artefact_flags(case_measures(cases, thresholds) if measures is None else measures, thresholds)
+    fired = [{k for k, v in flags.items() if v[i]} for i in range(len(cases))]
     for c, f in zip(cases, fired):
         for k in c.judged:
             s = scores[k]

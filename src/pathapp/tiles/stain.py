@@ -18,7 +18,8 @@ torchstain computes them); Reinhard's is one affine map per LAB channel. Nothing
 Checked: a reference or slide without enough stained tissue, a dark-field (fluorescence) image,
 and a slide whose second stain is not the reference's (DAB in an IHC slide against eosin in an H&E
 reference: the absorbance of DAB peaks in blue, eosin's in green) each stop with one line. A fit
-that fails or is degenerate falls back (Vahadane to Macenko; a slide to no normalisation) and says so."""
+that fails or is degenerate falls back (Vahadane to Macenko, also where the two disagree on the second
+stain; a slide to no normalisation) and says so."""
 
 from __future__ import annotations
 
@@ -196,6 +197,10 @@ def fit_pixels(px: np.ndarray, method: str, label: str, every_px: np.ndarray | N
     if method == "vahadane":
         v_stains, v_conc, converged = _vahadane(px)
         why = "did not converge" if not converged else _valid(v_stains, v_conc)
+        if not why and not notes and _second_stain(v_stains) != _second_stain(stains):
+            # the sparse dictionary's second atom leans the other way than Macenko's on the same pixels
+            # (an H&E crop with little eosin): the sample does not pin the second stain down
+            why = f"found {_second_stain(v_stains)} where macenko finds {_second_stain(stains)}"
         if why:
             notes.append(f"vahadane {why}; fitted with macenko instead")
         else:

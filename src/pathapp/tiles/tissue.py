@@ -118,6 +118,10 @@ def tissue_fraction_rgb(rgb: np.ndarray, *, saturation: float = TILE_SATURATION,
 # ------------------------------------------------------------------------------------ low-res read
 
 
+TISSUE_MPP = 8.0  # µm/px at which tissue is found: glands and fat are many pixels, a slide a few MB
+TISSUE_MAX_PX = 2048  # the mask's longer side at most (slides without µm/px)
+
+
 def working_downsample(slide: Slide, target_mpp: float, max_px: int) -> float:
     """Level-0 px per mask px: the target µm/px when the slide's is known, and never a mask whose
     longer side exceeds max_px (so a slide without µm/px still works)."""
@@ -172,23 +176,25 @@ def _polygons(geom: BaseGeometry) -> list[Polygon]:
 def detect_tissue(
     slide: Slide,
     *,
-    target_mpp: float = 8.0,
-    max_px: int = 2048,
+    target_mpp: float = TISSUE_MPP,
+    max_px: int = TISSUE_MAX_PX,
     saturation: float = MASK_SATURATION,
     min_object_um2: float = 10_000.0,
     min_hole_um2: float = 10_000.0,
     min_object_px: float = 40_000.0,
     min_hole_px: float = 40_000.0,
+    view: tuple[np.ndarray, float] | None = None,
 ) -> TissueMask:
     """Tissue mask of a slide, computed at about `target_mpp` µm/px (at most `max_px` on a side).
 
     Stained non-ink pixels are closed by one pixel, then objects smaller than `min_object_um2` are
     dropped and holes smaller than `min_hole_um2` filled. Without µm/px (tissue detection never
-    needs it) the minimum areas are `min_object_px` / `min_hole_px` in level-0 px²."""
+    needs it) the minimum areas are `min_object_px` / `min_hole_px` in level-0 px². `view`: the slide
+    already read at `working_downsample(slide, target_mpp, max_px)` (`Slide.read_views`), if it was."""
     from scipy import ndimage as ndi
     from skimage.morphology import remove_small_holes, remove_small_objects
 
-    rgb, scale = slide.read_low_res(working_downsample(slide, target_mpp, max_px))
+    rgb, scale = view or slide.read_low_res(working_downsample(slide, target_mpp, max_px))
     modality = modality_of(slide, rgb)
     mask = tissue_pixels(rgb, saturation) if modality == BRIGHTFIELD else fluorescent_pixels(rgb)
     mask = ndi.binary_closing(mask, structure=np.ones((3, 3), bool), border_value=0) | mask
