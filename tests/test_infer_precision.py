@@ -13,7 +13,7 @@ from conftest import data_file
 from vit_factory import tiny_bundle
 
 from pathapp.infer import infer_slide, pipeline, prepare_model
-from pathapp.infer.pipeline import loader_options, resolve_precision
+from pathapp.infer.pipeline import loader_options, ramped_batches, resolve_precision
 from pathapp.models.bundle import load_bundle
 from pathapp.slide import open_slide
 
@@ -98,6 +98,14 @@ def test_channels_last_batches_give_the_same_embeddings(shared_data, bundle):
 def test_loader_pins_memory_only_for_a_gpu():
     assert loader_options(True, 2) == {"pin_memory": True, "prefetch_factor": 4}
     assert loader_options(False, 0) == {"pin_memory": False, "prefetch_factor": None}
+
+
+def test_batches_ramp_up_to_the_batch_size_in_order():
+    """The model starts after 8 tiles, not a whole batch; every tile once, in order."""
+    batches = ramped_batches(100, 32)
+    assert [len(b) for b in batches] == [8, 16, 32, 32, 12]
+    assert sum(batches, []) == list(range(100))
+    assert [len(b) for b in ramped_batches(5, 4)] == [4, 1] and ramped_batches(0, 32) == []
 
 
 def test_folding_layer_scale_keeps_the_function():

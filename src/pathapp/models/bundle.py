@@ -256,11 +256,23 @@ def _to_tensors(bundle: Bundle) -> dict[str, Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
 
+def check_bundle_out(path: str | Path) -> Path:
+    """`path`, where a bundle may be written: nothing there, or a bundle (replaced). Anything else (a
+    labels.csv given as --out by mistake) is refused in one line, so no file of the user's is lost;
+    callers check before long work too."""
+    path = Path(path)
+    if path.exists() and not is_bundle(path):
+        raise BundleError(f"{path}: exists and is not a pathapp bundle, so it is left as it is; give --out a new "
+                          f"file name (e.g. model.pathapp)")
+    return path
+
+
 def save_bundle(bundle: Bundle, path: str | Path) -> Path:
-    """Write the bundle atomically (temp name, then rename). Returns the path."""
+    """Write the bundle atomically (temp name, then rename) where `check_bundle_out` allows. Returns
+    the path."""
     from safetensors.torch import save_file
 
-    path = Path(path)
+    path = check_bundle_out(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if "created" not in bundle.provenance:
         bundle.provenance["created"] = datetime.now(UTC).isoformat(timespec="seconds")
