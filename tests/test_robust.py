@@ -304,6 +304,18 @@ def test_tile_on_a_full_disk_reports_each_slide_and_goes_on(shared_data, tmp_pat
     assert not [p for p in (tmp_path / "t").rglob("*") if ".tmp" in p.name]  # nothing half-written left
 
 
+def test_bundle_on_a_full_disk_is_one_line_naming_it(bundle, tmp_path):
+    """`train`/`model create` writing a bundle onto a full disk: one line naming the file, nothing left."""
+    exe = Path(sys.executable).with_name("pathapp")
+    out = tmp_path / "m.pathapp"
+    proc = subprocess.run([str(exe), "model", "create", "--weights", str(bundle), "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, preexec_fn=_fsize_limit(4096))
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if MESSAGE.match(line)]
+    assert len(lines) == 1 and f"{out}: cannot be written" in lines[0] and "free disk space" in lines[0], proc.stderr
+    assert list(tmp_path.iterdir()) == []  # no bundle, no temporary file
+
+
 # ------------------------------------------------------------------ numbers: a property over every command
 
 FINITE_EXAMPLES = [0, -0.0, -1, -1e-9, 1e-9, 0.005, 0.5, 1, 99.5, 1e300, 10**12, float("inf"), float("-inf"),
