@@ -227,15 +227,20 @@ def main() -> None:
                 "accuracy [95% CI over resampled cases]; floors from the same run and folds, differences paired",
         "reports": reports, "teacher_head_spread": spread,
     }
-    print("\n".join(table(reports)))
     first, last = np.mean([r["loss"] for r in rows[:20]]), np.mean([r["loss"] for r in rows[-20:]])
-    print(f"\n{len(rows)} steps in {train_minutes:.1f} min ({report['tiles_per_s_median']:.1f} tiles/s); "
-          f"loss, mean of first/last 20 steps: {first:.3f} → {last:.3f}")
-    print(f"teacher DINO head on {len(paths[::7])} EBHI images, init → end: " + "; ".join(
-        f"{k.replace('_', ' ')} {spread['init'][k]:.3f} → {spread['end'][k]:.3f}" for k in spread["init"]))
+    lines = [f"# {report['command']}", f"# {report['eval']}; {report['total_minutes']} min in all", "",
+             *table(reports), "",
+             f"{len(rows)} steps in {train_minutes:.1f} min ({report['tiles_per_s_median']:.1f} tiles/s); "
+             f"loss, mean of first/last 20 steps: {first:.3f} → {last:.3f}",
+             f"teacher DINO head on {len(paths[::7])} EBHI images, init → end: " + "; ".join(
+                 f"{k.replace('_', ' ')} {spread['init'][k]:.3f} → {spread['end'][k]:.3f}" for k in spread["init"])]
+    sys.path.insert(0, str(Path(__file__).parent))
+    from report import finish
+
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     (args.out / "report.json").write_text(json.dumps(report, indent=2))
+    finish(lines, (args.json or args.out / "report.json").with_suffix(".txt"))  # the table and the lscpu flags
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from PIL import Image
 import yaml
 
 from conftest import data_file
+from qupath_projects import annotated_project
 from ssl_tiny import TINY_SSL
 from vit_factory import tiny_bundle
 
@@ -151,8 +152,42 @@ CASES = [
     ("train on labelled images, one fluorescence", ["train", "--data", "{fluo_labels}", "--model", "{bundle}",
                                                     "--method", "prototype", "--out", "{tmp}/m.pathapp"],
      2, ["{vectra}", "fluorescence image"]),
+    ("train on a QuPath project of a fluorescence image", ["train", "--data", "{fluo_project}", "--model", "{bundle}",
+                                                           "--method", "prototype", "--out", "{tmp}/m.pathapp"], 2,
+     ["{fluo_project_image}", "fluorescence image (3 channels; the file says so)"]),
     ("pretrain on a fluorescence QPTIFF", ["pretrain", "--slides", "{vectra}", "--out", "{out}", "--steps", "1"], 2,
      ["{vectra}", "fluorescence"]),
+    # bad inputs a new user hits beyond the issue's list (the file named, what to do, nothing lost)
+    ("train: labels.csv lists a missing image", ["train", "--data", "{missing_csv}", "--model", "{bundle}", "--method",
+                                                 "prototype", "--out", "{tmp}/m.pathapp"], 2,
+     ["{missing_csv}", "1 of 2 listed images do not exist", "gone.png", "relative to the CSV's folder"]),
+    ("holds: train on an empty labels.csv", ["train", "--data", "{empty_csv}", "--model", "{bundle}", "--out",
+                                             "{tmp}/m.pathapp"], 2, ["{empty_csv}", "no rows", "image,label"]),
+    ("train: labels.csv not UTF-8", ["train", "--data", "{latin1_csv}", "--model", "{bundle}", "--out",
+                                     "{tmp}/m.pathapp"], 2, ["{latin1_csv}", "not UTF-8", "save it as CSV UTF-8"]),
+    ("holds: train on GeoJSON that is not JSON", ["train", "--data", "{cut_json}", "--slides", "{svs}", "--model",
+                                                  "{bundle}", "--out", "{tmp}/m.pathapp"], 2,
+     ["{cut_json}", "not readable as GeoJSON"]),
+    ("holds: evaluate on one class", ["evaluate", "--data", "{one_class}", "--model", "{bundle}", "--out", "{out}"], 2,
+     ["{one_class}", "fewer than two classes"]),
+    ("infer --model a folder", ["infer", "{svs}", "--model", "{run}", "--out", "{out}"], 2,
+     ["{run}: a folder, not a model", "--model {run}/teacher.pathapp"]),
+    ("train --out an existing file that is no bundle", ["train", "--data", "{svs}", "--model", "{bundle}", "--out",
+                                                        "{file}"], 2, ["{file}", "not a pathapp bundle", "left as it is"]),
+    ("holds: infer --out an existing file", ["infer", "{svs}", "--model", "{bundle}", "--out", "{file}"], 2,
+     ["--out", "{file}", "is a file"]),
+    ("infer a zero-byte .svs", ["infer", "{zero}", "--model", "{bundle}", "--out", "{out}"], 1,
+     ["failed:", "{zero}", "an empty file (0 bytes)", "copy it again"]),
+    ("infer a folder of only a symlink loop", ["infer", "{loop}", "--model", "{bundle}", "--out", "{out}"], 1,
+     ["failed:", "{loop}", "no slides found in this folder"]),
+    ("tile an empty folder", ["tile", "{empty_dir}", "--out", "{out}"], 1, ["{empty_dir}", "no slides found"]),
+    ("pretrain on an empty folder", ["pretrain", "--slides", "{empty_dir}", "--out", "{out}", "--steps", "1"], 2,
+     ["{empty_dir}", "no slides found"]),
+    ("infer a QuPath project without images", ["infer", "{empty_project}", "--model", "{bundle}", "--out", "{out}"],
+     1, ["failed:", "{empty_project}: the project has no images", "add them in QuPath"]),
+    ("train on a QuPath project without images", ["train", "--data", "{empty_project}", "--model", "{bundle}",
+                                                  "--out", "{tmp}/m.pathapp"], 2,
+     ["{empty_project}: the project has no images"]),
     # a batch that cannot fit in memory is refused before anything is written, with the largest that fits
     ("pretrain --batch-size beyond memory", ["pretrain", "--tiles", "{tiles}", "--config", "{ssl}", "--batch-size",
                                             "65536", "--steps", "1", "--out", "{out}"], 2,
@@ -187,13 +222,37 @@ def test_bad_input_gets_one_line(shared_data, bundle, evil, tmp_path, name, argv
     regions = write_objects(tmp_path / "regions.geojson", [  # two classes over the left and right of the image
         QuPathObject(geometry=shapely.box(0, 0, 900, 1400), class_name="A"),
         QuPathObject(geometry=shapely.box(1000, 0, 1900, 1400), class_name="B")])
+    fluo_project = annotated_project(tmp_path / "fluo project")  # its Upper/Lower annotations, on the QPTIFF
+    fluo_image = fluo_project.parent / "images" / Path(data_file(SVS)).name
+    fluo_image.unlink()
+    fluo_image.symlink_to(data_file(VECTRA))
+    record = json.loads(fluo_project.read_text())
+    record["images"][0]["serverBuilder"]["metadata"].update(width=1920, height=1440, levels=[
+        {"downsample": 1.0, "width": 1920, "height": 1440}])
+    fluo_project.write_text(json.dumps(record))
     fluo_labels = tmp_path / "labels.csv"
     fluo_labels.write_text(f"image,label\n{data_file(SVS)},a\n{data_file(VECTRA)},b\n")
+    for name, text in {"missing.csv": f"image,label\n{data_file(SVS)},a\ngone.png,b\n", "empty.csv": "",
+                       "one_class.csv": f"image,label\n{data_file(SVS)},a\n{data_file(SVS)},a\n",
+                       "cut.geojson": '{"type": "FeatureCollection", "features": ['}.items():
+        (tmp_path / name).write_text(text)
+    (tmp_path / "latin1.csv").write_bytes(f"image,label\n{data_file(SVS)},caf\xe9\n".encode("latin-1"))
+    (tmp_path / "run").mkdir()  # a pretraining run folder given as --model
+    (tmp_path / "run" / "teacher.pathapp").symlink_to(bundle)
+    (tmp_path / "zero.svs").touch()
+    (tmp_path / "loop").mkdir()
+    (tmp_path / "loop" / "self").symlink_to(tmp_path / "loop")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty.qpproj").write_text(json.dumps({"version": "0.5.1", "images": []}))
     where = {"svs": data_file(SVS), "tiny": data_file(TINY_SLIDE), "nompp": data_file(NO_MPP), "bundle": bundle,
              "out": tmp_path / "out", "tmp": tmp_path, "evil": evil, "file": tmp_path / "notes.txt", "cut": cut,
              "project": project, "standin": project / "TD_01_verysmall_mIF.ome.tif", "vectra": data_file(VECTRA),
              "dark": dark, "ssl": ssl, "tiles": data_file(NCT_TILES), "ucsb": data_file(UCSB),
-             "regions": regions, "fluo_labels": fluo_labels}
+             "regions": regions, "fluo_labels": fluo_labels,
+             "fluo_project": fluo_project, "fluo_project_image": fluo_image, "missing_csv": tmp_path / "missing.csv",
+             "empty_csv": tmp_path / "empty.csv", "latin1_csv": tmp_path / "latin1.csv", "cut_json": tmp_path / "cut.geojson",
+             "one_class": tmp_path / "one_class.csv", "run": tmp_path / "run", "zero": tmp_path / "zero.svs",
+             "loop": tmp_path / "loop", "empty_dir": tmp_path / "empty", "empty_project": tmp_path / "empty.qpproj"}
     got, _, err = pathapp(*(a.format(**where) for a in argv))
     assert got == code, err
     line = one_message(err)
@@ -201,6 +260,7 @@ def test_bad_input_gets_one_line(shared_data, bundle, evil, tmp_path, name, argv
         assert w.format(**where) in line, line
     assert not (tmp_path / "out").exists() or code == 1  # refused before anything was written
     assert not (tmp_path / "m.pathapp").exists()
+    assert (tmp_path / "notes.txt").read_text() == "not a slide\n"  # a user's file given as --out is kept
 
 
 def test_malicious_pickle_is_one_clean_line_from_the_console_script(evil, tmp_path):
@@ -242,6 +302,18 @@ def test_tile_on_a_full_disk_reports_each_slide_and_goes_on(shared_data, tmp_pat
     assert [f.split(": ")[1] for f in failed] == [str(s) for s in slides], proc.stderr  # one line each, in order
     assert all("File too large" in f for f in failed)
     assert not [p for p in (tmp_path / "t").rglob("*") if ".tmp" in p.name]  # nothing half-written left
+
+
+def test_bundle_on_a_full_disk_is_one_line_naming_it(bundle, tmp_path):
+    """`train`/`model create` writing a bundle onto a full disk: one line naming the file, nothing left."""
+    exe = Path(sys.executable).with_name("pathapp")
+    out = tmp_path / "m.pathapp"
+    proc = subprocess.run([str(exe), "model", "create", "--weights", str(bundle), "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, preexec_fn=_fsize_limit(4096))
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if MESSAGE.match(line)]
+    assert len(lines) == 1 and f"{out}: cannot be written" in lines[0] and "free disk space" in lines[0], proc.stderr
+    assert list(tmp_path.iterdir()) == []  # no bundle, no temporary file
 
 
 # ------------------------------------------------------------------ numbers: a property over every command
@@ -315,11 +387,6 @@ def test_numeric_options_are_finite_and_in_range(shared_data, tmp_path, command,
     ssl = tmp_path / "ssl.yaml"  # a small ViT whose iBOT head still takes megabytes per image
     ssl.write_text(yaml.safe_dump({**TINY_SSL, "n_prototypes": 4096, "global_crop_size": 224, "tile_size": 224,
                                    "backbone_overrides": {**TINY_SSL["backbone_overrides"], "img_size": 224}}))
-    regions = write_objects(tmp_path / "regions.geojson", [  # two classes over the left and right of the image
-        QuPathObject(geometry=shapely.box(0, 0, 900, 1400), class_name="A"),
-        QuPathObject(geometry=shapely.box(1000, 0, 1900, 1400), class_name="B")])
-    fluo_labels = tmp_path / "labels.csv"
-    fluo_labels.write_text(f"image,label\n{data_file(SVS)},a\n{data_file(VECTRA)},b\n")
     where = {"svs": data_file(SVS), "tmp": tmp_path}
     args = [a.format(**where) for a in required] + [option, text]
     integer_option = option in INT_OPTIONS or (command == "train" and option == "--epochs")
@@ -455,6 +522,30 @@ def test_evaluate_shows_progress_while_it_resamples(capsys):
     cross_validate(X, y, groups, 2, head_fitter("prototype", 2), n_folds=3, n_boot=20)
     err = capsys.readouterr().err
     assert "cross-validation: " in err and "fold/s" in err and "bootstrap 95% CI: " in err and "/20 " in err
+
+
+def test_folders_odd_names_and_spreadsheet_csvs_just_work(shared_data, bundle, tmp_path):
+    """What a new user hands over works as given: `tile` on a folder of slides (as `infer` takes one),
+    whose names have spaces and accents, beside a symlink loop; `train` on labels.csv as Excel saves it
+    ("CSV UTF-8": a BOM before the first column's name), naming images with spaces and accents."""
+    slides = tmp_path / "slides ü"
+    slides.mkdir()
+    (slides / "CMU 1 é.svs").symlink_to(data_file(SVS))
+    (slides / "loop").symlink_to(slides)
+    code, out, err = pathapp("tile", slides, "--mpp", "4", "--out", tmp_path / "t")
+    assert code == 0 and "Traceback" not in err, err
+    assert json.loads((tmp_path / "t" / "CMU 1 é" / "tiles.geojson").read_text())["features"]
+    rows = ["image,label"]
+    for cls, folders in {"épithélium": ("TUM", "NORM"), "stroma": ("STR", "MUS")}.items():
+        for folder in folders:
+            tif = next(data_file(f"{NCT_TILES}/{folder}").glob("*.tif"))
+            (tmp_path / f"{folder} tile é.tif").symlink_to(tif)
+            rows.append(f"{folder} tile é.tif,{cls}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n", encoding="utf-8-sig")
+    code, out, err = pathapp("train", "--data", tmp_path / "labels.csv", "--model", bundle, "--method", "prototype",
+                             "--image-mpp", "0.5", "--out", tmp_path / "m.pathapp", "--cache", tmp_path / "cache")
+    assert code == 0, err
+    assert sorted(load_bundle(tmp_path / "m.pathapp").class_names) == ["stroma", "épithélium"]
 
 
 def test_fluorescence_is_tiled_with_a_detector_made_for_it(shared_data, tmp_path):

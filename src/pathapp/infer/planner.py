@@ -26,7 +26,7 @@ from pathapp.models.heads import SEG_HEAD_KINDS
 from pathapp.models.loader import DEFAULT_MPP, load_model, model_label
 from pathapp.results import read_done, write_index, write_results
 from pathapp.results.run import DONE
-from pathapp.slide import expand_slide_inputs, find_slides, is_url, open_slide, slide_name
+from pathapp.slide import expand_slide_inputs, is_url, open_slide, slide_name
 
 if TYPE_CHECKING:
     from pathapp.models.bundle import Bundle
@@ -88,28 +88,24 @@ def expand_inputs(inputs: Sequence[str | Path], out: Path | None) -> list[Job]:
 
     jobs: list[Job] = []
     for raw in read_worklists(inputs):
-        if is_url(raw):
-            slides, errors = expand_slide_inputs([raw])
-            jobs += [Job(label=message.split(": ", 1)[0], source=None, out_dir=None, error=message)
-                     for message in errors]
-            jobs += [Job(label=str(s), source=s, out_dir=slide_out_dir(s, out)) for s in slides]
-            continue
-        p = Path(raw)
-        if is_project(p):  # project.qpproj, or the folder holding it
+        if not is_url(raw) and is_project(Path(raw)):  # project.qpproj, or the folder holding it
+            p = Path(raw)
             project = read_project(p)
+            if not project.entries:
+                jobs.append(Job(label=str(p), source=None, out_dir=None,
+                                error=f"{p}: the project has no images; add them in QuPath"))
             for e in project.entries:
                 where = out / str(e.entry_id) if out is not None else results_dir(project, e)
                 jobs.append(Job(label=f"{p}: {e.name} (entry {e.entry_id})", source=e.image_path,
                                 out_dir=where, entry_mpp=e.mpp, error=e.error,
                                 project=project, entry=e))
-        elif p.is_dir():
-            found = find_slides(p)
-            if not found:
-                jobs.append(Job(label=str(p), source=None, out_dir=None,
-                                error=f"{p}: no slides found in this folder"))
-            jobs += [Job(label=str(s), source=s, out_dir=slide_out_dir(s, out)) for s in found]
+        elif is_url(raw) or Path(raw).is_dir():  # DICOMweb studies and folders: the slides they hold
+            slides, errors = expand_slide_inputs([raw])
+            jobs += [Job(label=message.split(": ", 1)[0], source=None, out_dir=None, error=message)
+                     for message in errors]
+            jobs += [Job(label=str(s), source=s, out_dir=slide_out_dir(s, out)) for s in slides]
         else:
-            jobs.append(Job(label=str(p), source=p, out_dir=slide_out_dir(p, out)))
+            jobs.append(Job(label=str(raw), source=Path(raw), out_dir=slide_out_dir(Path(raw), out)))
     return jobs
 
 

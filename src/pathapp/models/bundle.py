@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from pathapp.atomic import atomic_path
-from pathapp.errors import PathappError
+from pathapp.errors import PathappError, one_line
 from pathapp.models.heads import SEG_HEAD_KINDS, SLIDE_HEAD_KINDS, Head, build_head, head_state
 from pathapp.models.registry import DEFAULT_MPP, DEFAULT_TILE_SIZE, BackboneSpec, create_backbone, embed
 
@@ -256,11 +256,23 @@ def _to_tensors(bundle: Bundle) -> dict[str, Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
 
+def check_bundle_out(path: str | Path) -> Path:
+    """`path`, where a bundle may be written: nothing there, or a bundle (replaced). Anything else (a
+    labels.csv given as --out by mistake) is refused in one line, so no file of the user's is lost;
+    callers check before long work too."""
+    path = Path(path)
+    if path.exists() and not is_bundle(path):
+        raise BundleError(f"{path}: exists and is not a pathapp bundle, so it is left as it is; give --out a new "
+                          f"file name (e.g. model.pathapp)")
+    return path
+
+
 def save_bundle(bundle: Bundle, path: str | Path) -> Path:
-    """Write the bundle atomically (temp name, then rename). Returns the path."""
+    """Write the bundle atomically (temp name, then rename) where `check_bundle_out` allows. Returns
+    the path."""
     from safetensors.torch import save_file
 
-    path = Path(path)
+    path = check_bundle_out(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if "created" not in bundle.provenance:
         bundle.provenance["created"] = datetime.now(UTC).isoformat(timespec="seconds")
@@ -269,7 +281,11 @@ def save_bundle(bundle: Bundle, path: str | Path) -> Path:
     bundle.provenance.setdefault("pathapp_version", __version__)
     meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "pathapp": json.dumps(bundle.metadata())}
     with atomic_path(path) as tmp:
-        save_file(_to_tensors(bundle), str(tmp), metadata=meta)
+        try:
+            save_file(_to_tensors(bundle), str(tmp), metadata=meta)
+        except Exception as e:  # noqa: BLE001 - safetensors reports a full disk as its own SafetensorError
+            raise BundleError(f"{path}: cannot be written ({one_line(e)}); free disk space there or give "
+                              f"another --out") from None
     return path
 
 

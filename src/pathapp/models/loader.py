@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pathapp.errors import PathappError
-from pathapp.models.registry import DEFAULT_MODEL, DEFAULT_MPP, DEFAULT_TILE_SIZE, BackboneSpec, resolve_spec
+from pathapp.models.registry import (DEFAULT_MODEL, DEFAULT_MPP, DEFAULT_TILE_SIZE, BackboneSpec, list_backbones,
+                                     resolve_spec)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -101,6 +102,8 @@ def load_model(
                                    f"backbone name to --model")
         bundle = load_bundle(model)
         bundle.provenance = {"weights": str(model), "source_provenance": bundle.provenance}
+    elif model is not None and Path(model).is_dir() and str(model) not in list_backbones():
+        raise ModelSourceError(_folder_not_model(Path(model)))
     elif model is not None and (Path(model).suffix or os.sep in str(model)):
         raise ModelSourceError(f"{model}: no such model file; give a .pathapp bundle or a backbone name "
                                f"(see `pathapp model list`)")
@@ -120,6 +123,15 @@ def load_model(
     return dataclasses.replace(  # re-runs the consistency checks of Bundle.__post_init__
         bundle, mpp=float(mpp) if mpp is not None else bundle.mpp,
         tile_size=int(tile_size) if tile_size is not None else bundle.tile_size)
+
+
+def _folder_not_model(folder: Path) -> str:
+    """Why a folder is no model, naming the bundle inside it when there is one (a pretraining run's
+    teacher.pathapp is the usual one)."""
+    inside = sorted(folder.glob("*.pathapp"))
+    fix = f"give the bundle file, e.g. --model {inside[0]}" if inside else \
+        "give a .pathapp bundle file or a backbone name (see `pathapp model list`)"
+    return f"{folder}: a folder, not a model; {fix}"
 
 
 def model_label(model: str | Path) -> str:

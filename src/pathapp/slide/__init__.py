@@ -101,6 +101,8 @@ def open_slide(path: str | Path, backend: str | None = None, slide_mpp: float | 
     p = Path(path)
     if not p.exists():
         raise SlideOpenError(f"{p}: no such file or folder")
+    if p.is_file() and p.stat().st_size == 0:
+        raise SlideOpenError(f"{p}: an empty file (0 bytes): its copy or download did not finish; copy it again")
     if slide_mpp is not None and not slide_mpp > 0:
         raise SlideOpenError(f"{p}: --slide-mpp must be a positive number of µm per pixel, got {slide_mpp}")
     name = backend or detect_backend(p)
@@ -147,11 +149,18 @@ def _open_url(url: str, backend: str | None, slide_mpp: float | None) -> Slide:
 
 def expand_slide_inputs(inputs: Iterable[str | Path]) -> tuple[list[str | Path], list[str]]:
     """The slides that command-line inputs name, and a one-line error for each input that names none:
-    a DICOMweb study gives each of its whole-slide series (one address each); anything else is
-    itself (opening it reports its own errors)."""
+    a DICOMweb study gives each of its whole-slide series (one address each), a folder that is not a
+    DICOM series the slides under it (`find_slides`); anything else is itself (opening it reports
+    its own errors)."""
     slides: list[str | Path] = []
     errors: list[str] = []
     for item in inputs:
+        if not is_url(item) and Path(item).is_dir() and not is_slide_file(Path(item)):
+            found = find_slides(item)
+            slides += found
+            if not found:
+                errors.append(f"{item}: no slides found in this folder; give slide files or a folder holding them")
+            continue
         if is_url(item):
             from pathapp.slide.dicomweb_backend import is_dicomweb_url, wsi_series
 

@@ -302,8 +302,12 @@ def read_slide_list(path: Path, slide_mpp: float | None = None) -> list[tuple[Pa
     (an empty cell keeps --slide-mpp, else the file's)."""
     import csv
 
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.DictReader(f))
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+    except UnicodeDecodeError as e:
+        raise PathappError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); save it "
+                           f"as CSV UTF-8") from None
     if not rows or "slide" not in rows[0]:
         raise PathappError(f"{path}: expected a CSV with a header line and columns slide[,mpp]")
     entries: list[tuple[Path, float | None]] = []
@@ -337,7 +341,7 @@ def open_sources(slides: str | Path | None = None, tiles: str | Path | None = No
             raise PathappError(f"{tiles}: not a folder; --tiles needs a folder of image tiles")
         return TileFolderSource(tiles, tile_size)
     from pathapp.errors import MissingMppError, SlideOpenError
-    from pathapp.slide import find_slides, open_slide
+    from pathapp.slide import expand_slide_inputs, open_slide
 
     src = Path(slides)
     if not src.exists():
@@ -350,6 +354,8 @@ def open_sources(slides: str | Path | None = None, tiles: str | Path | None = No
         from pathapp.qupath.qpdata import read_entry_rois
 
         project = read_project(src)
+        if not project.entries:
+            raise PathappError(f"{src}: the project has no images; add them in QuPath")
         for e in project.entries:
             if e.image_path is None or not Path(e.image_path).exists():
                 _warn(f"{src}: image {e.name!r} not found ({e.error or e.uri}); skipped")
@@ -363,7 +369,10 @@ def open_sources(slides: str | Path | None = None, tiles: str | Path | None = No
     elif src.suffix.lower() == ".csv":
         entries = read_slide_list(src, slide_mpp)
     else:
-        entries = [(p, slide_mpp) for p in (find_slides(src) if src.is_dir() else [src])]
+        found, errors = expand_slide_inputs([src])  # a folder: the slides under it
+        if errors:
+            raise PathappError(errors[0])
+        entries = [(Path(p), slide_mpp) for p in found]
     rois = rois or [None] * len(entries)
     opened, opened_rois = [], []
     for (p, own_mpp), roi in zip(entries, rois, strict=True):
@@ -381,5 +390,6 @@ def open_sources(slides: str | Path | None = None, tiles: str | Path | None = No
         raise PathappError(f"{src}: no image with annotations of class {', '.join(roi_class)} could be opened "
                            "(see the warnings above); fix --roi-class, or annotate and save the images in QuPath")
     if not opened:
-        raise PathappError(f"{src}: no slide with a known µm/px could be opened; pass --slide-mpp or another folder")
+        raise PathappError(f"{src}: no slide with a known µm/px could be opened (see the warnings above); pass "
+                           "--slide-mpp or another folder")
     return SlideTileSource(opened, mpps, tile_size, min_tissue, balance=balance, rois=opened_rois)

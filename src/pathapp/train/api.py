@@ -92,7 +92,7 @@ def is_slide_csv(path: Path) -> bool:
     the slide as its group column)."""
     if not (path.is_file() and path.suffix.lower() == ".csv"):
         return False
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:  # read_rows reports bad bytes
         header = next(csv.reader(f), [])
     return "slide" in header and "image" not in header
 
@@ -186,9 +186,11 @@ def _annotation_sources(data: list[Path], slides: list[Path], slide_mpp: float |
         from pathapp.qupath.qpdata import QpdataError, read_entry_objects
 
         project = read_project(data[0])
+        if not project.entries:
+            raise LabelError(f"{data[0]}: the project has no images; add them in QuPath")
         usable = [e for e in project.entries if e.image_path is not None and not e.error]
         if not usable:
-            why = "; ".join(f"{e.name}: {e.error or 'image not found'}" for e in project.entries[:3]) or "no entries"
+            why = "; ".join(f"{e.name}: {e.error or 'image not found'}" for e in project.entries[:3])
             raise LabelError(f"{data[0]}: no project image can be opened ({why}); relink the images in QuPath")
         sources = []
         for e in project.entries:
@@ -364,9 +366,10 @@ def train_model(
 
     "segment" trains a segmentation head (`seg`, a train.segment.SegConfig) on image + mask pairs
     whose pixel values map to classes by `mask_classes`."""
-    from pathapp.models.bundle import save_bundle
+    from pathapp.models.bundle import check_bundle_out, save_bundle
     from pathapp.train.fit import fit_head
 
+    check_bundle_out(out)  # before the work, not after it
     if method not in TRAIN_METHODS:
         raise TrainError(f"--method must be one of {', '.join(TRAIN_METHODS)}, not {method!r}")
     if task != "classification" and method != "abmil":

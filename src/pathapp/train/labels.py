@@ -29,6 +29,19 @@ class LabelError(PathappError):
     """The labelled data cannot be read or has too few labels."""
 
 
+def read_rows(path: Path) -> list[dict[str, str]]:
+    """A CSV's rows by column name, as a spreadsheet saves it (the BOM of Excel's "CSV UTF-8" is not
+    part of the first column's name); one line naming the file when it is not UTF-8 or not CSV."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            return list(csv.DictReader(f))
+    except UnicodeDecodeError as e:
+        raise LabelError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                         f"save it as CSV UTF-8") from None
+    except csv.Error as e:
+        raise LabelError(f"{path}: not a readable CSV ({e}); save it as CSV from a spreadsheet") from None
+
+
 def assign_tile_labels(
     tiles: Sequence,
     regions: Mapping[str, object],
@@ -169,8 +182,7 @@ def read_labels_csv(
     `group_by` names the column with the slide/patient id; by default the first of GROUP_COLUMNS
     found is used, else each image is its own group. An `mpp` column gives each image's µm/px."""
     path = Path(path)
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_rows(path)
     if not rows:
         raise LabelError(f"{path}: no rows; expected columns {image_column},{label_column}[,group]")
     cols = rows[0].keys()
@@ -184,7 +196,8 @@ def read_labels_csv(
     paths = [path.parent / r[image_column] for r in rows]
     missing = [p for p in paths if not p.exists()]
     if missing:
-        raise LabelError(f"{path}: {len(missing)} listed images missing, e.g. {missing[0]}")
+        raise LabelError(f"{path}: {len(missing)} of {len(paths)} listed images do not exist, e.g. {missing[0]}; "
+                         f"fix those rows (paths are relative to the CSV's folder) or remove them")
     labels = np.asarray([classes.index(r[label_column]) for r in rows])
     groups = np.asarray([r[group_by] if group_by else str(p) for r, p in zip(rows, paths)])
     mpps = [parse_mpp(r.get("mpp"), f"{path}, row {n + 2}") for n, r in enumerate(rows)]
@@ -271,8 +284,7 @@ def read_slide_csv(path: Path, group_by: str | None = None, task: str = "classif
     if len(columns) != (2 if task == "survival" else 1):
         raise LabelError(f"{path}: --target for {task} is {DEFAULT_TARGETS[task]!r}-like "
                          f"({'TIME,EVENT' if task == 'survival' else 'one COLUMN'}), not {target!r}")
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_rows(path)
     header = list(rows[0]) if rows else []
     missing = [c for c in ["slide", *columns] if c not in header]
     if missing:

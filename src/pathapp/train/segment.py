@@ -15,7 +15,6 @@ the adapters with the head, on the fly.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ import numpy as np
 
 from pathapp.errors import PathappError
 from pathapp.slide import IMAGE_SUFFIXES
-from pathapp.train.labels import LabelError, _group_of, group_column, parse_mpp
+from pathapp.train.labels import LabelError, _group_of, group_column, parse_mpp, read_rows
 
 BACKGROUND = "Background"
 DEFAULT_MASK_CLASSES = (BACKGROUND, "Foreground")
@@ -55,8 +54,7 @@ class MaskSet:
 
 
 def _rows_from_csv(path: Path, group_by: str | None) -> tuple[list[dict], str | None]:
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_rows(path)
     cols = rows[0].keys() if rows else []
     for col in ("image", "mask"):
         if col not in cols:
