@@ -28,6 +28,7 @@ from PIL import Image
 import yaml
 
 from conftest import data_file
+from qupath_projects import annotated_project
 from ssl_tiny import TINY_SSL
 from vit_factory import tiny_bundle
 
@@ -151,6 +152,9 @@ CASES = [
     ("train on labelled images, one fluorescence", ["train", "--data", "{fluo_labels}", "--model", "{bundle}",
                                                     "--method", "prototype", "--out", "{tmp}/m.pathapp"],
      2, ["{vectra}", "fluorescence image"]),
+    ("train on a QuPath project of a fluorescence image", ["train", "--data", "{fluo_project}", "--model", "{bundle}",
+                                                           "--method", "prototype", "--out", "{tmp}/m.pathapp"], 2,
+     ["{fluo_project_image}", "fluorescence image (3 channels; the file says so)"]),
     ("pretrain on a fluorescence QPTIFF", ["pretrain", "--slides", "{vectra}", "--out", "{out}", "--steps", "1"], 2,
      ["{vectra}", "fluorescence"]),
     # bad inputs a new user hits beyond the issue's list (the file named, what to do, nothing lost)
@@ -218,6 +222,14 @@ def test_bad_input_gets_one_line(shared_data, bundle, evil, tmp_path, name, argv
     regions = write_objects(tmp_path / "regions.geojson", [  # two classes over the left and right of the image
         QuPathObject(geometry=shapely.box(0, 0, 900, 1400), class_name="A"),
         QuPathObject(geometry=shapely.box(1000, 0, 1900, 1400), class_name="B")])
+    fluo_project = annotated_project(tmp_path / "fluo project")  # its Upper/Lower annotations, on the QPTIFF
+    fluo_image = fluo_project.parent / "images" / Path(data_file(SVS)).name
+    fluo_image.unlink()
+    fluo_image.symlink_to(data_file(VECTRA))
+    record = json.loads(fluo_project.read_text())
+    record["images"][0]["serverBuilder"]["metadata"].update(width=1920, height=1440, levels=[
+        {"downsample": 1.0, "width": 1920, "height": 1440}])
+    fluo_project.write_text(json.dumps(record))
     fluo_labels = tmp_path / "labels.csv"
     fluo_labels.write_text(f"image,label\n{data_file(SVS)},a\n{data_file(VECTRA)},b\n")
     for name, text in {"missing.csv": f"image,label\n{data_file(SVS)},a\ngone.png,b\n", "empty.csv": "",
@@ -236,7 +248,8 @@ def test_bad_input_gets_one_line(shared_data, bundle, evil, tmp_path, name, argv
              "out": tmp_path / "out", "tmp": tmp_path, "evil": evil, "file": tmp_path / "notes.txt", "cut": cut,
              "project": project, "standin": project / "TD_01_verysmall_mIF.ome.tif", "vectra": data_file(VECTRA),
              "dark": dark, "ssl": ssl, "tiles": data_file(NCT_TILES), "ucsb": data_file(UCSB),
-             "regions": regions, "fluo_labels": fluo_labels, "missing_csv": tmp_path / "missing.csv",
+             "regions": regions, "fluo_labels": fluo_labels,
+             "fluo_project": fluo_project, "fluo_project_image": fluo_image, "missing_csv": tmp_path / "missing.csv",
              "empty_csv": tmp_path / "empty.csv", "latin1_csv": tmp_path / "latin1.csv", "cut_json": tmp_path / "cut.geojson",
              "one_class": tmp_path / "one_class.csv", "run": tmp_path / "run", "zero": tmp_path / "zero.svs",
              "loop": tmp_path / "loop", "empty_dir": tmp_path / "empty", "empty_project": tmp_path / "empty.qpproj"}
@@ -289,6 +302,18 @@ def test_tile_on_a_full_disk_reports_each_slide_and_goes_on(shared_data, tmp_pat
     assert [f.split(": ")[1] for f in failed] == [str(s) for s in slides], proc.stderr  # one line each, in order
     assert all("File too large" in f for f in failed)
     assert not [p for p in (tmp_path / "t").rglob("*") if ".tmp" in p.name]  # nothing half-written left
+
+
+def test_bundle_on_a_full_disk_is_one_line_naming_it(bundle, tmp_path):
+    """`train`/`model create` writing a bundle onto a full disk: one line naming the file, nothing left."""
+    exe = Path(sys.executable).with_name("pathapp")
+    out = tmp_path / "m.pathapp"
+    proc = subprocess.run([str(exe), "model", "create", "--weights", str(bundle), "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, preexec_fn=_fsize_limit(4096))
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if MESSAGE.match(line)]
+    assert len(lines) == 1 and f"{out}: cannot be written" in lines[0] and "free disk space" in lines[0], proc.stderr
+    assert list(tmp_path.iterdir()) == []  # no bundle, no temporary file
 
 
 # ------------------------------------------------------------------ numbers: a property over every command

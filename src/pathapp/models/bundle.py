@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from pathapp.atomic import atomic_path
-from pathapp.errors import PathappError
+from pathapp.errors import PathappError, one_line
 from pathapp.models.heads import SEG_HEAD_KINDS, SLIDE_HEAD_KINDS, Head, build_head, head_state
 from pathapp.models.registry import DEFAULT_MPP, DEFAULT_TILE_SIZE, BackboneSpec, create_backbone, embed
 
@@ -281,7 +281,11 @@ def save_bundle(bundle: Bundle, path: str | Path) -> Path:
     bundle.provenance.setdefault("pathapp_version", __version__)
     meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "pathapp": json.dumps(bundle.metadata())}
     with atomic_path(path) as tmp:
-        save_file(_to_tensors(bundle), str(tmp), metadata=meta)
+        try:
+            save_file(_to_tensors(bundle), str(tmp), metadata=meta)
+        except Exception as e:  # noqa: BLE001 - safetensors reports a full disk as its own SafetensorError
+            raise BundleError(f"{path}: cannot be written ({one_line(e)}); free disk space there or give "
+                              f"another --out") from None
     return path
 
 
