@@ -155,7 +155,7 @@ def with_fold(measures: dict[str, np.ndarray], reference: np.ndarray | None = No
 def open_disk(mask: np.ndarray, radius: int) -> np.ndarray:
     """Binary opening of `mask` by the disk x² + y² ≤ radius² (skimage's `disk`), outside the image
     counted as background: the same pixels as scipy's `binary_opening` with that structure, from two
-    Euclidean distance transforms, whose cost does not grow with the radius (4× faster at 12 px)."""
+    Euclidean distance transforms, whose cost does not grow with the radius."""
     from scipy import ndimage as ndi
 
     inner = 2 * int(radius / np.sqrt(2)) + 1  # the largest square inside the disk: if not even it fits, nothing is kept
