@@ -197,8 +197,8 @@ def make_grid(
     fraction is `TileGeometry.padding`). A tile is kept when its tissue fraction (from `tissue`,
     detected when None; of the part of the tile on the slide, or of half the tile when less is on
     it) is ≥ `min_tissue` and, when `rois` (level-0 shapely geometry) is given, when its centre lies
-    inside the ROIs — so each tile belongs to at most one of several touching ROIs. Tiles are read at the coarsest pyramid level at least
-    as fine as the target (within LEVEL_TOLERANCE), as `read_size` px resized once to `tile_size`.
+    inside the ROIs — so each tile belongs to at most one of several touching ROIs. Tiles are read
+    at the coarsest pyramid level at least as fine as the target (within LEVEL_TOLERANCE), as `read_size` px resized once to `tile_size`.
     A fluorescence image is refused in one line (`require_brightfield`: the models, QC and stain
     tools read brightfield RGB) unless `brightfield_only` is False (`pathapp tile`, whose tissue
     detector is made for it)."""
