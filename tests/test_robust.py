@@ -42,6 +42,7 @@ TINY_SLIDE = "wsi/aperio/openslide-python-small.svs"  # 16 x 16 px
 NO_MPP = "wsi/aperio/tcga-cr-7395-01a-01-ts1.svs"
 VECTRA = "wsi/qptiff/small_vectra.qptiff"  # 3-channel multiplex immunofluorescence
 NCT_TILES = "tiles/nct-crc-he-100k-nonorm-samples"
+BONE = "dicom/wsi2dcm-bone/jpeg.dicom"  # 957 x 715 px at 16.783 µm/px
 UCSB = "labeled/ucsb-breast-cancer/labels.csv"  # 18 labelled images, 2 classes
 COSCIA = "qupath/coscia-demo-project"  # a QuPath 0.6 project of a 1000² 15-channel image (not shipped)
 MESSAGE = re.compile(r"^(error|failed|Error): ")
@@ -176,6 +177,8 @@ CASES = [
                                                         "{file}"], 2, ["{file}", "not a pathapp bundle", "left as it is"]),
     ("holds: infer --out an existing file", ["infer", "{svs}", "--model", "{bundle}", "--out", "{file}"], 2,
      ["--out", "{file}", "is a file"]),
+    ("infer a 16.8 µm/px slide at a 0.5 µm/px model", ["infer", "{bone}", "--model", "{bundle}", "--out", "{out}"], 1,
+     ["failed:", "{bone}", "16.783 µm/px", "33.6× coarser than the 0.5 µm/px", "--slide-mpp 16.783"]),
     ("infer a zero-byte .svs", ["infer", "{zero}", "--model", "{bundle}", "--out", "{out}"], 1,
      ["failed:", "{zero}", "an empty file (0 bytes)", "copy it again"]),
     ("infer a folder of only a symlink loop", ["infer", "{loop}", "--model", "{bundle}", "--out", "{out}"], 1,
@@ -244,7 +247,7 @@ def test_bad_input_gets_one_line(shared_data, bundle, evil, tmp_path, name, argv
     (tmp_path / "loop" / "self").symlink_to(tmp_path / "loop")
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty.qpproj").write_text(json.dumps({"version": "0.5.1", "images": []}))
-    where = {"svs": data_file(SVS), "tiny": data_file(TINY_SLIDE), "nompp": data_file(NO_MPP), "bundle": bundle,
+    where = {"svs": data_file(SVS), "bone": data_file(BONE), "tiny": data_file(TINY_SLIDE), "nompp": data_file(NO_MPP), "bundle": bundle,
              "out": tmp_path / "out", "tmp": tmp_path, "evil": evil, "file": tmp_path / "notes.txt", "cut": cut,
              "project": project, "standin": project / "TD_01_verysmall_mIF.ome.tif", "vectra": data_file(VECTRA),
              "dark": dark, "ssl": ssl, "tiles": data_file(NCT_TILES), "ucsb": data_file(UCSB),
