@@ -187,6 +187,9 @@ CASES = [
     ("infer a folder of only a symlink loop", ["infer", "{loop}", "--model", "{bundle}", "--out", "{out}"], 1,
      ["failed:", "{loop}", "no slides found in this folder"]),
     ("tile an empty folder", ["tile", "{empty_dir}", "--out", "{out}"], 1, ["{empty_dir}", "no slides found"]),
+    ("pretrain --tiles on `pathapp tile` output", ["pretrain", "--tiles", "{tiled}", "--out", "{out}", "--steps", "1"], 2,
+     ["{tiled}: 1 image found (thumbnail.png), fewer than one batch of 2", "{tiled}/slide is `pathapp tile` output",
+      "--slides"]),
     ("pretrain on an empty folder", ["pretrain", "--slides", "{empty_dir}", "--out", "{out}", "--steps", "1"], 2,
      ["{empty_dir}", "no slides found"]),
     ("infer a QuPath project without images", ["infer", "{empty_project}", "--model", "{bundle}", "--out", "{out}"],
@@ -249,6 +252,10 @@ def test_bad_input_gets_one_line(shared_data, bundle, evil, tmp_path, name, argv
     (tmp_path / "loop").mkdir()
     (tmp_path / "loop" / "self").symlink_to(tmp_path / "loop")
     (tmp_path / "empty").mkdir()
+    (tmp_path / "tiled" / "slide").mkdir(parents=True)  # what `pathapp tile slide.svs --out tiled/` writes
+    for name in ("tiles.geojson", "tissue.geojson"):
+        (tmp_path / "tiled" / "slide" / name).write_text('{"type": "FeatureCollection", "features": []}')
+    Image.fromarray(pixels).save(tmp_path / "tiled" / "slide" / "thumbnail.png")
     (tmp_path / "empty.qpproj").write_text(json.dumps({"version": "0.5.1", "images": []}))
     where = {"svs": data_file(SVS), "bone": data_file(BONE), "tiny": data_file(TINY_SLIDE), "nompp": data_file(NO_MPP), "bundle": bundle,
              "out": tmp_path / "out", "tmp": tmp_path, "evil": evil, "file": tmp_path / "notes.txt", "cut": cut,
@@ -258,7 +265,7 @@ def test_bad_input_gets_one_line(shared_data, bundle, evil, tmp_path, name, argv
              "fluo_project": fluo_project, "fluo_project_image": fluo_image, "missing_csv": tmp_path / "missing.csv",
              "empty_csv": tmp_path / "empty.csv", "latin1_csv": tmp_path / "latin1.csv", "cut_json": tmp_path / "cut.geojson",
              "one_class": tmp_path / "one_class.csv", "run": tmp_path / "run", "zero": tmp_path / "zero.svs",
-             "loop": tmp_path / "loop", "empty_dir": tmp_path / "empty", "empty_project": tmp_path / "empty.qpproj"}
+             "loop": tmp_path / "loop", "empty_dir": tmp_path / "empty", "tiled": tmp_path / "tiled", "empty_project": tmp_path / "empty.qpproj"}
     got, _, err = pathapp(*(a.format(**where) for a in argv))
     assert got == code, err
     line = one_message(err)
