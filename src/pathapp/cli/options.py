@@ -61,7 +61,7 @@ slide_mpp_option = _unset_option(
     "The slide's own level-0 resolution in µm/px, for files that lack it or state it wrongly "
     "(distinct from --mpp, the resolution tiles are analysed at). A slide more than 1.5× coarser than "
     "the tiles is upsampled with a warning; more than 4× coarser, it is refused unless its µm/px is "
-    "stated here (e.g. a 16.8 µm/px overview at a 0.5 µm/px model: --slide-mpp 16.8).",
+    "stated here (the file's own value, e.g. --slide-mpp 16.783 for a 16.783 µm/px overview, goes ahead).",
 )
 image_mpp_option = _unset_option(
     "--image-mpp", MPP, "UM_PER_PX",
