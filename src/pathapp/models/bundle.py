@@ -20,7 +20,8 @@ from torch import Tensor, nn
 
 from pathapp.atomic import atomic_path
 from pathapp.errors import one_line
-from pathapp.models.header import FORMAT, FORMAT_VERSION, SEG_HEAD_KINDS, SLIDE_HEAD_KINDS, BundleError, read_metadata
+from pathapp.models.header import (FORMAT, FORMAT_VERSION, SEG_HEAD_KINDS, SLIDE_HEAD_KINDS, BundleError, is_bundle,
+                                   read_metadata)
 from pathapp.models.heads import Head, build_head, head_state
 from pathapp.models.registry import DEFAULT_MPP, DEFAULT_TILE_SIZE, BackboneSpec, create_backbone, embed
 

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from pathapp.atomic import atomic_path
 from pathapp.errors import PathappError
-from pathapp.models.header import SEG_HEAD_KINDS, SLIDE_HEAD_KINDS
+from pathapp.models.header import SEG_HEAD_KINDS
 
 HEAD_KINDS: tuple[str, ...] = ("linear", "mlp", "prototype", "knn", "abmil", "seg_linear", "seg_decoder")
 SLIDE_TASKS: tuple[str, ...] = ("classification", "survival", "regression")
