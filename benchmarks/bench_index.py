@@ -107,8 +107,8 @@ def phase_build(args: argparse.Namespace) -> dict:
             t = time.perf_counter()
             idx.add(entries, model)
             adds.append(time.perf_counter() - t)
-            print(f"build: {start + len(chunk):,} vectors, {time.perf_counter() - t0:.0f} s, load {os.getloadavg()[0]:.1f}",
-                  file=sys.stderr, flush=True)
+            print(f"build: {start + len(chunk):,} vectors, {time.perf_counter() - t0:.0f} s, "
+                  f"load {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
             del chunk, part, entries  # before the generator draws the next chunk
         info = idx.describe()
     files = {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()}
