@@ -10,6 +10,7 @@ the OS-1 and luna tiles: the others were JPEG-compressed on the scanner's 8 px g
     python benchmarks/bench_qc.py                      # prints the table, writes benchmarks/results/qc.txt
     python benchmarks/bench_qc.py --per-slide 8        # fewer tiles per slide: a quick look
     python benchmarks/bench_qc.py --fold-measures      # other fold cues on the same cases (qc_fold_measures.txt)
+    python benchmarks/bench_qc.py --speed              # ms per 224 px tile of measure_tile (qc_speed.txt)
 
 The fold flag's two thresholds were fitted on these cases; the default run also writes
 results/qc_fold_cv.txt: the same fit made on some groups of cases and scored on the others (grouped by
@@ -61,10 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="default results/qc.txt (qc_fold_measures.txt)")
     ap.add_argument("--fold-measures", action="store_true",
                     help="instead: the best F1 each candidate fold cue reaches on the fold-judged cases")
+    ap.add_argument("--speed", action="store_true", help="instead: ms per tile of measure_tile and its densities")
     args = ap.parse_args(argv)
     results = Path(__file__).parent / "results"
     t0 = time.perf_counter()
     tiles = [t for k in SLIDES for t in slide_tiles(k, args.per_slide)] + nct_tiles()
+    if args.speed:
+        lines = [f"# python benchmarks/bench_qc.py --speed --per-slide {args.per_slide}"] + speed([t for _, t in tiles])
+        finish(lines, args.out or results / "qc_speed.txt")
+        return 0
     jpeg_ok = {n for n, _ in tiles if n.startswith(UNCOMPRESSED)}
     cases = (qc_cases.histolab_cases(DATA / "tiles" / "histolab-qc-tiles")
              + qc_cases.synthetic_cases(tiles, MPP, jpeg_sources=jpeg_ok))
@@ -100,6 +106,40 @@ def main(argv: list[str] | None = None) -> int:
     lines += [f"  {r['name']}: {r['expected']} -> {r['fired']}" for r in rows if r["wrong"]]
     finish(lines, args.out or results / "qc.txt")
     return 0
+
+
+def speed(tiles: list[np.ndarray], rounds: int = 5) -> list[str]:
+    """Median over `rounds` passes of ms per tile, alternated in each pass so load affects all alike:
+    `measure_tile`, and the optical densities it needs computed with logarithms (the formula's spread
+    and skimage's rgb2hed eosin: two log passes per pixel, as before the tables) or from the tables."""
+    from skimage.color import rgb2hed
+
+    from pathapp.tiles.qc import eosin_density, measure_tile, od_spread, optical_densities
+
+    def logs(rgb: np.ndarray) -> None:
+        od = optical_densities(rgb)
+        od.max(axis=2) - od.min(axis=2)
+        np.clip(rgb2hed(rgb)[..., 1], 0, None).astype(np.float32)
+
+    def tables(rgb: np.ndarray) -> None:
+        od_spread(rgb)
+        eosin_density(rgb)
+
+    ways = {"densities with logarithms (spread + rgb2hed)": logs, "densities from tables (od_spread + eosin_density)": tables,
+            "measure_tile (all QC measures)": lambda rgb: measure_tile(rgb, MPP)}
+    for f in ways.values():  # warm-up: imports, the tables
+        f(tiles[0])
+    times: dict[str, list[float]] = defaultdict(list)
+    for _ in range(rounds):
+        for name, f in ways.items():
+            t = time.perf_counter()
+            for rgb in tiles:
+                f(rgb)
+            times[name].append((time.perf_counter() - t) / len(tiles) * 1000)
+    lines = [f"# {len(tiles)} tiles of {TILE} px at {MPP} µm/px, median of {rounds} passes", "",
+             "| what | ms per tile |", "|---|---|"]
+    lines += [f"| {name} | {np.median(ms):.2f} |" for name, ms in times.items()]
+    return lines
 
 
 FOLD_CUES = {  # name -> (what it thresholds, thresholds swept)

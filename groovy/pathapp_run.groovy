@@ -11,6 +11,14 @@
  *      (named "pathapp...") with them (a failed read leaves the earlier ones), resolves the hierarchy
  *      so your annotations count their tiles, and turns on a measurement map (heatmap) of one
  *      class's probability.
+ MODEL may be a segmentation bundle (`pathapp train --method segment`): pathapp then outlines each class
+ * inside the annotations you analyse (clipped to them) and writes no tiles. The script says so in the
+ * log and files every region under the analysed annotation that covers it (the smallest one, as
+ * QuPath's hierarchy does), or at the top level when it analysed the whole image; each region is an
+ * annotation "pathapp: <class>" with "Area µm^2" and "Mean prob" (the class's mean probability in it)
+ * in the measurement table. A rerun replaces the pathapp objects directly under the same annotations
+ * (results under other annotations stay). QuPath's measurement maps colour detections only, so none
+ * is turned on for regions.
  * With EXPLAIN set (e.g. "vitcx"), it runs `pathapp explain` instead: on the pathapp tiles you selected
  * (or, none selected, the EXPLAIN_TOP tiles with the highest probability of HEATMAP_CLASS), and shows
  * the saliency of every patch of those tiles as a measurement map ("saliency (0-1)"). Run it once
@@ -38,8 +46,8 @@ def PATHAPP = "pathapp"
 def DOCKER = "docker"
 def CONTAINER_IMAGE = "pathapp:latest"
 def DOCKER_GPUS = ""
-// Model bundle (.pathapp file). In container mode a path that does not exist here is taken to be
-// inside the image (baked in at build time).
+// Model bundle (.pathapp file): a tile classifier, or a segmentation bundle (see above). In container
+// mode a path that does not exist here is taken to be inside the image (baked in at build time).
 def MODEL = "/path/to/model.pathapp"
 // Resolution (µm/px) and tile size (px) to analyse at; null = the bundle's own
 def MPP = null
@@ -223,12 +231,36 @@ files.each { f ->
     imported.addAll(objects)
     println "pathapp: " + objects.size() + " objects from " + f
 }
-def previous = (getAnnotationObjects() + getDetectionObjects()).findAll { explaining ? isSaliency(it) : isPathapp(it) }
+// A segmentation bundle's results have no tiles.geojson (pathapp.results.run.write_results): its
+// regions go under the smallest analysed annotation that covers each (pathapp clipped them a hair
+// inside), replacing the pathapp objects directly under those annotations, or under the image's root
+def segmentation = !explaining && !new File(resultDir, "tiles.geojson").isFile()
+def root = getCurrentHierarchy().getRootObject()
+def parents = rois.sort(false) { it.getROI().getArea() }
+def previous
+if (segmentation)
+    previous = (parents.isEmpty() ? [root] : parents).collectMany { p -> p.getChildObjects().findAll { isPathapp(it) } }
+else
+    previous = (getAnnotationObjects() + getDetectionObjects()).findAll { explaining ? isSaliency(it) : isPathapp(it) }
 // PathObjectHierarchy.removeObjects(objects, keepChildren): QP's removeObjects(objects, true) is
 // deprecated in 0.6, and its replacement removeObjects(objects) does not exist before 0.6.
 getCurrentHierarchy().removeObjects(previous, true)
-addObjects(imported)
-resolveHierarchy()
+if (segmentation) {
+    def outlines = parents.collect { it.getROI().getGeometry() }
+    def loose = 0
+    imported.each { region ->
+        def outline = region.getROI().getGeometry()
+        def i = outlines.findIndexOf { it.covers(outline) }
+        if (i < 0 && !parents.isEmpty()) loose++
+        getCurrentHierarchy().addObjectBelowParent(i >= 0 ? parents[i] : root, region, false)
+    }
+    println "pathapp: segmentation bundle: " + imported.size() + " regions under " +
+            (parents.isEmpty() ? "the image" : parents.size() + " annotation(s)") +
+            (loose ? "; " + loose + " lie across overlapping annotations and went to the top level" : "")
+} else {
+    addObjects(imported)
+    resolveHierarchy()
+}
 fireHierarchyUpdate()
 
 // ---- heatmap: colour the tiles by one class's probability, or the patches by their saliency
@@ -243,7 +275,9 @@ if (!explaining) {
     measurement = heatClass ? "prob: " + heatClass : ""
 }
 def viewer = getCurrentViewer()
-if (viewer != null && measurement && !tiles.isEmpty()) {
+if (segmentation)
+    println "pathapp: regions are annotations, which measurement maps do not colour; see \"Mean prob\" in the measurement table"
+else if (viewer != null && measurement && !tiles.isEmpty()) {
     def mapper = new MeasurementMapper(colorMap, measurement, tiles)
     mapper.setDisplayMinValue(0.0d)
     mapper.setDisplayMaxValue(1.0d)

@@ -40,7 +40,11 @@ SHIFT = 900  # moves that export's annotations (drawn on a 1000 px image) onto t
 # QP.getCurrentHierarchy() and PathObjectHierarchy.removeObjects(Collection, boolean) exist in
 # 0.4.4, 0.5.1 and 0.6.0, the latter not deprecated (QP.removeObjects(Collection, boolean) is, in 0.6).
 EXTRA_QUPATH_API = {"getSelectedObjects", "getAnnotationObjects", "removeObjects", "isAnnotation",
-                    "getName", "setName", "getPathClass", "getCurrentHierarchy"}
+                    "getName", "setName", "getPathClass", "getCurrentHierarchy",
+                    # filing segmentation regions under an annotation, in 0.4.4, 0.5.1 and 0.6.0 alike:
+                    # PathObjectHierarchy.getRootObject() and addObjectBelowParent(parent, object, fireUpdate)
+                    # (since 0.4.0), PathObject.getChildObjects() and getROI(), ROI.getArea() and getGeometry()
+                    "getRootObject", "addObjectBelowParent", "getChildObjects", "getROI", "getArea", "getGeometry"}
 # Groovy/JDK calls and the scripts' own closures.
 NOT_QUPATH = {
     "println", "collect", "findAll", "find", "each", "isEmpty", "iterator", "next", "toFile", "getParentFile",
@@ -49,8 +53,10 @@ NOT_QUPATH = {
     "join", "put", "environment", "redirectErrorStream", "start", "getMessage", "getInputStream", "withReader",
     "readLine", "add", "size", "removeFirst", "waitFor", "addAll", "toString", "File", "RuntimeException",
     "LinkedList", "slideStem", "containerPath", "hostOrContainer", "isPathapp", "isSaliency", "get", "if", "while",
-    "catch", "keySet", "movedBy",
+    "catch", "keySet", "movedBy", "sort", "collectMany", "findIndexOf",
+    "covers",  # JTS Geometry.covers, on the geometry QuPath's ROI.getGeometry() returns
 }
+JTS = Path("/usr/share/java/jts-core.jar")  # Debian's libjts-java: the stand-in's ROIs, as QuPath's, are JTS
 
 
 def _groovy_env() -> dict[str, str]:
@@ -68,6 +74,8 @@ def groovy() -> str:
         if IN_CI:
             pytest.fail("CI must install Debian's groovy: apt-get install -y groovy default-jre-headless")
         pytest.skip("Groovy not installed (apt-get install -y groovy default-jre-headless)")
+    if not JTS.exists():
+        (pytest.fail if IN_CI else pytest.skip)(f"{JTS} missing: apt-get install -y libjts-java")
     return exe
 
 
@@ -225,7 +233,8 @@ def _run_stand_in(groovy: str, script: Path, tmp_path: Path, image: Path, settin
               "server_path": server_path}
     (tmp_path / "proj").mkdir(exist_ok=True)
     (tmp_path / "config.json").write_text(json.dumps(config))
-    proc = subprocess.run([groovy, str(HERE / "run_in_stand_in.groovy"), str(script), str(tmp_path / "config.json")],
+    proc = subprocess.run([groovy, "-cp", str(JTS), str(HERE / "run_in_stand_in.groovy"), str(script),
+                           str(tmp_path / "config.json")],
                           capture_output=True, text=True, env={**_groovy_env(), **(env or {})}, timeout=400)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return json.loads((tmp_path / "state.json").read_text()), proc.stdout
@@ -290,6 +299,57 @@ def test_run_script_explains_selected_tiles(groovy: str, computed, slide: Path, 
     heat = state["heatmap"]
     assert (heat["measurement"], heat["n"], heat["min"], heat["max"]) == ("saliency (0-1)", 32, 0.0, 1.0)
     assert "saliency (0-1)" in patches[0]["properties"]["measurements"]
+
+
+@pytest.fixture(scope="module")
+def seg_bundle(tmp_path_factory) -> Path:
+    from test_segment import local_seg_bundle  # a tiny ViT + linear head that splits real tissue in two
+
+    return local_seg_bundle(tmp_path_factory.mktemp("seg"))
+
+
+def test_run_script_files_segmentation_regions_under_the_selected_annotation(groovy: str, slide: Path,
+                                                                             seg_bundle: Path, tmp_path: Path) -> None:
+    """A segmentation bundle on the selected annotation: its regions (clipped by pathapp) become
+    children of that annotation, inside it, with their measurements, replacing an earlier run's
+    regions there and leaving pathapp objects elsewhere alone."""
+    hierarchy = _hierarchy()
+
+    def earlier(parent: int) -> dict:  # a region an earlier run filed under hierarchy[parent]
+        square = shape(hierarchy[parent]["geometry"]).representative_point().buffer(5).envelope
+        return {"type": "Feature", "geometry": shapely.geometry.mapping(square),
+                "properties": {"objectType": "annotation", "name": "pathapp: Tissue", "parent": parent}}
+
+    state, log = _run_stand_in(groovy, RUN, tmp_path, slide, _settings(seg_bundle),
+                               hierarchy=hierarchy + [earlier(0), earlier(1)])
+    assert state["error"] is None, state["error"] + log
+    out = tmp_path / "proj" / "pathapp" / "7" / "my slide"
+    assert not (out / "tiles.geojson").exists()  # a segmentation writes its regions only
+    regions = assert_qupath_conformant(out / "annotations.geojson")
+    assert len(regions) >= 2 and {f["properties"]["classification"]["name"] for f in regions} == {"Tissue"}
+    objects = {o["id"]: o for o in state["objects"]}
+    (selected,) = [o for o in objects.values() if o["selected"]]
+    outline = shape(selected["geometry"])
+    children = [o for o in objects.values() if o["parent"] == selected["id"]]
+    # the earlier region under the selected annotation was replaced, not added to
+    assert {shape(o["geometry"]).wkt for o in children} == {shape(f["geometry"]).wkt for f in regions}
+    assert len(children) == len(regions)
+    for o in children:
+        assert o["objectType"] == "annotation" and o["name"] == "pathapp: Tissue"
+        assert outline.covers(shape(o["geometry"]))  # clipped: nothing sticks out of the annotation
+        assert o["measurements"]["Area µm^2"] > 0 and 0.5 <= o["measurements"]["Mean prob"] <= 1.0
+    # pathapp clipped them: the tiles it segmented reach beyond the annotation
+    run = json.loads((out / "run.json").read_text())
+    assert run["counts"]["tiles"] >= 4 and shapely.union_all([shape(f["geometry"]) for f in regions]).area < outline.area
+    # objects not under that annotation stay: the user's two, the earlier region under the other, the root-level ones
+    kept = [o for o in objects.values() if o["parent"] != selected["id"]]
+    assert sorted(o["name"] or "" for o in kept) == ["", "", "pathapp", "pathapp: Tissue", "pathapp: Tumor"]
+    assert [o["parent"] for o in kept if o["name"] == "pathapp: Tissue"] == [state["objects"][1]["id"]]
+    n = len(regions)
+    assert state["calls"][1:] == ["removeObjects 1"] + ["addObjectBelowParent"] * n + ["fireHierarchyUpdate"]
+    assert re.search(r"^pathapp \| segment: my slide: \d+ tiles", log, flags=re.M), log  # pathapp says it segments
+    assert f"pathapp: segmentation bundle: {n} regions under 1 annotation(s)\n" in log
+    assert state["heatmap"] is None  # QuPath's measurement maps colour detections only
 
 
 def test_run_script_container_mode(groovy: str, slide: Path, bundle: Path, tmp_path: Path) -> None:

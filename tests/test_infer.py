@@ -250,6 +250,30 @@ def test_help_and_info_do_not_import_torch(shared_data):
                                                capture_output=True, text=True, timeout=120).stdout
 
 
+def test_first_slide_planned_ahead_by_a_child_before_torch(shared_data, bundle_path, tmp_path):
+    """The run's first slide is planned by a child forked before torch is imported (the planner and the
+    bundle header need no torch); its plan is the one the parent would make, and a slide the child
+    cannot plan (no µm/px) is left to the parent, which reports it the usual way."""
+    from pathapp.infer.options import InferOptions
+    from pathapp.infer.pipeline import plan_tiles
+    from pathapp.infer.planner import _PlanAhead, expand_inputs
+
+    code = "import sys, pathapp.infer.planner, pathapp.models.header; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout == "False\n"
+    o = InferOptions(model=str(bundle_path), mpp=4.0)
+    jobs = expand_inputs([data_file(SVS), data_file(NO_MPP)], tmp_path)
+    plan = _PlanAhead.first(jobs, o, None).take(jobs[0])
+    with open_slide(data_file(SVS)) as slide:
+        grid, thumbnail, empty = plan_tiles(slide, 4.0, load_bundle(bundle_path).tile_size, None, None, {})
+    assert len(grid) > 5 and empty is None and plan.empty is None
+    np.testing.assert_array_equal(plan.grid.coords, grid.coords)
+    np.testing.assert_array_equal(plan.thumbnail, thumbnail)
+    assert {"low-res read", "tissue", "grid"} <= plan.timings.keys()
+    assert _PlanAhead.first(jobs[1:], o, None).take(jobs[1]) is None
+    code, out = run_cli("infer", str(data_file(NO_MPP)), "--model", str(bundle_path), "--out", str(tmp_path / "o"))
+    assert code != 0 and "--slide-mpp" in out and "Traceback" not in out
+
+
 def test_attention_mil_bundle_gives_slide_prediction_and_attention(shared_data, tmp_path):
     """A slide-level (ABMIL) head: tiles carry their attention, run.json the slide's prediction."""
     bundle = tiny_bundle(tmp_path, num_classes=2, head="abmil")

@@ -121,6 +121,28 @@ def test_clean_and_pale_tissue_raise_no_flag(scored):
     assert len(tissue) >= 15 and [r["name"] for r in tissue if set(r["fired"]) & {"background", "pen"}] == []
 
 
+def test_densities_from_tables_are_rgb2hed_and_the_formula_on_real_tiles():
+    """`measure_tile` reads optical densities from 256-entry tables (no logarithm per pixel): on real
+    tiles (the NCT-CRC-HE tiles, histolab's QC tiles with pen, glass and IHC) the eosin density is
+    skimage's rgb2hed within float rounding, and `background` is the glass of the OD formula exactly."""
+    from skimage.color import rgb2hed
+
+    from pathapp.tiles.qc import GLASS_CHROMA, eosin_density, optical_densities
+    from pathapp.tiles.tissue import hsv, pen_colours, to_rgb
+
+    nct = sorted(data_file("tiles/nct-crc-he-100k-nonorm-samples/TUM/TUM-AACHEHDV.tif").parents[1].glob("*/*.tif"))
+    histolab = sorted(data_file("tiles/histolab-qc-tiles/no-tissue.png").parent.glob("*.png"))
+    tiles = [to_rgb(np.asarray(Image.open(p)))[:224, :224] for p in nct + histolab]  # 224 px, as infer reads
+    assert len(tiles) >= 40
+    for rgb in tiles:
+        expected = np.clip(rgb2hed(rgb)[..., 1], 0, None).astype(np.float32)
+        np.testing.assert_allclose(eosin_density(rgb), expected, rtol=0, atol=1e-6)
+        od = optical_densities(rgb)
+        ink = np.logical_or.reduce(list(pen_colours(*hsv(rgb)).values()))
+        glass = (od.max(axis=2) - od.min(axis=2) < GLASS_CHROMA) & ~ink
+        assert measure_tile(rgb, 0.5)["background"] == float(glass.mean())
+
+
 def test_measure_tiles_columns():
     tile = np.asarray(Image.open(data_file("tiles/nct-crc-he-100k-nonorm-samples/NORM/NORM-AAAWMSFI.tif")).convert("RGB"))
     cols = measure_tiles([tile, qc_cases.blur(tile, 2.0, 0.5)], 0.5)

@@ -42,6 +42,7 @@ TINY_SLIDE = "wsi/aperio/openslide-python-small.svs"  # 16 x 16 px
 NO_MPP = "wsi/aperio/tcga-cr-7395-01a-01-ts1.svs"
 VECTRA = "wsi/qptiff/small_vectra.qptiff"  # 3-channel multiplex immunofluorescence
 NCT_TILES = "tiles/nct-crc-he-100k-nonorm-samples"
+BONE = "dicom/wsi2dcm-bone/jpeg.dicom"  # 957 x 715 px at 16.783 µm/px
 UCSB = "labeled/ucsb-breast-cancer/labels.csv"  # 18 labelled images, 2 classes
 COSCIA = "qupath/coscia-demo-project"  # a QuPath 0.6 project of a 1000² 15-channel image (not shipped)
 MESSAGE = re.compile(r"^(error|failed|Error): ")
@@ -161,6 +162,9 @@ CASES = [
     ("train: labels.csv lists a missing image", ["train", "--data", "{missing_csv}", "--model", "{bundle}", "--method",
                                                  "prototype", "--out", "{tmp}/m.pathapp"], 2,
      ["{missing_csv}", "1 of 2 listed images do not exist", "gone.png", "relative to the CSV's folder"]),
+    ("evaluate-search: labels.csv lists a missing image", ["evaluate-search", "--data", "{missing_csv}", "--model",
+                                                          "{bundle}", "--out", "{out}"], 2,
+     ["{missing_csv}", "1 of 2 listed images do not exist", "gone.png", "relative to the CSV's folder"]),
     ("holds: train on an empty labels.csv", ["train", "--data", "{empty_csv}", "--model", "{bundle}", "--out",
                                              "{tmp}/m.pathapp"], 2, ["{empty_csv}", "no rows", "image,label"]),
     ("train: labels.csv not UTF-8", ["train", "--data", "{latin1_csv}", "--model", "{bundle}", "--out",
@@ -176,11 +180,16 @@ CASES = [
                                                         "{file}"], 2, ["{file}", "not a pathapp bundle", "left as it is"]),
     ("holds: infer --out an existing file", ["infer", "{svs}", "--model", "{bundle}", "--out", "{file}"], 2,
      ["--out", "{file}", "is a file"]),
+    ("infer a 16.8 µm/px slide at a 0.5 µm/px model", ["infer", "{bone}", "--model", "{bundle}", "--out", "{out}"], 1,
+     ["failed:", "{bone}", "16.783 µm/px", "33.6× coarser than the 0.5 µm/px", "--slide-mpp 16.783"]),
     ("infer a zero-byte .svs", ["infer", "{zero}", "--model", "{bundle}", "--out", "{out}"], 1,
      ["failed:", "{zero}", "an empty file (0 bytes)", "copy it again"]),
     ("infer a folder of only a symlink loop", ["infer", "{loop}", "--model", "{bundle}", "--out", "{out}"], 1,
      ["failed:", "{loop}", "no slides found in this folder"]),
     ("tile an empty folder", ["tile", "{empty_dir}", "--out", "{out}"], 1, ["{empty_dir}", "no slides found"]),
+    ("pretrain --tiles on `pathapp tile` output", ["pretrain", "--tiles", "{tiled}", "--out", "{out}", "--steps", "1"], 2,
+     ["{tiled}: 1 image found (thumbnail.png), fewer than one batch of 2", "{tiled}/slide is `pathapp tile` output",
+      "--slides"]),
     ("pretrain on an empty folder", ["pretrain", "--slides", "{empty_dir}", "--out", "{out}", "--steps", "1"], 2,
      ["{empty_dir}", "no slides found"]),
     ("infer a QuPath project without images", ["infer", "{empty_project}", "--model", "{bundle}", "--out", "{out}"],
@@ -243,8 +252,12 @@ def test_bad_input_gets_one_line(shared_data, bundle, evil, tmp_path, name, argv
     (tmp_path / "loop").mkdir()
     (tmp_path / "loop" / "self").symlink_to(tmp_path / "loop")
     (tmp_path / "empty").mkdir()
+    (tmp_path / "tiled" / "slide").mkdir(parents=True)  # what `pathapp tile slide.svs --out tiled/` writes
+    for name in ("tiles.geojson", "tissue.geojson"):
+        (tmp_path / "tiled" / "slide" / name).write_text('{"type": "FeatureCollection", "features": []}')
+    Image.fromarray(pixels).save(tmp_path / "tiled" / "slide" / "thumbnail.png")
     (tmp_path / "empty.qpproj").write_text(json.dumps({"version": "0.5.1", "images": []}))
-    where = {"svs": data_file(SVS), "tiny": data_file(TINY_SLIDE), "nompp": data_file(NO_MPP), "bundle": bundle,
+    where = {"svs": data_file(SVS), "bone": data_file(BONE), "tiny": data_file(TINY_SLIDE), "nompp": data_file(NO_MPP), "bundle": bundle,
              "out": tmp_path / "out", "tmp": tmp_path, "evil": evil, "file": tmp_path / "notes.txt", "cut": cut,
              "project": project, "standin": project / "TD_01_verysmall_mIF.ome.tif", "vectra": data_file(VECTRA),
              "dark": dark, "ssl": ssl, "tiles": data_file(NCT_TILES), "ucsb": data_file(UCSB),
@@ -252,7 +265,7 @@ def test_bad_input_gets_one_line(shared_data, bundle, evil, tmp_path, name, argv
              "fluo_project": fluo_project, "fluo_project_image": fluo_image, "missing_csv": tmp_path / "missing.csv",
              "empty_csv": tmp_path / "empty.csv", "latin1_csv": tmp_path / "latin1.csv", "cut_json": tmp_path / "cut.geojson",
              "one_class": tmp_path / "one_class.csv", "run": tmp_path / "run", "zero": tmp_path / "zero.svs",
-             "loop": tmp_path / "loop", "empty_dir": tmp_path / "empty", "empty_project": tmp_path / "empty.qpproj"}
+             "loop": tmp_path / "loop", "empty_dir": tmp_path / "empty", "tiled": tmp_path / "tiled", "empty_project": tmp_path / "empty.qpproj"}
     got, _, err = pathapp(*(a.format(**where) for a in argv))
     assert got == code, err
     line = one_message(err)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +79,11 @@ def test_polygons_keep_holes_and_drop_small_regions() -> None:
     assert objs[0].class_name == "Gland" and objs[0].measurements["Area µm^2"] == pytest.approx(3200, rel=0.05)
     assert objs[0].measurements["Mean prob"] == pytest.approx(200 / 255, abs=1e-3)
     assert len(class_polygons(seg, (160, 160), 0.5, simplify_um=0.5, min_area_um2=1)[1]) == 2
+    # made inside an ROI: the regions are clipped to it (a hair inside, so QuPath's covers holds)
+    roi = shapely.box(0, 0, 80, 160)
+    clipped = class_polygons(replace(seg, roi=roi), (160, 160), 0.5, simplify_um=0.5, min_area_um2=50)[1]
+    assert len(clipped) == 1 and roi.buffer(-0.04).covers(clipped[0]) and not roi.buffer(-0.06).covers(clipped[0])
+    assert clipped[0].area == pytest.approx(polys[0].intersection(roi).area, rel=0.01)
 
 
 def test_train_and_evaluate_segmentation_from_masks(tmp_path) -> None:

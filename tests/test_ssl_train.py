@@ -28,6 +28,7 @@ torch.set_num_threads(1)
 EBHI_NORMAL = "labeled/ebhi-seg/EBHI-SEG/Normal/image"
 CMU = "wsi/aperio/CMU-1-Small-Region.svs"
 TCGA = "wsi/aperio/tcga-cr-7395-01a-01-ts1.svs"
+NCT = "tiles/nct-crc-he-100k-nonorm-samples"  # 9 real tiles, one per class folder
 
 
 def _tiny_pair(cfg: SSLConfig) -> tuple[Student, Teacher]:
@@ -215,6 +216,16 @@ def test_bad_sources(tmp_path):
         open_sources(tiles=tmp_path, mpps=[0.5], tile_size=64, min_tissue=0.6)
     with pytest.raises(PathappError, match="exactly one"):
         open_sources(mpps=[0.5], tile_size=64, min_tissue=0.6)
+
+
+def test_fewer_tiles_than_a_batch_are_refused_before_any_write(tmp_path):
+    """A batch draws distinct images: nine real NCT-CRC-HE tiles cannot fill a batch of 16, and the
+    run stops in one line saying how many were found and needed, before its folder is made."""
+    with pytest.raises(PathappError) as e:
+        pretrain(tiny_config(tiles=str(data_file(NCT)), batch_size=16, steps=1), tmp_path / "run", progress=False)
+    assert str(e.value) == (f"{data_file(NCT)}: 9 images found (ADI-AAQEFMRI.tif, BACK-AAQSHYMA.tif, DEB-ACHGAMCT.tif, …), fewer than one "
+                            f"batch of 16; give a folder of at least 16 tile images or a --batch-size of 9 or less")
+    assert not (tmp_path / "run").exists()
 
 
 def _write_tiny_yaml(tmp_path) -> str:

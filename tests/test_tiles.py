@@ -120,6 +120,35 @@ def test_missing_mpp_is_an_error_not_a_guess() -> None:
     assert grid.footprint == 224 and len(grid) > 10
 
 
+def test_a_coarse_slide_is_upsampled_with_one_warning_and_refused_far_beyond(cmu, capsys) -> None:
+    """The scale rule lives in the one tile geometry, so every tiling caller keeps it: within 1.5×
+    quiet; a slide 1.5-4× coarser than the target warns once per pair of scales, naming the slide,
+    both scales and the factor; beyond 4× (a real 16.8 µm/px DICOM at 0.5 µm/px) it is refused in one
+    line unless the slide's µm/px was stated, which goes ahead with the warning."""
+    from pathapp.errors import PathappError
+    from pathapp.tiles import tile_geometry
+
+    slide, tissue = cmu
+    tile_geometry(slide, 0.4, 224)  # 0.499 µm/px at 0.4: 1.25×
+    assert capsys.readouterr().err == ""
+    coarse = open_slide(data_file(CMU), slide_mpp=1.13)  # 2.26×: warned once, whatever the caller
+    make_grid(coarse, 0.5, 224, tissue=tissue)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"warning: {coarse.path}: ")
+    assert "1.13 µm/px" in err and "0.5 µm/px" in err and "upsampled 2.3×" in err
+    tile_geometry(coarse, 0.5, 224)
+    assert capsys.readouterr().err == ""
+    bone = data_file("dicom/wsi2dcm-bone/jpeg.dicom")
+    with open_slide(bone) as s, pytest.raises(PathappError) as e:
+        tile_geometry(s, 0.5, 224)
+    message = str(e.value)
+    assert "\n" not in message and message.startswith(f"{bone}: the slide is 16.783 µm/px")
+    assert "upsampled 33.6×" in message and "about 15,552 tiles" in message and "--slide-mpp 16.783" in message
+    with open_slide(bone, slide_mpp=16.783) as s:
+        assert tile_geometry(s, 0.5, 224).read_size == 7
+    assert "upsampled 33.6×" in capsys.readouterr().err
+
+
 def test_pyramid_level_is_used_at_low_resolution() -> None:
     """luna: 0.5026 µm/px with a 4× level. At 2.0 µm/px tiles come from level 1 (2.01 µm/px, within
     the 2 % tolerance) and match a level-0 read shrunk to the same size."""

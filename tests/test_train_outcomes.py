@@ -187,6 +187,34 @@ def test_cox_loss_is_the_breslow_partial_likelihood():
     np.testing.assert_allclose(beta.detach().numpy(), ref, atol=1e-4)
 
 
+def test_time_dependent_auc_without_a_case_before_the_horizon_is_nan_without_warnings():
+    """A bootstrap resample can hold no event before a horizon (only censored patients there): its AUC
+    is undefined, NaN, and is not handed to scikit-survival to divide 0 by 0 (RuntimeWarnings printed
+    in the middle of `pathapp evaluate`'s progress bar); the other horizons keep scikit-survival's
+    values. Real clinical data: the Veterans' lung cancer trial, events before day 100 left out."""
+    import warnings
+
+    from sksurv.datasets import load_veterans_lung_cancer
+    from sksurv.metrics import cumulative_dynamic_auc
+    from sksurv.util import Surv
+
+    from pathapp.train.outcomes import survival_metrics
+
+    X, y = load_veterans_lung_cancer()
+    time, event = y["Survival_in_days"].astype(float), y["Status"]
+    risk = -X["Karnofsky_score"].to_numpy(float)
+    keep = ~event | (time > 100)
+    time, event, risk = time[keep], event[keep], risk[keep]
+    assert time.min() < 90 and not (event & (time <= 90)).any()  # inside the follow-up, no case
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m = survival_metrics(time, event.astype(int), risk, [90.0, 200.0])
+    surv = Surv.from_arrays(event, time)
+    assert np.isnan(m["td_auc"][0])
+    assert np.isfinite(m["td_auc"][1])
+    assert m["td_auc"][1] == pytest.approx(cumulative_dynamic_auc(surv, surv, risk, [200.0])[0][0])
+
+
 def test_survival_cross_validation_finds_the_known_hazard(cohort, bags):
     rep = _evaluate(cohort, cohort["csv"], "survival", "surv")
     m = rep["metrics"]

@@ -58,7 +58,7 @@ def _parse_colors(text: str | None) -> list[tuple[int, int, int]] | None:
 def create(backbone: str | None, weights: Path | None, head: Path | None, classes: str | None,
            colors: str | None, mpp: float | None, tile_size: int | None, out: Path) -> None:
     """Write a model bundle from a backbone, its weights and an optional head."""
-    from pathapp.models.bundle import read_metadata
+    from pathapp.models.header import read_metadata
     from pathapp.models.loader import create_bundle
 
     names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
@@ -75,7 +75,7 @@ def create(backbone: str | None, weights: Path | None, head: Path | None, classe
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 def info(file: Path) -> None:
     """Print a bundle's metadata (backbone, head, classes, preprocessing, provenance) as JSON."""
-    from pathapp.models.bundle import read_metadata
+    from pathapp.models.header import read_metadata
 
     click.echo(json.dumps(read_metadata(file), indent=2))
 

@@ -59,7 +59,9 @@ def _unset_option(name: str, kind: click.ParamType, metavar: str, text: str) -> 
 slide_mpp_option = _unset_option(
     "--slide-mpp", MPP, "UM_PER_PX",
     "The slide's own level-0 resolution in µm/px, for files that lack it or state it wrongly "
-    "(distinct from --mpp, the resolution tiles are analysed at).",
+    "(distinct from --mpp, the resolution tiles are analysed at). A slide more than 1.5× coarser than "
+    "the tiles is upsampled with a warning; more than 4× coarser, it is refused unless its µm/px is "
+    "stated here (the file's own value, e.g. --slide-mpp 16.783 for a 16.783 µm/px overview, goes ahead).",
 )
 image_mpp_option = _unset_option(
     "--image-mpp", MPP, "UM_PER_PX",

@@ -19,12 +19,13 @@ from pathapp.atomic import atomic_path
 from pathapp.explain.api import SlideExplanation
 from pathapp.qupath.geojson import tile_objects, write_objects
 from pathapp.results.heatmap import thumbnail_um_per_px
-from pathapp.results.pictures import DPI, ColourBar, blend, colourise, muted, save_figure
+from pathapp.results.pictures import ColourBar, blend, colourise, muted, save_figure
 
 LABELS = {"vitcx": "ViT-CX saliency", "rollout": "attention rollout", "attention": "last-layer CLS attention"}
 CMAP = "inferno"
 MOSAIC_ROWS = 24  # tiles shown in one mosaic (all are in the npz, GeoJSON and slide map)
 MOSAIC_PX = 224  # side of each mosaic panel
+DPI = 100  # of the mosaic figure
 
 
 def per_tile(maps: np.ndarray) -> np.ndarray:

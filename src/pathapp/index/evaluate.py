@@ -64,10 +64,9 @@ def read_labelled(path: Path, group_by: str | None = None) -> LabelledImages:
     column = group_by or next((c for c in CASE_COLUMNS if c in header), None)
     if column is not None and column not in header:
         raise IndexStoreError(f"{path}: --group-by column {column!r} not found (has {', '.join(header)})")
-    paths = [path.parent / r["image"] for r in rows]
-    missing = [p for p in paths if not p.exists()]
-    if missing:
-        raise IndexStoreError(f"{path}: {len(missing)} listed images missing, e.g. {missing[0]}")
+    from pathapp.train.labels import listed_images
+
+    paths = listed_images(path, [r["image"] for r in rows])
     if len({r["label"] for r in rows}) < 2:
         raise IndexStoreError(f"{path}: fewer than two labels; retrieval accuracy needs at least two")
     cases = [r[column] if column else str(p) for r, p in zip(rows, paths)]

@@ -59,6 +59,17 @@ class Runtime:
         return x.to(self.device, non_blocking=True, memory_format=fmt)
 
 
+@dataclass
+class TilePlan:
+    """`plan_tiles`'s answer for one slide (tiles, thumbnail, why none, stage times), when it was
+    made ahead of `infer_slide`, in another process (infer.planner)."""
+
+    grid: TileGrid
+    thumbnail: np.ndarray
+    empty: str | None
+    timings: dict[str, float]
+
+
 def cpu_flags() -> set[str]:
     """This CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
     try:
@@ -160,6 +171,7 @@ def infer_slide(
     log: Callable[[str], None] | None = None,
     qc: str = "flag",
     stain: StainFit | None = None,
+    plan: TilePlan | None = None,
 ) -> SlideResult:
     """Tile `slide` at `mpp` (default: the bundle's) inside tissue (and `rois`, level-0 shapely),
     run the model on every tile, and return the per-tile results. `runtime` reuses a built model; a
@@ -167,7 +179,8 @@ def infer_slide(
     and the reading workers started, so the model builds while the slide is read.
     `qc`: "flag" measures every tile's artefacts beside the model's input, "exclude" also keeps
     flagged tiles from the model and the results, "off" does neither. `stain`: a target every
-    tile is normalised onto, by one fit on this slide's tissue tiles.
+    tile is normalised onto, by one fit on this slide's tissue tiles. `plan`: this slide's tiles,
+    already planned with these `mpp`, `tile_size`, `rois` and `min_tissue`.
 
     Progress: a tqdm bar on a terminal; otherwise (a log file, QuPath's log window) a `progress:`
     line through `log` every PROGRESS_EVERY_S seconds."""
@@ -179,8 +192,11 @@ def infer_slide(
     mpp = float(mpp or bundle.mpp)
     tile_size = int(tile_size or bundle.tile_size)
     slide_mpp = slide.require_mpp()
-    timings: dict[str, float] = {}
-    grid, thumbnail, empty = plan_tiles(slide, mpp, tile_size, rois, min_tissue, timings)
+    if plan is None:
+        timings: dict[str, float] = {}
+        grid, thumbnail, empty = plan_tiles(slide, mpp, tile_size, rois, min_tissue, timings)
+    else:
+        grid, thumbnail, empty, timings = plan.grid, plan.thumbnail, plan.empty, dict(plan.timings)
     dev = _device(rt, device)
     n_workers = default_workers(dev) if workers is None else workers
     normalize, stain_record = None, None

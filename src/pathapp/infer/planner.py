@@ -21,9 +21,10 @@ from pathapp.engine.distributed import dist_env
 from pathapp.errors import failure_line
 from pathapp.infer.lease import Lease, claim
 from pathapp.infer.options import QC_MODES, InferOptions
-from pathapp.infer.pipeline import InferenceError, Runtime, check_tile_size, infer_slide, prepare_model, qc_slide
-from pathapp.models.heads import SEG_HEAD_KINDS
-from pathapp.models.loader import DEFAULT_MPP, load_model, model_label
+from pathapp.infer.pipeline import (InferenceError, Runtime, TilePlan, check_tile_size, infer_slide, plan_tiles,
+                                    prepare_model, qc_slide)
+from pathapp.models.header import SEG_HEAD_KINDS
+from pathapp.models.loader import DEFAULT_MPP, load_model, model_label, planned_preprocessing
 from pathapp.results import read_done, write_index, write_results
 from pathapp.results.run import DONE
 from pathapp.slide import expand_slide_inputs, is_url, open_slide, slide_name
@@ -181,12 +182,34 @@ def run_qc(inputs: Sequence[str | Path], options: InferOptions | None = None, *,
     return run_inference(inputs, replace(options or InferOptions(), qc_only=True), echo=echo)
 
 
+class _OnFirstWait(Future):
+    """A Future computed by the first caller of `result()`."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        super().__init__()
+        self._fn: Callable[[], Any] | None = fn
+
+    def result(self, timeout: float | None = None) -> Any:
+        if self._fn is not None:
+            fn, self._fn = self._fn, None
+            self.set_running_or_notify_cancel()
+            try:
+                self.set_result(fn())
+            except BaseException as e:  # kept, and raised to every waiter, as a thread pool would
+                self.set_exception(e)
+        return super().result(timeout)
+
+
 class _ModelBuild:
     """The run's one Runtime (none for QC only), built in a thread from the first claimed slide on, so
-    the model is built while that slide is opened, its tissue found and its reading workers started."""
+    the model is built while that slide is opened, its tissue found and its reading workers started.
+    `on_first_wait`: the first slide was planned in another process (`_PlanAhead`), so this process
+    has nothing else to do before its reading workers start; the model is built once they have been
+    forked (by `run_model`, waiting for it), so they never inherit an import half done in a thread."""
 
-    def __init__(self, o: InferOptions) -> None:
+    def __init__(self, o: InferOptions, on_first_wait: bool = False) -> None:
         self.o = o
+        self.on_first_wait = on_first_wait
         self.bundle: Bundle | None = None
         self.stain: StainFit | None = None
         self.device = o.device
@@ -215,7 +238,9 @@ class _ModelBuild:
     def get(self) -> Future[Runtime] | None:
         if self.bundle is None:
             return None
-        if self.future is None:
+        if self.future is None and self.on_first_wait:
+            self.future = _OnFirstWait(self._build)
+        elif self.future is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="model build")
             self.future = self._pool.submit(self._build)
         return self.future
@@ -234,6 +259,77 @@ class _ModelBuild:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
+
+
+class _PlanAhead:
+    """The first slide's tiles planned by a child process forked before torch is imported: its
+    low-resolution read and tissue detection (2-3 s on a 2-core CPU) run on the other core while this
+    process imports torch and timm and builds the model (5-6 s), instead of one after the other."""
+
+    def __init__(self, job: Job, o: InferOptions, rois: Any, mpp: float, tile_size: int) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("fork")
+        self.job = job
+        self._conn, child_end = ctx.Pipe(duplex=False)
+        self._process: Any = ctx.Process(target=_plan_in_child, args=(child_end, job, o, rois, mpp, tile_size),
+                                         name="pathapp plan", daemon=True)
+        self._process.start()
+        child_end.close()
+
+    @classmethod
+    def first(cls, jobs: list[Job], o: InferOptions, rois: Any) -> _PlanAhead | None:
+        """Planning ahead for the first job where the run tiles it as `infer_slide` would (a tile model,
+        the same ROIs for every slide) and it still needs doing."""
+        job = jobs[0]
+        if o.qc_only or (rois is None and o.roi_class) or job.error or job.out_dir is None:
+            return None
+        if (job.out_dir / DONE).exists() and not o.overwrite:
+            return None
+        pre = planned_preprocessing(o.model, weights=o.weights, mpp=o.mpp, tile_size=o.tile_size)
+        if pre is None or pre[2] in SEG_HEAD_KINDS:
+            return None
+        return cls(job, o, rois, pre[0], pre[1])
+
+    def take(self, job: Job) -> TilePlan | None:
+        """`job`'s plan if it is the one planned and planning worked; otherwise the job plans in this
+        process (and reports its own errors, the usual way)."""
+        if job is not self.job or self._process is None:
+            return None
+        try:
+            plan = self._conn.recv()
+        except (EOFError, OSError):
+            plan = None
+        self.close()
+        return plan
+
+    def close(self) -> None:
+        if self._process is not None:
+            self._process.terminate()
+            self._process.join()
+            self._conn.close()
+            self._process = None
+
+
+def _plan_in_child(conn: Any, job: Job, o: InferOptions, rois: Any, mpp: float, tile_size: int) -> None:
+    plan = None
+    try:
+        with _open(job, o) as slide:
+            timings: dict[str, float] = {}
+            slide.require_mpp()
+            grid, thumbnail, empty = plan_tiles(slide, mpp, tile_size, rois, o.min_tissue, timings)
+            plan = TilePlan(grid, thumbnail, empty, timings)
+    except Exception:  # noqa: BLE001 - the parent plans again and reports the error itself
+        pass
+    conn.send(plan)
+
+
+def _open(job: Job, o: InferOptions) -> Any:
+    """The job's slide, calibrated from its QuPath entry where the file has no µm/px."""
+    slide = open_slide(job.source, slide_mpp=o.slide_mpp)
+    if slide.mpp is None and job.entry_mpp:
+        slide.calibrate(job.entry_mpp)
+    return slide
 
 
 def run_inference(inputs: Sequence[str | Path], options: InferOptions | None = None, *,
@@ -260,9 +356,10 @@ def run_inference(inputs: Sequence[str | Path], options: InferOptions | None = N
         return summary
     if o.qc not in QC_MODES:
         raise InferenceError(f"--qc must be one of {', '.join(QC_MODES)}, not {o.qc!r}")
+    ahead = _PlanAhead.first(jobs, o, rois)  # before torch is imported, which _ModelBuild does
     _limit_threads()
     steady_malloc()
-    build = _ModelBuild(o)
+    build = _ModelBuild(o, on_first_wait=ahead is not None)
     for note in build.stain.notes if build.stain is not None else []:  # e.g. Vahadane fell back to Macenko
         echo(f"stain: reference {build.stain.source}: {note}")
     started = time.time()
@@ -271,7 +368,7 @@ def run_inference(inputs: Sequence[str | Path], options: InferOptions | None = N
         while pending:
             busy = []
             for job in pending:
-                if _attempt(job, build, o, rois, echo, summary, started) == "busy":
+                if _attempt(job, build, ahead, o, rois, echo, summary, started) == "busy":
                     busy.append(job)
             if busy and not waiting_said:
                 echo(f"waiting: {len(busy)} slide(s) held by other processes; taken over if they stop")
@@ -281,6 +378,8 @@ def run_inference(inputs: Sequence[str | Path], options: InferOptions | None = N
             pending = busy
     finally:
         build.close()
+        if ahead is not None:
+            ahead.close()
     if summary.unimported:  # once per run, not once per entry
         from pathapp.qupath.paquo_bridge import import_instructions
 
@@ -292,8 +391,8 @@ def run_inference(inputs: Sequence[str | Path], options: InferOptions | None = N
     return summary
 
 
-def _attempt(job: Job, build: _ModelBuild, o: InferOptions, rois: Any, echo: Callable[[str], None],
-             summary: RunSummary, started: float) -> str:
+def _attempt(job: Job, build: _ModelBuild, ahead: _PlanAhead | None, o: InferOptions, rois: Any,
+             echo: Callable[[str], None], summary: RunSummary, started: float) -> str:
     """Claim and run one job, recording the outcome in `summary`; "busy" when another process holds it.
     Finished results of other settings in the way are a failure (never replaced without --overwrite)."""
     lease: Lease | str | None = None
@@ -313,7 +412,7 @@ def _attempt(job: Job, build: _ModelBuild, o: InferOptions, rois: Any, echo: Cal
                  + (" (use --overwrite to redo)" if ours else " (by another process)"))
             (summary.skipped if ours else summary.elsewhere).append(job.out_dir)
             return "skipped"
-        status = _run_job(job, lease, build, o, rois, echo, summary)
+        status = _run_job(job, lease, build, o, rois, echo, summary, None if ahead is None else ahead.take(job))
     except Exception as e:  # one bad slide must not stop the others; one line each
         if build.failed(e):
             raise
@@ -373,10 +472,10 @@ def settings_differ(recorded: dict[str, Any], settings: dict[str, Any]) -> str:
 
 
 def _run_job(job: Job, lease: Lease, build: _ModelBuild, o: InferOptions, rois: Any,
-             echo: Callable[[str], None], summary: RunSummary) -> str:
+             echo: Callable[[str], None], summary: RunSummary, plan: TilePlan | None = None) -> str:
     """Run one claimed job (the model, or for QC only no model) and write its results; "done" or
     "empty" (GeoJSON --write-project could not add for want of QuPath go to `summary.unimported`).
-    Raises on failure."""
+    `plan`: its tiles, planned ahead. Raises on failure."""
     if rois is None and o.roi_class:  # no --roi: each project image's own annotations of those classes
         if job.project is None or job.entry is None:
             raise InferenceError(f"{job.label}: {NEEDS_ANNOTATIONS}")
@@ -384,9 +483,7 @@ def _run_job(job: Job, lease: Lease, build: _ModelBuild, o: InferOptions, rois: 
 
         rois = read_entry_rois(job.project, job.entry, o.roi_class)
     t0 = time.perf_counter()
-    slide = open_slide(job.source, slide_mpp=o.slide_mpp)
-    if slide.mpp is None and job.entry_mpp:
-        slide.calibrate(job.entry_mpp)
+    slide = _open(job, o)
     out_dir = job.out_dir
     with slide:
         t_open = time.perf_counter() - t0
@@ -406,7 +503,7 @@ def _run_job(job: Job, lease: Lease, build: _ModelBuild, o: InferOptions, rois: 
             result = infer_slide(slide, build.bundle, mpp=o.mpp, tile_size=o.tile_size, rois=rois,
                                  min_tissue=o.min_tissue, batch_size=o.batch_size, workers=o.workers,
                                  device=build.device, runtime=build.get(), progress=o.progress, log=echo,
-                                 qc=o.qc, stain=build.stain)
+                                 qc=o.qc, stain=build.stain, plan=plan)
     result.timings = {"open": t_open, **result.timings}
     if lease.lost:
         raise InferenceError(f"{job.label}: another process took this slide over (no heartbeat for "

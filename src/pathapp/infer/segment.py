@@ -140,7 +140,8 @@ def segment_slide(
                 bar.update(len(idx))
     blender.flush(blender.h)
     timings["model"] = time.perf_counter() - t0
-    seg = SegMap(blender.labels, blender.prob, float(scale), list(bundle.class_names), list(bundle.class_colors))
+    seg = SegMap(blender.labels, blender.prob, float(scale), list(bundle.class_names), list(bundle.class_colors),
+                 roi=rois)
     if log is not None and len(grid):
         log(f"segment: {slide.name}: {len(grid)} tiles ({overlap} px overlap), map {blender.w}×{blender.h} "
             f"at {scale * slide_mpp:.2f} µm/px")

@@ -19,12 +19,12 @@ import torch
 from torch import Tensor, nn
 
 from pathapp.atomic import atomic_path
-from pathapp.errors import PathappError, one_line
-from pathapp.models.heads import SEG_HEAD_KINDS, SLIDE_HEAD_KINDS, Head, build_head, head_state
+from pathapp.errors import one_line
+from pathapp.models.header import (FORMAT, FORMAT_VERSION, SEG_HEAD_KINDS, SLIDE_HEAD_KINDS, BundleError, is_bundle,
+                                   read_metadata)
+from pathapp.models.heads import Head, build_head, head_state
 from pathapp.models.registry import DEFAULT_MPP, DEFAULT_TILE_SIZE, BackboneSpec, create_backbone, embed
 
-FORMAT = "pathapp.bundle"
-FORMAT_VERSION = 1
 BUNDLE_SUFFIX = ".pathapp"
 
 # Distinct, readable on H&E; the first ones match QuPath's usual tumour/stroma/immune colours.
@@ -32,10 +32,6 @@ PALETTE: list[tuple[int, int, int]] = [
     (200, 0, 0), (150, 200, 150), (160, 90, 160), (50, 50, 50), (0, 128, 255),
     (255, 200, 0), (0, 200, 200), (255, 128, 0), (128, 64, 0), (255, 0, 255),
 ]
-
-
-class BundleError(PathappError):
-    """A file that is not a readable pathapp bundle."""
 
 
 def default_colors(n: int) -> list[tuple[int, int, int]]:
@@ -287,37 +283,6 @@ def save_bundle(bundle: Bundle, path: str | Path) -> Path:
             raise BundleError(f"{path}: cannot be written ({one_line(e)}); free disk space there or give "
                               f"another --out") from None
     return path
-
-
-def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The bundle's JSON document without reading tensors; BundleError if not a bundle."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise BundleError(f"{path}: no such model file; create one with `pathapp model create`")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-    except Exception as e:  # safetensors raises its own error types for non-safetensors input
-        raise BundleError(f"{path}: not a pathapp bundle (not a safetensors file: {e}); "
-                          f"create one with `pathapp model create`") from None
-    if header.get("format") != FORMAT:
-        raise BundleError(f"{path}: a safetensors file but not a pathapp bundle (no format={FORMAT!r} "
-                          f"in its metadata); load it with --weights instead, or create a bundle with "
-                          f"`pathapp model create`")
-    if int(header.get("format_version", 0)) > FORMAT_VERSION:
-        raise BundleError(f"{path}: bundle format {header['format_version']} is newer than this pathapp "
-                          f"reads ({FORMAT_VERSION}); upgrade pathapp")
-    return json.loads(header["pathapp"])
-
-
-def is_bundle(path: str | Path) -> bool:
-    try:
-        read_metadata(path)
-    except BundleError:
-        return False
-    return True
 
 
 def load_bundle(path: str | Path) -> Bundle:

@@ -24,10 +24,9 @@ from torch import Tensor, nn
 
 from pathapp.atomic import atomic_path
 from pathapp.errors import PathappError
+from pathapp.models.header import SEG_HEAD_KINDS
 
 HEAD_KINDS: tuple[str, ...] = ("linear", "mlp", "prototype", "knn", "abmil", "seg_linear", "seg_decoder")
-SLIDE_HEAD_KINDS: tuple[str, ...] = ("abmil",)
-SEG_HEAD_KINDS: tuple[str, ...] = ("seg_linear", "seg_decoder")  # models.seg: patch feature maps -> pixel logits
 SLIDE_TASKS: tuple[str, ...] = ("classification", "survival", "regression")
 
 

@@ -32,7 +32,7 @@ class ModelSourceError(PathappError):
 
 
 def _bundle_file(path: str | Path | None) -> bool:
-    from pathapp.models.bundle import is_bundle
+    from pathapp.models.header import is_bundle
 
     return path is not None and Path(path).is_file() and is_bundle(path)
 
@@ -123,6 +123,26 @@ def load_model(
     return dataclasses.replace(  # re-runs the consistency checks of Bundle.__post_init__
         bundle, mpp=float(mpp) if mpp is not None else bundle.mpp,
         tile_size=int(tile_size) if tile_size is not None else bundle.tile_size)
+
+
+def planned_preprocessing(model: str | Path | None = DEFAULT_MODEL, *, weights: str | Path | None = None,
+                          mpp: float | None = None, tile_size: int | None = None) -> tuple[float, int, str | None] | None:
+    """(µm/px, tile size, head kind) of the bundle `load_model` will return for these arguments, read
+    without torch from a bundle's header or the registry; None where only loading can tell (a bad source)."""
+    from pathapp.models.header import read_metadata
+
+    try:
+        if model is not None and Path(model).is_file():
+            meta = read_metadata(model)
+        elif _bundle_file(weights):
+            meta = read_metadata(weights)
+        else:
+            meta = {"preprocessing": {"mpp": DEFAULT_MPP, "tile_size": resolve_spec(model).img_size}}
+    except (PathappError, TypeError):
+        return None
+    pre = meta["preprocessing"]
+    return (float(pre["mpp"] if mpp is None else mpp), int(pre["tile_size"] if tile_size is None else tile_size),
+            (meta.get("head") or {}).get("kind"))
 
 
 def _folder_not_model(folder: Path) -> str:

@@ -126,7 +126,7 @@ def write_class_heatmaps(result: SlideResult, out_dir: Path) -> list[Path]:
     base = muted(result.thumbnail)
     for name, (values, bar) in heatmap_values(result).items():
         grid, mask = rasterise(result, values)
-        colour = colourise(on_thumbnail(result, grid), bar)
+        colour = on_thumbnail(result, colourise(grid, bar))  # colours of the cells, then looked up
         shown = on_thumbnail(result, mask & np.isfinite(grid))
         img = blend(base, colour, np.where(shown, HEATMAP_ALPHA, 0.0))
         paths.append(_figure(result, img, Path(out_dir) / f"heatmap-{safe_name(name)}.png", bar.label, bar=bar))

@@ -3,7 +3,8 @@
 `SegMap` holds the blended result at the map's resolution: the class of every map pixel (0 =
 background or not analysed) and that class's probability. Per class, connected regions become
 polygons with their holes (tiles.tissue.mask_to_geometry, the one mask tracer), simplified at a
-tolerance in µm and kept from a minimum area, each an annotation with its area and mean probability.
+tolerance in µm, clipped to the ROIs the map was made in (a hair inside: see ROI_INSET_PX) and kept
+from a minimum area, each an annotation with its area and mean probability.
 """
 
 from __future__ import annotations
@@ -13,11 +14,16 @@ from pathlib import Path
 
 import numpy as np
 import shapely
+from shapely.geometry.base import BaseGeometry
 
 from pathapp.qupath.geojson import QuPathObject
 
 SIMPLIFY_UM = 1.0  # outline tolerance (µm): well under a 3.5 µm map pixel at 0.5 µm/px
 MIN_AREA_UM2 = 100.0  # smaller regions are dropped (about 8 map pixels at 0.5 µm/px)
+# Regions are clipped this far (level-0 px) inside the ROIs: QuPath files an annotation under another
+# only if the other's outline covers it exactly (JTS covers, PathObjectTileCache.covers), and GeoJSON
+# coordinates are written to 0.01 px and held by QuPath's PolygonROI as floats (~0.01 px at 10⁵ px).
+ROI_INSET_PX = 0.05
 
 
 @dataclass
@@ -29,22 +35,27 @@ class SegMap:
     scale: float
     class_names: list[str]
     class_colors: list[tuple[int, int, int]] = field(default_factory=list)
+    roi: BaseGeometry | None = None  # level-0 area the map was made in (the --roi annotations); None = all
 
 
 def class_polygons(seg: SegMap, slide_size: tuple[int, int], slide_mpp: float, simplify_um: float = SIMPLIFY_UM,
                    min_area_um2: float = MIN_AREA_UM2) -> dict[int, list[shapely.Polygon]]:
-    """Per foreground class index, its regions as valid level-0 polygons (holes kept)."""
+    """Per foreground class index, its regions as valid level-0 polygons (holes kept), inside `seg.roi`."""
     from pathapp.tiles.tissue import mask_to_geometry
 
     out: dict[int, list[shapely.Polygon]] = {}
     tol, min_area = simplify_um / slide_mpp, min_area_um2 / slide_mpp**2
+    inside = None if seg.roi is None else seg.roi.buffer(-ROI_INSET_PX)
     for k in range(1, len(seg.class_names)):
         mask = seg.labels == k
         if not mask.any():
             continue
         geom = mask_to_geometry(mask, seg.scale, slide_size).simplify(tol, preserve_topology=True)
         geom = shapely.make_valid(geom)
-        polys = [p for p in shapely.get_parts(geom) if isinstance(p, shapely.Polygon) and p.area >= min_area]
+        if inside is not None:
+            geom = geom.intersection(inside)
+        parts = shapely.get_parts(shapely.get_parts(geom))  # a collection may hold multipolygons
+        polys = [p for p in parts if isinstance(p, shapely.Polygon) and p.area >= min_area]
         if polys:
             out[k] = polys
     return out

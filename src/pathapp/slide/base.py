@@ -86,6 +86,11 @@ class Slide(ABC):
         return self._slide_mpp if self._slide_mpp is not None else self.file_mpp
 
     @property
+    def mpp_source(self) -> str | None:
+        """Where `mpp` comes from: "override" (--slide-mpp, or a QuPath project's calibration), "file", or None."""
+        return "override" if self._slide_mpp is not None else ("file" if self.file_mpp else None)
+
+    @property
     def associated_images(self) -> list[str]:
         """Names of label/macro/thumbnail images stored beside the pyramid."""
         return []
@@ -228,7 +233,7 @@ class Slide(ABC):
             "width": self.size[0],
             "height": self.size[1],
             "mpp": self.mpp,
-            "mpp_source": "override" if self._slide_mpp is not None else ("file" if self.file_mpp else None),
+            "mpp_source": self.mpp_source,
             "channels": self.channels,
             "modality": self.modality,
             "levels": [

@@ -17,6 +17,7 @@ from pathapp.errors import PathappError
 
 _LIST_FIELDS = {"mpp", "roi_class"}  # list-valued settings; every other YAML list is a tuple
 MAX_AUTO_BATCH = 64  # the batch size chosen when memory allows (DINOv2's per-GPU batch for ViT-S/B)
+MIN_BATCH = 2  # KoLeo needs neighbours
 
 
 @dataclass
@@ -174,7 +175,8 @@ class SSLConfig:
             (self.balance in {"slides", "tissue"}, "balance must be 'slides' or 'tissue'"),
             (self.precision in {"auto", "bf16", "fp32"}, "precision must be auto, bf16 or fp32"),
             (self.distributed in {"ddp", "fsdp"}, "distributed must be ddp or fsdp"),
-            (self.batch_size is None or self.batch_size >= 2, "batch_size must be at least 2 (KoLeo needs neighbours)"),
+            (self.batch_size is None or self.batch_size >= MIN_BATCH,
+             f"batch_size must be at least {MIN_BATCH} (KoLeo needs neighbours)"),
             (self.grad_accum >= 1, "grad_accum must be at least 1"),
             (len(self.mpp) >= 1 and all(m > 0 for m in self.mpp), "mpp must list positive µm/px values"),
             (self.bundle_mpp is None or self.bundle_mpp > 0, "bundle_mpp must be a positive µm/px (or unset)"),

@@ -22,6 +22,7 @@ from pathapp.engine.workers import SlideHandle
 from pathapp.errors import PathappError
 from pathapp.slide import IMAGE_SUFFIXES
 from pathapp.ssl.augment import MultiCrop
+from pathapp.ssl.config import MIN_BATCH
 from pathapp.ssl.masking import BlockMasking
 
 if TYPE_CHECKING:
@@ -191,7 +192,7 @@ class TileFolderSource:
     to `tile_size`. For pre-extracted tiles; no labels are read."""
 
     def __init__(self, folder: str | Path, tile_size: int) -> None:
-        folder = Path(folder)
+        self.folder = folder = Path(folder)
         self.files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not self.files:
             raise PathappError(f"{folder}: no image tiles found ({', '.join(sorted(IMAGE_SUFFIXES))}); "
@@ -202,6 +203,22 @@ class TileFolderSource:
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def require_batch(self, batch_size: int) -> None:
+        """Refuse fewer images than one batch: every batch would repeat the same few (the folder
+        `pathapp tile` writes holds one image, its thumbnail.png)."""
+        n = len(self.files)
+        if n >= batch_size:
+            return
+        shown = ", ".join(p.name for p in self.files[:3]) + (", …" if n > 3 else "")
+        fix = f"give a folder of at least {batch_size} tile images"
+        if n >= MIN_BATCH:
+            fix += f" or a --batch-size of {n} or less"
+        tiled = next(self.folder.rglob("tiles.geojson"), None)
+        if tiled is not None:
+            fix += f" ({tiled.parent} is `pathapp tile` output, GeoJSON and a picture: pretrain on the slide with --slides)"
+        raise PathappError(f"{self.folder}: {n} image{'s' if n != 1 else ''} found ({shown}), fewer than one batch of "
+                           f"{batch_size}; {fix}")
 
     def normalise_onto(self, target: StainFit) -> dict[str, Any]:
         """Normalise each image onto `target` by a fit on its own pixels (an image is its own scan),
@@ -339,7 +356,9 @@ def open_sources(slides: str | Path | None = None, tiles: str | Path | None = No
     if tiles is not None:
         if not Path(tiles).is_dir():
             raise PathappError(f"{tiles}: not a folder; --tiles needs a folder of image tiles")
-        return TileFolderSource(tiles, tile_size)
+        folder = TileFolderSource(tiles, tile_size)
+        folder.require_batch(MIN_BATCH)  # the chosen batch size is checked once it is known (ssl.train)
+        return folder
     from pathapp.errors import MissingMppError, SlideOpenError
     from pathapp.slide import expand_slide_inputs, open_slide
 

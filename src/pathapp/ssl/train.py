@@ -19,9 +19,9 @@ from pathapp.atomic import atomic_write_text
 from pathapp.engine.distributed import DistInfo, all_mean, gather, is_distributed, setup_distributed
 from pathapp.errors import PathappError
 from pathapp.ssl.checkpoint import BUNDLE, CHECKPOINT, load_checkpoint, save_checkpoint, weights_checksum
-from pathapp.ssl.config import MAX_AUTO_BATCH, SSLConfig
+from pathapp.ssl.config import MAX_AUTO_BATCH, MIN_BATCH, SSLConfig
 from pathapp.ssl.criterion import Criterion
-from pathapp.ssl.data import SSLDataset, make_loader, open_sources
+from pathapp.ssl.data import SSLDataset, TileFolderSource, make_loader, open_sources
 from pathapp.ssl.meta_arch import Student, Teacher
 from pathapp.ssl.schedules import apply_schedules, build_schedules, param_groups
 
@@ -148,7 +148,7 @@ def fit_batch_size(cfg: SSLConfig, patch_size: int, student: Student, teacher: T
     fix = ("grad_checkpointing is on; lower --batch-size and raise --grad-accum to keep the total batch"
            if cfg.grad_checkpointing else "--grad-checkpointing lowers it several-fold; so does a smaller "
            "--batch-size with a larger --grad-accum")
-    batch = choose_batch(fit, cfg.batch_size, MAX_AUTO_BATCH, smallest=2, what="pretrain", fix=fix)
+    batch = choose_batch(fit, cfg.batch_size, MAX_AUTO_BATCH, smallest=MIN_BATCH, what="pretrain", fix=fix)
     if info.is_main:
         chosen = "asked for" if cfg.batch_size is not None else f"the largest power of two ≤ {MAX_AUTO_BATCH} that fits"
         print(f"pretrain: batch size {batch} ({chosen}; {fit.describe(batch)}, the largest that fits is "
@@ -185,6 +185,8 @@ def pretrain(cfg: SSLConfig, out: str | Path, *, resume: bool = False, progress:
         _unfuse_attention(student, teacher)
     if not resume:  # a resumed run keeps the batch size its config.yaml records
         cfg = dataclasses.replace(cfg, batch_size=fit_batch_size(cfg, spec.patch_size, student, teacher, info))
+    if isinstance(source, TileFolderSource):  # before any write, now that the batch size is known
+        source.require_batch(cfg.batch_size)
     criterion = Criterion.build(cfg, info.device)
     sched = build_schedules(cfg, info.world_size)
 

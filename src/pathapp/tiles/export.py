@@ -35,8 +35,6 @@ class TilingResult:
             f"(slide {g.slide_mpp:g} µm/px, {g.footprint:.2f} level-0 px per tile, read {g.read_size} px "
             f"at level {g.level}) -> {self.out_dir}"
         )
-        if g.slide_mpp > g.mpp * 1.05:  # finer than the scan: pixels are invented by interpolation
-            line += f"; warning: upsampled {g.slide_mpp / g.mpp:.1f}× (the slide is coarser than --mpp)"
         if self.modality != BRIGHTFIELD:
             line += f"; {self.modality}: tissue found by Otsu on the summed channels"
         return line

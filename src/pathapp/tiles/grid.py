@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -17,6 +18,13 @@ from pathapp.tiles.tissue import DEFAULT_MIN_TISSUE, TissueMask, detect_tissue, 
 # A level up to this much coarser than the target still counts as the target resolution: scanners
 # round µm/px (a 4× level of a 0.5026 µm/px scan is 2.01 µm/px, and serves a 2.0 µm/px request).
 LEVEL_TOLERANCE = 0.02
+# A slide coarser than the target µm/px is upsampled: interpolated pixels, so the model sees less detail
+# than it was trained on, on (factor)² as many tiles. Beyond UPSAMPLE_WARN× that is said once per scale
+# pair (a 20× scan at a 40× model is 2×); beyond MAX_UPSAMPLE× (a 224 px tile from < 56 slide px) it is
+# refused unless the slide's µm/px was stated (--slide-mpp, --image-mpp, a QuPath calibration): a 16.8
+# µm/px overview at a 0.5 µm/px model is 34× and ~10⁵ tiles of blur, or a wrong µm/px in the file.
+UPSAMPLE_WARN = 1.5
+MAX_UPSAMPLE = 4.0
 PADDING, PADDING_VALUE = "padding fraction", "padding value"  # tile measurements of edge tiles
 MIN_COUNTED = 0.5  # the least part of a tile its tissue fraction is taken over (see make_grid)
 
@@ -81,11 +89,37 @@ def tile_geometry(slide: Slide, mpp: float, tile_size: int, overlap: int = 0) ->
         raise PathappError(f"{slide.path}: --overlap must be at least 0 and smaller than the tile size "
                            f"(got overlap={overlap}, tile size={tile_size})")
     downsample = mpp / slide_mpp
+    _check_upsampling(slide, slide_mpp, mpp, tile_size)
     footprint = tile_size * downsample
     level = slide.best_level_for_downsample(downsample * (1 + LEVEL_TOLERANCE))
     read_size = max(1, int(round(footprint / slide.levels[level].downsample)))
     return TileGeometry(float(mpp), float(slide_mpp), int(tile_size), float(footprint), level, read_size,
                         float((tile_size - overlap) * downsample))
+
+
+_UPSAMPLING_SAID: set[tuple[float, float]] = set()  # (slide µm/px, target µm/px) pairs warned about
+
+
+def _check_upsampling(slide: Slide, slide_mpp: float, mpp: float, tile_size: int) -> None:
+    """The rule of UPSAMPLE_WARN and MAX_UPSAMPLE for `tile_size` px tiles at `mpp` µm/px on `slide`."""
+    factor = slide_mpp / mpp
+    if factor <= UPSAMPLE_WARN:
+        return
+    scales = (f"the slide is {slide_mpp:g} µm/px at its finest level, {factor:.1f}× coarser than the "
+              f"{mpp:g} µm/px tiles are read at")
+    if factor > MAX_UPSAMPLE and slide.mpp_source != "override":
+        w, h = slide.size
+        side = tile_size / factor  # slide px per tile side
+        n = int(np.ceil(w / side) * np.ceil(h / side))
+        raise PathappError(f"{slide.path}: {scales}: every tile would be upsampled {factor:.1f}× (about {n:,} tiles "
+                           f"of interpolated pixels); use a model or --mpp near the slide's scale, give the right "
+                           f"scale with --slide-mpp if the file's is wrong, or state it to go ahead: --slide-mpp "
+                           f"{slide_mpp:g}")
+    if (float(slide_mpp), float(mpp)) not in _UPSAMPLING_SAID:
+        _UPSAMPLING_SAID.add((float(slide_mpp), float(mpp)))
+        print(f"warning: {slide.path}: {scales}: each tile is upsampled {factor:.1f}× (interpolated pixels: less "
+              f"detail than the model was trained on); said once for every slide at this scale",
+              file=sys.stderr, flush=True)
 
 
 def read_tile_at(slide: Slide, geometry: TileGeometry, x: int, y: int) -> np.ndarray:

@@ -104,10 +104,9 @@ FOLD_MIN_STAINED = 0.75  # folds are made on tiles this much stained: a folded f
 
 def stained_fraction(tile: np.ndarray) -> float:
     """1 − `qc: background` of a tile."""
-    from pathapp.tiles.qc import GLASS_CHROMA, optical_densities
+    from pathapp.tiles.qc import GLASS_CHROMA, od_spread
 
-    od = optical_densities(to_rgb(tile))
-    return float((od.max(axis=2) - od.min(axis=2) >= GLASS_CHROMA).mean())
+    return float((od_spread(to_rgb(tile)) >= GLASS_CHROMA).mean())
 
 
 def histolab_cases(folder: Path, min_px: int = 256) -> list[Case]:

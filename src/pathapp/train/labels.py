@@ -193,15 +193,21 @@ def read_labels_csv(
     classes = sorted({r[label_column] for r in rows})
     if len(classes) < 2:
         raise LabelError(f"{path}: column {label_column!r} has fewer than two classes")
-    paths = [path.parent / r[image_column] for r in rows]
-    missing = [p for p in paths if not p.exists()]
-    if missing:
-        raise LabelError(f"{path}: {len(missing)} of {len(paths)} listed images do not exist, e.g. {missing[0]}; "
-                         f"fix those rows (paths are relative to the CSV's folder) or remove them")
+    paths = listed_images(path, [r[image_column] for r in rows])
     labels = np.asarray([classes.index(r[label_column]) for r in rows])
     groups = np.asarray([r[group_by] if group_by else str(p) for r, p in zip(rows, paths)])
     mpps = [parse_mpp(r.get("mpp"), f"{path}, row {n + 2}") for n, r in enumerate(rows)]
     return ImageSet(paths, labels, groups, classes, group_by or "image", mpps=mpps)
+
+
+def listed_images(path: Path, names: Sequence[str]) -> list[Path]:
+    """The images a CSV lists, relative to its folder; one line naming the CSV and a missing one when any is."""
+    paths = [path.parent / n for n in names]
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        raise LabelError(f"{path}: {len(missing)} of {len(paths)} listed images do not exist, e.g. {missing[0]}; "
+                         f"fix those rows (paths are relative to the CSV's folder) or remove them")
+    return paths
 
 
 def group_column(path: Path, cols, group_by: str | None) -> str | None:

@@ -81,13 +81,15 @@ def survival_metrics(time: np.ndarray, event: np.ndarray, risk: np.ndarray, hori
         out["c_index"] = _or_nan(lambda: sk.metrics.concordance_index_censored(ev, time, risk)[0])
     if "c_index_uno" in keys:
         out["c_index_uno"] = _or_nan(lambda: sk.metrics.concordance_index_ipcw(surv, surv, risk, tau=max(horizons))[0])
-    if "td_auc" in keys:  # one call for the horizons inside the follow-up (scikit-survival's condition)
-        inside = [h for h in horizons if time.min() <= h < time.max()]
+    if "td_auc" in keys:  # one call for the horizons where the AUC is defined: inside the follow-up
+        # (scikit-survival's condition, which leaves a control after h) with a case, an event at or
+        # before h (a resample may have none: then its true-positive rate would be 0 / 0)
+        inside = [h for h in horizons if time.min() <= h < time.max() and (ev & (time <= h)).any()]
         auc = np.full(len(inside), np.nan)
         if inside:
             try:
                 auc = sk.metrics.cumulative_dynamic_auc(surv, surv, risk, inside)[0]
-            except ValueError:  # e.g. no event before the first horizon in a resample
+            except ValueError:  # e.g. the censoring distribution is zero at a slide's time: no IPCW weight
                 auc = [_or_nan(lambda h=h: sk.metrics.cumulative_dynamic_auc(surv, surv, risk, [h])[0][0])
                        for h in inside]
         by_h = dict(zip(inside, auc))
