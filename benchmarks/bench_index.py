@@ -54,12 +54,20 @@ def centres(seed: int, dim: int) -> np.ndarray:
 
 
 def synthetic(n: int, dim: int, seed: int, stream: int = 1):
-    """Yield (start, float32 chunk) covering n vectors; chunk i depends only on (seed, stream, i)."""
+    """Yield (start, float32 chunk) covering n vectors; chunk i depends only on (seed, stream, i).
+    Drawn in place (one chunk of memory, the same values as centre + noise): at 10M every phase
+    must stay under 2 GiB, and the caller drops each chunk before asking for the next."""
     c = centres(seed, dim)
     for i, start in enumerate(range(0, n, CHUNK)):
         m = min(CHUNK, n - start)
         rng = np.random.default_rng([seed, stream, i])
-        yield start, c[rng.integers(0, CENTRES, m)] + NOISE * rng.standard_normal((m, dim), dtype=np.float32)
+        which = rng.integers(0, CENTRES, m)
+        chunk = rng.standard_normal((m, dim), dtype=np.float32)
+        chunk *= NOISE
+        for a in range(0, m, 16_384):
+            chunk[a : a + 16_384] += c[which[a : a + 16_384]]
+        yield start, chunk
+        del chunk
 
 
 def real_chunks(path: Path, n: int):
@@ -99,7 +107,9 @@ def phase_build(args: argparse.Namespace) -> dict:
             t = time.perf_counter()
             idx.add(entries, model)
             adds.append(time.perf_counter() - t)
-            print(f"build: {start + len(chunk):,} vectors, {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+            print(f"build: {start + len(chunk):,} vectors, {time.perf_counter() - t0:.0f} s, "
+                  f"load {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
+            del chunk, part, entries  # before the generator draws the next chunk
         info = idx.describe()
     files = {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()}
     structure = sum(v for k, v in files.items() if k.startswith("faiss-"))
@@ -110,6 +120,8 @@ def phase_build(args: argparse.Namespace) -> dict:
 
 def phase_exact(args: argparse.Namespace) -> dict:
     """Ground truth by streamed brute force; at ≤ 1M also one-query latency of an in-memory flat index."""
+    import faiss
+
     data, queries = dataset(args, args.data, args.n)
     q = np.concatenate([c for _, c in queries])
     q /= np.linalg.norm(q, axis=1, keepdims=True)
@@ -117,19 +129,17 @@ def phase_exact(args: argparse.Namespace) -> dict:
     best_i = np.zeros((len(q), K), np.int64)
     flat = None
     if args.n <= 1_000_000:
-        import faiss
-
         flat = faiss.IndexFlatIP(DIM)
     for start, chunk in data:
-        chunk /= np.linalg.norm(chunk, axis=1, keepdims=True)
-        s = q @ chunk.T
-        top = np.argpartition(-s, K, axis=1)[:, :K]
-        cand_s = np.concatenate([best_s, np.take_along_axis(s, top, 1)], 1)
+        chunk /= np.sqrt(np.einsum("ij,ij->i", chunk, chunk))[:, None]
+        s, top = faiss.knn(q, chunk, K, metric=faiss.METRIC_INNER_PRODUCT)  # blocked: no queries × chunk matrix
+        cand_s = np.concatenate([best_s, s], 1)
         cand_i = np.concatenate([best_i, top + start], 1)
-        keep = np.argsort(-cand_s, axis=1)[:, :K]
+        keep = np.argsort(-cand_s, axis=1, kind="stable")[:, :K]
         best_s, best_i = np.take_along_axis(cand_s, keep, 1), np.take_along_axis(cand_i, keep, 1)
         if flat is not None:
             flat.add(chunk)
+        del chunk
     np.save(Path(args.work) / "truth.npy", best_i)
     out: dict = {}
     if flat is not None:
@@ -179,11 +189,13 @@ def child(args: argparse.Namespace, phase: str) -> dict:
     if args.real:
         cmd += ["--real", str(args.real)]
     out = Path(args.work) / f"{phase}.json"
+    t0 = time.perf_counter()
     proc = subprocess.Popen(cmd + ["--result", str(out)], env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"phase {phase} failed ({status})")
-    return {**json.loads(out.read_text()), f"{phase}_peak_rss_mib": usage.ru_maxrss / 1024}
+    return {**json.loads(out.read_text()), f"{phase}_peak_rss_mib": usage.ru_maxrss / 1024,
+            f"{phase}_wall_s": time.perf_counter() - t0, f"{phase}_load_average_at_end": os.getloadavg()}
 
 
 def cpu() -> dict:

@@ -214,6 +214,26 @@ def test_a_killed_writer_leaves_the_index_as_it_was(tmp_path) -> None:
     assert [p.name for p in folder.glob("faiss-*.index")] == [json.loads((folder / faiss_store.MANIFEST).read_text())["faiss_file"]]
 
 
+def test_removing_most_slides_compacts_the_store(tmp_path) -> None:
+    """Once most stored rows belong to removed slides the store is rewritten with the live rows only;
+    the kept slides' tiles, vectors and search hits survive the move to their new rows."""
+    folder = tmp_path / "idx"
+    data = {i: clustered(30, 32, seed=i) for i in range(5)}
+    with open_index(folder, create=True) as idx:
+        idx.add([entry(i, data[i]) for i in range(4)], MODEL)
+        idx.remove(["/slides/s0.svs", "/slides/s2.svs", "/slides/s3.svs"])  # 90 of 120 rows dead
+        m = idx.manifest
+        assert (m["generation"], m["rows"], m["dead_rows"]) == (1, 30, 0)
+        assert sorted(p.name for p in folder.glob("vectors-*")) == ["vectors-1.f16"]
+        assert (folder / "vectors-1.f16").stat().st_size == 30 * 32 * 2
+        idx.add([entry(4, data[4])], MODEL)
+        for i in (1, 4):
+            hit = idx.search_tiles(data[i][7], 1)[0][0]
+            assert (hit.slide, hit.tile) == (f"/slides/s{i}.svs", 7) and hit.similarity > 0.999
+            stored = idx.tiles(f"/slides/s{i}.svs", vectors=True).vectors
+            np.testing.assert_allclose(stored, data[i] / np.linalg.norm(data[i], axis=1, keepdims=True), atol=1e-3)
+        assert idx.search_slides(data[1].mean(0), 1)[0][0] == "/slides/s1.svs"
+
 def test_slide_vector_is_the_attention_pooling_of_an_abmil_bundle() -> None:
     v = clustered(5, 32, seed=3)
     e = entry(0, v)
