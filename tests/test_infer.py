@@ -250,13 +250,14 @@ def test_help_and_info_do_not_import_torch(shared_data):
                                                capture_output=True, text=True, timeout=120).stdout
 
 
-def test_first_slide_planned_ahead_by_a_child_before_torch(shared_data, bundle_path, tmp_path):
+def test_first_slide_planned_ahead_by_a_child_before_torch(shared_data, bundle_path, tmp_path, capfd):
     """The run's first slide is planned by a child forked before torch is imported (the planner and the
-    bundle header need no torch); its plan is the one the parent would make, and a slide the child
-    cannot plan (no µm/px) is left to the parent, which reports it the usual way."""
+    bundle header need no torch); its plan is the one the parent would make, a slide the child cannot
+    plan (no µm/px) is left to the parent, and what is said about a slide is said by the parent, once."""
     from pathapp.infer.options import InferOptions
     from pathapp.infer.pipeline import plan_tiles
     from pathapp.infer.planner import _PlanAhead, expand_inputs
+    from pathapp.tiles import grid as grid_module
 
     code = "import sys, pathapp.infer.planner, pathapp.models.header; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout == "False\n"
@@ -270,8 +271,16 @@ def test_first_slide_planned_ahead_by_a_child_before_torch(shared_data, bundle_p
     np.testing.assert_array_equal(plan.thumbnail, thumbnail)
     assert {"low-res read", "tissue", "grid"} <= plan.timings.keys()
     assert _PlanAhead.first(jobs[1:], o, None).take(jobs[1]) is None
-    code, out = run_cli("infer", str(data_file(NO_MPP)), "--model", str(bundle_path), "--out", str(tmp_path / "o"))
-    assert code != 0 and "--slide-mpp" in out and "Traceback" not in out
+    # what is said about a slide (here: its upsampling) is said by this process, once; the child is quiet
+    grid_module._UPSAMPLING_SAID.discard((1.07, 0.5))
+    capfd.readouterr()
+    coarse = InferOptions(model=str(bundle_path), mpp=0.5, slide_mpp=1.07)
+    plan = _PlanAhead.first(jobs[:1], coarse, None).take(jobs[0])
+    assert capfd.readouterr().err == ""
+    plan.grid = plan.grid.subset(np.arange(3))
+    with open_slide(data_file(SVS), slide_mpp=1.07) as slide:
+        res = infer_slide(slide, load_bundle(bundle_path), mpp=0.5, plan=plan, workers=0, progress=False)
+    assert len(res) == 3 and capfd.readouterr().err.count("warning:") == 1
 
 
 def test_attention_mil_bundle_gives_slide_prediction_and_attention(shared_data, tmp_path):

@@ -196,6 +196,9 @@ def infer_slide(
         timings: dict[str, float] = {}
         grid, thumbnail, empty = plan_tiles(slide, mpp, tile_size, rois, min_tissue, timings)
     else:
+        from pathapp.tiles import tile_geometry
+
+        tile_geometry(slide, mpp, tile_size)  # its scale warning, said in this process (the planning child is quiet)
         grid, thumbnail, empty, timings = plan.grid, plan.thumbnail, plan.empty, dict(plan.timings)
     dev = _device(rt, device)
     n_workers = default_workers(dev) if workers is None else workers

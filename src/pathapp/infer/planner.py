@@ -312,7 +312,10 @@ class _PlanAhead:
 
 
 def _plan_in_child(conn: Any, job: Job, o: InferOptions, rois: Any, mpp: float, tile_size: int) -> None:
+    """Plan `job` and send the TilePlan (None if that failed) without a word: the parent says what is
+    to be said about the slide, once (`infer_slide`), and plans it again itself if this failed."""
     plan = None
+    sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - this process ends after sending
     try:
         with _open(job, o) as slide:
             timings: dict[str, float] = {}
