@@ -282,6 +282,8 @@ class _PlanAhead:
         """Planning ahead for the first job where the run tiles it as `infer_slide` would (a tile model,
         the same ROIs for every slide) and it still needs doing."""
         job = jobs[0]
+        if not sys.platform.startswith("linux"):  # fork: absent on Windows, unsafe on macOS
+            return None
         if o.qc_only or (rois is None and o.roi_class) or job.error or job.out_dir is None:
             return None
         if (job.out_dir / DONE).exists() and not o.overwrite:
