@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -281,6 +282,18 @@ def test_first_slide_planned_ahead_by_a_child_before_torch(shared_data, bundle_p
     with open_slide(data_file(SVS), slide_mpp=1.07) as slide:
         res = infer_slide(slide, load_bundle(bundle_path), mpp=0.5, plan=plan, workers=0, progress=False)
     assert len(res) == 3 and capfd.readouterr().err.count("warning:") == 1
+    # a parent killed before it takes the plan (kill -9, out of memory) leaves no planning child behind
+    code = ("import os; from pathlib import Path; from pathapp.infer.options import InferOptions\n"
+            "from pathapp.infer.planner import _PlanAhead, expand_inputs\n"
+            f"jobs = expand_inputs([{str(data_file(SVS))!r}], Path({str(tmp_path / 'k')!r}))\n"
+            f"print(_PlanAhead.first(jobs, InferOptions(model={str(bundle_path)!r}, mpp=4.0), None)._process.pid)\n"
+            "os._exit(0)\n")
+    child = Path("/proc", subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                         timeout=120).stdout.split()[-1])
+    deadline = time.monotonic() + 60
+    while child.exists() and child.joinpath("stat").read_text().split(")")[-1].split()[0] != "Z":
+        assert time.monotonic() < deadline, "the planning child of a killed parent is still running"
+        time.sleep(0.2)
 
 
 def test_attention_mil_bundle_gives_slide_prediction_and_attention(shared_data, tmp_path):

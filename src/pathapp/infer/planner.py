@@ -272,7 +272,8 @@ class _PlanAhead:
         ctx = multiprocessing.get_context("fork")
         self.job = job
         self._conn, child_end = ctx.Pipe(duplex=False)
-        self._process: Any = ctx.Process(target=_plan_in_child, args=(child_end, job, o, rois, mpp, tile_size),
+        self._process: Any = ctx.Process(target=_plan_in_child,
+                                         args=(child_end, self._conn, job, o, rois, mpp, tile_size),
                                          name="pathapp plan", daemon=True)
         self._process.start()
         child_end.close()
@@ -313,9 +314,13 @@ class _PlanAhead:
             self._process = None
 
 
-def _plan_in_child(conn: Any, job: Job, o: InferOptions, rois: Any, mpp: float, tile_size: int) -> None:
+def _plan_in_child(conn: Any, parent_end: Any, job: Job, o: InferOptions, rois: Any, mpp: float,
+                   tile_size: int) -> None:
     """Plan `job` and send the TilePlan (None if that failed) without a word: the parent says what is
-    to be said about the slide, once (`infer_slide`), and plans it again itself if this failed."""
+    to be said about the slide, once (`infer_slide`), and plans it again itself if this failed. The
+    parent's end of the pipe is closed here, so if the parent is gone (killed) sending fails and this
+    process ends, instead of waiting forever for a reader."""
+    parent_end.close()
     plan = None
     sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - this process ends after sending
     try:
@@ -326,7 +331,10 @@ def _plan_in_child(conn: Any, job: Job, o: InferOptions, rois: Any, mpp: float, 
             plan = TilePlan(grid, thumbnail, empty, timings)
     except Exception:  # noqa: BLE001 - the parent plans again and reports the error itself
         pass
-    conn.send(plan)
+    try:
+        conn.send(plan)
+    except OSError:  # the parent is gone
+        pass
 
 
 def _open(job: Job, o: InferOptions) -> Any:
