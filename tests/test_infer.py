@@ -251,32 +251,71 @@ def test_help_and_info_do_not_import_torch(shared_data):
                                                capture_output=True, text=True, timeout=120).stdout
 
 
-def test_first_slide_planned_ahead_by_a_child_before_torch(shared_data, bundle_path, tmp_path, capfd):
+def test_console_script_exits_without_teardown_keeping_exit_code_and_atexit(tmp_path):
+    """`pathapp` ends right after the command (no module teardown: 1-2 s once torch is loaded), with the
+    command's exit code and message, after the atexit handlers; a thread still working is waited for."""
+    prelude = ("import atexit, sys, threading, time\n"
+               "class Teardown:\n    def __del__(self):\n        print('teardown', flush=True)\n"
+               "kept = Teardown()\n"
+               "atexit.register(lambda: print('atexit ran', flush=True))\n"
+               f"sys.argv = ['pathapp', 'info', {str(tmp_path / 'missing.svs')!r}]\n")
+    run, main = "from pathapp.cli import run\nrun()\n", "from pathapp.cli import main\nmain()\n"
+    usual = subprocess.run([sys.executable, "-c", prelude + main], capture_output=True, text=True, timeout=120)
+    assert usual.returncode != 0 and "missing.svs" in usual.stderr and usual.stdout == "atexit ran\nteardown\n"
+    proc = subprocess.run([sys.executable, "-c", prelude + run], capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stderr, proc.stdout) == (usual.returncode, usual.stderr, "atexit ran\n")
+    worker = "threading.Thread(target=lambda: (time.sleep(0.5), print('thread done', flush=True))).start()\n"
+    proc = subprocess.run([sys.executable, "-c", prelude + worker + run], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == usual.returncode
+    assert proc.stdout.splitlines() == ["thread done", "atexit ran", "teardown"], proc.stdout
+
+
+def test_first_slide_planned_and_read_ahead_by_a_child_before_torch(shared_data, bundle_path, tmp_path, capfd):
     """The run's first slide is planned by a child forked before torch is imported (the planner and the
-    bundle header need no torch); its plan is the one the parent would make, a slide the child cannot
+    bundle header need no torch), which then reads and measures its first tiles; the plan is the one the
+    parent would make, the results those of a slide read by the workers alone, a slide the child cannot
     plan (no µm/px) is left to the parent, and what is said about a slide is said by the parent, once."""
+    from pathapp.infer.ahead import PlanAhead
     from pathapp.infer.options import InferOptions
-    from pathapp.infer.pipeline import plan_tiles
-    from pathapp.infer.planner import _PlanAhead, expand_inputs
+    from pathapp.infer.pipeline import plan_tiles, prepare_model
+    from pathapp.infer.planner import expand_inputs
     from pathapp.tiles import grid as grid_module
+    from pathapp.tiles.qc import MEASURES
 
     code = "import sys, pathapp.infer.planner, pathapp.models.header; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout == "False\n"
     o = InferOptions(model=str(bundle_path), mpp=4.0)
     jobs = expand_inputs([data_file(SVS), data_file(NO_MPP)], tmp_path)
-    plan = _PlanAhead.first(jobs, o, None).take(jobs[0])
+    bundle = load_bundle(bundle_path)
+    # room for 5 tiles: the child reads those, the workers the rest
+    ahead = PlanAhead(jobs[0], o, None, 4.0, bundle.tile_size, budget=5 * (bundle.tile_size**2 * 3 + 4 * len(MEASURES)))
+    plan = ahead.take(jobs[0])
     with open_slide(data_file(SVS)) as slide:
-        grid, thumbnail, empty = plan_tiles(slide, 4.0, load_bundle(bundle_path).tile_size, None, None, {})
-    assert len(grid) > 5 and empty is None and plan.empty is None
+        grid, thumbnail, empty = plan_tiles(slide, 4.0, bundle.tile_size, None, None, {})
+    assert len(grid) > 8 and empty is None and plan.empty is None
     np.testing.assert_array_equal(plan.grid.coords, grid.coords)
     np.testing.assert_array_equal(plan.thumbnail, thumbnail)
     assert {"low-res read", "tissue", "grid"} <= plan.timings.keys()
-    assert _PlanAhead.first(jobs[1:], o, None).take(jobs[1]) is None
+    deadline = time.monotonic() + 60
+    while ahead._count.value < 5:
+        assert time.monotonic() < deadline, "the planning child read no tiles"
+        time.sleep(0.05)
+    rt = prepare_model(bundle, "cpu", "fp32")
+    with open_slide(data_file(SVS)) as slide:
+        ahead_res = infer_slide(slide, bundle, mpp=4.0, runtime=rt, plan=plan, workers=1, progress=False)
+        plain = infer_slide(slide, bundle, mpp=4.0, runtime=rt, workers=1, progress=False)
+    assert ahead_res.params["read_ahead"] == 5 and plain.params["read_ahead"] == 0
+    np.testing.assert_array_equal(ahead_res.coords, plain.coords)
+    np.testing.assert_allclose(ahead_res.embeddings, plain.embeddings, atol=1e-5)
+    assert np.abs(plain.embeddings - plain.embeddings[0]).max() > 1e-3  # tiles differ (LayerScale 1)
+    for name in MEASURES:
+        np.testing.assert_array_equal(ahead_res.extra[f"qc: {name}"], plain.extra[f"qc: {name}"])
+    assert PlanAhead.first(jobs[1:], o, None).take(jobs[1]) is None
     # what is said about a slide (here: its upsampling) is said by this process, once; the child is quiet
     grid_module._UPSAMPLING_SAID.discard((1.07, 0.5))
     capfd.readouterr()
     coarse = InferOptions(model=str(bundle_path), mpp=0.5, slide_mpp=1.07)
-    plan = _PlanAhead.first(jobs[:1], coarse, None).take(jobs[0])
+    plan = PlanAhead.first(jobs[:1], coarse, None).take(jobs[0])
     assert capfd.readouterr().err == ""
     plan.grid = plan.grid.subset(np.arange(3))
     with open_slide(data_file(SVS), slide_mpp=1.07) as slide:
@@ -284,9 +323,9 @@ def test_first_slide_planned_ahead_by_a_child_before_torch(shared_data, bundle_p
     assert len(res) == 3 and capfd.readouterr().err.count("warning:") == 1
     # a parent killed before it takes the plan (kill -9, out of memory) leaves no planning child behind
     code = ("import os; from pathlib import Path; from pathapp.infer.options import InferOptions\n"
-            "from pathapp.infer.planner import _PlanAhead, expand_inputs\n"
+            "from pathapp.infer.ahead import PlanAhead\nfrom pathapp.infer.planner import expand_inputs\n"
             f"jobs = expand_inputs([{str(data_file(SVS))!r}], Path({str(tmp_path / 'k')!r}))\n"
-            f"print(_PlanAhead.first(jobs, InferOptions(model={str(bundle_path)!r}, mpp=4.0), None)._process.pid)\n"
+            f"print(PlanAhead.first(jobs, InferOptions(model={str(bundle_path)!r}, mpp=4.0), None)._process.pid)\n"
             "os._exit(0)\n")
     child = Path("/proc", subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                          timeout=120).stdout.split()[-1])

@@ -36,8 +36,9 @@ LIGHT = [
     "cli/**/*.py", "slide/**/*.py", "tiles/**/*.py", "qupath/**/*.py", "engine/__init__.py",
     "engine/distributed.py", "engine/workers.py", "models/loader.py", "models/registry.py",
     "infer/options.py", "infer/__init__.py", "__init__.py", "__main__.py", "atomic.py", "errors.py",
-    # what `pathapp infer` loads before it forks the child that plans the first slide (infer.planner)
-    "models/header.py", "infer/planner.py", "infer/pipeline.py", "infer/lease.py", "results/**/*.py",
+    # what `pathapp infer` loads before it forks the child that plans and reads the first slide (infer.ahead)
+    "models/header.py", "infer/ahead.py", "infer/planner.py", "infer/pipeline.py", "infer/lease.py",
+    "results/**/*.py",
 ]
 
 

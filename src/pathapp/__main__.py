@@ -1,5 +1,5 @@
 """`python -m pathapp` (used under torchrun) is the same as the `pathapp` console script."""
 
-from pathapp.cli import main
+from pathapp.cli import run
 
-main()
+run()

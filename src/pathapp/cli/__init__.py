@@ -90,3 +90,32 @@ def main() -> None:
         click.echo(failure_line(f"pathapp {command}" if command else "pathapp", e), err=True)
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def run() -> None:
+    """The console script (and `python -m pathapp`): `main`, then the process ends without the
+    interpreter tearing its modules down. With torch, timm and torchvision loaded that teardown takes
+    1-2 s on a 2-core CPU, more than the model takes on a small slide, and does nothing a command needs:
+    every output is closed and renamed by then. A normal exit's work is kept: the atexit handlers run
+    (child processes ended, temporary files removed, logs flushed), and if a thread other than a daemon
+    is still running, the exit is the usual one, which waits for it."""
+    import atexit
+    import threading
+
+    try:
+        main()
+        code: object = 0
+    except SystemExit as e:
+        code = e.code
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.current_thread()):
+        sys.exit(code)
+    if code is not None and not isinstance(code, int):  # sys.exit("message"), as the interpreter shows it
+        print(code, file=sys.stderr)
+        code = 1
+    atexit._run_exitfuncs()  # what the interpreter runs at exit, before its teardown
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (`pathapp … | head`) or stream
+            pass
+    os._exit(code or 0)

@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import chain
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 
     import torch
 
+    from pathapp.infer.ahead import PlanAhead
     from pathapp.models.bundle import Bundle, PathModel
     from pathapp.tiles import TileGrid
     from pathapp.tiles.stain import StainFit
@@ -62,12 +64,14 @@ class Runtime:
 @dataclass
 class TilePlan:
     """`plan_tiles`'s answer for one slide (tiles, thumbnail, why none, stage times), when it was
-    made ahead of `infer_slide`, in another process (infer.planner)."""
+    made ahead of `infer_slide`, in another process (infer.ahead), which may have read its first
+    tiles too (`ahead`)."""
 
     grid: TileGrid
     thumbnail: np.ndarray
     empty: str | None
     timings: dict[str, float]
+    ahead: PlanAhead | None = None
 
 
 def cpu_flags() -> set[str]:
@@ -212,10 +216,10 @@ def infer_slide(
         if log is not None:
             for note in [stain_record["fallback"]] if normalize is None else normalize.source.notes:
                 log(f"stain: {slide.name}: {note}")
-    measure = None if qc == "off" else TileMeasurer.for_geometry(grid.geometry)
     embeddings, probs, qc_rows = run_model(rt, slide, grid, batch_size, n_workers, timings, device=dev,
-                                           progress=progress, log=log, measure=measure, normalize=normalize,
-                                           exclude=qc == "exclude")
+                                           progress=progress, log=log, measure=tile_measurer(qc, grid.geometry),
+                                           normalize=normalize, exclude=qc == "exclude",
+                                           ahead=None if plan is None else plan.ahead)
     if not isinstance(rt, Runtime):
         rt = rt.result()  # finished: run_model waited for it
     tile_qc, kept, extra = slide_qc(grid, qc_rows, exclude=qc == "exclude")
@@ -274,6 +278,7 @@ def infer_slide(
             "qc": qc,
             "stain": stain_record,
             "empty": empty,
+            "read_ahead": 0 if plan is None or plan.ahead is None else plan.ahead.count,
         },
         timings=timings,
         qc=tile_qc,
@@ -307,6 +312,11 @@ def qc_slide(slide: Slide, *, mpp: float, tile_size: int, rois: Any = None, min_
     )
 
 
+def tile_measurer(qc: str, geometry: Any) -> TileMeasurer | None:
+    """What measures each tile where it is read, for `--qc` (none when it is "off")."""
+    return None if qc == "off" else TileMeasurer.for_geometry(geometry)
+
+
 def plan_tiles(slide: Slide, mpp: float, tile_size: int, rois: Any, min_tissue: float | None,
                timings: dict[str, float], overlap: int = 0) -> tuple[TileGrid, np.ndarray, str | None]:
     """The tissue tiles to run (`overlap` px between neighbours), a thumbnail to draw results on, and
@@ -334,14 +344,16 @@ def plan_tiles(slide: Slide, mpp: float, tile_size: int, rois: Any, min_tissue: 
 def run_model(rt: Runtime | Future[Runtime] | None, slide: Slide, grid: TileGrid, batch_size: int, n_workers: int,
               timings: dict[str, float], *, device: torch.device | None = None, progress: bool = True,
               log: Callable[[str], None] | None = None, measure: TileMeasurer | None = None,
-              normalize: Callable | None = None,
-              exclude: bool = False) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+              normalize: Callable | None = None, exclude: bool = False,
+              ahead: PlanAhead | None = None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """(embeddings (N, D), per-tile probabilities (N, C) or None, QC measure rows (N, M) or None) of
     every tile of `grid`, read once by `n_workers` DataLoader workers, which also measure QC
     (`measure`) and start reading before a runtime still being built is waited for. `normalize` maps
     each uint8 batch on the device before the model; `exclude` keeps tiles QC flags from the model
     (their rows stay zero; `fold` needs the whole slide, so folded tiles are run and dropped later, in
-    `slide_qc`). Without `rt` (QC only) no model runs. Stage times go into `timings`."""
+    `slide_qc`). Without `rt` (QC only) no model runs. Stage times go into `timings`.
+    `ahead`: the child that planned the slide reads its first tiles until the model is built; the
+    workers read the rest."""
     import torch
     from torch.utils.data import DataLoader
     from tqdm import tqdm
@@ -352,21 +364,25 @@ def run_model(rt: Runtime | Future[Runtime] | None, slide: Slide, grid: TileGrid
     t_model = time.perf_counter()
     if device is None:
         device = rt.device if isinstance(rt, Runtime) else torch.device("cpu")
-    batches = None
-    if n:
-        loader = DataLoader(TileDataset(slide, grid, measure=measure), batch_sampler=ramped_batches(n, batch_size),
+    start = 0
+    if ahead is not None:
+        rt = _runtime(rt, timings)
+        start = min(ahead.stop(), n)
+    batches: Any = iter(())
+    if n > start:
+        loader = DataLoader(TileDataset(slide, grid, measure=measure),
+                            batch_sampler=ramped_batches(n, batch_size, first=max(8, start), start=start),
                             num_workers=n_workers, **loader_options(device.type == "cuda", n_workers))
         batches = iter(loader)  # forks the workers, which start reading now
-    if rt is not None and not isinstance(rt, Runtime):
-        t = time.perf_counter()
-        rt = rt.result()
-        timings["model_wait"] = time.perf_counter() - t
+    if ahead is not None:
+        batches = chain((tuple(map(torch.from_numpy, b)) for b in ahead.batches(start, batch_size)), batches)
+    rt = _runtime(rt, timings)
     dim = rt.bundle.embedding_dim if rt is not None else 0
     embeddings = np.zeros((n, dim), np.float32)
     probs = np.zeros((n, rt.bundle.num_classes), np.float32) if rt is not None and rt.model.tile_head is not None else None
     qc_rows = np.zeros((n, len(MEASURES)), np.float32) if measure is not None else None
     wait = compute = 0.0
-    if batches is not None:
+    if n:
         tty = sys.stderr.isatty()
         bar = tqdm(total=n, unit="tile", desc=slide.name, disable=not (progress and tty), dynamic_ncols=True,
                    leave=False)
@@ -404,11 +420,21 @@ def run_model(rt: Runtime | Future[Runtime] | None, slide: Slide, grid: TileGrid
     return embeddings, probs, qc_rows
 
 
-def ramped_batches(n: int, batch_size: int, first: int = 8) -> list[list[int]]:
-    """Tile indices in order, in batches of `first`, twice that, … up to `batch_size`: the model
-    starts on the first tiles read instead of idling until a worker has read a whole batch (on a
-    2-core CPU one worker reads and measures 32 tiles in about a second)."""
-    sizes, start, size = [], 0, min(first, batch_size)
+def _runtime(rt: Runtime | Future[Runtime] | None, timings: dict[str, float]) -> Runtime | None:
+    """The runtime, waited for if it is still being built (the wait goes into `timings`)."""
+    if rt is None or isinstance(rt, Runtime):
+        return rt
+    t = time.perf_counter()
+    built = rt.result()
+    timings["model_wait"] = time.perf_counter() - t
+    return built
+
+
+def ramped_batches(n: int, batch_size: int, first: int = 8, start: int = 0) -> list[list[int]]:
+    """Tile indices `start`… `n` - 1 in order, in batches of `first`, twice that, … up to `batch_size`:
+    the model starts on the first tiles read instead of idling until a worker has read a whole batch
+    (on a 2-core CPU one worker reads and measures 32 tiles in about a second)."""
+    sizes, size = [], min(first, batch_size)
     while start < n:
         sizes.append(list(range(start, min(start + size, n))))
         start += size

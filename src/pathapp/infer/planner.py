@@ -19,12 +19,13 @@ from typing import TYPE_CHECKING, Any
 
 from pathapp.engine.distributed import dist_env
 from pathapp.errors import failure_line
+from pathapp.infer.ahead import PlanAhead
 from pathapp.infer.lease import Lease, claim
 from pathapp.infer.options import QC_MODES, InferOptions
-from pathapp.infer.pipeline import (InferenceError, Runtime, TilePlan, check_tile_size, infer_slide, plan_tiles,
-                                    prepare_model, qc_slide)
+from pathapp.infer.pipeline import (InferenceError, Runtime, TilePlan, check_tile_size, infer_slide, prepare_model,
+                                    qc_slide)
 from pathapp.models.header import SEG_HEAD_KINDS
-from pathapp.models.loader import DEFAULT_MPP, load_model, model_label, planned_preprocessing
+from pathapp.models.loader import DEFAULT_MPP, load_model, model_label
 from pathapp.results import read_done, write_index, write_results
 from pathapp.results.run import DONE
 from pathapp.slide import expand_slide_inputs, is_url, open_slide, slide_name
@@ -32,6 +33,7 @@ from pathapp.slide import expand_slide_inputs, is_url, open_slide, slide_name
 if TYPE_CHECKING:
     from pathapp.models.bundle import Bundle
     from pathapp.qupath.project import ProjectEntry, QuPathProject
+    from pathapp.slide import Slide
     from pathapp.tiles.stain import StainFit
 
 RESULTS_FOLDER = "pathapp"  # results go to <slide folder>/pathapp/<slide name>/ unless --out is given
@@ -52,6 +54,13 @@ class Job:
     error: str | None = None  # why this input cannot run (reported, counted as failed)
     project: QuPathProject | None = None  # for a project entry: its project and entry
     entry: ProjectEntry | None = None
+
+    def open(self, slide_mpp: float | None = None) -> Slide:
+        """The job's slide, calibrated from its QuPath entry where the file has no µm/px."""
+        slide = open_slide(self.source, slide_mpp=slide_mpp)
+        if slide.mpp is None and self.entry_mpp:
+            slide.calibrate(self.entry_mpp)
+        return slide
 
 
 @dataclass
@@ -203,9 +212,10 @@ class _OnFirstWait(Future):
 class _ModelBuild:
     """The run's one Runtime (none for QC only), built in a thread from the first claimed slide on, so
     the model is built while that slide is opened, its tissue found and its reading workers started.
-    `on_first_wait`: the first slide was planned in another process (`_PlanAhead`), so this process
-    has nothing else to do before its reading workers start; the model is built once they have been
-    forked (by `run_model`, waiting for it), so they never inherit an import half done in a thread."""
+    `on_first_wait`: the first slide is planned and its first tiles read by another process
+    (`infer.ahead`), so this process has nothing else to do meanwhile: the model is built in this
+    thread when `run_model` first waits for it (before it forks the reading workers, which so never
+    inherit an import half done in a thread)."""
 
     def __init__(self, o: InferOptions, on_first_wait: bool = False) -> None:
         self.o = o
@@ -261,90 +271,6 @@ class _ModelBuild:
             self._pool.shutdown(wait=True)
 
 
-class _PlanAhead:
-    """The first slide's tiles planned by a child process forked before torch is imported: its
-    low-resolution read and tissue detection (2-3 s on a 2-core CPU) run on the other core while this
-    process imports torch and timm and builds the model (5-6 s), instead of one after the other."""
-
-    def __init__(self, job: Job, o: InferOptions, rois: Any, mpp: float, tile_size: int) -> None:
-        import multiprocessing
-
-        ctx = multiprocessing.get_context("fork")
-        self.job = job
-        self._conn, child_end = ctx.Pipe(duplex=False)
-        self._process: Any = ctx.Process(target=_plan_in_child,
-                                         args=(child_end, self._conn, job, o, rois, mpp, tile_size),
-                                         name="pathapp plan", daemon=True)
-        self._process.start()
-        child_end.close()
-
-    @classmethod
-    def first(cls, jobs: list[Job], o: InferOptions, rois: Any) -> _PlanAhead | None:
-        """Planning ahead for the first job where the run tiles it as `infer_slide` would (a tile model,
-        the same ROIs for every slide) and it still needs doing."""
-        job = jobs[0]
-        if not sys.platform.startswith("linux"):  # fork: absent on Windows, unsafe on macOS
-            return None
-        if o.qc_only or (rois is None and o.roi_class) or job.error or job.out_dir is None:
-            return None
-        if (job.out_dir / DONE).exists() and not o.overwrite:
-            return None
-        pre = planned_preprocessing(o.model, weights=o.weights, mpp=o.mpp, tile_size=o.tile_size)
-        if pre is None or pre[2] in SEG_HEAD_KINDS:
-            return None
-        return cls(job, o, rois, pre[0], pre[1])
-
-    def take(self, job: Job) -> TilePlan | None:
-        """`job`'s plan if it is the one planned and planning worked; otherwise the job plans in this
-        process (and reports its own errors, the usual way)."""
-        if job is not self.job or self._process is None:
-            return None
-        try:
-            plan = self._conn.recv()
-        except (EOFError, OSError):
-            plan = None
-        self.close()
-        return plan
-
-    def close(self) -> None:
-        if self._process is not None:
-            self._process.terminate()
-            self._process.join()
-            self._conn.close()
-            self._process = None
-
-
-def _plan_in_child(conn: Any, parent_end: Any, job: Job, o: InferOptions, rois: Any, mpp: float,
-                   tile_size: int) -> None:
-    """Plan `job` and send the TilePlan (None if that failed) without a word: the parent says what is
-    to be said about the slide, once (`infer_slide`), and plans it again itself if this failed. The
-    parent's end of the pipe is closed here, so if the parent is gone (killed) sending fails and this
-    process ends, instead of waiting forever for a reader."""
-    parent_end.close()
-    plan = None
-    sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - this process ends after sending
-    try:
-        with _open(job, o) as slide:
-            timings: dict[str, float] = {}
-            slide.require_mpp()
-            grid, thumbnail, empty = plan_tiles(slide, mpp, tile_size, rois, o.min_tissue, timings)
-            plan = TilePlan(grid, thumbnail, empty, timings)
-    except Exception:  # noqa: BLE001 - the parent plans again and reports the error itself
-        pass
-    try:
-        conn.send(plan)
-    except OSError:  # the parent is gone
-        pass
-
-
-def _open(job: Job, o: InferOptions) -> Any:
-    """The job's slide, calibrated from its QuPath entry where the file has no µm/px."""
-    slide = open_slide(job.source, slide_mpp=o.slide_mpp)
-    if slide.mpp is None and job.entry_mpp:
-        slide.calibrate(job.entry_mpp)
-    return slide
-
-
 def run_inference(inputs: Sequence[str | Path], options: InferOptions | None = None, *,
                   echo: Callable[[str], None] = _stderr) -> RunSummary:
     """Run `options.model` over every input and write each slide's results; see the module docstring.
@@ -369,7 +295,7 @@ def run_inference(inputs: Sequence[str | Path], options: InferOptions | None = N
         return summary
     if o.qc not in QC_MODES:
         raise InferenceError(f"--qc must be one of {', '.join(QC_MODES)}, not {o.qc!r}")
-    ahead = _PlanAhead.first(jobs, o, rois)  # before torch is imported, which _ModelBuild does
+    ahead = PlanAhead.first(jobs, o, rois)  # before torch is imported, which _ModelBuild does
     _limit_threads()
     steady_malloc()
     build = _ModelBuild(o, on_first_wait=ahead is not None)
@@ -404,7 +330,7 @@ def run_inference(inputs: Sequence[str | Path], options: InferOptions | None = N
     return summary
 
 
-def _attempt(job: Job, build: _ModelBuild, ahead: _PlanAhead | None, o: InferOptions, rois: Any,
+def _attempt(job: Job, build: _ModelBuild, ahead: PlanAhead | None, o: InferOptions, rois: Any,
              echo: Callable[[str], None], summary: RunSummary, started: float) -> str:
     """Claim and run one job, recording the outcome in `summary`; "busy" when another process holds it.
     Finished results of other settings in the way are a failure (never replaced without --overwrite)."""
@@ -496,7 +422,7 @@ def _run_job(job: Job, lease: Lease, build: _ModelBuild, o: InferOptions, rois: 
 
         rois = read_entry_rois(job.project, job.entry, o.roi_class)
     t0 = time.perf_counter()
-    slide = _open(job, o)
+    slide = job.open(o.slide_mpp)
     out_dir = job.out_dir
     with slide:
         t_open = time.perf_counter() - t0
