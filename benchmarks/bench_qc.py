@@ -10,7 +10,8 @@ the OS-1 and luna tiles: the others were JPEG-compressed on the scanner's 8 px g
     python benchmarks/bench_qc.py                      # prints the table, writes benchmarks/results/qc.txt
     python benchmarks/bench_qc.py --per-slide 8        # fewer tiles per slide: a quick look
     python benchmarks/bench_qc.py --fold-measures      # other fold cues on the same cases (qc_fold_measures.txt)
-    python benchmarks/bench_qc.py --speed              # ms per 224 px tile of measure_tile (qc_speed.txt)
+    python benchmarks/bench_qc.py --speed              # ms per 224 px tile of measure_tile and its parts
+    python benchmarks/bench_qc.py --speed --before main     # ... against a git revision (qc_speed.txt)
 
 The fold flag's two thresholds were fitted on these cases; the default run also writes
 results/qc_fold_cv.txt: the same fit made on some groups of cases and scored on the others (grouped by
@@ -20,7 +21,11 @@ source tile, and by slide), with bootstrap 95 % CIs over source tiles, beside th
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -62,14 +67,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="default results/qc.txt (qc_fold_measures.txt)")
     ap.add_argument("--fold-measures", action="store_true",
                     help="instead: the best F1 each candidate fold cue reaches on the fold-judged cases")
-    ap.add_argument("--speed", action="store_true", help="instead: ms per tile of measure_tile and its densities")
+    ap.add_argument("--speed", action="store_true", help="instead: ms per tile of measure_tile and its parts")
+    ap.add_argument("--before", default=None,
+                    help="with --speed: a git revision of this repository (or another checkout's src/ folder), "
+                         "timed against this checkout in whole processes, alternated")
+    ap.add_argument("--pairs", type=int, default=3, help="with --before: before/after process pairs (default 3)")
+    ap.add_argument("--top-pad", type=int, default=0,
+                    help="with --speed: also keep this many MiB at the top of malloc's heap (glibc M_TOP_PAD), to "
+                         "see what the page faults of freeing and regrowing it cost")
+    ap.add_argument("--speed-child", type=Path, default=None, help=argparse.SUPPRESS)  # tiles .npz -> JSON ms
     args = ap.parse_args(argv)
+    if args.speed_child:
+        with np.load(args.speed_child) as z:
+            print(json.dumps(speed_parts([z[k] for k in z.files], args.top_pad)))
+        return 0
     results = Path(__file__).parent / "results"
     t0 = time.perf_counter()
     tiles = [t for k in SLIDES for t in slide_tiles(k, args.per_slide)] + nct_tiles()
     if args.speed:
-        lines = [f"# python benchmarks/bench_qc.py --speed --per-slide {args.per_slide}"] + speed([t for _, t in tiles])
-        finish(lines, args.out or results / "qc_speed.txt")
+        cmd = f"# python benchmarks/bench_qc.py --speed --per-slide {args.per_slide}"
+        if args.before:
+            cmd += f" --before {args.before} --pairs {args.pairs}"
+        if args.top_pad:
+            cmd += f" --top-pad {args.top_pad}"
+        lines = [cmd] + speed([t for _, t in tiles], args.before, args.pairs, args.top_pad)
+        finish(lines, args.out or results / ("qc_speed_top_pad.txt" if args.top_pad else "qc_speed.txt"))
         return 0
     jpeg_ok = {n for n, _ in tiles if n.startswith(UNCOMPRESSED)}
     cases = (qc_cases.histolab_cases(DATA / "tiles" / "histolab-qc-tiles")
@@ -108,38 +130,89 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def speed(tiles: list[np.ndarray], rounds: int = 5) -> list[str]:
-    """Median over `rounds` passes of ms per tile, alternated in each pass so load affects all alike:
-    `measure_tile`, and the optical densities it needs computed with logarithms (the formula's spread
-    and skimage's rgb2hed eosin: two log passes per pixel, as before the tables) or from the tables."""
-    from skimage.color import rgb2hed
+def speed_parts(tiles: list[np.ndarray], top_pad_mib: int = 0, rounds: int = 5) -> dict[str, dict[str, float]]:
+    """CPU ms and minor page faults per tile of `measure_tile` and of each of its parts (medians over
+    `rounds` passes, the parts timed in turn in each pass so that load affects all alike), with glibc
+    malloc set as `pathapp infer` sets it for its tile readers (`steady_malloc`), and `top_pad_mib` MiB
+    kept at the heap's top if asked. Only names that older checkouts also have, so the same function
+    times a `--before` checkout."""
+    import ctypes
+    import resource
 
-    from pathapp.tiles.qc import eosin_density, measure_tile, od_spread, optical_densities
+    from pathapp.infer.planner import steady_malloc
+    from pathapp.tiles import qc, tissue
 
-    def logs(rgb: np.ndarray) -> None:
-        od = optical_densities(rgb)
-        od.max(axis=2) - od.min(axis=2)
-        np.clip(rgb2hed(rgb)[..., 1], 0, None).astype(np.float32)
-
-    def tables(rgb: np.ndarray) -> None:
-        od_spread(rgb)
-        eosin_density(rgb)
-
-    ways = {"densities with logarithms (spread + rgb2hed)": logs, "densities from tables (od_spread + eosin_density)": tables,
-            "measure_tile (all QC measures)": lambda rgb: measure_tile(rgb, MPP)}
-    for f in ways.values():  # warm-up: imports, the tables
-        f(tiles[0])
-    times: dict[str, list[float]] = defaultdict(list)
+    steady_malloc()
+    if top_pad_mib:
+        ctypes.CDLL("libc.so.6").mallopt(-2, top_pad_mib << 20)  # M_TOP_PAD (glibc malloc.h)
+    grey = getattr(tissue, "grey_levels", lambda rgb: rgb.astype(np.float32).mean(axis=2))  # before: inline
+    greys = [grey(t) for t in tiles]
+    hsvs = [tissue.hsv(t) for t in tiles]
+    inks = [list(tissue.pen_colours(*h).values()) for h in hsvs]
+    blur_um = qc.QCThresholds().blur_um
+    parts = {
+        "measure_tile (all QC measures)": lambda i: qc.measure_tile(tiles[i], MPP),
+        "hsv": lambda i: tissue.hsv(tiles[i]),
+        "pen_colours (of hsv's output)": lambda i: tissue.pen_colours(*hsvs[i]),
+        "od_spread (glass)": lambda i: qc.od_spread(tiles[i]),
+        "grey level": lambda i: grey(tiles[i]),
+        "focus_measures": lambda i: qc.focus_measures(greys[i] / 255.0, MPP, blur_um),
+        "eosin_level": lambda i: qc.eosin_level(tiles[i], MPP),
+        "compression_score": lambda i: qc.compression_score(greys[i]),
+        "ink_fraction (3 inks)": lambda i: [qc.ink_fraction(m, MPP) for m in inks[i]],
+    }
+    for f in parts.values():  # warm-up: imports, the density tables
+        f(0)
+    ms: dict[str, list[float]] = defaultdict(list)
+    faults: dict[str, list[float]] = defaultdict(list)
     for _ in range(rounds):
-        for name, f in ways.items():
-            t = time.perf_counter()
-            for rgb in tiles:
-                f(rgb)
-            times[name].append((time.perf_counter() - t) / len(tiles) * 1000)
-    lines = [f"# {len(tiles)} tiles of {TILE} px at {MPP} µm/px, median of {rounds} passes", "",
-             "| what | ms per tile |", "|---|---|"]
-    lines += [f"| {name} | {np.median(ms):.2f} |" for name, ms in times.items()]
-    return lines
+        for name, f in parts.items():
+            t, flt = time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            for i in range(len(tiles)):
+                f(i)
+            ms[name].append((time.process_time() - t) / len(tiles) * 1000)
+            faults[name].append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - flt) / len(tiles))
+    return {name: {"ms": float(np.median(ms[name])), "faults": float(np.median(faults[name]))} for name in parts}
+
+
+def speed(tiles: list[np.ndarray], before: str | None = None, pairs: int = 3, top_pad_mib: int = 0) -> list[str]:
+    """CPU ms per tile of `measure_tile` and its parts (`speed_parts`) in this process; with `before` (a
+    git revision, or another checkout's src/), in whole processes alternated before, after, …, each timing
+    the same tiles: the medians over processes, the ratio, and every process's `measure_tile`."""
+    pad = f" + M_TOP_PAD {top_pad_mib} MiB" if top_pad_mib else ""
+    head = [f"# {len(tiles)} tiles of {TILE} px at {MPP} µm/px; CPU time (process_time) and minor page faults per "
+            f"tile, medians of 5 passes per process, malloc as in `pathapp infer` (steady_malloc{pad})", ""]
+    if before is None:
+        return head + ["| part | ms per tile | page faults per tile |", "|---|---|---|"] + [
+            f"| {k} | {v['ms']:.2f} | {v['faults']:.0f} |" for k, v in speed_parts(tiles, top_pad_mib).items()]
+    root = Path(__file__).resolve().parents[1]
+    after = root / "src"
+    runs: dict[str, list[dict[str, dict[str, float]]]] = defaultdict(list)
+    with tempfile.TemporaryDirectory() as tmp:
+        npz = Path(tmp) / "tiles.npz"
+        np.savez(npz, *tiles)
+        old = Path(before)
+        if not old.is_dir():  # a revision: its src/ unpacked
+            rev = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", before], check=True, text=True,
+                                 capture_output=True).stdout.strip()
+            tar = subprocess.run(["git", "-C", str(root), "archive", rev, "src"], check=True, capture_output=True).stdout
+            subprocess.run(["tar", "-x", "-C", tmp], input=tar, check=True)
+            before, old = f"{before} ({rev})", Path(tmp) / "src"
+        for _ in range(pairs):
+            for label, src in (("before", old), ("after", after)):
+                out = subprocess.run([sys.executable, __file__, "--speed-child", str(npz), "--top-pad", str(top_pad_mib)],
+                                     check=True, text=True,
+                                     capture_output=True, env={**os.environ, "PYTHONPATH": str(src)}).stdout
+                runs[label].append(json.loads(out.strip().splitlines()[-1]))
+    lines = head + [f"before: {before}, after: this checkout; {pairs} process pairs, alternated", "",
+                    "| part | before ms per tile | after ms per tile | before ÷ after | page faults per tile, before / after |",
+                    "|---|---|---|---|---|"]
+    for k in runs["after"][0]:
+        (b, fb), (a, fa) = ([float(np.median([r[k][q] for r in runs[label]])) for q in ("ms", "faults")]
+                            for label in ("before", "after"))
+        lines.append(f"| {k} | {b:.2f} | {a:.2f} | {b / a:.1f}× | {fb:.0f} / {fa:.0f} |")
+    per = {label: " / ".join(f"{r['measure_tile (all QC measures)']['ms']:.2f}" for r in rs) for label, rs in runs.items()}
+    return lines + ["", f"measure_tile ms per tile in each process, before: {per['before']}; after: {per['after']}"]
 
 
 FOLD_CUES = {  # name -> (what it thresholds, thresholds swept)

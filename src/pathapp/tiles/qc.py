@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from pathapp.tiles.tissue import hsv, pen_colours, to_rgb
+from pathapp.tiles.tissue import grey_levels, hsv, pen_colours, to_rgb
 
 QC_MPP = 0.5  # µm/px at which focus and fold are measured (finer tiles are averaged down to it)
 FOCUS_SCALES_PX = (1.0, 2.0)  # gradient scales s1, s2 at the measuring resolution
@@ -114,8 +114,11 @@ def eosin_density(rgb: np.ndarray) -> np.ndarray:
     """Per-pixel eosin optical density of a uint8 RGB tile, float32: skimage's `rgb2hed(rgb)[..., 1]`
     (negatives clipped to 0, as rgb2hed does) within float64 rounding."""
     share = _density_tables()[1]
-    eosin = np.take(share[0], rgb[..., 0]) + np.take(share[1], rgb[..., 1]) + np.take(share[2], rgb[..., 2])
-    return np.maximum(eosin, 0).astype(np.float32)
+    eosin = np.take(share[0], rgb[..., 0])  # summed in place: each float64 temporary costs page faults
+    part = np.take(share[1], rgb[..., 1])
+    eosin += part
+    eosin += np.take(share[2], rgb[..., 2], out=part)
+    return np.maximum(eosin, 0, out=eosin).astype(np.float32)
 
 
 def _to_qc_resolution(img: np.ndarray, mpp: float) -> tuple[np.ndarray, float]:
@@ -143,8 +146,9 @@ def focus_measures(grey: np.ndarray, mpp: float, blur_um: float) -> tuple[float,
 
     img, px = _to_qc_resolution(grey, mpp)
     s1, s2 = FOCUS_SCALES_PX
-    e1 = ndi.gaussian_gradient_magnitude(img, s1) ** 2
-    e2 = ndi.gaussian_gradient_magnitude(img, s2) ** 2
+    e1, e2 = ndi.gaussian_gradient_magnitude(img, s1), ndi.gaussian_gradient_magnitude(img, s2)
+    e1 *= e1  # squared in place: one 224² temporary fewer each
+    e2 *= e2
     tile_blur = _blur_um(float(e1.mean()), float(e2.mean()), px) if img.std() > MIN_CONTRAST else float("nan")
     w = max(4, int(round(WINDOW_UM / px)))
     rows, cols = img.shape[0] // w, img.shape[1] // w
@@ -167,7 +171,7 @@ def eosin_level(rgb: np.ndarray, mpp: float) -> float:
 
     eosin, px = _to_qc_resolution(eosin_density(rgb), mpp)
     side = max(1, int(round(FOLD_WINDOW_UM / px)))
-    return float(np.percentile(ndi.uniform_filter(eosin, side, mode="reflect"), 90))
+    return float(np.percentile(ndi.uniform_filter(eosin, side, mode="reflect"), 90, overwrite_input=True))
 
 
 def with_fold(measures: dict[str, np.ndarray], reference: np.ndarray | None = None) -> dict[str, np.ndarray]:
@@ -212,8 +216,9 @@ def compression_score(grey: np.ndarray, resample: float = 1.0) -> float:
     if p < 4 or abs(period - p) > 0.02 * p:
         return float("nan")
     scores = []
-    for a in (grey, grey.T):
-        d = np.abs(np.diff(a.astype(np.float32), axis=1)).mean(axis=0)
+    for axis in (1, 0):  # per column, then per row, the mean difference to the next (no transposed copy)
+        d = np.diff(grey.astype(np.float32, copy=False), axis=axis)
+        d = np.abs(d, out=d).mean(axis=1 - axis)
         n = len(d) // p * p
         if n < 2 * p:
             return float("nan")
@@ -232,7 +237,7 @@ def measure_tile(tile: np.ndarray, mpp: float, *, resample: float = 1.0,
         return dict.fromkeys(MEASURES, float("nan"))
     inks = pen_colours(*hsv(rgb))
     glass = (od_spread(rgb) < GLASS_CHROMA) & ~np.logical_or.reduce(list(inks.values()))
-    grey = rgb.astype(np.float32).mean(axis=2)
+    grey = grey_levels(rgb)
     blur, oof = focus_measures(grey / 255.0, mpp, thresholds.blur_um)
     out = {
         "background": float(glass.mean()),
