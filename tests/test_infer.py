@@ -254,8 +254,8 @@ def test_help_and_info_do_not_import_torch(shared_data):
 def test_console_script_exits_without_teardown_keeping_exit_code_and_atexit(tmp_path):
     """`pathapp` ends right after the command (no module teardown: 1-2 s once torch is loaded), with the
     command's exit code and message, after the atexit handlers; a thread still working is waited for."""
-    prelude = ("import atexit, sys, threading, time\n"
-               "class Teardown:\n    def __del__(self):\n        print('teardown', flush=True)\n"
+    prelude = ("import atexit, os, sys, threading, time\n"  # __del__ writes to the fd: print may be torn down
+               "class Teardown:\n    def __del__(self, write=os.write):\n        write(1, b'teardown\\n')\n"
                "kept = Teardown()\n"
                "atexit.register(lambda: print('atexit ran', flush=True))\n"
                f"sys.argv = ['pathapp', 'info', {str(tmp_path / 'missing.svs')!r}]\n")
@@ -264,7 +264,10 @@ def test_console_script_exits_without_teardown_keeping_exit_code_and_atexit(tmp_
     assert usual.returncode != 0 and "missing.svs" in usual.stderr and usual.stdout == "atexit ran\nteardown\n"
     proc = subprocess.run([sys.executable, "-c", prelude + run], capture_output=True, text=True, timeout=120)
     assert (proc.returncode, proc.stderr, proc.stdout) == (usual.returncode, usual.stderr, "atexit ran\n")
-    worker = "threading.Thread(target=lambda: (time.sleep(0.5), print('thread done', flush=True))).start()\n"
+    worker = ("import pathapp.cli\ndone, command = threading.Event(), pathapp.cli.main\n"  # a thread that outlives main
+              "def main():\n    try:\n        command()\n    finally:\n        done.set()\n"
+              "pathapp.cli.main = main\n"
+              "threading.Thread(target=lambda: (done.wait(), time.sleep(0.2), print('thread done', flush=True))).start()\n")
     proc = subprocess.run([sys.executable, "-c", prelude + worker + run], capture_output=True, text=True, timeout=120)
     assert proc.returncode == usual.returncode
     assert proc.stdout.splitlines() == ["thread done", "atexit ran", "teardown"], proc.stdout

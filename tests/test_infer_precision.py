@@ -4,6 +4,7 @@ pinned memory) are exercised on the CPU."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +15,10 @@ from vit_factory import tiny_bundle
 
 from pathapp.infer import infer_slide, pipeline, prepare_model
 from pathapp.infer.pipeline import loader_options, ramped_batches, resolve_precision
-from pathapp.models.bundle import load_bundle
+from pathapp.models.bundle import load_bundle, save_bundle
 from pathapp.slide import open_slide
+from pathapp.tiles import detect_tissue, make_grid
+from pathapp.tiles.dataset import read_tiles
 
 SVS = "wsi/aperio/CMU-1-Small-Region.svs"
 FLOORS = {"bf16": 0.999, "int8": 0.99}
@@ -52,6 +55,43 @@ def test_embeddings_close_to_fp32_on_real_tiles(fp32, bundle, precision):
     # ... and a typical pair of neighbouring tiles differs more than the precisions differ on any tile
     assert np.median(1 - cosines(a[:-1], a[1:])) > (1 - cos).max()
     np.testing.assert_allclose(res.probs.sum(1), 1.0, atol=1e-5)  # the head runs in fp32 on the embeddings
+
+
+def test_traced_backbone_embeds_as_the_model_does_without_importing_timm(shared_data, bundle, tmp_path, monkeypatch):
+    """`pathapp infer` builds its model from a cached trace of the backbone (no timm import: 2-3 s at each
+    start): the first run traces and keeps it, later runs load it and embed real tiles as the timm model
+    does, at fp32 and bf16; a damaged trace is traced again."""
+    import subprocess
+    import sys
+
+    from pathapp.models import traced
+
+    monkeypatch.setattr(traced, "TRACED_CACHE", tmp_path / "pathapp" / "traced")
+    with open_slide(data_file(SVS)) as slide:
+        grid = make_grid(slide, 1.0, bundle.tile_size, tissue=detect_tissue(slide))
+        x = torch.from_numpy(np.stack(read_tiles(slide, grid, range(24)))).permute(0, 3, 1, 2)
+    for precision in ("fp32", "bf16"):
+        eager = prepare_model(bundle, "cpu", precision)
+        first = prepare_model(bundle, "cpu", precision, traced=True)
+        path = traced.traced_path(bundle, first.bundle_fingerprint, torch.device("cpu"), precision)
+        assert not isinstance(first.model.backbone, torch.jit.ScriptModule) and path.is_file()
+        again = prepare_model(bundle, "cpu", precision, traced=True)
+        assert isinstance(again.model.backbone, torch.jit.ScriptModule)
+        with torch.inference_mode():
+            (a, pa), (b, pb) = eager.model(x), again.model(x)
+        assert (a - a[0]).abs().max() > 1e-2  # tiles differ
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(pb, pa, rtol=1e-5, atol=1e-6)
+    path.write_bytes(b"not a trace")
+    assert not isinstance(prepare_model(bundle, "cpu", "bf16", traced=True).model.backbone, torch.jit.ScriptModule)
+    saved = tmp_path / "b.pathapp"
+    save_bundle(bundle, saved)
+    code = ("import sys\nfrom pathapp.infer import prepare_model\nfrom pathapp.models.bundle import load_bundle\n"
+            f"rt = prepare_model(load_bundle({str(saved)!r}), 'cpu', 'bf16', traced=True)\n"
+            "print(type(rt.model.backbone).__name__, 'timm' in sys.modules, 'torchvision' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "XDG_CACHE_HOME": str(tmp_path)})
+    assert out.stdout.split() == ["RecursiveScriptModule", "False", "False"], out.stderr
 
 
 def test_bf16_runs_the_backbone_in_bf16(bundle):

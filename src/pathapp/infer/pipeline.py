@@ -98,11 +98,13 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def prepare_model(bundle: Bundle, device: str = "auto", precision: str = "auto", name: str = "",
-                  channels_last: bool | None = None) -> Runtime:
+                  channels_last: bool | None = None, traced: bool = False) -> Runtime:
     """Build the bundle's model on `device` at `precision` (see `resolve_precision`). bf16 casts the
     backbone's weights (inputs follow inside PathModel); the head stays fp32. int8 = dynamic
     quantisation of the Linear layers (CPU). `channels_last` (default: on CUDA, where the patch
-    convolution is faster in that layout) converts the backbone and every batch."""
+    convolution is faster in that layout) converts the backbone and every batch. `traced`: for
+    inference only, the backbone comes from the cache of traced backbones (`models.traced`: no timm
+    import) and goes into it the first time."""
     import torch
 
     from pathapp.models.device import resolve_device
@@ -111,6 +113,7 @@ def prepare_model(bundle: Bundle, device: str = "auto", precision: str = "auto",
         raise InferenceError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     dev = resolve_device(device)
     precision = resolve_precision(precision, dev)
+    base = bundle.fingerprint()
     if precision == "int8":
         if dev.type != "cpu":
             raise InferenceError("--precision int8 runs on the CPU only; use --device cpu or --precision bf16")
@@ -118,16 +121,21 @@ def prepare_model(bundle: Bundle, device: str = "auto", precision: str = "auto",
 
         model = quantize_int8(bundle.build("cpu"))
     else:
-        from pathapp.models.quantize import fold_layer_scale
+        from pathapp.models.traced import keep_traced, load_traced, traced_path
 
-        model = bundle.build(dev)
-        fold_layer_scale(model.backbone)
-        if precision == "bf16":
-            model.backbone.to(torch.bfloat16)
+        path = traced_path(bundle, base, dev, precision) if traced else None
+        model = load_traced(bundle, path, dev)
+        if model is None:
+            from pathapp.models.quantize import fold_layer_scale
+
+            model = bundle.build(dev)
+            fold_layer_scale(model.backbone)
+            if precision == "bf16":
+                model.backbone.to(torch.bfloat16)
+            keep_traced(model, bundle, path)
     channels_last = dev.type == "cuda" if channels_last is None else channels_last
     if channels_last:
         model.backbone.to(memory_format=torch.channels_last)
-    base = bundle.fingerprint()
     fingerprint = base + ("" if precision == "fp32" else f":{precision}")
     return Runtime(bundle, model, dev, precision, name or bundle.spec.name, fingerprint, base, channels_last)
 

@@ -236,7 +236,7 @@ class _ModelBuild:
 
     def _build(self) -> Runtime:
         assert self.bundle is not None
-        rt = prepare_model(self.bundle, self.device, self.o.precision, model_label(self.o.model))
+        rt = prepare_model(self.bundle, self.device, self.o.precision, model_label(self.o.model), traced=True)
         check_tile_size(rt, int(self.o.tile_size or self.bundle.tile_size))
         if self.stain is not None:  # embeddings made on normalised tiles are told apart from plain ones
             rt.fingerprint += ":" + self.stain.fingerprint()
