@@ -57,18 +57,14 @@ def to_rgb(image: np.ndarray) -> np.ndarray:
     return a[..., :3].astype(np.uint8)
 
 
-def channels(rgb: np.ndarray, dtype: type = np.int16) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """R, G, B of an (H, W, 3) image as three contiguous arrays of `dtype`: numpy's elementwise loops
-    on them are many times faster than on the interleaved channel views or reductions along axis 2."""
-    return rgb[..., 0].astype(dtype), rgb[..., 1].astype(dtype), rgb[..., 2].astype(dtype)
-
-
 def hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """HSV hue (degrees), saturation and value (0-1) of RGB uint8 in float32 (skimage's rgb2hsv is
     float64: 2× the memory). The textbook formula's float32 values exactly (tested on every 8-bit
     colour), but from integer channels, with the hue's branch picked by 0/1 masks rather than nested
-    np.where and float modulo: 20× faster, and every tile the pipeline reads goes through it."""
-    r, g, b = channels(rgb)
+    np.where and float modulo: 7-16× faster (benchmarks/results/qc_speed*.txt), and every tile the
+    pipeline reads goes through it."""
+    # contiguous int16 copies: numpy's loops on them are many times faster than on the interleaved views
+    r, g, b = rgb[..., 0].astype(np.int16), rgb[..., 1].astype(np.int16), rgb[..., 2].astype(np.int16)
     mx = np.maximum(np.maximum(r, g), b)
     delta = (mx - np.minimum(np.minimum(r, g), b)).astype(np.float32)
     value = mx.astype(np.float32)
