@@ -164,19 +164,23 @@ def steady_malloc() -> None:
     """Have glibc give every large block (≥ 1 MiB: a batch, an activation) back to the system when it
     is freed. By default its threshold rises with the first blocks freed, after which the model's
     activations are carved from a heap that only grows: about 100 MB more peak memory for ViT-S/14 at
-    batch 32 (benchmarks/results/infer_memory.txt). Elsewhere than glibc, nothing changes."""
+    batch 32 (benchmarks/results/infer_memory.txt). And keep TOP_PAD free at the top of the heap: with
+    the threshold fixed, glibc trims the heap after every free, so each tile's smaller arrays (decoding,
+    QC) faulted their pages in again, ~2,400 page faults and half the QC time per tile
+    (benchmarks/results/qc_speed_top_pad.txt). Elsewhere than glibc, nothing changes."""
     import ctypes
     import ctypes.util
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        libc.mallopt(M_TOP_PAD, TOP_PAD)
     except (OSError, AttributeError):
         pass
 
 
-M_MMAP_THRESHOLD = -3  # mallopt parameter (glibc malloc.h); setting it also stops the dynamic raise
-MMAP_THRESHOLD = 1 << 20
+M_MMAP_THRESHOLD, M_TOP_PAD = -3, -2  # mallopt parameters (glibc malloc.h); the first also stops the dynamic raise
+MMAP_THRESHOLD, TOP_PAD = 1 << 20, 8 << 20
 
 
 def _stderr(message: str) -> None:
