@@ -253,7 +253,8 @@ def test_help_and_info_do_not_import_torch(shared_data):
 
 def test_console_script_exits_without_teardown_keeping_exit_code_and_atexit(tmp_path):
     """`pathapp` ends right after the command (no module teardown: 1-2 s once torch is loaded), with the
-    command's exit code and message, after the atexit handlers; a thread still working is waited for."""
+    command's exit code and message, after the atexit handlers; a thread still working is waited for;
+    malloc is asked for huge pages (the command starts again once, with GLIBC_TUNABLES)."""
     prelude = ("import atexit, os, sys, threading, time\n"  # __del__ writes to the fd: print may be torn down
                "class Teardown:\n    def __del__(self, write=os.write):\n        write(1, b'teardown\\n')\n"
                "kept = Teardown()\n"
@@ -267,10 +268,21 @@ def test_console_script_exits_without_teardown_keeping_exit_code_and_atexit(tmp_
     worker = ("import pathapp.cli\ndone, command = threading.Event(), pathapp.cli.main\n"  # a thread that outlives main
               "def main():\n    try:\n        command()\n    finally:\n        done.set()\n"
               "pathapp.cli.main = main\n"
-              "threading.Thread(target=lambda: (done.wait(), time.sleep(0.2), print('thread done', flush=True))).start()\n")
+              "late = lambda: (done.wait(), time.sleep(0.2), print('thread done', flush=True))\n"
+              "threading.Thread(target=late).start()\n")
     proc = subprocess.run([sys.executable, "-c", prelude + worker + run], capture_output=True, text=True, timeout=120)
     assert proc.returncode == usual.returncode
     assert proc.stdout.splitlines() == ["thread done", "atexit ran", "teardown"], proc.stdout
+    # glibc's malloc is asked for huge pages: the command starts again once with the tunable set,
+    # unless GLIBC_TUNABLES already says what to do with them
+    show = "print(os.environ.get('GLIBC_TUNABLES'), flush=True)\n"
+    for preset, seen in ((None, ["None", "glibc.malloc.hugetlb=1"]),
+                         ("glibc.malloc.hugetlb=0", ["glibc.malloc.hugetlb=0"])):
+        env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+        env.update({"GLIBC_TUNABLES": preset} if preset else {})
+        proc = subprocess.run([sys.executable, "-c", prelude + show + run], capture_output=True, text=True,
+                              timeout=120, env=env)
+        assert proc.returncode == usual.returncode and proc.stdout.splitlines() == [*seen, "atexit ran"], proc.stdout
 
 
 def test_first_slide_planned_and_read_ahead_by_a_child_before_torch(shared_data, bundle_path, tmp_path, capfd):
