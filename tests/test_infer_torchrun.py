@@ -44,14 +44,18 @@ def lines(text: str, kind: str, tail: str = "") -> list[tuple[int, str]]:
 
 
 def kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL torchrun and every worker (they run in sessions of their own)."""
+    """SIGKILL torchrun and every worker (they run in sessions of their own), and wait until all are gone:
+    a process killed inside a system call (a rename, a flush to disk) ends only when the call returns, so
+    a file it was writing can still appear after the signal was sent."""
     parent = psutil.Process(proc.pid)
-    for p in [*parent.children(recursive=True), parent]:
+    tree = [*parent.children(recursive=True), parent]
+    for p in tree:
         try:
             p.kill()
         except psutil.NoSuchProcess:
             pass
     proc.wait(timeout=60)
+    psutil.wait_procs(tree, timeout=60)
 
 
 @pytest.mark.slow

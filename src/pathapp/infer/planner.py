@@ -281,6 +281,7 @@ def run_inference(inputs: Sequence[str | Path], options: InferOptions | None = N
 
     Every process claims slides one at a time (`infer.lease`); slides another live process holds are
     waited for and taken over if their lease expires, so the run ends with every slide done or failed."""
+    started = time.time()  # a slide finished after this was finished during this run (by another process)
     o = options or InferOptions()
     rois = None
     if o.roi is not None:
@@ -305,7 +306,6 @@ def run_inference(inputs: Sequence[str | Path], options: InferOptions | None = N
     build = _ModelBuild(o, on_first_wait=ahead is not None)
     for note in build.stain.notes if build.stain is not None else []:  # e.g. Vahadane fell back to Macenko
         echo(f"stain: reference {build.stain.source}: {note}")
-    started = time.time()
     pending, waiting_said = jobs, False
     try:
         while pending:
