@@ -114,12 +114,17 @@ def run() -> None:
         print(code, file=sys.stderr)
         code = 1
     atexit._run_exitfuncs()  # what the interpreter runs at exit, before its teardown
+    _flush()
+    os._exit(code or 0)
+
+
+def _flush() -> None:
+    """Write out what stdout and stderr hold, before the process ends or is replaced by exec."""
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except (OSError, ValueError):  # a closed pipe (`pathapp … | head`) or stream
             pass
-    os._exit(code or 0)
 
 
 HUGE_PAGES = "glibc.malloc.hugetlb=1"
@@ -140,8 +145,7 @@ def _with_huge_pages() -> None:
     if not glibc.startswith("glibc") or "glibc.malloc.hugetlb=" in tunables or not sys.executable:
         return
     env = {**os.environ, "GLIBC_TUNABLES": ":".join(filter(None, [tunables, HUGE_PAGES]))}
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
+    _flush()
     try:
         os.execve(sys.executable, sys.orig_argv, env)
     except OSError:  # cannot start again: run as it is
