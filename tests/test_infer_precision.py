@@ -141,11 +141,15 @@ def test_loader_pins_memory_only_for_a_gpu():
 
 
 def test_batches_ramp_up_to_the_batch_size_in_order():
-    """The model starts after 8 tiles, not a whole batch; every tile once, in order."""
+    """The model starts after 8 tiles, not a whole batch; the rest in even batches (no small one last);
+    every tile once, in order."""
     batches = ramped_batches(100, 32)
-    assert [len(b) for b in batches] == [8, 16, 32, 32, 12]
+    assert [len(b) for b in batches] == [8, 16, 26, 25, 25]
     assert sum(batches, []) == list(range(100))
-    assert [len(b) for b in ramped_batches(5, 4)] == [4, 1] and ramped_batches(0, 32) == []
+    assert [len(b) for b in ramped_batches(72, 32, first=32)] == [24, 24, 24]
+    assert [len(b) for b in ramped_batches(90, 32, first=72, start=72)] == [18]
+    assert [len(b) for b in ramped_batches(5, 4)] == [3, 2] and ramped_batches(0, 32) == []
+    assert [len(b) for b in ramped_batches(64, 32, first=32)] == [32, 32]
 
 
 def test_folding_layer_scale_keeps_the_function():

@@ -177,6 +177,19 @@ def test_heatmaps_align_with_tiles_and_overlay_is_visible(tmp_path):
     assert (overlay[-2, overlay.shape[1] // 2:] == 230).all()  # (the scale bar sits bottom left)
 
 
+@pytest.mark.parametrize("name", ["viridis", "inferno"])
+def test_pictures_colour_as_matplotlib_does(name):
+    """The pictures' colour maps (from `cmap`, so a run need not import matplotlib) give matplotlib's
+    colours exactly, at the ends, between its 256 entries, and for a NaN (black)."""
+    from matplotlib import colormaps
+
+    from pathapp.results.pictures import ColourBar, colourise
+
+    values = np.concatenate([np.linspace(-0.5, 1.5, 4001), [np.nan]])
+    expected = np.round(colormaps[name](np.clip(values, 0, 1))[:, :3] * 255).astype(np.uint8)
+    np.testing.assert_array_equal(colourise(values * 4 + 2, ColourBar("x", 2.0, 6.0, name)), expected)
+
+
 def test_embeddings_h5_layout(tmp_path):
     res = grid_result()
     write_results(res, tmp_path)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pathapp.infer.pipeline import TilePlan, plan_tiles, tile_measurer
+from pathapp.infer.pipeline import TilePlan, plan_tiles, ramped_batches, tile_measurer
 from pathapp.tiles.dataset import read_tiles
 from pathapp.tiles.qc import MEASURES
 
@@ -104,10 +104,11 @@ class PlanAhead:
 
     def batches(self, count: int, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """The first `count` tiles as DataLoader batches are: (tiles (B, 3, H, W) uint8, indices, QC
-        rows), copied out of the shared memory, which is let go after the last one."""
-        for start in range(0, count, batch_size):
+        rows), in batches of at most `batch_size` (`ramped_batches`: even sizes), copied out of the shared
+        memory, which is let go after the last one."""
+        for indices in ramped_batches(count, batch_size, first=batch_size):
             tiles, rows = self.views()
-            end = min(start + batch_size, count)
+            start, end = indices[0], indices[-1] + 1
             batch = (np.ascontiguousarray(tiles[start:end].transpose(0, 3, 1, 2)), np.arange(start, end),
                      rows[start:end].copy())
             del tiles, rows  # no view may outlive the memory

@@ -223,10 +223,9 @@ class PathModel(nn.Module):
         return (x.to(self.mean.dtype) - self.mean) / self.std  # in fp32 whatever the backbone runs at
 
     def embed(self, x: Tensor) -> Tensor:
-        x = self.normalize(x).to(next(self.backbone.parameters()).dtype)
-        if isinstance(self.backbone, torch.jit.ScriptModule):  # traced for inference (models.traced): it embeds
-            return self.backbone(x)
-        return embed(self.backbone, x, self.recipe)
+        if isinstance(self.backbone, torch.jit.ScriptModule):  # traced for inference (models.traced): it casts and embeds
+            return self.backbone(self.normalize(x))
+        return embed(self.backbone, self.normalize(x).to(next(self.backbone.parameters()).dtype), self.recipe)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         e = self.embed(x)
