@@ -223,7 +223,7 @@ class PathModel(nn.Module):
         return (x.to(self.mean.dtype) - self.mean) / self.std  # in fp32 whatever the backbone runs at
 
     def embed(self, x: Tensor) -> Tensor:
-        if isinstance(self.backbone, torch.jit.ScriptModule):  # traced for inference (models.traced): it casts and embeds
+        if isinstance(self.backbone, torch.jit.ScriptModule):  # traced (models.traced): it casts and embeds itself
             return self.backbone(self.normalize(x))
         return embed(self.backbone, self.normalize(x).to(next(self.backbone.parameters()).dtype), self.recipe)
 
