@@ -224,7 +224,8 @@ class PathModel(nn.Module):
 
     def embed(self, x: Tensor) -> Tensor:
         if isinstance(self.backbone, torch.jit.ScriptModule):  # traced (models.traced): it casts and embeds itself
-            return self.backbone(self.normalize(x))
+            with torch.jit.optimized_execution(False):  # a frozen graph of aten ops: no profiling runs first
+                return self.backbone(self.normalize(x))
         return embed(self.backbone, self.normalize(x).to(next(self.backbone.parameters()).dtype), self.recipe)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
