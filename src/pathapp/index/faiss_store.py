@@ -148,17 +148,12 @@ class FaissIndex(VectorIndex):
         return self._index
 
     def _stored_rows(self, ids: np.ndarray) -> np.ndarray:
-        """Rows `ids` (sorted) of the store as float32, each run of consecutive rows read with one pread:
-        a memory map would count every page a search ever touched as resident memory of the process (up
-        to 7 GiB at 10M vectors). The file stays open until close(), so a writer compacting the store
-        meanwhile does not pull it away."""
+        """Rows `ids` (sorted) of the store as float32 (`_read_store`). The file stays open until close(),
+        so a writer compacting the store meanwhile does not pull it away."""
         m = self.manifest
         if self._store_file is None:
             self._store_file = open(self.folder / m["vector_file"], "rb")
-        row = m["model"]["dim"] * 2
-        runs = np.split(ids, np.flatnonzero(np.diff(ids) != 1) + 1) if len(ids) else []
-        buf = b"".join([os.pread(self._store_file.fileno(), len(r) * row, int(r[0]) * row) for r in runs])
-        return np.frombuffer(buf, np.float16).reshape(len(ids), -1).astype(np.float32)
+        return _read_store(self._store_file.fileno(), m["model"]["dim"], ids)
 
     def _row_starts(self) -> tuple[list[int], list[dict[str, Any]]]:
         slides = self.manifest["slides"]  # kept sorted by row_start
@@ -364,11 +359,9 @@ class FaissIndex(VectorIndex):
                 yield np.arange(a, b, dtype=np.int64), self._read_rows(m, dim, a, b)
 
     def _read_rows(self, m: dict[str, Any], dim: int, a: int, b: int) -> np.ndarray:
-        """Rows a..b of the store as float32, read (not memory-mapped) so that a rebuild over
-        millions of rows keeps only one chunk resident: the page cache holds the rest, not the process."""
+        """Rows a..b of the store that manifest `m` names, as float32 (`_read_store`)."""
         with open(self.folder / m["vector_file"], "rb") as f:
-            f.seek(a * dim * 2)
-            return np.fromfile(f, dtype=np.float16, count=(b - a) * dim).reshape(b - a, dim).astype(np.float32)
+            return _read_store(f.fileno(), dim, np.arange(a, b))
 
     def _build(self, m: dict[str, Any], kind: str, dim: int) -> Any:
         """A new search structure over the live rows, streamed from the store."""
@@ -393,7 +386,7 @@ class FaissIndex(VectorIndex):
         live = np.concatenate([np.arange(s["row_start"], s["row_start"] + s["n"]) for s in m["slides"]])
         pick = np.sort(np.random.default_rng(0).choice(live, size=min(n, len(live)), replace=False))
         out = np.empty((len(pick), dim), np.float32)
-        for a in range(0, m["rows"], CHUNK):  # chunk by chunk, as _read_rows says why
+        for a in range(0, m["rows"], CHUNK):  # chunk by chunk, as _read_store says why
             lo, hi = np.searchsorted(pick, [a, min(m["rows"], a + CHUNK)])
             if hi > lo:
                 out[lo:hi] = self._read_rows(m, dim, a, min(m["rows"], a + CHUNK))[pick[lo:hi] - a]
@@ -409,7 +402,7 @@ class FaissIndex(VectorIndex):
         with (open(self.folder / m["vector_file"], "rb") as old, open(self.folder / vec_file, "wb") as fv,
               open(self.folder / slide_file, "wb") as fs):
             for i, s in enumerate(m["slides"]):
-                old.seek(s["row_start"] * dim * 2)  # read, not memory-mapped: see _read_rows
+                old.seek(s["row_start"] * dim * 2)  # read, not memory-mapped: see _read_store
                 for a in range(0, s["n"], CHUNK):
                     fv.write(old.read(min(CHUNK, s["n"] - a) * dim * 2))
                 fs.write(np.asarray(old_sv[s["vector_row"]]).tobytes())
@@ -437,6 +430,17 @@ class FaissIndex(VectorIndex):
         return {"location": self.location, "backend": "faiss", "kind": m["kind"], "ivf": m.get("ivf"),
                 "model": m["model"], "slides": len(m["slides"]), "tiles": len(self), "dead_rows": m["dead_rows"],
                 "bytes_on_disk": size, "version": m["version"]}
+
+
+def _read_store(fd: int, dim: int, ids: np.ndarray) -> np.ndarray:
+    """Rows `ids` (sorted) of a float16 vector store as float32, each run of consecutive rows read with
+    one pread: a memory map would count every page a search or a rebuild ever touched as resident memory
+    of the process (up to 7 GiB at 10M vectors); read, only the rows asked for are, and the page cache
+    holds the rest."""
+    row = dim * 2
+    runs = np.split(ids, np.flatnonzero(np.diff(ids) != 1) + 1) if len(ids) else []
+    buf = b"".join([os.pread(fd, len(r) * row, int(r[0]) * row) for r in runs])
+    return np.frombuffer(buf, np.float16).reshape(len(ids), dim).astype(np.float32)
 
 
 def _outgrown(m: dict[str, Any], live: int, dim: int) -> bool:

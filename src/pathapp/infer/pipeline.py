@@ -443,7 +443,7 @@ def ramped_batches(n: int, batch_size: int, first: int = 8, start: int = 0) -> l
     the model starts on the first tiles read instead of idling until a worker has read a whole batch
     (on a 2-core CPU one worker reads and measures 32 tiles in about a second). The tiles after the
     ramp are spread evenly over as few batches as `batch_size` allows, so no small batch is left at the
-    end (a batch of 8 costs ViT-S/14 about 1.3× as much per tile as one of 24-32, bf16 on a CPU)."""
+    end (a batch of 8 costs ViT-S/14 1.2-1.3× as much per tile as one of 24-32, bf16 on a 2-core CPU)."""
     sizes, size = [], min(first, batch_size)
     while start < n and size < batch_size:
         sizes.append(list(range(start, min(start + size, n))))

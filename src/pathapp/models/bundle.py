@@ -223,8 +223,9 @@ class PathModel(nn.Module):
         return (x.to(self.mean.dtype) - self.mean) / self.std  # in fp32 whatever the backbone runs at
 
     def embed(self, x: Tensor) -> Tensor:
-        if isinstance(self.backbone, torch.jit.ScriptModule):  # traced for inference (models.traced): it casts and embeds
-            return self.backbone(self.normalize(x))
+        if isinstance(self.backbone, torch.jit.ScriptModule):  # traced (models.traced): it casts and embeds itself
+            with torch.jit.optimized_execution(False):  # a frozen graph of aten ops: no profiling runs first
+                return self.backbone(self.normalize(x))
         return embed(self.backbone, self.normalize(x).to(next(self.backbone.parameters()).dtype), self.recipe)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:

@@ -5,8 +5,9 @@ model without importing timm. timm imports torchvision.ops, which imports torch.
 A traced backbone is one forward pass (normalised fp32 tiles in, cast inside to the backbone's precision,
 embeddings out) at one input size, frozen (weights become constants: a third of the load time of an
 unfrozen trace, 0.07 s vs 0.23 s for ViT-S/14). It is traced from the timm model the first time a bundle
-runs, checked against it on another batch size, and loaded from then on. The key holds everything that changes what it computes: the
-backbone's fingerprint and architecture, the precision, the device, the versions of torch and pathapp.
+runs, checked against it on another batch size, and loaded from then on. The key holds everything that
+changes what it computes: the backbone's fingerprint and architecture, the precision, the device, the
+versions of torch and pathapp, and the trace's own format.
 Delete the folder to clear it; where it cannot be written, runs build the model from timm as before.
 TorchScript rather than torch.export: loading an exported program imports torch._dynamo, the very
 cost this avoids (torch is pinned, so the TorchScript loader is the one tested here)."""

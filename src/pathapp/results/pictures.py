@@ -37,7 +37,7 @@ class ColourBar:
 
 def colourise(values: np.ndarray, bar: ColourBar) -> np.ndarray:
     """float values -> uint8 RGB through the bar's (perceptually uniform) colour map: matplotlib's maps,
-    the same colours, from `cmap` (0.1 s to import where matplotlib takes 0.4 s of every run)."""
+    the same colours, from `cmap`, which imports in half matplotlib's time (0.05 s vs 0.10 s, quiet 2-core CPU)."""
     from cmap import Colormap
 
     span = bar.vmax - bar.vmin
