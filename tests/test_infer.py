@@ -251,6 +251,24 @@ def test_help_and_info_do_not_import_torch(shared_data):
                                                capture_output=True, text=True, timeout=120).stdout
 
 
+def test_a_bundles_first_run_keeps_its_trace_once_its_slides_are_written(shared_data, bundle_path, tmp_path, monkeypatch):
+    """The first `pathapp infer` with a bundle runs the timm model and keeps the backbone's trace only after its
+    slides (tracing beside the slide work raised that run's peak memory); later runs load the trace."""
+    from pathapp.models import traced
+
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(traced, "TRACED_CACHE", cache)
+    kept_at_write = []
+    real_keep = traced.keep_traced
+    monkeypatch.setattr(traced, "keep_traced", lambda *a: (kept_at_write.append(
+        (tmp_path / "a" / "CMU-1-Small-Region" / ".done").exists()), real_keep(*a))[-1])
+    args = [str(data_file(SVS)), "--model", str(bundle_path), "--mpp", "2.0", "--workers", "0"]
+    code, out = run_cli("infer", *args, "--out", str(tmp_path / "a"))
+    assert code == 0 and kept_at_write == [True] and len(list(cache.glob("*.pt"))) == 1, out
+    code, out = run_cli("infer", *args, "--out", str(tmp_path / "b"))
+    assert code == 0 and kept_at_write == [True], out  # loaded, not traced again
+
+
 def test_console_script_exits_without_teardown_keeping_exit_code_and_atexit(tmp_path):
     """`pathapp` ends right after the command (no module teardown: 1-2 s once torch is loaded), with the
     command's exit code and message, after the atexit handlers; a thread still working is waited for;

@@ -74,7 +74,10 @@ def test_traced_backbone_embeds_as_the_model_does_without_importing_timm(shared_
         eager = prepare_model(bundle, "cpu", precision)
         first = prepare_model(bundle, "cpu", precision, traced=True)
         path = traced.traced_path(bundle, first.bundle_fingerprint, torch.device("cpu"), precision)
-        assert not isinstance(first.model.backbone, torch.jit.ScriptModule) and path.is_file()
+        assert not isinstance(first.model.backbone, torch.jit.ScriptModule) and first.trace_to == path
+        assert not path.exists()  # kept once the run's slides are done (`keep_trace`), not while they run
+        first.keep_trace()
+        assert path.is_file()
         again = prepare_model(bundle, "cpu", precision, traced=True)
         assert isinstance(again.model.backbone, torch.jit.ScriptModule)
         with torch.inference_mode():
@@ -83,7 +86,9 @@ def test_traced_backbone_embeds_as_the_model_does_without_importing_timm(shared_
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(pb, pa, rtol=1e-5, atol=1e-6)
     path.write_bytes(b"not a trace")
-    assert not isinstance(prepare_model(bundle, "cpu", "bf16", traced=True).model.backbone, torch.jit.ScriptModule)
+    damaged = prepare_model(bundle, "cpu", "bf16", traced=True)
+    assert not isinstance(damaged.model.backbone, torch.jit.ScriptModule) and damaged.trace_to == path
+    damaged.keep_trace()
     saved = tmp_path / "b.pathapp"
     save_bundle(bundle, saved)
     code = ("import sys\nfrom pathapp.infer import prepare_model\nfrom pathapp.models.bundle import load_bundle\n"

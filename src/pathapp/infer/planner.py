@@ -270,6 +270,11 @@ class _ModelBuild:
         """`e` is the build's own error (bad model or options): it ends the run instead of one slide."""
         return self.future is not None and self.future.done() and self.future.exception() is e
 
+    def keep_trace(self) -> None:
+        """After the run's slides: trace the model into the cache if this run built it with timm."""
+        if self.future is not None and self.future.done() and self.future.exception() is None:
+            self.future.result().keep_trace()
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
@@ -319,6 +324,7 @@ def run_inference(inputs: Sequence[str | Path], options: InferOptions | None = N
             if busy:
                 time.sleep(min(5.0, o.lease_seconds / 4))
             pending = busy
+        build.keep_trace()
     finally:
         build.close()
         if ahead is not None:
