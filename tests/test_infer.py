@@ -258,10 +258,13 @@ def test_a_bundles_first_run_keeps_its_trace_once_its_slides_are_written(shared_
 
     cache = tmp_path / "cache"
     monkeypatch.setattr(traced, "TRACED_CACHE", cache)
-    kept_at_write = []
-    real_keep = traced.keep_traced
-    monkeypatch.setattr(traced, "keep_traced", lambda *a: (kept_at_write.append(
-        (tmp_path / "a" / "CMU-1-Small-Region" / ".done").exists()), real_keep(*a))[-1])
+    kept_at_write, keep = [], traced.keep_traced
+
+    def keep_noting_if_written(*args):  # was the slide's .done written when the trace was kept?
+        kept_at_write.append((tmp_path / "a" / "CMU-1-Small-Region" / ".done").exists())
+        keep(*args)
+
+    monkeypatch.setattr(traced, "keep_traced", keep_noting_if_written)
     args = [str(data_file(SVS)), "--model", str(bundle_path), "--mpp", "2.0", "--workers", "0"]
     code, out = run_cli("infer", *args, "--out", str(tmp_path / "a"))
     assert code == 0 and kept_at_write == [True] and len(list(cache.glob("*.pt"))) == 1, out
