@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import json
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +14,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from pathapp.models.bundle import Bundle, BundleError, load_bundle, read_metadata, save_bundle
+from pathapp.models.bundle import Bundle, BundleError, load_bundle, save_bundle
+from pathapp.models.header import read_metadata
 from pathapp.models.heads import HeadError, build_head, head_state
 from pathapp.models.registry import embed
 from vit_factory import calibration_images, tiny_bundle, tiny_head, tiny_spec, tiny_vit
@@ -95,6 +99,34 @@ def test_meta_is_json_in_safetensors_header(tmp_path: Path) -> None:
     assert meta["preprocessing"]["mpp"] == 0.5 and meta["preprocessing"]["tile_size"] == 56
     assert meta["head"]["kind"] == "linear" and read_metadata(path) == meta
     assert all(k.startswith(("backbone.", "head.")) for k in keys) and "head.fc.weight" in keys
+
+
+def test_fingerprint_is_recorded_in_the_header_and_read_back(tmp_path: Path) -> None:
+    """A loaded bundle takes its fingerprint from the header while it holds the tensors and
+    preprocessing it was read with, and hashes again as soon as either changes."""
+    path = tiny_bundle(tmp_path, 2)
+    with safe_open(str(path), framework="pt") as f:
+        header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    hashed = dataclasses.replace(load_bundle(path))  # a new bundle records nothing: hashed
+    assert header["fingerprint"] == hashed.fingerprint()
+    # Recorded, not recomputed: a header that says otherwise is believed
+    save_file(tensors, str(path), metadata={**header, "fingerprint": "recorded"})
+    loaded = load_bundle(path)
+    assert loaded.fingerprint() == "recorded"
+    assert dataclasses.replace(loaded).fingerprint() == hashed.fingerprint()
+    loaded.tile_size = 28  # other preprocessing: another fingerprint
+    assert loaded.fingerprint() not in ("recorded", hashed.fingerprint())
+    loaded.tile_size = 56
+    assert loaded.fingerprint() == "recorded"
+    other = {k: v.clone() for k, v in loaded.backbone_state.items()}
+    other["norm.weight"] += 1
+    gone = weakref.ref(loaded.backbone_state)
+    loaded.backbone_state = other  # other weights: hashed, and the file's tensors are not kept alive
+    gc.collect()
+    assert gone() is None and loaded.fingerprint() not in ("recorded", hashed.fingerprint())
+    # A bundle written before fingerprints were recorded is hashed
+    save_file(tensors, str(path), metadata={k: v for k, v in header.items() if k != "fingerprint"})
+    assert load_bundle(path).fingerprint() == hashed.fingerprint()
 
 
 def test_not_a_bundle(tmp_path: Path) -> None:

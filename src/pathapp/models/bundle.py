@@ -9,6 +9,7 @@ embedding recipe) and provenance. No pickle, one file, memory-mappable.
 from __future__ import annotations
 
 import json
+import weakref
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 from pathapp.atomic import atomic_path
 from pathapp.errors import one_line
 from pathapp.models.header import (FORMAT, FORMAT_VERSION, SEG_HEAD_KINDS, SLIDE_HEAD_KINDS, BundleError, is_bundle,
-                                   read_metadata)
+                                   read_header)
 from pathapp.models.heads import Head, build_head, head_state
 from pathapp.models.registry import DEFAULT_MPP, DEFAULT_TILE_SIZE, BackboneSpec, create_backbone, embed
 
@@ -55,6 +56,9 @@ class Bundle:
     std: tuple[float, float, float] | None = None
     recipe: str | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
+    # (the tensors read from a file, the preprocessing then, the fingerprint its header records): see fingerprint()
+    _recorded: tuple[weakref.ref, tuple[Any, ...], str] | None = field(default=None, init=False, repr=False,
+                                                                         compare=False)
 
     def __post_init__(self) -> None:
         self.mean = tuple(self.mean or self.spec.mean)  # type: ignore[assignment]
@@ -148,12 +152,22 @@ class Bundle:
 
     def fingerprint(self) -> str:
         """sha256 over the backbone tensors and everything that changes what an embedding means, so
-        cached or written embeddings are reused only with the model that made them."""
+        cached or written embeddings are reused only with the model that made them. A bundle read
+        from a file takes it from the file's header (`save_bundle` writes it with the tensors) while
+        it holds the tensors and preprocessing it was read with: hashing them at every start cost
+        more than loading the traced model (88 MB for ViT-S/14, 4.5 GB for ViT-g/14)."""
         import hashlib
 
+        if self._recorded is not None:
+            tensors, preprocessing, value = self._recorded
+            if tensors() is self.backbone_state and preprocessing == self._preprocessing():
+                return value
         h = _hash_tensors(hashlib.sha256(), self.backbone_state)
-        h.update(repr((self.recipe, tuple(self.mean), tuple(self.std), self.tile_size)).encode())
+        h.update(repr(self._preprocessing()).encode())
         return h.hexdigest()
+
+    def _preprocessing(self) -> tuple[Any, ...]:
+        return self.recipe, tuple(self.mean), tuple(self.std), self.tile_size
 
     def head_fingerprint(self) -> str:
         """sha256 over the head (kind, config, tensors) and its classes and colours: with
@@ -278,7 +292,8 @@ def save_bundle(bundle: Bundle, path: str | Path) -> Path:
     from pathapp import __version__
 
     bundle.provenance.setdefault("pathapp_version", __version__)
-    meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "pathapp": json.dumps(bundle.metadata())}
+    meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "pathapp": json.dumps(bundle.metadata()),
+            "fingerprint": bundle.fingerprint()}
     with atomic_path(path) as tmp:
         try:
             save_file(_to_tensors(bundle), str(tmp), metadata=meta)
@@ -292,12 +307,13 @@ def load_bundle(path: str | Path) -> Bundle:
     """Read a `*.pathapp` file; BundleError naming the file if it is not one."""
     from safetensors.torch import load_file
 
-    meta = read_metadata(path)
+    header = read_header(path)
+    meta = json.loads(header["pathapp"])
     tensors = load_file(str(path))
-    backbone = {k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")}
+    backbone = _Tensors((k.removeprefix("backbone."), v) for k, v in tensors.items() if k.startswith("backbone."))
     head_tensors = {k.removeprefix("head."): v for k, v in tensors.items() if k.startswith("head.")}
     pre, head = meta["preprocessing"], meta.get("head") or {}
-    return Bundle(
+    bundle = Bundle(
         spec=BackboneSpec.from_dict(meta["backbone"]),
         backbone_state=backbone,
         head_kind=head.get("kind"),
@@ -312,3 +328,11 @@ def load_bundle(path: str | Path) -> Bundle:
         recipe=pre["recipe"],
         provenance=meta.get("provenance", {}),
     )
+    if "fingerprint" in header:  # bundles written before pathapp recorded it are hashed when asked
+        bundle._recorded = (weakref.ref(backbone), bundle._preprocessing(), header["fingerprint"])
+    return bundle
+
+
+class _Tensors(dict):
+    """A bundle file's backbone tensors: a dict that can be weakly referenced, so a recorded
+    fingerprint never keeps tensors alive that the bundle has let go of (`infer.planner` does)."""

@@ -20,8 +20,9 @@ class BundleError(PathappError):
     """A file that is not a readable pathapp bundle."""
 
 
-def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The bundle's JSON document without reading tensors; BundleError if not a bundle."""
+def read_header(path: str | Path) -> dict[str, str]:
+    """The bundle's safetensors header (its JSON document under "pathapp", and the backbone's
+    "fingerprint" where `save_bundle` recorded it) without reading tensors; BundleError if not a bundle."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -40,7 +41,12 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     if int(header.get("format_version", 0)) > FORMAT_VERSION:
         raise BundleError(f"{path}: bundle format {header['format_version']} is newer than this pathapp "
                           f"reads ({FORMAT_VERSION}); upgrade pathapp")
-    return json.loads(header["pathapp"])
+    return header
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The bundle's JSON document without reading tensors; BundleError if not a bundle."""
+    return json.loads(read_header(path)["pathapp"])
 
 
 def is_bundle(path: str | Path) -> bool:
