@@ -190,6 +190,21 @@ def test_pictures_colour_as_matplotlib_does(name):
     np.testing.assert_array_equal(colourise(values * 4 + 2, ColourBar("x", 2.0, 6.0, name)), expected)
 
 
+def test_blend_rounds_exactly_as_float32_arithmetic():
+    """blend works in place for speed; its bytes stay those of base + (colour − base)·alpha in float32,
+    rounded half to even and clipped, for a greyed (float32) or plain (uint8) base, alpha per pixel or one."""
+    from pathapp.results.pictures import blend
+
+    rng = np.random.default_rng(0)
+    grey = (140 + 0.45 * rng.integers(0, 256, (64, 64, 1)).astype(np.float32)).repeat(3, axis=2)
+    colour = rng.normal(128, 100, (64, 64, 3))  # float64, partly outside 0..255
+    alpha = rng.choice([0.0, 0.45, 0.8, 1.0, rng.random()], (64, 64))
+    for base, a in [(grey, alpha), (grey.astype(np.uint8), alpha), (grey.astype(np.uint8), 0.5)]:
+        a32 = np.asarray(a, np.float32)
+        exact = np.float32(base) + (np.float32(colour) - base) * (a32[..., None] if a32.ndim else a32)
+        np.testing.assert_array_equal(blend(base, colour, a), np.round(np.clip(exact, 0, 255)).astype(np.uint8))
+
+
 def test_embeddings_h5_layout(tmp_path):
     res = grid_result()
     write_results(res, tmp_path)

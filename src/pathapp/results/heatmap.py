@@ -102,13 +102,21 @@ def thumbnail_um_per_px(result: SlideResult) -> float:
 
 def on_thumbnail(result: SlideResult, grid: np.ndarray) -> np.ndarray:
     """A heatmap-grid array looked up at every thumbnail pixel: each pixel takes the heatmap pixel
-    under its level-0 centre (exact alignment, nothing interpolated)."""
+    under its level-0 centre (exact alignment, nothing interpolated). Two `take`s, columns then rows:
+    a tenth of the time of one 2-D fancy index, which copies each pixel's cell on its own."""
     th, tw = result.thumbnail.shape[:2]
     w0, h0 = result.slide_size
     s = heatmap_scale(result)
     cols = np.minimum(((np.arange(tw) + 0.5) * (w0 / tw) // s).astype(np.int64), grid.shape[1] - 1)
     rows = np.minimum(((np.arange(th) + 0.5) * (h0 / th) // s).astype(np.int64), grid.shape[0] - 1)
-    return grid[np.ix_(rows, cols)]
+    return grid.take(cols, axis=1).take(rows, axis=0)
+
+
+def _paint(result: SlideResult, base: np.ndarray, colour: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """`base` (thumbnail-sized) with the heatmap-grid `colour` blended in, `alpha` (a grid too) strong.
+    The grids go to float32, blend's type, while still one value per cell, not per pixel."""
+    return blend(base, on_thumbnail(result, np.asarray(colour, np.float32)),
+                 on_thumbnail(result, np.asarray(alpha, np.float32)))
 
 
 def _figure(result: SlideResult, image: np.ndarray, path: Path, title: str, **kwargs) -> Path:
@@ -126,9 +134,7 @@ def write_class_heatmaps(result: SlideResult, out_dir: Path) -> list[Path]:
     base = muted(result.thumbnail)
     for name, (values, bar) in heatmap_values(result).items():
         grid, mask = rasterise(result, values)
-        colour = on_thumbnail(result, colourise(grid, bar))  # colours of the cells, then looked up
-        shown = on_thumbnail(result, mask & np.isfinite(grid))
-        img = blend(base, colour, np.where(shown, HEATMAP_ALPHA, 0.0))
+        img = _paint(result, base, colourise(grid, bar), np.where(mask & np.isfinite(grid), HEATMAP_ALPHA, 0.0))
         paths.append(_figure(result, img, Path(out_dir) / f"heatmap-{safe_name(name)}.png", bar.label, bar=bar))
     return paths
 
@@ -175,7 +181,7 @@ def write_pca(result: SlideResult, out_dir: Path, colours: np.ndarray | None = N
     if result.embeddings is None or len(result) == 0 or result.thumbnail is None:
         return None
     rgb, mask = rasterise(result, pca_rgb(result.embeddings) if colours is None else colours)
-    img = blend(muted(result.thumbnail), on_thumbnail(result, rgb), np.where(on_thumbnail(result, mask), 1.0, 0.0))
+    img = _paint(result, muted(result.thumbnail), rgb, mask)
     return _figure(result, img, Path(out_dir) / "pca.png", "embeddings: first 3 principal components as RGB")
 
 
@@ -226,5 +232,5 @@ def _blend(result: SlideResult, rgb: np.ndarray, weight: np.ndarray, path: Path,
            legend: list[tuple[str, tuple[int, int, int]]] | None = None) -> Path:
     """The thumbnail with a heatmap-grid colour map blended in, OVERLAY_ALPHA × weight strong."""
     thumb = np.asarray(result.thumbnail, dtype=np.float32)[..., :3]
-    img = blend(thumb, on_thumbnail(result, rgb), OVERLAY_ALPHA * on_thumbnail(result, weight))
+    img = _paint(result, thumb, rgb, OVERLAY_ALPHA * weight)
     return _figure(result, img, path, title, legend=legend)
