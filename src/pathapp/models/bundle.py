@@ -56,9 +56,9 @@ class Bundle:
     std: tuple[float, float, float] | None = None
     recipe: str | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
-    # (the tensors read from a file, the preprocessing then, the fingerprint its header records): see fingerprint()
-    _recorded: tuple[weakref.ref, tuple[Any, ...], str] | None = field(default=None, init=False, repr=False,
-                                                                         compare=False)
+    # (the tensors read from a file, the preprocessing then, the fingerprint its header records): see
+    # fingerprint(). `dataclasses.replace` carries it; it holds only while tensors and preprocessing do.
+    _recorded: tuple[weakref.ref, tuple[Any, ...], str] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.mean = tuple(self.mean or self.spec.mean)  # type: ignore[assignment]
