@@ -171,3 +171,44 @@ def test_offline_hub_uses_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     x = _inputs(64)
     with torch.no_grad():
         torch.testing.assert_close(embed(model, x, spec), embed(source, x, spec))
+
+
+def test_a_converted_checkpoint_needs_no_timm_next_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--weights FILE` converts the file with timm once; later loads take the fingerprint kept under the
+    file's identity and convert only when the weights are read, so a run from its kept trace starts
+    without timm. Another file (or the same file rewritten) is converted again."""
+    import os
+    import subprocess
+    import sys
+
+    from pathapp.infer import prepare_model
+    from pathapp.models import loader, traced
+    from pathapp.models.registry import create_backbone, get_spec
+
+    monkeypatch.setattr(traced, "TRACED_CACHE", tmp_path / "pathapp" / "traced")
+    torch.manual_seed(5)
+    ckpt = _save(official_dinov2_state(create_backbone(get_spec("dinov2_vits14"))), tmp_path / "vits14.pth")
+    first = loader.load_model("dinov2_vits14", weights=ckpt)
+    prepare_model(first, "cpu", "fp32", traced=True).keep_trace()
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("converted again")
+
+    with monkeypatch.context() as m:
+        m.setattr(loader, "load_backbone", refuse)
+        again = loader.load_model("dinov2_vits14", weights=ckpt)
+        assert again.fingerprint() == first.fingerprint()  # from the record, not from the weights
+        rt = prepare_model(again, "cpu", "fp32", traced=True)
+        assert isinstance(rt.model.backbone, torch.jit.ScriptModule) and rt.bundle_fingerprint == first.fingerprint()
+        with pytest.raises(AssertionError, match="converted again"):
+            dict(again.backbone_state)
+    assert all(torch.equal(v, first.backbone_state[k]) for k, v in again.backbone_state.items())  # read: converted
+    code = ("import sys\nfrom pathapp.infer import prepare_model\nfrom pathapp.models.loader import load_model\n"
+            f"rt = prepare_model(load_model('dinov2_vits14', weights={str(ckpt)!r}), 'cpu', 'fp32', traced=True)\n"
+            "print(type(rt.model.backbone).__name__, 'timm' in sys.modules, 'torchvision' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "XDG_CACHE_HOME": str(tmp_path)})
+    assert out.stdout.split() == ["RecursiveScriptModule", "False", "False"], out.stderr
+    torch.manual_seed(6)
+    _save(official_dinov2_state(create_backbone(get_spec("dinov2_vits14"))), ckpt)  # rewritten in place
+    assert loader.load_model("dinov2_vits14", weights=ckpt).fingerprint() != first.fingerprint()
