@@ -13,7 +13,8 @@ from pathapp.models.bundle import Bundle, save_bundle
 from pathapp.models.registry import embed
 from pathapp.models.loader import load_backbone
 from pathapp.models.weights import WeightsError, read_state_dict
-from vit_factory import chunked_blocks, official_dinov2_state, tiny_spec, tiny_vit, transformers_dinov2_state
+from vit_factory import (chunked_blocks, fresh_traced_start, official_dinov2_state, tiny_spec, tiny_vit,
+                          transformers_dinov2_state)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -177,10 +178,6 @@ def test_a_converted_checkpoint_needs_no_timm_next_time(tmp_path: Path, monkeypa
     """`--weights FILE` converts the file with timm once; later loads take the fingerprint kept under the
     file's identity and convert only when the weights are read, so a run from its kept trace starts
     without timm. Another file (or the same file rewritten) is converted again."""
-    import os
-    import subprocess
-    import sys
-
     from pathapp.infer import prepare_model
     from pathapp.models import loader, traced
     from pathapp.models.registry import create_backbone, get_spec
@@ -203,12 +200,8 @@ def test_a_converted_checkpoint_needs_no_timm_next_time(tmp_path: Path, monkeypa
         with pytest.raises(AssertionError, match="converted again"):
             dict(again.backbone_state)
     assert all(torch.equal(v, first.backbone_state[k]) for k, v in again.backbone_state.items())  # read: converted
-    code = ("import sys\nfrom pathapp.infer import prepare_model\nfrom pathapp.models.loader import load_model\n"
-            f"rt = prepare_model(load_model('dinov2_vits14', weights={str(ckpt)!r}), 'cpu', 'fp32', traced=True)\n"
-            "print(type(rt.model.backbone).__name__, 'timm' in sys.modules, 'torchvision' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "XDG_CACHE_HOME": str(tmp_path)})
-    assert out.stdout.split() == ["RecursiveScriptModule", "False", "False"], out.stderr
+    assert fresh_traced_start(f"load_model('dinov2_vits14', weights={str(ckpt)!r})", tmp_path, "fp32") == \
+        ["RecursiveScriptModule", "False", "False"]
     torch.manual_seed(6)
     _save(official_dinov2_state(create_backbone(get_spec("dinov2_vits14"))), ckpt)  # rewritten in place
     assert loader.load_model("dinov2_vits14", weights=ckpt).fingerprint() != first.fingerprint()
