@@ -4,14 +4,13 @@ pinned memory) are exercised on the CPU."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import data_file
-from vit_factory import tiny_bundle
+from vit_factory import fresh_traced_start, tiny_bundle
 
 from pathapp.infer import infer_slide, pipeline, prepare_model
 from pathapp.infer.pipeline import loader_options, ramped_batches, resolve_precision
@@ -61,9 +60,6 @@ def test_traced_backbone_embeds_as_the_model_does_without_importing_timm(shared_
     """`pathapp infer` builds its model from a cached trace of the backbone (no timm import: 2-3 s at each
     start): the first run traces and keeps it, later runs load it and embed real tiles as the timm model
     does, at fp32 and bf16; a damaged trace is traced again."""
-    import subprocess
-    import sys
-
     from pathapp.models import traced
 
     monkeypatch.setattr(traced, "TRACED_CACHE", tmp_path / "pathapp" / "traced")
@@ -91,12 +87,7 @@ def test_traced_backbone_embeds_as_the_model_does_without_importing_timm(shared_
     damaged.keep_trace()
     saved = tmp_path / "b.pathapp"
     save_bundle(bundle, saved)
-    code = ("import sys\nfrom pathapp.infer import prepare_model\nfrom pathapp.models.bundle import load_bundle\n"
-            f"rt = prepare_model(load_bundle({str(saved)!r}), 'cpu', 'bf16', traced=True)\n"
-            "print(type(rt.model.backbone).__name__, 'timm' in sys.modules, 'torchvision' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "XDG_CACHE_HOME": str(tmp_path)})
-    assert out.stdout.split() == ["RecursiveScriptModule", "False", "False"], out.stderr
+    assert fresh_traced_start(f"load_bundle({str(saved)!r})", tmp_path) == ["RecursiveScriptModule", "False", "False"]
 
 
 def test_bf16_runs_the_backbone_in_bf16(bundle):

@@ -13,7 +13,8 @@ from pathapp.models.bundle import Bundle, save_bundle
 from pathapp.models.registry import embed
 from pathapp.models.loader import load_backbone
 from pathapp.models.weights import WeightsError, read_state_dict
-from vit_factory import chunked_blocks, official_dinov2_state, tiny_spec, tiny_vit, transformers_dinov2_state
+from vit_factory import (chunked_blocks, fresh_traced_start, official_dinov2_state, tiny_spec, tiny_vit,
+                          transformers_dinov2_state)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -171,3 +172,36 @@ def test_offline_hub_uses_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     x = _inputs(64)
     with torch.no_grad():
         torch.testing.assert_close(embed(model, x, spec), embed(source, x, spec))
+
+
+def test_a_converted_checkpoint_needs_no_timm_next_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--weights FILE` converts the file with timm once; later loads take the fingerprint kept under the
+    file's identity and convert only when the weights are read, so a run from its kept trace starts
+    without timm. Another file (or the same file rewritten) is converted again."""
+    from pathapp.infer import prepare_model
+    from pathapp.models import loader, traced
+    from pathapp.models.registry import create_backbone, get_spec
+
+    monkeypatch.setattr(traced, "TRACED_CACHE", tmp_path / "pathapp" / "traced")
+    torch.manual_seed(5)
+    ckpt = _save(official_dinov2_state(create_backbone(get_spec("dinov2_vits14"))), tmp_path / "vits14.pth")
+    first = loader.load_model("dinov2_vits14", weights=ckpt)
+    prepare_model(first, "cpu", "fp32", traced=True).keep_trace()
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("converted again")
+
+    with monkeypatch.context() as m:
+        m.setattr(loader, "load_backbone", refuse)
+        again = loader.load_model("dinov2_vits14", weights=ckpt)
+        assert again.fingerprint() == first.fingerprint()  # from the record, not from the weights
+        rt = prepare_model(again, "cpu", "fp32", traced=True)
+        assert isinstance(rt.model.backbone, torch.jit.ScriptModule) and rt.bundle_fingerprint == first.fingerprint()
+        with pytest.raises(AssertionError, match="converted again"):
+            dict(again.backbone_state)
+    assert all(torch.equal(v, first.backbone_state[k]) for k, v in again.backbone_state.items())  # read: converted
+    assert fresh_traced_start(f"load_model('dinov2_vits14', weights={str(ckpt)!r})", tmp_path, "fp32") == \
+        ["RecursiveScriptModule", "False", "False"]
+    torch.manual_seed(6)
+    _save(official_dinov2_state(create_backbone(get_spec("dinov2_vits14"))), ckpt)  # rewritten in place
+    assert loader.load_model("dinov2_vits14", weights=ckpt).fingerprint() != first.fingerprint()

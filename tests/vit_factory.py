@@ -6,7 +6,10 @@ same embedding; these helpers set the gammas to 1 so outputs depend on the input
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -175,3 +178,16 @@ def transformers_dinov2_state(model: torch.nn.Module, swiglu: bool = False) -> d
                 .replace("mlp.w3.", "mlp.weights_out."))
         out[f"encoder.layer.{i}.{rest}"] = v
     return out
+
+
+def fresh_traced_start(load: str, cache: Path, precision: str = "bf16") -> list[str]:
+    """What a fresh process with XDG_CACHE_HOME=`cache` reports after `prepare_model(<load>, traced=True)`
+    (`load`: Python giving a Bundle, with load_bundle and load_model imported): the backbone's type
+    name, and whether timm and torchvision were imported ("True"/"False")."""
+    code = ("import sys\nfrom pathapp.infer import prepare_model\nfrom pathapp.models.bundle import load_bundle\n"
+            f"from pathapp.models.loader import load_model\nrt = prepare_model({load}, 'cpu', {precision!r}, traced=True)\n"
+            "print(type(rt.model.backbone).__name__, 'timm' in sys.modules, 'torchvision' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "XDG_CACHE_HOME": str(cache)})
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split()

@@ -166,6 +166,11 @@ class Bundle:
         h.update(repr(self._preprocessing()).encode())
         return h.hexdigest()
 
+    def record_fingerprint(self, value: str) -> None:
+        """Take `value` (a file's or a cache's record) as `fingerprint()` while the bundle holds the
+        tensors and preprocessing it holds now. The tensors must be weakly referable (not a plain dict)."""
+        self._recorded = (weakref.ref(self.backbone_state), self._preprocessing(), value)
+
     def _preprocessing(self) -> tuple[Any, ...]:
         return self.recipe, tuple(self.mean), tuple(self.std), self.tile_size
 
@@ -329,7 +334,7 @@ def load_bundle(path: str | Path) -> Bundle:
         provenance=meta.get("provenance", {}),
     )
     if "fingerprint" in header:  # bundles written before pathapp recorded it are hashed when asked
-        bundle._recorded = (weakref.ref(backbone), bundle._preprocessing(), header["fingerprint"])
+        bundle.record_fingerprint(header["fingerprint"])
     return bundle
 
 

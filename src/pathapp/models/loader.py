@@ -10,7 +10,9 @@ CLI can read the defaults without loading a model library.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +21,7 @@ from pathapp.models.registry import (DEFAULT_MODEL, DEFAULT_MPP, DEFAULT_TILE_SI
                                      resolve_spec)
 
 if TYPE_CHECKING:
-    from torch import nn
+    from torch import Tensor, nn
 
     from pathapp.models.bundle import Bundle
 
@@ -94,7 +96,7 @@ def load_model(
     (checkpoint file, bundle of that backbone, or None for the hub); None when `weights` is a bundle.
     `mpp` and `tile_size` replace the bundle's preprocessing (a new backbone gets DEFAULT_MPP and its
     input size); `head=False` keeps only the backbone and preprocessing (a base to train on)."""
-    from pathapp.models.bundle import Bundle, load_bundle
+    from pathapp.models.bundle import load_bundle
 
     if model is not None and Path(model).is_file():
         if weights is not None:
@@ -114,15 +116,89 @@ def load_model(
     else:
         if model is None:
             raise ModelSourceError("name the backbone with --backbone (see `pathapp model list`)")
-        backbone, spec = load_backbone(model, weights)
-        bundle = Bundle.from_model(backbone, spec, mpp=DEFAULT_MPP,
-                                   provenance={"weights": str(weights) if weights else f"hub:{spec.hub_repo}"})
+        bundle = _checkpoint_bundle(model, weights)
     if not head:
         bundle = dataclasses.replace(bundle, head_kind=None, head_config={}, head_tensors={}, class_names=[],
                                      class_colors=[])
     return dataclasses.replace(  # re-runs the consistency checks of Bundle.__post_init__
         bundle, mpp=float(mpp) if mpp is not None else bundle.mpp,
         tile_size=int(tile_size) if tile_size is not None else bundle.tile_size)
+
+
+def _checkpoint_bundle(name: str | BackboneSpec, weights: str | Path | None) -> Bundle:
+    """A headless bundle of backbone `name` with a checkpoint file's weights (None: the hub's).
+    Converting a checkpoint takes timm, whose imports (torchvision, torch._dynamo) cost 1-2 s and
+    ~160 MiB at every start. So the fingerprint of a converted file's weights is kept beside the
+    traced backbones under the file's identity: later runs take it from there, find their trace
+    without timm, and convert again only if they read the weights (`_ConvertedWhenRead`)."""
+    from pathapp.atomic import atomic_write_text
+    from pathapp.models.bundle import Bundle
+    from pathapp.models.weights import hub_weights_file
+
+    spec = resolve_spec(name)
+    path = Path(weights) if weights is not None else hub_weights_file(spec)
+    provenance = {"weights": str(weights) if weights else f"hub:{spec.hub_repo}"}
+    record = _conversion_record(spec, path)
+    try:
+        fingerprint = json.loads(record.read_text())["fingerprint"] if record is not None else None
+    except (OSError, ValueError, KeyError, TypeError):  # none yet, or damaged: converted (again)
+        fingerprint = None
+    if fingerprint:
+        bundle = Bundle(spec=spec, backbone_state=_ConvertedWhenRead(spec, path),  # type: ignore[arg-type]
+                        mpp=DEFAULT_MPP, tile_size=spec.img_size, provenance=provenance)
+        bundle.record_fingerprint(fingerprint)
+        return bundle
+    backbone, spec = load_backbone(spec, path)
+    bundle = Bundle.from_model(backbone, spec, mpp=DEFAULT_MPP, provenance=provenance)
+    if record is not None:
+        try:
+            atomic_write_text(record, json.dumps({"fingerprint": bundle.fingerprint(), "weights": str(path)}))
+        except OSError:  # a read-only cache: converted again next time
+            pass
+    return bundle
+
+
+def _conversion_record(spec: BackboneSpec, path: Path) -> Path | None:
+    """Where the fingerprint of `path` converted to `spec` is kept, keyed by the file's identity (real
+    path, size, inode, modification and change times: rewriting a file changes its change time), the
+    spec and pathapp's version. None if there is no such file."""
+    import hashlib
+
+    from pathapp import __version__
+    from pathapp.models.traced import TRACED_CACHE
+
+    try:
+        real = path.resolve()
+        st = real.stat()
+    except OSError:
+        return None
+    key = json.dumps([str(real), st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, spec.to_dict(), __version__],
+                     sort_keys=True, default=str)
+    return TRACED_CACHE / "checkpoints" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+
+
+class _ConvertedWhenRead(Mapping):
+    """A checkpoint's backbone tensors in timm's names, converted (by timm) when first read."""
+
+    def __init__(self, spec: BackboneSpec, path: Path) -> None:
+        self._spec, self._path = spec, path
+        self._state: dict[str, Tensor] | None = None
+
+    def _tensors(self) -> dict[str, Tensor]:
+        if self._state is None:
+            from pathapp.models.bundle import Bundle
+
+            self._state = Bundle.from_model(*load_backbone(self._spec, self._path)).backbone_state
+        return self._state
+
+    def __getitem__(self, key: str) -> Tensor:
+        return self._tensors()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors())
+
+    def __len__(self) -> int:
+        return len(self._tensors())
 
 
 def planned_preprocessing(model: str | Path | None = DEFAULT_MODEL, *, weights: str | Path | None = None,
