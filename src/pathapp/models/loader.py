@@ -138,23 +138,21 @@ def _checkpoint_bundle(name: str | BackboneSpec, weights: str | Path | None) -> 
     spec = resolve_spec(name)
     path = Path(weights) if weights is not None else hub_weights_file(spec)
     provenance = {"weights": str(weights) if weights else f"hub:{spec.hub_repo}"}
+    bundle = Bundle(spec=spec, backbone_state=_ConvertedWhenRead(spec, path),  # type: ignore[arg-type]
+                    mpp=DEFAULT_MPP, tile_size=spec.img_size, provenance=provenance)
     record = _conversion_record(spec, path)
     try:
         fingerprint = json.loads(record.read_text())["fingerprint"] if record is not None else None
     except (OSError, ValueError, KeyError, TypeError):  # none yet, or damaged: converted (again)
         fingerprint = None
-    if fingerprint:
-        bundle = Bundle(spec=spec, backbone_state=_ConvertedWhenRead(spec, path),  # type: ignore[arg-type]
-                        mpp=DEFAULT_MPP, tile_size=spec.img_size, provenance=provenance)
-        bundle.record_fingerprint(fingerprint)
-        return bundle
-    backbone, spec = load_backbone(spec, path)
-    bundle = Bundle.from_model(backbone, spec, mpp=DEFAULT_MPP, provenance=provenance)
-    if record is not None:
-        try:
-            atomic_write_text(record, json.dumps({"fingerprint": bundle.fingerprint(), "weights": str(path)}))
-        except OSError:  # a read-only cache: converted again next time
-            pass
+    if not fingerprint:
+        fingerprint = bundle.fingerprint()  # converts the file here, so a bad one fails now
+        if record is not None:
+            try:
+                atomic_write_text(record, json.dumps({"fingerprint": fingerprint, "weights": str(path)}))
+            except OSError:  # a read-only cache: converted again next time
+                pass
+    bundle.record_fingerprint(fingerprint)
     return bundle
 
 
